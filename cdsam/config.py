@@ -1,0 +1,414 @@
+"""Typed params: every section of ``params.yaml`` as a dataclass, validated as a whole.
+
+Parsing collects every problem (unknown keys with the nearest valid name, wrong types, out of
+range values, cross-field conflicts) and raises one :class:`ConfigError` listing them all, each
+line naming the params key and the bad value. Nothing here touches weights or files other
+than ``params.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cdsam.errors import ConfigError, UserError
+
+SAM_TYPES = ("vit_b", "vit_l", "vit_h")
+SAM_MODES = ("lora", "frozen", "full")
+SOURCES = ("synthetic", "folders", "voc")
+STAGES = (1, 2, 3, 4)
+
+
+@dataclass
+class DinoConfig:
+    name: str = "vit_small_patch16_224"  # any timm ViT; a tag (".dino") picks hub weights
+    pretrained: bool = False  # fetch the named hub weights (needs network or HF cache)
+    checkpoint: str | None = None  # a local weights file in timm's format; wins over the hub
+    # Size overrides passed to timm.create_model; null keeps the named model's own value.
+    img_size: int | None = 64
+    patch_size: int | None = 8
+    embed_dim: int | None = 96
+    depth: int | None = 8
+    num_heads: int | None = 3
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class ClipConfig:
+    name: str = "cdsam-tiny-text"  # an open_clip model name; the default is our tiny tower
+    pretrained: str | None = None  # an open_clip tag ("openai") or a local weights file
+
+
+@dataclass
+class SamConfig:
+    type: str = "vit_b"  # decoder layout of the official checkpoints
+    checkpoint: str | None = None  # an official SAM .pth (or .safetensors) file
+
+
+@dataclass
+class HeadsConfig:
+    num_text_tokens: int = 4  # sparse prompt tokens made from one CLIP text feature
+
+
+@dataclass
+class ModelConfig:
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    sam: SamConfig = field(default_factory=SamConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+
+
+@dataclass
+class SamLoraConfig:
+    enable: bool = True
+    rank: int = 4
+    alpha: float = 8.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["attn", "mlp", "proj", "lin"])
+
+
+@dataclass
+class DinoLoraConfig:
+    enable: bool = True
+    rank: int = 4
+    alpha: float = 8.0
+    dropout: float = 0.0
+    last_k_blocks: int = 2
+    targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+
+
+@dataclass
+class LoraConfig:
+    sam: SamLoraConfig = field(default_factory=SamLoraConfig)
+    dino: DinoLoraConfig = field(default_factory=DinoLoraConfig)
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = 16
+    lr: float = 1e-3  # base group: heads (and DINO in stage 4)
+    lora_lr: float = 1e-3  # LoRA group, weight decay 0
+    wd: float = 0.01
+    grad_clip: float = 1.0  # max grad norm; 0 disables clipping
+    grad_accum_steps: int = 1
+    warmup_steps: int = 10  # linear warmup, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.05
+
+
+OPTIM_KEYS = tuple(f.name for f in dataclasses.fields(OptimConfig))
+
+
+@dataclass
+class LossConfig:
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    clip_align_weight: float = 0.1  # mask-pooled image tokens vs. prompt text features
+    clip_temperature: float = 0.07
+    ssl_weight: float = 0.0  # cosine distillation to the frozen stage-start DINO
+
+
+@dataclass
+class StageConfig:
+    epochs: int = 1
+    sam_mode: str | None = None  # stage 4 only: lora | frozen | full
+    # Per-stage overrides of `optim`; null keeps the `optim` value.
+    batch_size: int | None = None
+    lr: float | None = None
+    lora_lr: float | None = None
+    wd: float | None = None
+    grad_clip: float | None = None
+    grad_accum_steps: int | None = None
+    warmup_steps: int | None = None
+    min_lr_ratio: float | None = None
+
+
+@dataclass
+class DataConfig:
+    resize: int = 64  # shorter side before the centre crop
+    crop: int = 64  # square crop fed to DINO; a multiple of the patch size
+    num_workers: int = 0
+
+
+@dataclass
+class SyntheticConfig:
+    num_images: int = 600
+    image_size: int = 64
+    min_objects: int = 2
+    max_objects: int = 4
+
+
+@dataclass
+class PrepareConfig:
+    source: str = "synthetic"
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    on_bad_file: str = "error"  # error | skip
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # folders source
+    images: str | None = None
+    masks: str | None = None
+    prompt: str | None = None
+    # voc source
+    root: str | None = None
+    prompt_template: str = "a photo of a {}"
+    classes: list[str] | None = None
+    binary: bool = False
+
+
+@dataclass
+class EvaluateConfig:
+    batch_size: int = 32
+    threshold: float = 0.5
+    num_overlays: int = 4
+
+
+@dataclass
+class Params:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(epochs=1))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(epochs=1))
+    stage3: StageConfig = field(default_factory=lambda: StageConfig(epochs=1))
+    stage4: StageConfig = field(default_factory=lambda: StageConfig(epochs=1, sam_mode="lora"))
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def stage(self, n: int) -> StageConfig:
+        return getattr(self, f"stage{n}")
+
+    def optim_for(self, n: int) -> OptimConfig:
+        """`optim` with the stage section's non-null overrides applied."""
+        st = self.stage(n)
+        over = {k: getattr(st, k) for k in OPTIM_KEYS if getattr(st, k) is not None}
+        return dataclasses.replace(self.optim, **over)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        errors.append(f"{key}: must not be null")
+        return None
+    if _is_dataclass_type(inner):
+        return _parse_section(inner, value, key, errors)
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        errors.append(f"{key}: expected true or false, got {value!r}")
+        return None
+    if inner is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        errors.append(f"{key}: expected an integer, got {value!r}")
+        return None
+    if inner is float:
+        # YAML 1.1 reads `1e-3` (no dot) as a string; accept it as the number it means.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        errors.append(f"{key}: expected a number, got {value!r}")
+        return None
+    if inner is str:
+        if isinstance(value, str):
+            return value
+        errors.append(f"{key}: expected a string, got {value!r}")
+        return None
+    if typing.get_origin(inner) is list:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        errors.append(f"{key}: expected a list of strings, got {value!r}")
+        return None
+    raise TypeError(f"unsupported config type {tp} for {key}")  # a bug, not user input
+
+
+def _parse_section(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
+    if not isinstance(data, dict):
+        errors.append(f"{prefix}: expected a mapping, got {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f" (did you mean {prefix + '.' if prefix else ''}{near[0]}?)" if near else ""
+            valid = ", ".join(names)
+            errors.append(f"{full}: unknown key{hint}; valid keys here: {valid}")
+            continue
+        parsed = _coerce(value, hints[key], full, errors)
+        if parsed is not None or value is None:
+            kwargs[key] = parsed
+    try:
+        return cls(**kwargs)
+    except TypeError:  # a required field stayed unset because of an error listed above
+        return cls()
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check(cond: bool, key: str, value: Any, what: str, errors: list[str]) -> None:
+    if not cond:
+        errors.append(f"{key}: {what}, got {value!r}")
+
+
+def _validate_lora(cfg: SamLoraConfig | DinoLoraConfig, prefix: str, errors: list[str]) -> None:
+    _check(cfg.rank >= 1, f"{prefix}.rank", cfg.rank, "must be >= 1", errors)
+    _check(cfg.alpha > 0, f"{prefix}.alpha", cfg.alpha, "must be > 0", errors)
+    _check(0 <= cfg.dropout < 1, f"{prefix}.dropout", cfg.dropout, "must be in [0, 1)", errors)
+    _check(bool(cfg.targets), f"{prefix}.targets", cfg.targets, "must not be empty", errors)
+
+
+def _validate_optim(cfg: OptimConfig | StageConfig, prefix: str, errors: list[str]) -> None:
+    def val(name: str) -> Any:
+        return getattr(cfg, name)
+
+    for name in ("lr", "lora_lr", "wd", "grad_clip"):
+        if val(name) is not None:
+            _check(val(name) >= 0, f"{prefix}.{name}", val(name), "must be >= 0", errors)
+    for name in ("batch_size", "grad_accum_steps"):
+        if val(name) is not None:
+            _check(val(name) >= 1, f"{prefix}.{name}", val(name), "must be >= 1", errors)
+    if val("warmup_steps") is not None:
+        w = val("warmup_steps")
+        _check(w >= 0, f"{prefix}.warmup_steps", w, "must be >= 0", errors)
+    if val("min_lr_ratio") is not None:
+        m = val("min_lr_ratio")
+        _check(0 <= m <= 1, f"{prefix}.min_lr_ratio", m, "must be in [0, 1]", errors)
+
+
+def validate(p: Params, errors: list[str]) -> None:
+    """Range and cross-field checks; appends one line per problem."""
+    d = p.model.dino
+    for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
+        v = getattr(d, name)
+        if v is not None:
+            _check(v >= 1, f"model.dino.{name}", v, "must be >= 1", errors)
+    _check(0 <= d.drop_path_rate < 1, "model.dino.drop_path_rate", d.drop_path_rate,
+           "must be in [0, 1)", errors)
+    _check(p.model.sam.type in SAM_TYPES, "model.sam.type", p.model.sam.type,
+           f"must be one of {', '.join(SAM_TYPES)}", errors)
+    _check(p.model.heads.num_text_tokens >= 1, "model.heads.num_text_tokens",
+           p.model.heads.num_text_tokens, "must be >= 1", errors)
+    _validate_lora(p.lora.sam, "lora.sam", errors)
+    _validate_lora(p.lora.dino, "lora.dino", errors)
+    k = p.lora.dino.last_k_blocks
+    _check(k >= 1, "lora.dino.last_k_blocks", k, "must be >= 1", errors)
+    if d.depth is not None and k > d.depth:
+        errors.append(f"lora.dino.last_k_blocks: {k} is larger than model.dino.depth ({d.depth})")
+    _validate_optim(p.optim, "optim", errors)
+    for loss_key in ("dice_weight", "bce_weight", "clip_align_weight", "ssl_weight"):
+        v = getattr(p.loss, loss_key)
+        _check(v >= 0, f"loss.{loss_key}", v, "must be >= 0", errors)
+    _check(p.loss.clip_temperature > 0, "loss.clip_temperature", p.loss.clip_temperature,
+           "must be > 0", errors)
+    for n in STAGES:
+        st = p.stage(n)
+        _check(st.epochs >= 1, f"stage{n}.epochs", st.epochs, "must be >= 1", errors)
+        _validate_optim(st, f"stage{n}", errors)
+        if n == 4:
+            mode = st.sam_mode or "lora"
+            _check(mode in SAM_MODES, "stage4.sam_mode", st.sam_mode,
+                   f"must be one of {', '.join(SAM_MODES)}", errors)
+        elif st.sam_mode is not None:
+            errors.append(f"stage{n}.sam_mode: only stage4 has a SAM mode, got {st.sam_mode!r}")
+    dc = p.data
+    _check(dc.crop >= 1, "data.crop", dc.crop, "must be >= 1", errors)
+    _check(dc.crop <= dc.resize, "data.crop", dc.crop, f"must be <= data.resize ({dc.resize})",
+           errors)
+    if d.patch_size is not None and d.patch_size >= 1 and dc.crop % d.patch_size:
+        errors.append(f"data.crop: {dc.crop} is not divisible by model.dino.patch_size "
+                      f"({d.patch_size})")
+    _check(dc.num_workers >= 0, "data.num_workers", dc.num_workers, "must be >= 0", errors)
+    _check(p.device == "auto" or p.device == "cpu" or p.device.startswith("cuda"), "device",
+           p.device, "must be auto, cpu, cuda or cuda:N", errors)
+    pr = p.prepare
+    _check(pr.source in SOURCES, "prepare.source", pr.source,
+           f"must be one of {', '.join(SOURCES)}", errors)
+    _check(0 < pr.val_fraction < 1, "prepare.val_fraction", pr.val_fraction, "must be in (0, 1)",
+           errors)
+    _check(0 <= pr.test_fraction < 1 and pr.val_fraction + pr.test_fraction < 1,
+           "prepare.test_fraction", pr.test_fraction,
+           "must be in [0, 1) and leave room for train next to val_fraction", errors)
+    _check(pr.on_bad_file in ("error", "skip"), "prepare.on_bad_file", pr.on_bad_file,
+           "must be error or skip", errors)
+    sy = pr.synthetic
+    _check(sy.num_images >= 2, "prepare.synthetic.num_images", sy.num_images, "must be >= 2",
+           errors)
+    _check(sy.image_size >= 32, "prepare.synthetic.image_size", sy.image_size, "must be >= 32",
+           errors)
+    _check(2 <= sy.min_objects <= sy.max_objects <= 6, "prepare.synthetic.min_objects",
+           (sy.min_objects, sy.max_objects), "need 2 <= min_objects <= max_objects <= 6", errors)
+    if "{}" not in pr.prompt_template:
+        errors.append(f"prepare.prompt_template: must contain '{{}}', got {pr.prompt_template!r}")
+    ev = p.evaluate
+    _check(ev.batch_size >= 1, "evaluate.batch_size", ev.batch_size, "must be >= 1", errors)
+    _check(0 < ev.threshold < 1, "evaluate.threshold", ev.threshold, "must be in (0, 1)", errors)
+    _check(ev.num_overlays >= 0, "evaluate.num_overlays", ev.num_overlays, "must be >= 0", errors)
+
+
+def parse_params(data: dict[str, Any] | None) -> Params:
+    """Build :class:`Params` from a params mapping; raise ConfigError listing every problem."""
+    errors: list[str] = []
+    params = _parse_section(Params, data or {}, "", errors)
+    if not errors:
+        validate(params, errors)
+    if errors:
+        raise ConfigError(errors)
+    return params
+
+
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise UserError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    return data or {}
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    return parse_params(read_params_file(path))
+
+
+def to_dict(obj: Any) -> Any:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

@@ -1,0 +1,164 @@
+"""The four-stage curriculum as data, and the one function that applies a stage to a model.
+
+| stage | DINO                              | CLIP text | heads     | SAM                      |
+|-------|-----------------------------------|-----------|-----------|--------------------------|
+| 1     | frozen                            | frozen    | trainable | base frozen, LoRA        |
+| 2     | frozen + LoRA on the last K blocks| frozen    | trainable | LoRA                     |
+| 3     | as 2 (from stage 2, lower LR)     | frozen    | trainable | LoRA                     |
+| 4     | DINO LoRA merged, all trainable   | frozen    | trainable | lora / frozen / full     |
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cdsam.config import DinoLoraConfig, OptimConfig, SamLoraConfig
+from cdsam.lora import (
+    LoRALinear,
+    find_targets,
+    inject_lora,
+    lora_modules,
+    lora_parameters,
+    merge_lora,
+)
+from cdsam.models.model import CDSAM, HEAD_MODULES
+
+
+@dataclass(frozen=True)
+class StagePolicy:
+    stage: int
+    dino: str  # "frozen" | "lora" | "full"
+    parent: int | None  # the stage whose checkpoint this one starts from
+
+
+STAGE_TABLE: dict[int, StagePolicy] = {
+    1: StagePolicy(1, dino="frozen", parent=None),
+    2: StagePolicy(2, dino="lora", parent=1),
+    3: StagePolicy(3, dino="lora", parent=2),
+    4: StagePolicy(4, dino="full", parent=3),
+}
+
+# SAM decodes one mask (token 0); the other hypernetwork MLPs never see a gradient, so they
+# get no adapters (they would only add dead trainable parameters and upset DDP).
+_SAM_UNUSED = re.compile(r"output_hypernetworks_mlps\.[1-9]")
+
+
+def policy(stage: int) -> StagePolicy:
+    if stage not in STAGE_TABLE:
+        raise ValueError(f"unknown stage {stage}; known: {sorted(STAGE_TABLE)}")
+    return STAGE_TABLE[stage]
+
+
+def sam_lora_targets(model: CDSAM, cfg: SamLoraConfig) -> list[str]:
+    names = find_targets(model.sam.mask_decoder, cfg.targets, prefix="sam.mask_decoder.")
+    return [n for n in names if not _SAM_UNUSED.search(n)]
+
+
+def dino_lora_targets(model: CDSAM, cfg: DinoLoraConfig) -> list[str]:
+    depth = model.depth
+    if not 1 <= cfg.last_k_blocks <= depth:
+        raise ValueError(f"lora.dino.last_k_blocks={cfg.last_k_blocks} outside 1..{depth}")
+    names = []
+    for i in range(depth - cfg.last_k_blocks, depth):
+        names += find_targets(model.dino.blocks[i], cfg.targets, prefix=f"dino.blocks.{i}.")
+    return names
+
+
+def _has_lora(module: nn.Module) -> bool:
+    return any(True for _ in lora_modules(module))
+
+
+def apply_stage(model: CDSAM, stage: int, sam_lora: SamLoraConfig,
+                dino_lora: DinoLoraConfig | None = None, sam_mode: str = "lora") -> None:
+    """Freeze, inject, merge and unfreeze ``model`` in place as the stage table says.
+
+    Safe to call on a model loaded from the parent stage's checkpoint: adapters that are
+    already there are kept (stage 3 continues stage 2's DINO LoRA).
+    """
+    pol = policy(stage)
+    if stage != 4 and sam_mode != "lora":
+        raise ValueError("only stage 4 has a configurable SAM mode")
+    model.requires_grad_(False)
+
+    # SAM: LoRA (base frozen), frozen, or full (adapters merged, everything trainable).
+    if sam_mode == "lora":
+        if not _has_lora(model.sam) and sam_lora.enable:
+            inject_lora(model, sam_lora_targets(model, sam_lora), sam_lora.rank,
+                        sam_lora.alpha, sam_lora.dropout)
+        for p in lora_parameters(model.sam):
+            p.requires_grad_(True)
+    elif sam_mode == "full":
+        merge_lora(model.sam)
+        model.sam.requires_grad_(True)
+    elif sam_mode != "frozen":
+        raise ValueError(f"unknown SAM mode {sam_mode!r}")
+
+    # DINO.
+    if pol.dino == "lora":
+        if dino_lora is None:
+            raise ValueError(f"stage {stage} needs lora.dino")
+        if dino_lora.enable and not _has_lora(model.dino):
+            inject_lora(model, dino_lora_targets(model, dino_lora), dino_lora.rank,
+                        dino_lora.alpha, dino_lora.dropout)
+        for p in lora_parameters(model.dino):
+            p.requires_grad_(True)
+    elif pol.dino == "full":
+        merge_lora(model.dino)  # exact: W + (alpha/r)·BA
+        model.dino.requires_grad_(True)
+    elif _has_lora(model.dino):
+        raise ValueError("stage 1 expects a DINO without LoRA")
+
+    for name in HEAD_MODULES:
+        getattr(model, name).requires_grad_(True)
+    model.clip_text.requires_grad_(False)
+    # Parameters of adapter-free unused SAM outputs stay frozen whatever the mode says.
+    for name, p in model.sam.named_parameters():
+        if _SAM_UNUSED.search(name) or name.startswith("mask_decoder.iou_prediction_head"):
+            p.requires_grad_(False)
+
+
+def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
+    """Two AdamW groups: base (lr, wd) and LoRA (lora_lr, wd 0), split by module type."""
+    lora_ids = {id(p) for p in lora_parameters(model)}
+    base = [p for p in model.parameters() if p.requires_grad and id(p) not in lora_ids]
+    lora = [p for p in model.parameters() if p.requires_grad and id(p) in lora_ids]
+    groups = []
+    if base:
+        groups.append({"name": "base", "params": base, "lr": optim.lr, "weight_decay": optim.wd})
+    if lora:
+        groups.append({"name": "lora", "params": lora, "lr": optim.lora_lr, "weight_decay": 0.0})
+    return groups
+
+
+def component_counts(model: CDSAM) -> dict[str, dict[str, int]]:
+    """Trainable/total parameter counts per component, LoRA counted apart from its host."""
+    lora_ids = {id(p) for p in lora_parameters(model)}
+
+    def count(params, keep) -> dict[str, int]:
+        ps = [p for p in params if keep(p)]
+        return {"trainable": sum(p.numel() for p in ps if p.requires_grad),
+                "total": sum(p.numel() for p in ps)}
+
+    def not_lora(p: torch.Tensor) -> bool:
+        return id(p) not in lora_ids
+
+    def is_lora(p: torch.Tensor) -> bool:
+        return id(p) in lora_ids
+
+    heads = [p for n in HEAD_MODULES for p in getattr(model, n).parameters()]
+    return {
+        "dino": count(model.dino.parameters(), not_lora),
+        "dino_lora": count(model.dino.parameters(), is_lora),
+        "clip_text": count(model.clip_text.parameters(), not_lora),
+        "heads": count(heads, not_lora),
+        "sam": count(model.sam.parameters(), not_lora),
+        "sam_lora": count(model.sam.parameters(), is_lora),
+    }
+
+
+def count_lora_layers(model: nn.Module) -> int:
+    return sum(1 for m in model.modules() if isinstance(m, LoRALinear))

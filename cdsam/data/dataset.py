@@ -1,0 +1,97 @@
+"""Training-time dataset over the manifest: Resize → CenterCrop → ToTensor → Normalize."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from cdsam.data.manifest import FOREGROUND, IGNORE, open_image, read_manifest
+from cdsam.errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_transform(resize: int, crop: int) -> v2.Compose:
+    """One transform for image and mask together; torchvision resizes masks with nearest."""
+    return v2.Compose([
+        v2.Resize(resize, antialias=True),
+        v2.CenterCrop(crop),
+        v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class ManifestDataset(Dataset):
+    """Rows of one split → dicts with image 3xHxW, mask 1xHxW (0/1), valid 1xHxW, prompt, id.
+
+    ``valid`` is False on ignore pixels (mask value 255), which losses and metrics skip.
+    Decoded samples are kept in memory after first use (the prepared sets are small and the
+    transform is deterministic).
+    """
+
+    def __init__(self, root: str | Path, split: str, resize: int, crop: int,
+                 keep_in_memory: bool = True) -> None:
+        self.root = Path(root)
+        self.df = read_manifest(self.root, split)
+        self.split = split
+        self.transform = build_transform(resize, crop)
+        self.keep = keep_in_memory
+        self._memo: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    @property
+    def prompts(self) -> list[str]:
+        return sorted(self.df["prompt"].unique())
+
+    def _load(self, idx: int) -> dict:
+        row = self.df.iloc[idx]
+        ipath, mpath = self.root / row["image"], self.root / row["mask"]
+        try:
+            image = open_image(ipath, "RGB")
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"{ipath}: unreadable image ({exc})") from None
+        try:
+            mask = np.asarray(open_image(mpath, "L"))
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"{mpath}: unreadable mask ({exc})") from None
+        if (mask.shape[1], mask.shape[0]) != image.size:
+            raise DataError(f"{mpath}: mask size {mask.shape[::-1]} differs from its image "
+                            f"{image.size}")
+        img_t = tv_tensors.Image(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+        mask_t = tv_tensors.Mask(torch.from_numpy(mask.copy()).unsqueeze(0))
+        img_t, mask_t = self.transform(img_t, mask_t)
+        m = mask_t.as_subclass(torch.Tensor)
+        return {
+            "image": img_t.as_subclass(torch.Tensor),
+            "mask": (m == FOREGROUND).float(),
+            "valid": (m != IGNORE).float(),
+            "prompt": row["prompt"],
+            "id": row["id"],
+            "index": idx,
+        }
+
+    def __getitem__(self, idx: int) -> dict:
+        if not self.keep:
+            return self._load(idx)
+        if idx not in self._memo:
+            self._memo[idx] = self._load(idx)
+        return self._memo[idx]
+
+
+def load_image_tensor(path: str | Path, resize: int, crop: int) -> torch.Tensor:
+    """One image file → normalised 3xHxW tensor, as the dataset would give it."""
+    image = open_image(Path(path), "RGB")
+    t = tv_tensors.Image(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+    return build_transform(resize, crop)(t).as_subclass(torch.Tensor)
+
+
+__all__ = ["ManifestDataset", "build_transform", "load_image_tensor", "Image"]

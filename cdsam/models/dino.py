@@ -1,0 +1,94 @@
+"""The DINO image encoder: a timm Vision Transformer, run block range by block range.
+
+We keep timm's own module (so official state dicts and timm's checkpoint filters apply) and
+walk its public pieces: ``patch_embed`` → ``_pos_embed`` → ``patch_drop`` → ``norm_pre`` →
+``blocks`` → ``norm``. Splitting the block loop lets a caller reuse the output of frozen
+leading blocks (the feature cache) and run only the trainable tail.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from cdsam.config import DinoConfig
+from cdsam.errors import UserError
+
+SIZE_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
+
+
+def build_dino(cfg: DinoConfig, load_weights: bool = True) -> nn.Module:
+    """Create the timm ViT named by ``model.dino``.
+
+    ``load_weights=False`` skips hub/file weights (used when a cdsam checkpoint supplies them).
+    """
+    kwargs = {k: getattr(cfg, k) for k in SIZE_KEYS if getattr(cfg, k) is not None}
+    kwargs.update(num_classes=0, drop_path_rate=cfg.drop_path_rate)
+    try:
+        if load_weights and cfg.checkpoint:
+            path = Path(cfg.checkpoint)
+            if not path.is_file():
+                raise UserError(f"model.dino.checkpoint: file not found: {path}")
+            vit = timm.create_model(cfg.name, pretrained=True,
+                                    pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        elif load_weights and cfg.pretrained:
+            try:
+                vit = timm.create_model(cfg.name, pretrained=True, **kwargs)
+            except (OSError, RuntimeError, ValueError) as exc:
+                if "Unknown model" in str(exc):
+                    raise
+                raise UserError(
+                    f"model.dino.pretrained: could not fetch hub weights for {cfg.name!r} "
+                    f"({type(exc).__name__}); download the weights where there is network and "
+                    f"set model.dino.checkpoint to the local file") from None
+        else:
+            vit = timm.create_model(cfg.name, pretrained=False, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise UserError(f"model.dino.name: timm has no model {cfg.name!r}") from None
+        raise
+    if not all(hasattr(vit, a) for a in ("blocks", "patch_embed", "num_prefix_tokens", "norm")):
+        raise UserError(f"model.dino.name: {cfg.name!r} is not a timm Vision Transformer")
+    return vit
+
+
+def dino_patch_size(vit: nn.Module) -> int:
+    return int(vit.patch_embed.patch_size[0])
+
+
+def dino_depth(vit: nn.Module) -> int:
+    return len(vit.blocks)
+
+
+def dino_width(vit: nn.Module) -> int:
+    return int(vit.embed_dim)
+
+
+def dino_embed(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Bx3xHxW images → BxTxC tokens (prefix tokens included) before block 0."""
+    x = vit.patch_embed(images)
+    x = vit._pos_embed(x)
+    x = vit.patch_drop(x)
+    return vit.norm_pre(x)
+
+
+def dino_blocks(vit: nn.Module, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Run blocks ``start … end-1`` on BxTxC tokens."""
+    for blk in vit.blocks[start:end]:
+        x = blk(x)
+    return x
+
+
+def dino_finish(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Final norm, then drop the prefix tokens (cls, registers): BxTxC → BxNxC."""
+    return vit.norm(x)[:, vit.num_prefix_tokens:]
+
+
+def dino_patch_tokens(vit: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Bx3xHxW → (BxNxC patch tokens, grid (h, w)) with N = h*w."""
+    x = dino_finish(vit, dino_blocks(vit, dino_embed(vit, images), 0, len(vit.blocks)))
+    p = dino_patch_size(vit)
+    return x, (images.shape[-2] // p, images.shape[-1] // p)

@@ -1,0 +1,121 @@
+"""CDSAM: DINO tokens + CLIP text → SAM decoder masks, assembled from injected parts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cdsam.config import ModelConfig
+from cdsam.models.clip_text import ClipTextEncoder, build_clip_text
+from cdsam.models.dino import (
+    build_dino,
+    dino_blocks,
+    dino_depth,
+    dino_embed,
+    dino_finish,
+    dino_patch_size,
+    dino_width,
+)
+from cdsam.models.heads import TextToPrompt, TokenProjection, TokenToMaskEmbedding
+from cdsam.models.sam import SamDecoder, build_sam_decoder
+
+# Top-level children by component, as `cdsam summary` and the curriculum name them.
+HEAD_MODULES = ("token_proj", "token_to_mask", "text_to_prompt")
+
+
+@dataclass
+class CDSAMOutput:
+    masks: torch.Tensor  # Bx1xHxW logits at the input image size
+    low_res_masks: torch.Tensor  # Bx1x4hx4w logits from the SAM decoder
+    iou: torch.Tensor  # Bx1 predicted mask IoU
+    tokens: torch.Tensor  # BxNxC DINO patch tokens
+    grid: tuple[int, int]
+
+
+class CDSAM(nn.Module):
+    """Text-promptable segmentation.
+
+    ``forward(images Bx3xHxW, prompts [B strings])`` → :class:`CDSAMOutput`. Optional point and
+    box prompts (in input pixel coordinates) join the text tokens.
+    """
+
+    def __init__(self, dino: nn.Module, clip_text: ClipTextEncoder, token_proj: TokenProjection,
+                 token_to_mask: TokenToMaskEmbedding, text_to_prompt: TextToPrompt,
+                 sam: SamDecoder) -> None:
+        super().__init__()
+        self.dino = dino
+        self.clip_text = clip_text
+        self.token_proj = token_proj
+        self.token_to_mask = token_to_mask
+        self.text_to_prompt = text_to_prompt
+        self.sam = sam
+
+    @property
+    def patch_size(self) -> int:
+        return dino_patch_size(self.dino)
+
+    @property
+    def depth(self) -> int:
+        return dino_depth(self.dino)
+
+    def dino_prefix(self, images: torch.Tensor, end_block: int) -> torch.Tensor:
+        """Tokens after DINO blocks ``0 … end_block-1`` (prefix tokens kept): BxTxC."""
+        return dino_blocks(self.dino, dino_embed(self.dino, images), 0, end_block)
+
+    def dino_tail(self, x: torch.Tensor, start_block: int) -> torch.Tensor:
+        """Finish DINO from block ``start_block``: BxTxC → BxNxC patch tokens."""
+        return dino_finish(self.dino, dino_blocks(self.dino, x, start_block, self.depth))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.dino_tail(self.dino_prefix(images, 0), 0)
+
+    def decode(self, tokens: torch.Tensor, grid: tuple[int, int], text: torch.Tensor,
+               image_size: tuple[int, int],
+               points: tuple[torch.Tensor, torch.Tensor] | None = None,
+               boxes: torch.Tensor | None = None) -> CDSAMOutput:
+        """Patch tokens BxNxC + text features BxD → masks."""
+        embeddings = self.token_to_mask(tokens, grid)
+        prompt_tokens = self.text_to_prompt(text)
+        if points is not None or boxes is not None:
+            extra = self.sam.encode_prompts(tokens.shape[0], image_size, points, boxes)
+            prompt_tokens = torch.cat([prompt_tokens, extra.to(prompt_tokens.dtype)], dim=1)
+        low, iou = self.sam(embeddings, prompt_tokens)
+        masks = F.interpolate(low, size=image_size, mode="bilinear", align_corners=False)
+        return CDSAMOutput(masks=masks, low_res_masks=low, iou=iou, tokens=tokens, grid=grid)
+
+    def forward(self, images: torch.Tensor, prompts: list[str],
+                points: tuple[torch.Tensor, torch.Tensor] | None = None,
+                boxes: torch.Tensor | None = None) -> CDSAMOutput:
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        p = self.patch_size
+        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        tokens = self.encode_image(images)
+        text = self.clip_text(prompts).to(tokens.dtype)
+        return self.decode(tokens, grid, text, tuple(images.shape[-2:]), points, boxes)
+
+
+def build_model(cfg: ModelConfig, load_weights: bool = True, seed: int | None = None) -> CDSAM:
+    """Build every part from ``model`` params; ``seed`` makes random init reproducible.
+
+    ``load_weights=False`` skips hub/local weights (a cdsam checkpoint supplies them).
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    dino = build_dino(cfg.dino, load_weights)
+    clip_text = build_clip_text(cfg.clip, load_weights)
+    width = dino_width(dino)
+    img = dino.patch_embed.img_size
+    grid = (img[0] // dino_patch_size(dino), img[1] // dino_patch_size(dino))
+    sam = build_sam_decoder(cfg.sam, grid, tuple(img), load_weights)
+    return CDSAM(
+        dino=dino,
+        clip_text=clip_text,
+        token_proj=TokenProjection(width, clip_text.width),
+        token_to_mask=TokenToMaskEmbedding(width),
+        text_to_prompt=TextToPrompt(clip_text.width, cfg.heads.num_text_tokens),
+        sam=sam,
+    )

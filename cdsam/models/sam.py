@@ -1,0 +1,137 @@
+"""SAM's prompt encoder and mask decoder (segment-anything), batched over images.
+
+``MaskDecoder.predict_masks`` assumes one image and N prompt sets: it repeats the image
+embedding N times. With B images and B prompt sets that either fails or silently pairs every
+image with every prompt. :meth:`SamDecoder.forward` runs the same modules in the same order
+but keeps image i with prompt set i.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+from torch import nn
+
+from cdsam.config import SamConfig
+from cdsam.errors import CheckpointError, UserError
+from cdsam.models.heads import SAM_DIM
+
+# The decoder half of SAM is the same for all three official checkpoints (segment-anything's
+# build_sam.py passes identical decoder settings for vit_b, vit_l and vit_h); the type still
+# names which checkpoint a config expects.
+_DECODER_LAYOUT = {
+    "prompt_embed_dim": SAM_DIM,
+    "mask_in_chans": 16,
+    "transformer_depth": 2,
+    "mlp_dim": 2048,
+    "num_heads": 8,
+    "num_multimask_outputs": 3,
+    "iou_head_depth": 3,
+    "iou_head_hidden_dim": 256,
+}
+SAM_DECODER_LAYOUTS = {"vit_b": _DECODER_LAYOUT, "vit_l": _DECODER_LAYOUT, "vit_h": _DECODER_LAYOUT}
+
+
+class SamDecoder(nn.Module):
+    """Image embeddings + sparse prompt tokens → low-resolution mask logits."""
+
+    def __init__(self, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder) -> None:
+        super().__init__()
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+
+    def encode_prompts(self, batch: int, image_size: tuple[int, int],
+                       points: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       boxes: torch.Tensor | None = None) -> torch.Tensor:
+        """Point (BxNx2 pixel xy, BxN labels) and box (Bx4 xyxy) prompts → BxMx256 tokens."""
+        pe = self.prompt_encoder
+        if points is None and boxes is None:
+            return pe.no_mask_embed.weight.new_zeros(batch, 0, SAM_DIM)
+        pe.input_image_size = tuple(image_size)  # coordinates are normalised by this size
+        sparse, _ = pe(points=points, boxes=boxes, masks=None)
+        return sparse
+
+    def forward(self, image_embeddings: torch.Tensor, prompt_tokens: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bx256xhxw embeddings, BxKx256 prompt tokens → (Bx1x4hx4w logits, Bx1 IoU)."""
+        md = self.mask_decoder
+        b, c, h, w = image_embeddings.shape
+        if prompt_tokens.shape[0] != b:
+            raise ValueError(f"{b} images but {prompt_tokens.shape[0]} prompt sets")
+        pos = self.prompt_encoder.pe_layer((h, w)).unsqueeze(0).expand(b, -1, -1, -1)
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
+        tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1), prompt_tokens], dim=1)
+        src = image_embeddings + dense
+        hs, src = md.transformer(src, pos, tokens)
+        iou_token_out = hs[:, 0, :]
+        mask_tokens_out = hs[:, 1:1 + md.num_mask_tokens, :]
+        upscaled = md.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        # Single-mask output (token 0), as SAM does with multimask_output=False.
+        hyper = md.output_hypernetworks_mlps[0](mask_tokens_out[:, 0, :])
+        bu, cu, hu, wu = upscaled.shape
+        masks = (hyper.unsqueeze(1) @ upscaled.reshape(bu, cu, hu * wu)).reshape(bu, 1, hu, wu)
+        iou = md.iou_prediction_head(iou_token_out)[:, :1]
+        return masks, iou
+
+
+def build_sam_decoder(cfg: SamConfig, grid: tuple[int, int], image_size: tuple[int, int],
+                      load_weights: bool = True) -> SamDecoder:
+    """SAM prompt encoder + mask decoder; loads ``model.sam.checkpoint`` when given."""
+    if cfg.type not in SAM_DECODER_LAYOUTS:
+        raise UserError(f"model.sam.type: unknown SAM type {cfg.type!r}")
+    lay = SAM_DECODER_LAYOUTS[cfg.type]
+    dim = lay["prompt_embed_dim"]
+    prompt_encoder = PromptEncoder(embed_dim=dim, image_embedding_size=tuple(grid),
+                                   input_image_size=tuple(image_size),
+                                   mask_in_chans=lay["mask_in_chans"])
+    mask_decoder = MaskDecoder(
+        num_multimask_outputs=lay["num_multimask_outputs"],
+        transformer=TwoWayTransformer(depth=lay["transformer_depth"], embedding_dim=dim,
+                                      mlp_dim=lay["mlp_dim"], num_heads=lay["num_heads"]),
+        transformer_dim=dim,
+        iou_head_depth=lay["iou_head_depth"],
+        iou_head_hidden_dim=lay["iou_head_hidden_dim"],
+    )
+    decoder = SamDecoder(prompt_encoder, mask_decoder)
+    if load_weights and cfg.checkpoint:
+        load_sam_checkpoint(decoder, cfg.checkpoint)
+    return decoder
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a torch file, never unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any parse failure is the file's fault
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot read weights ({first})") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def load_sam_checkpoint(decoder: SamDecoder, path: str | Path) -> None:
+    """Load an official SAM checkpoint (keys ``prompt_encoder.*``, ``mask_decoder.*``)."""
+    state = read_weights(path)
+    ours = decoder.state_dict()
+    picked = {k: v for k, v in state.items()
+              if k.startswith(("prompt_encoder.", "mask_decoder."))}
+    missing = [k for k in ours if k not in picked]
+    bad = [f"{k} {tuple(picked[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
+           if k in picked and picked[k].shape != v.shape]
+    if missing or bad:
+        detail = f"missing {missing[:5]}" if missing else f"shape mismatch {bad[:3]}"
+        raise CheckpointError(f"{path}: not a SAM checkpoint for this decoder ({detail})")
+    decoder.load_state_dict({k: picked[k] for k in ours}, strict=True)

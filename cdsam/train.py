@@ -1,0 +1,391 @@
+"""The training recipe for one curriculum stage: setup → epochs → save.
+
+Stage N ≥ 2 starts from stage N−1's checkpoint; the stage table (`cdsam.curriculum`) decides
+what trains. CUDA gets AMP (bf16 where supported, fp16 + GradScaler otherwise) and TF32; the
+CPU runs the same code in fp32, bit-reproducibly for a given seed and thread count.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cdsam.checkpoint import CheckpointMeta, load_checkpoint, parent_ref, save_checkpoint
+from cdsam.config import OptimConfig, Params, to_dict
+from cdsam.curriculum import apply_stage, component_counts, param_groups, policy
+from cdsam.data.dataset import ManifestDataset
+from cdsam.errors import CheckpointError, UserError
+from cdsam.losses import bce_loss, clip_align_loss, dice_loss, feature_distill_loss
+from cdsam.metrics import iou_dice
+from cdsam.models.dino import dino_patch_tokens
+from cdsam.models.model import CDSAM, build_model
+
+log = logging.getLogger("cdsam.train")
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device: {name!r} asked for, but CUDA is not available here")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_determinism(device: torch.device) -> None:
+    if device.type == "cuda":
+        # Speed first on GPUs: TF32 matmuls and cuDNN autotuning.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.use_deterministic_algorithms(True)
+
+
+def amp_settings(device: torch.device) -> tuple[bool, torch.dtype | None, bool]:
+    """(autocast on?, its dtype, needs GradScaler?)."""
+    if device.type != "cuda":
+        return False, None, False
+    if torch.cuda.is_bf16_supported():
+        return True, torch.bfloat16, False
+    return True, torch.float16, True
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
+    """Linear warmup, then cosine decay to ``min_ratio`` of the base LR."""
+
+    def fn(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        progress = min(max(progress, 0.0), 1.0)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def collate(batch: list[dict]) -> dict[str, Any]:
+    return {
+        "image": torch.stack([b["image"] for b in batch]),
+        "mask": torch.stack([b["mask"] for b in batch]),
+        "valid": torch.stack([b["valid"] for b in batch]),
+        "prompt": [b["prompt"] for b in batch],
+        "id": [b["id"] for b in batch],
+        "index": torch.tensor([b["index"] for b in batch]),
+    }
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    miou: float
+    dice: float
+    ids: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    ious: list[float] = field(default_factory=list)
+    dices: list[float] = field(default_factory=list)
+
+
+@torch.no_grad()
+def evaluate_model(model: CDSAM, loader: DataLoader, device: torch.device,
+                   threshold: float = 0.5, show_progress: bool = False) -> EvalResult:
+    """Dice+BCE loss, mean per-sample IoU and Dice over a loader (ignore pixels skipped)."""
+    model.eval()
+    use_amp, amp_dtype, _ = amp_settings(device)
+    res = EvalResult(0.0, 0.0, 0.0)
+    total_loss, n = 0.0, 0
+    for batch in tqdm(loader, desc="evaluate", leave=False, disable=not show_progress):
+        images = batch["image"].to(device, non_blocking=True)
+        target = batch["mask"].to(device, non_blocking=True)
+        valid = batch["valid"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            out = model(images, batch["prompt"])
+        logits = out.masks.float()
+        loss = dice_loss(logits, target, valid) + bce_loss(logits, target, valid)
+        total_loss += loss.item() * images.shape[0]
+        n += images.shape[0]
+        iou, dice = iou_dice(logits, target, valid, threshold)
+        res.ious += iou.tolist()
+        res.dices += dice.tolist()
+        res.ids += batch["id"]
+        res.prompts += batch["prompt"]
+    res.loss = total_loss / max(n, 1)
+    res.miou = float(np.mean(res.ious)) if res.ious else 0.0
+    res.dice = float(np.mean(res.dices)) if res.dices else 0.0
+    return res
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+@dataclass
+class StagePaths:
+    data: Path  # data/prepared
+    out: Path  # models/stageN
+    metrics: Path  # metrics/stageN (DVCLive dir)
+    parent: Path | None = None  # models/stage{N-1}
+
+
+class StageTrainer:
+    """One stage: ``setup()``, ``train()``, ``save()``; ``run()`` does all three."""
+
+    def __init__(self, params: Params, stage: int, paths: StagePaths,
+                 show_progress: bool = True) -> None:
+        self.params = params
+        self.stage = stage
+        self.pol = policy(stage)
+        self.paths = paths
+        self.show_progress = show_progress
+        self.device = resolve_device(params.device)
+        self.optim_cfg: OptimConfig = params.optim_for(stage)
+        self.epochs = params.stage(stage).epochs
+        self.sam_mode = (params.stage4.sam_mode or "lora") if stage == 4 else "lora"
+        self.history: list[dict[str, float]] = []
+
+    # ---- setup
+    def _load_model(self) -> CDSAM:
+        if self.pol.parent is None:
+            self.model_cfg = to_dict(self.params.model)
+            return build_model(self.params.model, load_weights=True, seed=self.params.seed)
+        parent = self.paths.parent
+        if parent is None:
+            raise UserError(f"stage {self.stage} needs the stage {self.pol.parent} checkpoint")
+        model, meta = load_checkpoint(parent)
+        self.model_cfg = meta.model
+        if meta.stage != self.pol.parent:
+            raise CheckpointError(f"{parent}: is a stage {meta.stage} checkpoint, stage "
+                                  f"{self.stage} starts from stage {self.pol.parent}")
+        if meta.model != to_dict(self.params.model):
+            log.warning("params.yaml `model` differs from %s/meta.json; the checkpoint's "
+                        "architecture is used (rerun the earlier stages to apply the change)",
+                        parent)
+        return model
+
+    def setup(self) -> None:
+        p = self.params
+        configure_determinism(self.device)
+        seed_everything(p.seed + self.stage)
+        self.train_set = ManifestDataset(self.paths.data, "train", p.data.resize, p.data.crop)
+        self.val_set = ManifestDataset(self.paths.data, "val", p.data.resize, p.data.crop)
+        model = self._load_model()
+        if p.data.crop % model.patch_size:
+            raise UserError(f"data.crop: {p.data.crop} is not divisible by the DINO patch size "
+                            f"({model.patch_size})")
+        dino_lora = p.lora.dino if self.pol.dino == "lora" else None
+        apply_stage(model, self.stage, p.lora.sam, dino_lora, self.sam_mode)
+        self.model = model.to(self.device)
+        self.vocab = sorted(set(self.train_set.prompts) | set(self.val_set.prompts))
+        self.vocab_index = {t: i for i, t in enumerate(self.vocab)}
+        self.counts = component_counts(self.model)
+        self.teacher = None
+        if p.loss.ssl_weight > 0 and any(x.requires_grad for x in model.dino.parameters()):
+            # Frozen copy of the stage-start backbone: the SSL term keeps features near it.
+            self.teacher = copy.deepcopy(self.model.dino).eval().requires_grad_(False)
+        groups = param_groups(self.model, self.optim_cfg)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, fused=fused) if fused else \
+            torch.optim.AdamW(groups)
+        use_amp, self.amp_dtype, needs_scaler = amp_settings(self.device)
+        self.use_amp = use_amp
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_scaler)
+        pin = self.device.type == "cuda"
+        gen = torch.Generator().manual_seed(p.seed * 1000 + self.stage)
+        workers = p.data.num_workers
+        self.train_loader = DataLoader(
+            self.train_set, batch_size=self.optim_cfg.batch_size, shuffle=True, generator=gen,
+            collate_fn=collate, num_workers=workers, pin_memory=pin,
+            persistent_workers=workers > 0)
+        self.val_loader = DataLoader(
+            self.val_set, batch_size=max(self.optim_cfg.batch_size, 32), shuffle=False,
+            collate_fn=collate, num_workers=workers, pin_memory=pin,
+            persistent_workers=workers > 0)
+        steps_per_epoch = math.ceil(len(self.train_loader) / self.optim_cfg.grad_accum_steps)
+        self.total_steps = steps_per_epoch * self.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.total_steps, self.optim_cfg.warmup_steps,
+                                      self.optim_cfg.min_lr_ratio))
+        eff = self.optim_cfg.batch_size * self.optim_cfg.grad_accum_steps
+        log.info("stage%d on %s: %d train / %d val samples, %d prompts, %d epochs, effective "
+                 "batch %d (batch %d x accumulation %d), trainable %s of %s params",
+                 self.stage, self.device, len(self.train_set), len(self.val_set),
+                 len(self.vocab), self.epochs, eff, self.optim_cfg.batch_size,
+                 self.optim_cfg.grad_accum_steps, f"{self.trainable_params:,}",
+                 f"{self.total_params:,}")
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    @property
+    def total_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    # ---- one step
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        lc = self.params.loss
+        images = batch["image"].to(self.device, non_blocking=True)
+        target = batch["mask"].to(self.device, non_blocking=True)
+        valid = batch["valid"].to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            out = self.model(images, batch["prompt"])
+            logits = out.masks.float()
+            parts = {"dice": dice_loss(logits, target, valid), "bce": bce_loss(logits, target, valid)}
+            loss = lc.dice_weight * parts["dice"] + lc.bce_weight * parts["bce"]
+            if lc.clip_align_weight > 0:
+                vocab_feats = self.model.clip_text(self.vocab).to(out.tokens.dtype)
+                labels = torch.tensor([self.vocab_index[t] for t in batch["prompt"]],
+                                      device=self.device)
+                projected = self.model.token_proj(out.tokens)
+                parts["clip_align"] = clip_align_loss(
+                    projected.float(), out.grid, target, valid, vocab_feats.float(), labels,
+                    lc.clip_temperature)
+                loss = loss + lc.clip_align_weight * parts["clip_align"]
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_tokens, _ = dino_patch_tokens(self.teacher, images)
+                parts["ssl"] = feature_distill_loss(out.tokens.float(), teacher_tokens.float())
+                loss = loss + lc.ssl_weight * parts["ssl"]
+        return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+    def _set_train_mode(self) -> None:
+        self.model.train()
+        # Components with nothing to train stay in eval mode (no dropout/drop-path noise).
+        for child in self.model.children():
+            if not any(p.requires_grad for p in child.parameters()):
+                child.eval()
+
+    # ---- epochs
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        self._set_train_mode()
+        accum = self.optim_cfg.grad_accum_steps
+        total, n_img, last_finite = 0.0, 0, None
+        bar = tqdm(self.train_loader, desc=f"stage{self.stage} epoch {epoch + 1}/{self.epochs}",
+                   leave=False, disable=not self.show_progress)
+        n_batches = len(self.train_loader)
+        self.optimizer.zero_grad(set_to_none=True)
+        for step, batch in enumerate(bar):
+            loss, _ = self.compute_loss(batch)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise UserError(
+                    f"stage{self.stage}: non-finite loss ({value}) at epoch {epoch + 1} step "
+                    f"{step + 1}; last finite loss {last_finite}; lower optim.lr / "
+                    f"optim.lora_lr or check the data. No checkpoint was written")
+            last_finite = value
+            self.scaler.scale(loss / accum).backward()
+            if (step + 1) % accum == 0 or step + 1 == n_batches:
+                if self.optim_cfg.grad_clip > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for p in self.model.parameters() if p.requires_grad],
+                        self.optim_cfg.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+            bs = batch["image"].shape[0]
+            total += value * bs
+            n_img += bs
+            bar.set_postfix(loss=f"{value:.4f}")
+        return {"loss": total / max(n_img, 1), "images": n_img}
+
+    def train(self, live=None) -> dict[str, float]:
+        train_time, train_images = 0.0, 0
+        best = -1.0
+        for epoch in range(self.epochs):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            tr = self.train_epoch(epoch)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            train_time += time.perf_counter() - t0
+            train_images += tr["images"]
+            val = evaluate_model(self.model, self.val_loader, self.device)
+            best = max(best, val.miou)
+            row = {"train_loss": tr["loss"], "loss": val.loss, "miou": val.miou,
+                   "dice": val.dice, "lr": self.scheduler.get_last_lr()[0]}
+            self.history.append(row)
+            log.info("epoch %d/%d loss=%.4f miou=%.4f dice=%.4f val_loss=%.4f", epoch + 1,
+                     self.epochs, tr["loss"], val.miou, val.dice, val.loss)
+            if live is not None:
+                live.log_metric("train/loss", tr["loss"])
+                live.log_metric("val/loss", val.loss)
+                live.log_metric("val/miou", val.miou)
+                live.log_metric("val/dice", val.dice)
+                live.log_metric("lr", row["lr"])
+                live.next_step()
+        last = self.history[-1]
+        summary = {
+            "loss": last["loss"], "miou": last["miou"], "dice": last["dice"],
+            "best_miou": best, "epochs": self.epochs,
+            "trainable_params": self.trainable_params, "total_params": self.total_params,
+            "throughput_img_s": train_images / max(train_time, 1e-9),
+            "peak_mem_mb": peak_memory_mb(self.device),
+        }
+        return summary
+
+    # ---- save
+    def save(self) -> None:
+        parent = parent_ref(self.paths.parent) if self.paths.parent else None
+        extra = {
+            "optim": to_dict(self.optim_cfg), "epochs": self.epochs, "sam_mode": self.sam_mode,
+            "loss": to_dict(self.params.loss), "seed": self.params.seed,
+            "data": to_dict(self.params.data),
+        }
+        meta = CheckpointMeta(stage=self.stage, model=self.model_cfg, prompts=self.vocab,
+                              parent=parent, extra=extra)
+        save_checkpoint(self.paths.out, self.model.cpu(), meta)
+        self.model.to(self.device)
+
+    def run(self) -> dict[str, float]:
+        from dvclive import Live
+
+        self.setup()
+        with Live(str(self.paths.metrics), dvcyaml=False, save_dvc_exp=False,
+                  report=None) as live:
+            summary = self.train(live)
+            self.save()
+            for key in ("epochs", "trainable_params", "total_params", "throughput_img_s",
+                        "peak_mem_mb", "best_miou"):
+                live.summary[key] = summary[key]
+            live.summary["world_size"] = 1
+            counts = {k: v["trainable"] for k, v in self.counts.items()}
+            live.summary["trainable_by_component"] = counts
+        log.info("stage%d done: val miou=%.4f dice=%.4f, %.1f img/s, peak %.0f MB -> %s",
+                 self.stage, summary["miou"], summary["dice"], summary["throughput_img_s"],
+                 summary["peak_mem_mb"], self.paths.out)
+        return summary
+

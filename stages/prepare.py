@@ -1,0 +1,29 @@
+"""DVC stage `prepare`: params `prepare`, `seed` → data/prepared/ and metrics/prepare.json."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from cdsam import io
+from cdsam.data.prepare import prepare
+from cdsam.entry import run
+from cdsam.stage_params import load_stage_params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="data/prepared")
+    ap.add_argument("--metrics", default="metrics/prepare.json")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    args = ap.parse_args()
+    params = load_stage_params("prepare", args.params)
+    summary = prepare(params.prepare, params.seed, args.out, show_progress=not args.no_progress)
+    io.write_json(args.metrics, summary)
+    logging.getLogger("cdsam").info("prepared %s", summary)
+
+
+if __name__ == "__main__":
+    run(main, "prepare")
