@@ -1,0 +1,29 @@
+"""DVC stage `evaluate`: every stage checkpoint on the val split → metrics, CSVs, overlays."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cdsam.entry import run
+from cdsam.evaluate import evaluate_stages
+from cdsam.stage_params import load_stage_params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", default="data/prepared")
+    ap.add_argument("--models", default="models")
+    ap.add_argument("--out", default="metrics/eval", help="CSVs and overlays")
+    ap.add_argument("--metrics", default="metrics/evaluate.json")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    args = ap.parse_args()
+    params = load_stage_params("evaluate", args.params)
+    models = Path(args.models)
+    checkpoints = {f"stage{n}": models / f"stage{n}" for n in (1, 2, 3, 4)}
+    evaluate_stages(params, checkpoints, Path(args.data), Path(args.out), Path(args.metrics))
+
+
+if __name__ == "__main__":
+    run(main, "evaluate")

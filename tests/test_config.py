@@ -1,0 +1,68 @@
+import pytest
+
+from cdsam.config import load_params, parse_params
+from cdsam.errors import ConfigError
+from cdsam.stage_params import declared_keys, restrict
+
+
+def test_repo_params_yaml_is_valid():
+    p = load_params("params.yaml")
+    assert p.model.dino.depth >= 8 and p.lora.dino.last_k_blocks == 2
+    assert p.optim_for(3).lr < p.optim.lr  # stage 3: lower LR, as the seed says
+    assert p.stage(3).epochs > p.stage(2).epochs
+
+
+def test_typo_names_key_and_nearest():
+    with pytest.raises(ConfigError) as exc:
+        parse_params({"lora": {"dino": {"last_k_block": 3}}})
+    assert "lora.dino.last_k_block: unknown key (did you mean lora.dino.last_k_blocks?)" in str(
+        exc.value)
+
+
+def test_all_problems_listed_at_once():
+    bad = {
+        "model": {"dino": {"depth": 4}, "sam": {"type": "vit_x"}},
+        "lora": {"dino": {"last_k_blocks": 6, "rank": 0, "dropout": 1.0}, "sam": {"alpha": 0}},
+        "optim": {"lr": -1, "batch_size": 0},
+        "stage2": {"epochs": 0},
+        "data": {"resize": 64, "crop": 60},
+    }
+    with pytest.raises(ConfigError) as exc:
+        parse_params(bad)
+    text = "\n".join(exc.value.problems)
+    for key in ("lora.dino.last_k_blocks", "lora.dino.rank", "lora.dino.dropout",
+                "lora.sam.alpha", "optim.lr", "optim.batch_size", "stage2.epochs",
+                "model.sam.type", "data.crop"):
+        assert key in text, key
+    assert len(exc.value.problems) >= 9
+
+
+def test_types_are_checked_and_1e_strings_accepted():
+    assert parse_params({"optim": {"lr": "1e-3"}}).optim.lr == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match="optim.batch_size: expected an integer"):
+        parse_params({"optim": {"batch_size": "big"}})
+
+
+def test_crop_larger_than_resize():
+    with pytest.raises(ConfigError, match="data.crop"):
+        parse_params({"data": {"resize": 32, "crop": 64}})
+
+
+def test_stage_view_blocks_undeclared_sections():
+    keys = declared_keys("stage1", "dvc.yaml")
+    assert "lora.sam" in keys and "lora.dino" not in keys
+    view = restrict(load_params("params.yaml"), keys, "stage1")
+    assert view.lora.sam.rank >= 1
+    with pytest.raises(RuntimeError, match="lora.dino"):
+        _ = view.lora.dino.rank
+    with pytest.raises(RuntimeError, match="stage2"):
+        _ = view.stage2.epochs
+
+
+def test_every_stage_declares_what_it_needs():
+    for n in (1, 2, 3, 4):
+        keys = declared_keys(f"stage{n}", "dvc.yaml")
+        for k in ("seed", "device", "data", "model", "lora.sam", "optim", "loss", f"stage{n}"):
+            assert k in keys, (n, k)
+        assert ("lora.dino" in keys) == (n in (2, 3))
+    assert set(declared_keys("prepare", "dvc.yaml")) == {"seed", "prepare"}

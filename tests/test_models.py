@@ -1,0 +1,130 @@
+import dataclasses
+
+import open_clip
+import pytest
+import timm
+import torch
+from segment_anything import sam_model_registry
+
+from cdsam.config import ClipConfig
+from cdsam.errors import CheckpointError, UserError
+from cdsam.models.clip_text import build_clip_text
+from cdsam.models.dino import build_dino, dino_patch_tokens
+from cdsam.models.model import build_model
+from cdsam.models.sam import build_sam_decoder, load_sam_checkpoint, read_weights
+
+
+def test_dino_tokens_drop_prefix(model_cfg):
+    vit = build_dino(model_cfg.dino)
+    tokens, grid = dino_patch_tokens(vit, torch.randn(2, 3, 32, 32))
+    assert grid == (4, 4)
+    assert tokens.shape == (2, 16, 32)
+    assert vit.num_prefix_tokens == 1
+
+
+def test_two_prompts_give_different_masks(model_cfg):
+    model = build_model(model_cfg, seed=0).eval()
+    image = torch.randn(1, 3, 32, 32).repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        out = model(image, ["a red circle", "a blue square"])
+    assert out.masks.shape == (2, 1, 32, 32)
+    assert not torch.allclose(out.masks[0], out.masks[1])
+
+
+def test_batched_decoding_equals_per_sample(model_cfg):
+    model = build_model(model_cfg, seed=0).eval()
+    images = torch.randn(3, 3, 32, 32)
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    with torch.no_grad():
+        batched = model(images, prompts).masks
+        single = torch.cat([model(images[i:i + 1], [prompts[i]]).masks for i in range(3)])
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
+
+
+def test_point_and_box_prompts_join_text(model_cfg):
+    model = build_model(model_cfg, seed=0).eval()
+    images = torch.randn(2, 3, 32, 32)
+    points = (torch.tensor([[[5.0, 5.0]], [[20.0, 20.0]]]), torch.ones(2, 1, dtype=torch.int))
+    boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0], [8.0, 8.0, 30.0, 30.0]])
+    with torch.no_grad():
+        plain = model(images, ["a", "b"]).masks
+        prompted = model(images, ["a", "b"], points=points, boxes=boxes).masks
+    assert prompted.shape == plain.shape
+    assert not torch.allclose(plain, prompted)
+
+
+def test_clip_text_is_cached_and_frozen():
+    enc = build_clip_text(ClipConfig())
+    a = enc(["a red circle", "a blue square"])
+    calls = enc.calls
+    b = enc(["a blue square", "a red circle", "a red circle"])
+    assert enc.calls == calls  # no new forward for known prompts
+    torch.testing.assert_close(a[0], b[1])
+    assert not any(p.requires_grad for p in enc.parameters())
+
+
+def test_timm_weights_file_loads(tmp_path, model_cfg):
+    ref = timm.create_model(model_cfg.dino.name, num_classes=0, img_size=32, patch_size=8,
+                            embed_dim=32, depth=4, num_heads=2)
+    path = tmp_path / "dino.pth"
+    torch.save(ref.state_dict(), path)
+    cfg = dataclasses.replace(model_cfg.dino, checkpoint=str(path))
+    vit = build_dino(cfg)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(vit.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_open_clip_weights_file_loads(tmp_path):
+    ref = open_clip.create_model("cdsam-tiny-text")
+    path = tmp_path / "clip.pt"
+    torch.save(ref.state_dict(), path)
+    enc = build_clip_text(ClipConfig(pretrained=str(path)))
+    torch.testing.assert_close(enc.clip.token_embedding.weight, ref.token_embedding.weight,
+                               rtol=0, atol=0)
+
+
+def test_missing_local_files_are_one_line_errors(tmp_path, model_cfg):
+    with pytest.raises(UserError, match="model.dino.checkpoint: file not found"):
+        build_dino(dataclasses.replace(model_cfg.dino, checkpoint=str(tmp_path / "x.pth")))
+    with pytest.raises(UserError, match="model.clip.pretrained: file not found"):
+        build_clip_text(ClipConfig(pretrained=str(tmp_path / "x.pt")))
+    with pytest.raises(UserError, match="model.clip.name"):
+        build_clip_text(ClipConfig(name="no-such-model"))
+
+
+@pytest.fixture(scope="module")
+def official_sam_file(tmp_path_factory):
+    torch.manual_seed(0)
+    sam = sam_model_registry["vit_b"]()
+    path = tmp_path_factory.mktemp("sam") / "sam_vit_b_test.pth"
+    torch.save(sam.state_dict(), path)
+    return path, {k: v for k, v in sam.state_dict().items()
+                  if k.startswith(("prompt_encoder.", "mask_decoder."))}
+
+
+def test_official_sam_checkpoint_loads(official_sam_file, model_cfg):
+    path, ref = official_sam_file
+    cfg = dataclasses.replace(model_cfg.sam, checkpoint=str(path))
+    dec = build_sam_decoder(cfg, (4, 4), (32, 32))
+    for k, v in ref.items():
+        torch.testing.assert_close(dec.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_sam_checkpoint_that_does_not_fit(tmp_path, model_cfg):
+    path = tmp_path / "other.pth"
+    torch.save({"mask_decoder.iou_token.weight": torch.zeros(1, 8)}, path)
+    dec = build_sam_decoder(model_cfg.sam, (4, 4), (32, 32), load_weights=False)
+    with pytest.raises(CheckpointError, match="other.pth: not a SAM checkpoint"):
+        load_sam_checkpoint(dec, path)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickle_payload_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"x": _Boom()}, path)
+    with pytest.raises(CheckpointError, match="evil.pth: cannot read weights"):
+        read_weights(path)
