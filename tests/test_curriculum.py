@@ -22,7 +22,7 @@ def tiny_params_file(tmp_path):
 
 def test_stage_table_matches_design(tiny_params_file):
     s = {n: summarize_stage(tiny_params_file, n) for n in (1, 2, 3, 4)}
-    for n, c in s.items():
+    for c in s.values():
         assert c["clip_text"]["trainable"] == 0 and c["clip_text"]["total"] > 0
         assert c["heads"]["trainable"] == c["heads"]["total"] > 0
         assert c["sam"]["trainable"] == 0  # SAM base frozen in every stage (mode lora)

@@ -59,7 +59,7 @@ class ClipTextEncoder(nn.Module):
             tokens = self.tokenizer(missing).to(device)
             feats = self.clip.encode_text(tokens, normalize=True).float()
             self.calls += 1
-            for prompt, feat in zip(missing, feats):
+            for prompt, feat in zip(missing, feats, strict=True):
                 self._cache[prompt] = feat
         return torch.stack([self._cache[p] for p in prompts])
 

@@ -1,0 +1,203 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cdsam.config import PrepareConfig, SyntheticConfig
+from cdsam.data.dataset import ManifestDataset
+from cdsam.data.manifest import FOREGROUND, IGNORE, read_manifest, slug
+from cdsam.data.prepare import prepare
+from cdsam.errors import DataError
+
+
+def test_synthetic_manifest(tmp_path):
+    cfg = PrepareConfig(synthetic=SyntheticConfig(num_images=40, image_size=48))
+    summary = prepare(cfg, seed=0, out=tmp_path / "p", show_progress=False)
+    df = read_manifest(tmp_path / "p")
+    assert list(df.columns) == ["id", "image", "mask", "prompt", "split"]
+    assert set(df["split"]) == {"train", "val"}
+    assert df["prompt"].nunique() >= 4
+    per_image = df.groupby("image")["prompt"].nunique()
+    assert (per_image >= 2).all()
+    for m in df["mask"].head(10):
+        values = set(np.unique(np.asarray(Image.open(tmp_path / "p" / m))))
+        assert values <= {0, FOREGROUND} and FOREGROUND in values
+    assert summary["images"] == 40
+    # seeded: the same params give the same files
+    prepare(cfg, seed=0, out=tmp_path / "q", show_progress=False)
+    a = (tmp_path / "p" / df["image"][0]).read_bytes()
+    assert a == (tmp_path / "q" / df["image"][0]).read_bytes()
+
+
+def test_distractors_share_colour_or_shape(tmp_path):
+    prepare(PrepareConfig(synthetic=SyntheticConfig(num_images=20)), 1, tmp_path / "p",
+            show_progress=False)
+    df = read_manifest(tmp_path / "p")
+    for _, g in df.groupby("image"):
+        words = [p.split()[1:] for p in g["prompt"]]
+        colours = [w[0] for w in words]
+        shapes = [w[1] for w in words]
+        assert len(set(colours)) < len(colours) or len(set(shapes)) < len(shapes)
+
+
+def _folders(tmp_path, n=6):
+    img_dir, mask_dir = tmp_path / "images", tmp_path / "masks"
+    img_dir.mkdir()
+    mask_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
+            img_dir / f"im{i}.jpg")
+        m = np.zeros((20, 24), np.uint8)
+        m[5:12, 6:15] = 200
+        Image.fromarray(m).save(mask_dir / f"im{i}.png")
+    return PrepareConfig(source="folders", images=str(img_dir), masks=str(mask_dir),
+                         prompt="a lesion", val_fraction=0.34)
+
+
+def test_folders_source(tmp_path):
+    cfg = _folders(tmp_path)
+    prepare(cfg, 0, tmp_path / "p", show_progress=False)
+    df = read_manifest(tmp_path / "p")
+    assert len(df) == 6 and set(df["prompt"]) == {"a lesion"}
+    m = np.asarray(Image.open(tmp_path / "p" / df["mask"][0]))
+    assert set(np.unique(m)) == {0, 1}
+
+
+def test_truncated_png_named_or_skipped(tmp_path):
+    cfg = _folders(tmp_path)
+    bad = tmp_path / "masks" / "im2.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    with pytest.raises(DataError, match=r"im2.png: unreadable mask"):
+        prepare(cfg, 0, tmp_path / "p", show_progress=False)
+    assert not (tmp_path / "p").exists()
+    cfg.on_bad_file = "skip"
+    summary = prepare(cfg, 0, tmp_path / "p", show_progress=False)
+    assert summary["skipped_files"] == 1 and summary["images"] == 5
+
+
+@pytest.mark.parametrize("case,match", [
+    ("size", "mask is 10x10, its image is 24x20"),
+    ("nomask", "no mask with the same stem"),
+    ("empty", "mask has no foreground"),
+    ("badimage", "unreadable image"),
+])
+def test_folders_bad_inputs(tmp_path, case, match):
+    cfg = _folders(tmp_path)
+    if case == "size":
+        Image.fromarray(np.full((10, 10), 255, np.uint8)).save(tmp_path / "masks" / "im1.png")
+    elif case == "nomask":
+        (tmp_path / "masks" / "im1.png").unlink()
+    elif case == "empty":
+        Image.fromarray(np.zeros((20, 24), np.uint8)).save(tmp_path / "masks" / "im1.png")
+    else:
+        (tmp_path / "images" / "im1.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=match):
+        prepare(cfg, 0, tmp_path / "p", show_progress=False)
+
+
+def test_existing_output_survives_a_failed_prepare(tmp_path):
+    cfg = _folders(tmp_path)
+    prepare(cfg, 0, tmp_path / "p", show_progress=False)
+    before = (tmp_path / "p" / "manifest.csv").read_bytes()
+    (tmp_path / "masks" / "im1.png").unlink()
+    with pytest.raises(DataError):
+        prepare(cfg, 0, tmp_path / "p", show_progress=False)
+    assert (tmp_path / "p" / "manifest.csv").read_bytes() == before
+
+
+def test_source_and_split_errors(tmp_path):
+    with pytest.raises(DataError, match="prepare.images: folder not found"):
+        prepare(PrepareConfig(source="folders", images=str(tmp_path / "x"),
+                              masks=str(tmp_path), prompt="p"), 0, tmp_path / "p", False)
+    cfg = _folders(tmp_path, n=1)
+    with pytest.raises(DataError, match="split 'val' has no samples"):
+        prepare(cfg, 0, tmp_path / "p", show_progress=False)
+    with pytest.raises(DataError, match="prepare.root: required"):
+        prepare(PrepareConfig(source="voc"), 0, tmp_path / "p", show_progress=False)
+
+
+def _voc(tmp_path, with_sets=True):
+    root = tmp_path / "VOC"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClass").mkdir()
+    palette = [0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * (3 * 253)
+    palette[255 * 3:255 * 3 + 3] = [224, 224, 192]
+    ids = []
+    for i in range(4):
+        stem = f"2007_{i:06d}"
+        ids.append(stem)
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(
+            root / "JPEGImages" / f"{stem}.jpg")
+        lab = np.zeros((16, 16), np.uint8)
+        lab[2:8, 2:8] = 15  # person
+        lab[9:14, 9:14] = 12  # dog
+        lab[8, :] = 255  # border
+        im = Image.fromarray(lab, mode="P")
+        im.putpalette(palette)
+        im.save(root / "SegmentationClass" / f"{stem}.png")
+    if with_sets:
+        sets = root / "ImageSets" / "Segmentation"
+        sets.mkdir(parents=True)
+        (sets / "train.txt").write_text("\n".join(ids[:3]) + "\n")
+        (sets / "val.txt").write_text(ids[3] + "\n")
+    return root
+
+
+def test_voc_per_class_prompts_and_ignore(tmp_path):
+    root = _voc(tmp_path)
+    prepare(PrepareConfig(source="voc", root=str(root)), 0, tmp_path / "p", False)
+    df = read_manifest(tmp_path / "p")
+    assert set(df["prompt"]) == {"a photo of a person", "a photo of a dog"}
+    assert (df["split"] == "val").sum() == 2 and (df["split"] == "train").sum() == 6
+    m = np.asarray(Image.open(tmp_path / "p" / df["mask"][0]))
+    assert set(np.unique(m)) == {0, FOREGROUND, IGNORE}
+    assert (m[8, :] == IGNORE).all()
+    ds = ManifestDataset(tmp_path / "p", "val", 16, 16)
+    s = ds[0]
+    assert s["valid"][0, 8].sum() == 0 and s["mask"][0, 8].sum() == 0
+
+
+def test_voc_binary_and_custom_classes(tmp_path):
+    root = _voc(tmp_path, with_sets=False)
+    cfg = PrepareConfig(source="voc", root=str(root), binary=True, prompt="a lesion",
+                        val_fraction=0.25)
+    prepare(cfg, 0, tmp_path / "p", False)
+    df = read_manifest(tmp_path / "p")
+    assert set(df["prompt"]) == {"a lesion"} and len(df) == 4
+    short = PrepareConfig(source="voc", root=str(root), classes=["a", "b"], val_fraction=0.25)
+    with pytest.raises(DataError, match="label value 12 has no class name"):
+        prepare(short, 0, tmp_path / "q", False)
+
+
+def test_dataset_transform_and_manifest_errors(tmp_path):
+    prepare(PrepareConfig(synthetic=SyntheticConfig(num_images=10, image_size=40)), 0,
+            tmp_path / "p", False)
+    ds = ManifestDataset(tmp_path / "p", "train", resize=36, crop=32)
+    s = ds[0]
+    assert s["image"].shape == (3, 32, 32) and s["mask"].shape == (1, 32, 32)
+    assert set(s["mask"].unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(DataError, match="split 'test' has no samples"):
+        ManifestDataset(tmp_path / "p", "test", 32, 32)
+    with pytest.raises(DataError, match="manifest not found"):
+        read_manifest(tmp_path / "nothing")
+
+
+def test_slug():
+    assert slug("A Red  circle!") == "a-red-circle"
+
+
+def test_prepare_cli_one_line_error(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copy(repo / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / "params.yaml").write_text("prepare:\n  source: webdataset\n")
+    r = subprocess.run([sys.executable, str(repo / "stages" / "prepare.py")], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "prepare.source" in r.stderr and "Traceback" not in r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error:")]) == 1

@@ -1,0 +1,121 @@
+"""End to end: the real dvc.yaml, real `dvc repro` and `dvc exp run` in a temporary git repo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+TINY_PIPELINE = {
+    "seed": 0,
+    "device": "cpu",
+    "prepare": {"synthetic": {"num_images": 24, "image_size": 32}, "val_fraction": 0.25},
+    "data": {"resize": 32, "crop": 32},
+    "model": {"dino": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4,
+                       "num_heads": 2}},
+    "lora": {"sam": {"rank": 2, "alpha": 4}, "dino": {"rank": 2, "alpha": 4,
+                                                     "last_k_blocks": 1}},
+    "optim": {"batch_size": 8, "warmup_steps": 1},
+    "stage1": {"epochs": 1}, "stage2": {"epochs": 1}, "stage3": {"epochs": 1},
+    "stage4": {"epochs": 1, "sam_mode": "lora"},
+    "evaluate": {"batch_size": 8, "num_overlays": 2},
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) \
+            else v
+    return out
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    home = tmp / "home"
+    home.mkdir(exist_ok=True)
+    env.update({
+        "HOME": str(home), "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
+        "DVC_SITE_CACHE_DIR": str(tmp / "dvc-site"),
+        "DVC_GLOBAL_CONFIG_DIR": str(tmp / "dvc-global"),
+        "DVC_SYSTEM_CONFIG_DIR": str(tmp / "dvc-system"),
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+    })
+    env.pop("DVCLIVE_TEST", None)
+    return env
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    r = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    out = r.stdout + r.stderr
+    if r.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({r.returncode}):\n{out[-4000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline_repo(tmp_path_factory) -> tuple[Path, dict[str, str], str]:
+    tmp = tmp_path_factory.mktemp("pipe")
+    repo = tmp / "repo"
+    repo.mkdir()
+    for item in ("dvc.yaml", "stages", "cdsam"):
+        src = REPO / item
+        if src.is_dir():
+            shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, repo / item)
+    full = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_PIPELINE)
+    (repo / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+    env = _env(tmp)
+    _run(["git", "init", "-q"], repo, env)
+    _run([str(BIN / "dvc"), "init", "-q"], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "init"], repo, env)
+    out = _run([str(BIN / "dvc"), "repro"], repo, env)
+    return repo, env, out
+
+
+@pytest.mark.slow
+def test_repro_runs_all_stages_and_writes_outputs(pipeline_repo):
+    repo, env, out = pipeline_repo
+    for stage in ("prepare", "stage1", "stage2", "stage3", "stage4", "evaluate"):
+        assert f"Running stage '{stage}'" in out
+    assert "epoch 1/1 loss=" in out
+    for n in (1, 2, 3, 4):
+        assert (repo / f"models/stage{n}/model.safetensors").is_file()
+        m = json.loads((repo / f"metrics/stage{n}/metrics.json").read_text())
+        for key in ("epochs", "trainable_params", "total_params", "throughput_img_s",
+                    "peak_mem_mb"):
+            assert key in m
+        assert {"loss", "miou", "dice"} <= set(m["val"])
+    ev = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert set(ev) == {"stage1", "stage2", "stage3", "stage4"}
+    assert (repo / "metrics/eval/overlays/stage4.png").is_file()
+    status = _run([str(BIN / "dvc"), "status"], repo, env)
+    assert "up to date" in status
+
+
+@pytest.mark.slow
+def test_exp_run_reruns_only_dino_lora_stages(pipeline_repo):
+    repo, env, _ = pipeline_repo
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "repro"], repo, env)
+    out = _run([str(BIN / "dvc"), "exp", "run", "-S", "lora.dino.last_k_blocks=2"], repo, env)
+    assert "Stage 'prepare' didn't change, skipping" in out
+    assert "Stage 'stage1' didn't change, skipping" in out
+    for stage in ("stage2", "stage3", "stage4", "evaluate"):
+        assert f"Running stage '{stage}'" in out
+    diff = json.loads(_run([str(BIN / "dvc"), "metrics", "diff", "--json"], repo, env))
+    s2 = diff["metrics/stage2/metrics.json"]
+    assert s2["trainable_params"]["diff"] > 0
