@@ -75,12 +75,8 @@ class SamLoraConfig:
 
 
 @dataclass
-class DinoLoraConfig:
-    enable: bool = True
-    rank: int = 4
-    alpha: float = 8.0
-    dropout: float = 0.0
-    last_k_blocks: int = 2
+class DinoLoraConfig(SamLoraConfig):
+    last_k_blocks: int = 2  # adapters go on DINO blocks depth-K … depth-1
     targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
 
 

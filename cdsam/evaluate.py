@@ -45,7 +45,10 @@ def stage_overlay(model, ds: ManifestDataset, indices: list[int], device: torch.
 
 def evaluate_stages(params: Params, checkpoints: dict[str, Path], data: Path, out: Path,
                     metrics_path: Path) -> dict[str, Any]:
-    """Write metrics JSON, per-stage and per-prompt CSVs and overlays; return the metrics."""
+    """Write metrics JSON (per stage), per-stage and per-prompt CSVs and overlays.
+
+    Per-prompt figures go to the CSV only, so `dvc metrics show` stays a readable table.
+    """
     ev = params.evaluate
     device = resolve_device(params.device)
     configure_determinism(device)
@@ -61,8 +64,6 @@ def evaluate_stages(params: Params, checkpoints: dict[str, Path], data: Path, ou
         stage_rows.append({"stage": name, "miou": res.miou, "dice": res.dice})
         per = pd.DataFrame({"prompt": res.prompts, "iou": res.ious, "dice": res.dices})
         per_prompt = per.groupby("prompt").mean().sort_index()
-        metrics[name]["per_prompt"] = {p: {"miou": r.iou, "dice": r.dice}
-                                       for p, r in per_prompt.iterrows()}
         for p, r in per_prompt.iterrows():
             prompt_rows.append({"stage": name, "prompt": p, "miou": r.iou, "dice": r.dice})
         if indices:

@@ -66,3 +66,30 @@ def test_every_stage_declares_what_it_needs():
             assert k in keys, (n, k)
         assert ("lora.dino" in keys) == (n in (2, 3))
     assert set(declared_keys("prepare", "dvc.yaml")) == {"seed", "prepare"}
+
+
+@pytest.mark.parametrize("stage,script", [("prepare", "stages/prepare.py"),
+                                          ("stage1", "stages/train.py"),
+                                          ("stage4", "stages/train.py"),
+                                          ("evaluate", "stages/evaluate.py")])
+def test_stage_deps_cover_every_module_the_script_imports(stage, script):
+    """Fine-grained deps must not miss code: a change to it would not rerun the stage."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    code = (f"import runpy, sys, json; sys.argv=['x', '--help']\n"
+            f"try:\n    runpy.run_path({str(repo / script)!r}, run_name='not_main')\n"
+            f"except SystemExit: pass\n"
+            f"print(json.dumps(sorted(m.__file__ for n, m in sys.modules.items() "
+            f"if n.split('.')[0] == 'cdsam' and getattr(m, '__file__', None))))")
+    files = json.loads(subprocess.check_output([sys.executable, "-c", code], cwd=repo,
+                                               text=True).strip().splitlines()[-1])
+    deps = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]["deps"]
+    for f in files:
+        rel = Path(f).resolve().relative_to(repo).as_posix()
+        assert any(rel == d or rel.startswith(d.rstrip("/") + "/") for d in deps), (stage, rel)
