@@ -201,3 +201,23 @@ def test_prepare_cli_one_line_error(tmp_path):
     assert r.returncode != 0
     assert "prepare.source" in r.stderr and "Traceback" not in r.stderr
     assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error:")]) == 1
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, 1.5])
+def test_val_fraction_outside_range_names_key(value):
+    from cdsam.config import parse_params
+    from cdsam.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"prepare.val_fraction: must be in \(0, 1\)"):
+        parse_params({"prepare": {"val_fraction": value}})
+
+
+def test_missing_voc_root_and_empty_folder(tmp_path):
+    with pytest.raises(DataError, match="prepare.root: folder not found"):
+        prepare(PrepareConfig(source="voc", root=str(tmp_path / "none")), 0, tmp_path / "p",
+                False)
+    (tmp_path / "imgs").mkdir()
+    with pytest.raises(DataError, match="prepare.images: no images"):
+        prepare(PrepareConfig(source="folders", images=str(tmp_path / "imgs"),
+                              masks=str(tmp_path / "imgs"), prompt="x"), 0, tmp_path / "p",
+                False)
