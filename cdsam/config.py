@@ -129,7 +129,16 @@ class StageConfig:
 class DataConfig:
     resize: int = 64  # shorter side before the centre crop
     crop: int = 64  # square crop fed to DINO; a multiple of the patch size
-    num_workers: int = 0
+    num_workers: int = -1  # -1 = auto: 0 on the CPU, min(8, cores per rank) on CUDA
+
+
+@dataclass
+class TrainConfig:
+    """Speed knobs shared by the training stages; none of them changes what is learned."""
+
+    feature_cache: bool = True  # compute the frozen DINO prefix once per image
+    feature_cache_mb: int = 4096  # memory budget; images beyond it are recomputed each step
+    compile: bool = False  # torch.compile the model (CUDA mostly; needs a C++ compiler on CPU)
 
 
 @dataclass
@@ -175,6 +184,7 @@ class Params:
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     stage1: StageConfig = field(default_factory=lambda: StageConfig(epochs=1))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(epochs=1))
     stage3: StageConfig = field(default_factory=lambda: StageConfig(epochs=1))
@@ -349,7 +359,10 @@ def validate(p: Params, errors: list[str]) -> None:
     if d.patch_size is not None and d.patch_size >= 1 and dc.crop % d.patch_size:
         errors.append(f"data.crop: {dc.crop} is not divisible by model.dino.patch_size "
                       f"({d.patch_size})")
-    _check(dc.num_workers >= 0, "data.num_workers", dc.num_workers, "must be >= 0", errors)
+    _check(dc.num_workers >= -1, "data.num_workers", dc.num_workers, "must be >= 0, or -1 (auto)",
+           errors)
+    _check(p.train.feature_cache_mb >= 0, "train.feature_cache_mb", p.train.feature_cache_mb,
+           "must be >= 0", errors)
     _check(p.device == "auto" or p.device == "cpu" or p.device.startswith("cuda"), "device",
            p.device, "must be auto, cpu, cuda or cuda:N", errors)
     pr = p.prepare

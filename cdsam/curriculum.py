@@ -18,7 +18,6 @@ from torch import nn
 
 from cdsam.config import DinoLoraConfig, OptimConfig, SamLoraConfig
 from cdsam.lora import (
-    LoRALinear,
     find_targets,
     inject_lora,
     lora_modules,
@@ -158,7 +157,3 @@ def component_counts(model: CDSAM) -> dict[str, dict[str, int]]:
         "sam": count(model.sam.parameters(), not_lora),
         "sam_lora": count(model.sam.parameters(), is_lora),
     }
-
-
-def count_lora_layers(model: nn.Module) -> int:
-    return sum(1 for m in model.modules() if isinstance(m, LoRALinear))

@@ -142,15 +142,3 @@ def merge_lora(root: nn.Module) -> int:
 def set_lora_trainable(root: nn.Module, trainable: bool = True) -> None:
     for p in lora_parameters(root):
         p.requires_grad_(trainable)
-
-
-def check_state_keys(missing: Sequence[str], unexpected: Sequence[str], where: str) -> None:
-    """Fail with the lists of keys after a non-strict load, instead of silently ignoring them."""
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (first: {', '.join(list(missing)[:5])})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys "
-                         f"(first: {', '.join(list(unexpected)[:5])})")
-        raise KeyError(f"{where}: " + "; ".join(parts))

@@ -1,15 +1,21 @@
 """The training recipe for one curriculum stage: setup → epochs → save.
 
 Stage N ≥ 2 starts from stage N−1's checkpoint; the stage table (`cdsam.curriculum`) decides
-what trains. CUDA gets AMP (bf16 where supported, fp16 + GradScaler otherwise) and TF32; the
-CPU runs the same code in fp32, bit-reproducibly for a given seed and thread count.
+what trains. CUDA gets AMP (bf16 where supported, fp16 + GradScaler otherwise), TF32, pinned
+memory, fused AdamW and optionally ``torch.compile``; the CPU runs the same code in fp32,
+bit-reproducibly for a given seed and thread count. Under torchrun the trainable model is
+wrapped in DDP (see `cdsam.distributed`). Frozen work is done once: CLIP text features per
+prompt, the frozen DINO prefix per image (`cdsam.feature_cache`). After every epoch the full
+state goes to a resume folder (`cdsam.resume`), so a killed run continues where it stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
+import os
 import random
 import resource
 import sys
@@ -20,18 +26,29 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from cdsam.checkpoint import CheckpointMeta, load_checkpoint, parent_ref, save_checkpoint
+import cdsam
+from cdsam import distributed
+from cdsam.checkpoint import (
+    CheckpointMeta,
+    file_sha256,
+    load_checkpoint,
+    parent_ref,
+    save_checkpoint,
+)
 from cdsam.config import OptimConfig, Params, to_dict
 from cdsam.curriculum import apply_stage, component_counts, param_groups, policy
 from cdsam.data.dataset import ManifestDataset
 from cdsam.errors import CheckpointError, UserError
+from cdsam.feature_cache import FeatureCache, plan_cache, weights_fingerprint
 from cdsam.losses import bce_loss, clip_align_loss, dice_loss, feature_distill_loss
 from cdsam.metrics import iou_dice
 from cdsam.models.dino import dino_patch_tokens
 from cdsam.models.model import CDSAM, build_model
+from cdsam.resume import Progress, ResumeStore, fingerprint
 
 log = logging.getLogger("cdsam.train")
 
@@ -100,8 +117,19 @@ def collate(batch: list[dict]) -> dict[str, Any]:
         "valid": torch.stack([b["valid"] for b in batch]),
         "prompt": [b["prompt"] for b in batch],
         "id": [b["id"] for b in batch],
+        "image_key": [b["image_key"] for b in batch],
         "index": torch.tensor([b["index"] for b in batch]),
     }
+
+
+def loader_workers(setting: int, device: torch.device, local_world: int = 1) -> int:
+    """``data.num_workers``; -1 (auto) = none on the CPU (decoded samples live in memory and
+    workers would only compete for the cores), a few per GPU rank on CUDA."""
+    if setting >= 0:
+        return setting
+    if device.type != "cuda":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 1) // max(1, local_world)))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -120,8 +148,15 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate_model(model: CDSAM, loader: DataLoader, device: torch.device,
-                   threshold: float = 0.5, show_progress: bool = False) -> EvalResult:
-    """Dice+BCE loss, mean per-sample IoU and Dice over a loader (ignore pixels skipped)."""
+                   threshold: float = 0.5, show_progress: bool = False,
+                   cache: FeatureCache | None = None, start_block: int = 0,
+                   reduce: bool = False) -> EvalResult:
+    """Dice+BCE loss, mean per-sample IoU and Dice over a loader (ignore pixels skipped).
+
+    ``cache``: DINO prefix features to reuse (see `cdsam.feature_cache`). ``reduce``: the loader
+    holds this rank's shard; loss/mIoU/Dice are summed over ranks (the per-sample lists stay
+    local).
+    """
     model.eval()
     use_amp, amp_dtype, _ = amp_settings(device)
     res = EvalResult(0.0, 0.0, 0.0)
@@ -131,7 +166,11 @@ def evaluate_model(model: CDSAM, loader: DataLoader, device: torch.device,
         target = batch["mask"].to(device, non_blocking=True)
         valid = batch["valid"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            out = model(images, batch["prompt"])
+            prefix = None
+            if cache is not None:
+                prefix = cache.lookup(batch["image_key"], images,
+                                      lambda x: model.dino_prefix(x, start_block))
+            out = model(images, batch["prompt"], prefix=prefix, start_block=start_block)
         logits = out.masks.float()
         loss = dice_loss(logits, target, valid) + bce_loss(logits, target, valid)
         total_loss += loss.item() * images.shape[0]
@@ -141,9 +180,11 @@ def evaluate_model(model: CDSAM, loader: DataLoader, device: torch.device,
         res.dices += dice.tolist()
         res.ids += batch["id"]
         res.prompts += batch["prompt"]
-    res.loss = total_loss / max(n, 1)
-    res.miou = float(np.mean(res.ious)) if res.ious else 0.0
-    res.dice = float(np.mean(res.dices)) if res.dices else 0.0
+    sums = [total_loss, float(sum(res.ious)), float(sum(res.dices)), float(n)]
+    if reduce:
+        sums = distributed.all_reduce_sum(sums, device)
+    count = max(sums[3], 1.0)
+    res.loss, res.miou, res.dice = sums[0] / count, sums[1] / count, sums[2] / count
     return res
 
 
@@ -156,23 +197,30 @@ class StagePaths:
     out: Path  # models/stageN
     metrics: Path  # metrics/stageN (DVCLive dir)
     parent: Path | None = None  # models/stage{N-1}
+    resume: Path = Path(".cdsam/resume")  # scratch state, not a DVC output
 
 
 class StageTrainer:
     """One stage: ``setup()``, ``train()``, ``save()``; ``run()`` does all three."""
 
     def __init__(self, params: Params, stage: int, paths: StagePaths,
-                 show_progress: bool = True) -> None:
+                 show_progress: bool = True,
+                 dist_info: distributed.DistInfo | None = None) -> None:
         self.params = params
         self.stage = stage
         self.pol = policy(stage)
         self.paths = paths
-        self.show_progress = show_progress
+        self.dist = dist_info or distributed.env_info()
+        self.show_progress = show_progress and self.dist.is_main
         self.device = resolve_device(params.device)
         self.optim_cfg: OptimConfig = params.optim_for(stage)
         self.epochs = params.stage(stage).epochs
         self.sam_mode = (params.stage4.sam_mode or "lora") if stage == 4 else "lora"
         self.history: list[dict[str, float]] = []
+        self.step_losses: list[list[float]] = []  # per epoch, per step (the benchmark reads it)
+        self.epoch_times: list[float] = []
+        self.cache: FeatureCache | None = None
+        self.start_block = 0
 
     # ---- setup
     def _load_model(self) -> CDSAM:
@@ -193,8 +241,28 @@ class StageTrainer:
                         parent)
         return model
 
+    def _run_fingerprint(self) -> str:
+        """What the stage's result depends on; a resume state from anything else is stale."""
+        p = self.params
+        parts: dict[str, Any] = {
+            "version": cdsam.__version__, "stage": self.stage, "seed": p.seed,
+            "data": to_dict(p.data), "model": to_dict(p.model), "optim": to_dict(self.optim_cfg),
+            "loss": to_dict(p.loss), "stage_cfg": to_dict(p.stage(self.stage)),
+            "train": to_dict(p.train), "lora_sam": to_dict(p.lora.sam),
+            "world_size": self.dist.world_size, "device": self.device.type,
+            "manifest": file_sha256(self.paths.data / "manifest.csv"),
+        }
+        if self.pol.dino == "lora":
+            parts["lora_dino"] = to_dict(p.lora.dino)
+        if self.paths.parent is not None:
+            parts["parent"] = parent_ref(self.paths.parent)["sha256"]
+        return fingerprint(parts)
+
     def setup(self) -> None:
         p = self.params
+        if not self.dist.is_main:
+            logging.getLogger("cdsam").setLevel(logging.WARNING)
+        self.device = distributed.init(self.dist, self.device)
         configure_determinism(self.device)
         seed_everything(p.seed + self.stage)
         self.train_set = ManifestDataset(self.paths.data, "train", p.data.resize, p.data.crop)
@@ -205,9 +273,14 @@ class StageTrainer:
                             f"({model.patch_size})")
         dino_lora = p.lora.dino if self.pol.dino == "lora" else None
         apply_stage(model, self.stage, p.lora.sam, dino_lora, self.sam_mode)
+        if p.loss.clip_align_weight == 0:
+            # Only the CLIP alignment loss reaches token_proj; without it the head would be a
+            # trainable parameter with no gradient (and DDP would stop on it).
+            model.token_proj.requires_grad_(False)
         self.model = model.to(self.device)
         self.vocab = sorted(set(self.train_set.prompts) | set(self.val_set.prompts))
         self.vocab_index = {t: i for i, t in enumerate(self.vocab)}
+        self.vocab_feats = self.model.clip_text(self.vocab)  # frozen: once per run
         self.counts = component_counts(self.model)
         self.teacher = None
         if p.loss.ssl_weight > 0 and any(x.requires_grad for x in model.dino.parameters()):
@@ -220,29 +293,76 @@ class StageTrainer:
         use_amp, self.amp_dtype, needs_scaler = amp_settings(self.device)
         self.use_amp = use_amp
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_scaler)
-        pin = self.device.type == "cuda"
-        gen = torch.Generator().manual_seed(p.seed * 1000 + self.stage)
-        workers = p.data.num_workers
-        self.train_loader = DataLoader(
-            self.train_set, batch_size=self.optim_cfg.batch_size, shuffle=True, generator=gen,
-            collate_fn=collate, num_workers=workers, pin_memory=pin,
-            persistent_workers=workers > 0)
-        self.val_loader = DataLoader(
-            self.val_set, batch_size=max(self.optim_cfg.batch_size, 32), shuffle=False,
-            collate_fn=collate, num_workers=workers, pin_memory=pin,
-            persistent_workers=workers > 0)
+        self._build_loaders()
         steps_per_epoch = math.ceil(len(self.train_loader) / self.optim_cfg.grad_accum_steps)
         self.total_steps = steps_per_epoch * self.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.total_steps, self.optim_cfg.warmup_steps,
                                       self.optim_cfg.min_lr_ratio))
-        eff = self.optim_cfg.batch_size * self.optim_cfg.grad_accum_steps
+        self._setup_cache()
+        self.net: torch.nn.Module = self.model
+        if self.dist.enabled:
+            # Only parameters with requires_grad are registered, so the frozen CLIP tower
+            # and DINO prefix cost nothing. Every trainable parameter gets a gradient each
+            # step (see curriculum: no LoRA on SAM's unused hypernetwork MLPs / IoU head), so
+            # find_unused_parameters stays off.
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if p.train.compile:
+            self.net = torch.compile(self.net)
+        self.store = ResumeStore(self.paths.resume, self.stage, self._run_fingerprint())
+        eff = self.optim_cfg.batch_size * self.optim_cfg.grad_accum_steps * self.dist.world_size
         log.info("stage%d on %s: %d train / %d val samples, %d prompts, %d epochs, effective "
-                 "batch %d (batch %d x accumulation %d), trainable %s of %s params",
-                 self.stage, self.device, len(self.train_set), len(self.val_set),
+                 "batch %d (batch %d x accumulation %d x world size %d), trainable %s of %s "
+                 "params", self.stage, self.device, len(self.train_set), len(self.val_set),
                  len(self.vocab), self.epochs, eff, self.optim_cfg.batch_size,
-                 self.optim_cfg.grad_accum_steps, f"{self.trainable_params:,}",
-                 f"{self.total_params:,}")
+                 self.optim_cfg.grad_accum_steps, self.dist.world_size,
+                 f"{self.trainable_params:,}", f"{self.total_params:,}")
+
+    def _build_loaders(self) -> None:
+        p, d = self.params, self.dist
+        pin = self.device.type == "cuda"
+        workers = loader_workers(p.data.num_workers, self.device, d.local_world_size)
+        # The same sampler for one process or many: a per-epoch seeded permutation, rank r
+        # taking every world_size-th index, so a resumed epoch replays the same order.
+        self.train_sampler = DistributedSampler(
+            self.train_set, num_replicas=d.world_size, rank=d.rank, shuffle=True,
+            seed=p.seed * 1000 + self.stage, drop_last=False)
+        self.train_loader = DataLoader(
+            self.train_set, batch_size=self.optim_cfg.batch_size, sampler=self.train_sampler,
+            collate_fn=collate, num_workers=workers, pin_memory=pin,
+            persistent_workers=workers > 0)
+        val = self.val_set if not d.enabled else \
+            Subset(self.val_set, list(range(d.rank, len(self.val_set), d.world_size)))
+        self.val_loader = DataLoader(
+            val, batch_size=max(self.optim_cfg.batch_size, 32), shuffle=False,
+            collate_fn=collate, num_workers=workers, pin_memory=pin,
+            persistent_workers=workers > 0)
+
+    def _setup_cache(self) -> None:
+        p = self.params
+        plan = plan_cache(self.model, p.train.feature_cache)
+        if not plan.enabled:
+            log.info("feature cache off: %s", plan.reason)
+            return
+        self.start_block = plan.end_block
+        key = (f"resize={p.data.resize},crop={p.data.crop},end={plan.end_block},"
+               f"w={weights_fingerprint(self.model, plan.end_block)}")
+        self.cache = FeatureCache(p.train.feature_cache_mb, key)
+        t0 = time.perf_counter()
+        self.model.dino.eval()
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype,
+                                             enabled=self.use_amp):
+            for ds in (self.train_set, self.val_set):
+                items = ((ds[i]["image_key"], ds[i]["image"].to(self.device))
+                         for i in range(len(ds)))
+                self.cache.fill(items, lambda x: self.model.dino_prefix(x, plan.end_block))
+        depth = self.model.depth
+        log.info("feature cache: DINO blocks 0-%d of %d computed once for %d images (%.1f MB) "
+                 "in %.1f s; each step runs %s", plan.end_block - 1, depth, len(self.cache),
+                 self.cache.bytes / 2**20, time.perf_counter() - t0,
+                 "only the heads and SAM decoder" if plan.end_block == depth
+                 else f"DINO blocks {plan.end_block}-{depth - 1} onwards")
 
     @property
     def trainable_params(self) -> int:
@@ -252,6 +372,10 @@ class StageTrainer:
     def total_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()
+                if p.requires_grad}
+
     # ---- one step
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         lc = self.params.loss
@@ -259,18 +383,23 @@ class StageTrainer:
         target = batch["mask"].to(self.device, non_blocking=True)
         valid = batch["valid"].to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-            out = self.model(images, batch["prompt"])
+            prefix = None
+            if self.cache is not None:
+                with torch.no_grad():
+                    prefix = self.cache.lookup(
+                        batch["image_key"], images,
+                        lambda x: self.model.dino_prefix(x, self.start_block))
+            out = self.net(images, batch["prompt"], prefix=prefix, start_block=self.start_block)
             logits = out.masks.float()
             parts = {"dice": dice_loss(logits, target, valid), "bce": bce_loss(logits, target, valid)}
             loss = lc.dice_weight * parts["dice"] + lc.bce_weight * parts["bce"]
             if lc.clip_align_weight > 0:
-                vocab_feats = self.model.clip_text(self.vocab).to(out.tokens.dtype)
                 labels = torch.tensor([self.vocab_index[t] for t in batch["prompt"]],
                                       device=self.device)
                 projected = self.model.token_proj(out.tokens)
                 parts["clip_align"] = clip_align_loss(
-                    projected.float(), out.grid, target, valid, vocab_feats.float(), labels,
-                    lc.clip_temperature)
+                    projected.float(), out.grid, target, valid, self.vocab_feats.float(),
+                    labels, lc.clip_temperature)
                 loss = loss + lc.clip_align_weight * parts["clip_align"]
             if self.teacher is not None:
                 with torch.no_grad():
@@ -289,23 +418,30 @@ class StageTrainer:
     # ---- epochs
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self._set_train_mode()
+        self.train_sampler.set_epoch(epoch)
         accum = self.optim_cfg.grad_accum_steps
         total, n_img, last_finite = 0.0, 0, None
+        losses: list[float] = []
         bar = tqdm(self.train_loader, desc=f"stage{self.stage} epoch {epoch + 1}/{self.epochs}",
                    leave=False, disable=not self.show_progress)
         n_batches = len(self.train_loader)
         self.optimizer.zero_grad(set_to_none=True)
         for step, batch in enumerate(bar):
-            loss, _ = self.compute_loss(batch)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise UserError(
-                    f"stage{self.stage}: non-finite loss ({value}) at epoch {epoch + 1} step "
-                    f"{step + 1}; last finite loss {last_finite}; lower optim.lr / "
-                    f"optim.lora_lr or check the data. No checkpoint was written")
-            last_finite = value
-            self.scaler.scale(loss / accum).backward()
-            if (step + 1) % accum == 0 or step + 1 == n_batches:
+            boundary = (step + 1) % accum == 0 or step + 1 == n_batches
+            # Between accumulation boundaries DDP need not all-reduce the gradients.
+            sync = contextlib.nullcontext() if boundary or not self.dist.enabled else \
+                self.net.no_sync()
+            with sync:
+                loss, _ = self.compute_loss(batch)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise UserError(
+                        f"stage{self.stage}: non-finite loss ({value}) at epoch {epoch + 1} "
+                        f"step {step + 1}; last finite loss {last_finite}; lower optim.lr / "
+                        f"optim.lora_lr or check the data. No checkpoint was written")
+                last_finite = value
+                self.scaler.scale(loss / accum).backward()
+            if boundary:
                 if self.optim_cfg.grad_clip > 0:
                     self.scaler.unscale_(self.optimizer)
                     torch.nn.utils.clip_grad_norm_(
@@ -318,44 +454,76 @@ class StageTrainer:
             bs = batch["image"].shape[0]
             total += value * bs
             n_img += bs
+            losses.append(value)
             bar.set_postfix(loss=f"{value:.4f}")
-        return {"loss": total / max(n_img, 1), "images": n_img}
+        self.step_losses.append(losses)
+        total, n_img = distributed.all_reduce_sum([total, float(n_img)], self.device)
+        return {"loss": total / max(n_img, 1), "images": int(n_img)}
 
-    def train(self, live=None) -> dict[str, float]:
-        train_time, train_images = 0.0, 0
-        best = -1.0
-        for epoch in range(self.epochs):
+    def _log_epoch(self, live, row: dict[str, float]) -> None:
+        if live is None:
+            return
+        live.log_metric("train/loss", row["train_loss"])
+        live.log_metric("val/loss", row["loss"])
+        live.log_metric("val/miou", row["miou"])
+        live.log_metric("val/dice", row["dice"])
+        live.log_metric("lr", row["lr"])
+        live.next_step()
+
+    def _resume(self, live) -> Progress:
+        found = self.store.load()
+        if found is None:
+            return Progress(epoch=0)
+        progress, tensors, meta = found
+        self.store.restore(tensors, meta, self.model, self.optimizer, self.scheduler,
+                           self.scaler)
+        log.info("resuming stage%d from epoch %d/%d (state in %s)", self.stage, progress.epoch,
+                 self.epochs, self.store.dir)
+        self.history = list(progress.history)
+        for row in self.history:  # DVC removed the old metrics files: write the curve again
+            self._log_epoch(live, row)
+        return progress
+
+    def train(self, live=None, stop_after: int | None = None) -> dict[str, float]:
+        """Run the remaining epochs. ``stop_after``: return after that many epochs (as a killed
+        run would stop) — tests use it to exercise resume."""
+        progress = self._resume(live)
+        for epoch in range(progress.epoch, self.epochs):
+            if stop_after is not None and epoch >= stop_after:
+                return {}
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             t0 = time.perf_counter()
             tr = self.train_epoch(epoch)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            train_time += time.perf_counter() - t0
-            train_images += tr["images"]
-            val = evaluate_model(self.model, self.val_loader, self.device)
-            best = max(best, val.miou)
+            elapsed = time.perf_counter() - t0
+            self.epoch_times.append(elapsed)
+            progress.train_time += elapsed
+            progress.train_images += tr["images"]
+            val = evaluate_model(self.model, self.val_loader, self.device, cache=self.cache,
+                                 start_block=self.start_block, reduce=self.dist.enabled)
+            progress.best = max(progress.best, val.miou)
             row = {"train_loss": tr["loss"], "loss": val.loss, "miou": val.miou,
                    "dice": val.dice, "lr": self.scheduler.get_last_lr()[0]}
             self.history.append(row)
+            progress.history = self.history
+            progress.epoch = epoch + 1
             log.info("epoch %d/%d loss=%.4f miou=%.4f dice=%.4f val_loss=%.4f", epoch + 1,
                      self.epochs, tr["loss"], val.miou, val.dice, val.loss)
-            if live is not None:
-                live.log_metric("train/loss", tr["loss"])
-                live.log_metric("val/loss", val.loss)
-                live.log_metric("val/miou", val.miou)
-                live.log_metric("val/dice", val.dice)
-                live.log_metric("lr", row["lr"])
-                live.next_step()
+            self._log_epoch(live, row)
+            if self.dist.is_main:
+                self.store.save(progress, self.model, self.optimizer, self.scheduler,
+                                self.scaler)
+            distributed.barrier()
         last = self.history[-1]
-        summary = {
+        return {
             "loss": last["loss"], "miou": last["miou"], "dice": last["dice"],
-            "best_miou": best, "epochs": self.epochs,
+            "best_miou": progress.best, "epochs": self.epochs,
             "trainable_params": self.trainable_params, "total_params": self.total_params,
-            "throughput_img_s": train_images / max(train_time, 1e-9),
+            "throughput_img_s": progress.train_images / max(progress.train_time, 1e-9),
             "peak_mem_mb": peak_memory_mb(self.device),
         }
-        return summary
 
     # ---- save
     def save(self) -> None:
@@ -363,7 +531,7 @@ class StageTrainer:
         extra = {
             "optim": to_dict(self.optim_cfg), "epochs": self.epochs, "sam_mode": self.sam_mode,
             "loss": to_dict(self.params.loss), "seed": self.params.seed,
-            "data": to_dict(self.params.data),
+            "data": to_dict(self.params.data), "world_size": self.dist.world_size,
         }
         meta = CheckpointMeta(stage=self.stage, model=self.model_cfg, prompts=self.vocab,
                               parent=parent, extra=extra)
@@ -374,6 +542,10 @@ class StageTrainer:
         from dvclive import Live
 
         self.setup()
+        if not self.dist.is_main:
+            summary = self.train(None)
+            distributed.barrier()  # rank 0 writes the outputs
+            return summary
         with Live(str(self.paths.metrics), dvcyaml=False, save_dvc_exp=False,
                   report=None) as live:
             summary = self.train(live)
@@ -381,11 +553,14 @@ class StageTrainer:
             for key in ("epochs", "trainable_params", "total_params", "throughput_img_s",
                         "peak_mem_mb", "best_miou"):
                 live.summary[key] = summary[key]
-            live.summary["world_size"] = 1
+            live.summary["world_size"] = self.dist.world_size
+            live.summary["feature_cache_images"] = len(self.cache) if self.cache else 0
+            live.summary["text_encoder_calls"] = self.model.clip_text.calls
             counts = {k: v["trainable"] for k, v in self.counts.items()}
             live.summary["trainable_by_component"] = counts
+        self.store.clear()  # outputs are written: the scratch state has done its job
+        distributed.barrier()
         log.info("stage%d done: val miou=%.4f dice=%.4f, %.1f img/s, peak %.0f MB -> %s",
                  self.stage, summary["miou"], summary["dice"], summary["throughput_img_s"],
                  summary["peak_mem_mb"], self.paths.out)
         return summary
-

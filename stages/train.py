@@ -1,34 +1,53 @@
-"""DVC stages `stage1`…`stage4`: train one curriculum stage from the previous checkpoint."""
+"""DVC stages `stage1`…`stage4`: train one curriculum stage from the previous checkpoint.
+
+Under torchrun (or with ``CDSAM_NPROC=N`` / ``CDSAM_TORCHRUN="…"`` set, which relaunch this
+script under torchrun) the stage trains with DistributedDataParallel; rank 0 writes the outputs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+from cdsam import distributed
 from cdsam.entry import run
 from cdsam.errors import UserError
 from cdsam.stage_params import load_stage_params
 from cdsam.train import StagePaths, StageTrainer
 
 
-def main() -> None:
+def main() -> int | None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--stage", type=int, required=True, help="1, 2, 3 or 4")
     ap.add_argument("--data", default="data/prepared")
     ap.add_argument("--models", default="models", help="stage N writes MODELS/stageN")
     ap.add_argument("--metrics", default="metrics", help="DVCLive dir METRICS/stageN")
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--resume-dir", default=".cdsam/resume",
+                    help="per-epoch resume state (not a DVC output)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     args = ap.parse_args()
     if args.stage not in (1, 2, 3, 4):
         raise UserError(f"--stage: unknown stage {args.stage} (known: 1, 2, 3, 4)")
+    # Validate params before anything else happens, also before a torchrun relaunch.
     params = load_stage_params(f"stage{args.stage}", args.params)
+    relaunch = distributed.relaunch_command([os.path.abspath(__file__), *sys.argv[1:]])
+    if relaunch is not None:
+        return subprocess.call(relaunch)
     models = Path(args.models)
     paths = StagePaths(data=Path(args.data), out=models / f"stage{args.stage}",
                        metrics=Path(args.metrics) / f"stage{args.stage}",
-                       parent=models / f"stage{args.stage - 1}" if args.stage > 1 else None)
-    StageTrainer(params, args.stage, paths, show_progress=not args.no_progress).run()
+                       parent=models / f"stage{args.stage - 1}" if args.stage > 1 else None,
+                       resume=Path(args.resume_dir))
+    try:
+        StageTrainer(params, args.stage, paths, show_progress=not args.no_progress).run()
+    finally:
+        distributed.shutdown()
+    return None
 
 
 if __name__ == "__main__":

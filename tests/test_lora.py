@@ -4,7 +4,6 @@ from torch import nn
 
 from cdsam.lora import (
     LoRALinear,
-    check_state_keys,
     find_targets,
     inject_lora,
     lora_parameters,
@@ -72,9 +71,3 @@ def test_find_targets_and_double_injection():
         inject_lora(net, ["0"], 2, 2)
     with pytest.raises(ValueError, match="rank"):
         LoRALinear(nn.Linear(2, 2), 0, 1)
-
-
-def test_check_state_keys_lists_problems():
-    check_state_keys([], [], "x")
-    with pytest.raises(KeyError, match="missing 1 keys.*unexpected 1 keys"):
-        check_state_keys(["a"], ["b"], "ckpt")

@@ -66,7 +66,7 @@ class ManifestDataset(Dataset):
         if (mask.shape[1], mask.shape[0]) != image.size:
             raise DataError(f"{mpath}: mask size {mask.shape[::-1]} differs from its image "
                             f"{image.size}")
-        img_t = tv_tensors.Image(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+        img_t = pil_to_tv_image(image)
         mask_t = tv_tensors.Mask(torch.from_numpy(mask.copy()).unsqueeze(0))
         img_t, mask_t = self.transform(img_t, mask_t)
         m = mask_t.as_subclass(torch.Tensor)
@@ -76,6 +76,7 @@ class ManifestDataset(Dataset):
             "valid": (m != IGNORE).float(),
             "prompt": row["prompt"],
             "id": row["id"],
+            "image_key": row["image"],  # samples of one image share DINO features
             "index": idx,
         }
 
@@ -87,11 +88,6 @@ class ManifestDataset(Dataset):
         return self._memo[idx]
 
 
-def load_image_tensor(path: str | Path, resize: int, crop: int) -> torch.Tensor:
-    """One image file → normalised 3xHxW tensor, as the dataset would give it."""
-    image = open_image(Path(path), "RGB")
-    t = tv_tensors.Image(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
-    return build_transform(resize, crop)(t).as_subclass(torch.Tensor)
-
-
-__all__ = ["ManifestDataset", "build_transform", "load_image_tensor", "Image"]
+def pil_to_tv_image(image: Image.Image) -> tv_tensors.Image:
+    """RGB PIL image → uint8 3xHxW tensor the v2 transforms treat as an image."""
+    return tv_tensors.Image(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +135,3 @@ def read_manifest(root: str | Path, split: str | None = None) -> pd.DataFrame:
         if df.empty:
             raise DataError(f"{path}: split {split!r} has no samples")
     return df
-
-
-ProgressFn = Callable[[Iterable], Iterable]

@@ -56,11 +56,12 @@ class ClipTextEncoder(nn.Module):
         missing = sorted({p for p in prompts if p not in self._cache})
         if missing:
             device = next(self.clip.parameters()).device
-            tokens = self.tokenizer(missing).to(device)
-            feats = self.clip.encode_text(tokens, normalize=True).float()
+        for prompt in missing:
+            # One prompt per forward: a feature never depends on which prompts were encoded
+            # with it, so a resumed run (whose cache refills in another order) is bit-exact.
+            tokens = self.tokenizer([prompt]).to(device)
+            self._cache[prompt] = self.clip.encode_text(tokens, normalize=True).float()[0]
             self.calls += 1
-            for prompt, feat in zip(missing, feats, strict=True):
-                self._cache[prompt] = feat
         return torch.stack([self._cache[p] for p in prompts])
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:

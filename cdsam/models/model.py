@@ -88,12 +88,18 @@ class CDSAM(nn.Module):
 
     def forward(self, images: torch.Tensor, prompts: list[str],
                 points: tuple[torch.Tensor, torch.Tensor] | None = None,
-                boxes: torch.Tensor | None = None) -> CDSAMOutput:
+                boxes: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
+                start_block: int = 0) -> CDSAMOutput:
+        """``prefix``: DINO tokens after blocks ``0 … start_block-1`` for these images (the
+        feature cache's output); DINO then runs only from ``start_block``."""
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
         p = self.patch_size
         grid = (images.shape[-2] // p, images.shape[-1] // p)
-        tokens = self.encode_image(images)
+        if prefix is None:
+            tokens = self.encode_image(images)
+        else:
+            tokens = self.dino_tail(prefix, start_block)
         text = self.clip_text(prompts).to(tokens.dtype)
         return self.decode(tokens, grid, text, tuple(images.shape[-2:]), points, boxes)
 

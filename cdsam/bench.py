@@ -1,0 +1,165 @@
+"""Benchmark the frozen-work caches: ``python -m cdsam.bench [--json]``.
+
+In one run, on the params in ``params.yaml`` (the default config) with a reduced image count
+and epoch count, it trains stage 1 and stage 2 with and without the feature cache through the
+real training loop and reports the epoch time (epochs after the first), the speedup, the
+largest per-step loss difference between the two, CLIP text-tower calls per epoch after the
+first, images/s and peak memory. ``--preset dino-heavy`` swaps in a ViT-S-width DINO (384 wide,
+depth 8) so DINO dominates the step, as it does with real backbones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cdsam.config import Params, load_params
+from cdsam.data.prepare import prepare
+from cdsam.entry import offline_defaults
+from cdsam.train import StagePaths, StageTrainer, peak_memory_mb
+
+PRESETS = {
+    "default": {},
+    # ViT-S width at the default depth/patch/image size: DINO is most of the step.
+    "dino-heavy": {"embed_dim": 384, "num_heads": 6},
+}
+
+
+def bench_params(params: Params, images: int, epochs: int, preset: str) -> Params:
+    p = params
+    syn = dataclasses.replace(p.prepare.synthetic, num_images=images)
+    prep = dataclasses.replace(p.prepare, source="synthetic", synthetic=syn)
+    dino = dataclasses.replace(p.model.dino, **PRESETS[preset])
+    model = dataclasses.replace(p.model, dino=dino)
+    stages = {f"stage{n}": dataclasses.replace(p.stage(n), epochs=epochs) for n in (1, 2)}
+    return dataclasses.replace(p, prepare=prep, model=model, **stages)
+
+
+def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path | None,
+              save: bool) -> dict[str, Any]:
+    train_cfg = dataclasses.replace(params.train, feature_cache=cached)
+    p = dataclasses.replace(params, train=train_cfg)
+    tag = f"stage{stage}-{'cached' if cached else 'uncached'}"
+    paths = StagePaths(data=root / "data", out=root / f"stage{stage}",
+                       metrics=root / "metrics" / tag, parent=parent,
+                       resume=root / "resume" / tag)
+    trainer = StageTrainer(p, stage, paths, show_progress=False)
+    t0 = time.perf_counter()
+    trainer.setup()
+    setup_s = time.perf_counter() - t0
+    clip = trainer.model.clip_text
+    calls: list[int] = []
+    plain_epoch = trainer.train_epoch
+
+    def counted_epoch(epoch: int) -> dict[str, float]:
+        before = clip.calls
+        out = plain_epoch(epoch)
+        calls.append(clip.calls - before)
+        return out
+
+    trainer.train_epoch = counted_epoch  # type: ignore[method-assign]
+    trainer.train()
+    if save:
+        trainer.save()
+    later = trainer.epoch_times[1:] or trainer.epoch_times
+    epoch_s = sum(later) / len(later)
+    return {
+        "setup_s": setup_s, "epoch_s": epoch_s,
+        "images_s": len(trainer.train_set) / epoch_s,
+        "train_samples": len(trainer.train_set),
+        "losses": [x for e in trainer.step_losses for x in e],
+        "text_calls_after_first": calls[1:],
+        "peak_mem_mb": peak_memory_mb(trainer.device),
+        "cache_images": len(trainer.cache) if trainer.cache else 0,
+        "start_block": trainer.start_block,
+    }
+
+
+def run(params_path: str, images: int, epochs: int, preset: str,
+        show: bool = True) -> dict[str, Any]:
+    params = bench_params(load_params(params_path), images, epochs, preset)
+    t_start = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="cdsam-bench-") as tmp:
+        root = Path(tmp)
+        prepare(params.prepare, params.seed, root / "data", show_progress=False)
+        for stage in (1, 2):
+            parent = root / "stage1" if stage == 2 else None
+            for cached in (False, True):
+                key = f"stage{stage}_{'cached' if cached else 'uncached'}"
+                if show:
+                    print(f"  {key} ...", file=sys.stderr, flush=True)
+                # The cached stage-1 run writes the checkpoint stage 2 starts from.
+                results[key] = run_stage(params, stage, cached, root, parent,
+                                         save=stage == 1 and cached)
+    diffs = [abs(a - b) for s in (1, 2)
+             for a, b in zip(results[f"stage{s}_cached"]["losses"],
+                             results[f"stage{s}_uncached"]["losses"], strict=True)]
+    calls = [c for r in results.values() for c in r["text_calls_after_first"]]
+    d = params.model.dino
+    out: dict[str, Any] = {
+        "preset": preset, "device": str(torch.device("cuda" if torch.cuda.is_available()
+                                                      else "cpu")),
+        "dino": f"{d.name} img {d.img_size} patch {d.patch_size} dim {d.embed_dim} depth "
+                f"{d.depth}", "last_k_blocks": params.lora.dino.last_k_blocks,
+        "images": images, "train_samples": results["stage1_cached"]["train_samples"],
+        "epochs": epochs,
+        "stage1_epoch_speedup": results["stage1_uncached"]["epoch_s"]
+        / results["stage1_cached"]["epoch_s"],
+        "stage2_epoch_speedup": results["stage2_uncached"]["epoch_s"]
+        / results["stage2_cached"]["epoch_s"],
+        "max_loss_diff": max(diffs) if diffs else 0.0,
+        "text_encoder_calls_per_epoch": max(calls) if calls else 0,
+        "total_s": time.perf_counter() - t_start,
+    }
+    for key, r in results.items():
+        out[key] = {k: v for k, v in r.items() if k not in ("losses", "text_calls_after_first")}
+    return out
+
+
+def table(r: dict[str, Any]) -> str:
+    lines = [f"cdsam.bench  preset={r['preset']}  device={r['device']}  DINO {r['dino']}, "
+             f"K={r['last_k_blocks']}, {r['images']} images ({r['train_samples']} train samples), "
+             f"{r['epochs']} epochs",
+             f"{'run':<18}{'epoch s':>9}{'img/s':>9}{'setup s':>9}{'peak MB':>9}"
+             f"{'cached imgs':>12}"]
+    for key in ("stage1_uncached", "stage1_cached", "stage2_uncached", "stage2_cached"):
+        s = r[key]
+        lines.append(f"{key:<18}{s['epoch_s']:>9.2f}{s['images_s']:>9.1f}{s['setup_s']:>9.2f}"
+                     f"{s['peak_mem_mb']:>9.0f}{s['cache_images']:>12}")
+    lines += [f"stage1_epoch_speedup          {r['stage1_epoch_speedup']:.2f}x",
+              f"stage2_epoch_speedup          {r['stage2_epoch_speedup']:.2f}x",
+              f"max_loss_diff                 {r['max_loss_diff']:.2e}",
+              f"text_encoder_calls_per_epoch  {r['text_encoder_calls_per_epoch']}",
+              f"total                         {r['total_s']:.0f} s"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m cdsam.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--images", type=int, default=200, help="synthetic images (default 200)")
+    ap.add_argument("--epochs", type=int, default=2, help="epochs per run (>= 2; default 2)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    args = ap.parse_args(argv)
+    if args.epochs < 2:
+        ap.error("--epochs must be >= 2 (the first epoch is not timed)")
+    offline_defaults()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    result = run(args.params, args.images, args.epochs, args.preset, show=not args.json)
+    print(json.dumps(result, indent=2) if args.json else table(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Compute the frozen part of DINO once per image and reuse it every epoch.
+
+In stage 1 every DINO block is frozen; in stages 2–3 blocks ``0 … L−K−1`` are. With the
+deterministic Resize → CenterCrop transform and no dropout/drop-path in those blocks, their
+output for an image never changes during a stage, so it is computed once (in fixed chunks in
+dataset order, which makes the cached values independent of batch composition and therefore
+identical in a resumed run) and read back each step. Entries are keyed by the image, the
+transform settings and a fingerprint of the frozen weights; a memory budget caps the cache, and
+images beyond it are recomputed every step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cdsam.models.model import CDSAM
+
+log = logging.getLogger("cdsam.cache")
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """Where the frozen prefix ends (``end_block``), or why nothing can be cached."""
+
+    end_block: int
+    reason: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.end_block > 0 and not self.reason
+
+
+def _active_noise(modules: Iterable[nn.Module]) -> list[str]:
+    """Names of dropout / drop-path modules that would make the prefix random in train mode."""
+    noisy = []
+    for mod in modules:
+        for name, sub in mod.named_modules():
+            p = getattr(sub, "p", None) if isinstance(sub, nn.modules.dropout._DropoutNd) else \
+                getattr(sub, "drop_prob", None)
+            if p:
+                noisy.append(f"{name or type(sub).__name__} ({p})")
+    return noisy
+
+
+def frozen_prefix_end(model: CDSAM) -> int:
+    """Number of leading DINO blocks whose weights (and the embedding's) are all frozen."""
+    dino = model.dino
+    embed = [dino.patch_embed] + [getattr(dino, n) for n in ("norm_pre",) if hasattr(dino, n)]
+    if any(p.requires_grad for m in embed for p in m.parameters()) or \
+            any(getattr(dino, n, None) is not None and getattr(dino, n).requires_grad
+                for n in ("cls_token", "reg_token", "pos_embed")):
+        return 0
+    end = 0
+    for block in dino.blocks:
+        if any(p.requires_grad for p in block.parameters()):
+            break
+        end += 1
+    return end
+
+
+def plan_cache(model: CDSAM, enabled: bool, augment: bool = False) -> CachePlan:
+    """Decide what may be cached for the model as the stage set it up."""
+    if not enabled:
+        return CachePlan(0, "train.feature_cache is false")
+    if augment:
+        return CachePlan(0, "random augmentation changes the input every epoch")
+    end = frozen_prefix_end(model)
+    if end == 0:
+        return CachePlan(0, "no frozen DINO prefix (DINO trains from its first block)")
+    dino = model.dino
+    prefix = [dino.patch_embed, *list(dino.blocks)[:end]]
+    prefix += [getattr(dino, n) for n in ("pos_drop", "patch_drop", "norm_pre") if hasattr(dino, n)]
+    noisy = _active_noise(prefix)
+    if noisy:
+        return CachePlan(0, f"dropout/drop-path in the frozen prefix: {', '.join(noisy[:3])}")
+    return CachePlan(end)
+
+
+def weights_fingerprint(model: CDSAM, end_block: int) -> str:
+    """sha256 over the frozen prefix's tensors: a cache never outlives a weight change."""
+    h = hashlib.sha256()
+    dino = model.dino
+    for name, t in dino.state_dict().items():
+        if name.startswith("blocks."):
+            if int(name.split(".")[1]) >= end_block:
+                continue
+        elif name.startswith(("norm.", "fc_norm.", "head")):
+            continue
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class FeatureCache:
+    """image key → DINO prefix tokens (TxC), within a byte budget."""
+
+    def __init__(self, budget_mb: float, key: str) -> None:
+        self.budget = int(budget_mb * 2**20)
+        self.key = key  # transform settings + weights fingerprint + end block
+        self.store: dict[str, torch.Tensor] = {}
+        self.bytes = 0
+        self.full = False
+        self.hits = 0
+        self.misses = 0
+
+    def __contains__(self, image_key: str) -> bool:
+        return image_key in self.store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def put(self, image_key: str, value: torch.Tensor) -> bool:
+        size = value.numel() * value.element_size()
+        if self.bytes + size > self.budget:
+            if not self.full:
+                log.info("feature cache full at %.0f MB (train.feature_cache_mb); further images "
+                         "are recomputed every step", self.bytes / 2**20)
+            self.full = True
+            return False
+        self.store[image_key] = value
+        self.bytes += size
+        return True
+
+    def fill(self, items: Iterable[tuple[str, torch.Tensor]],
+             compute: Callable[[torch.Tensor], torch.Tensor], chunk: int = 64) -> None:
+        """Compute and store every image not yet cached, ``chunk`` images per forward."""
+        keys: list[str] = []
+        images: list[torch.Tensor] = []
+
+        def flush() -> None:
+            if not keys:
+                return
+            out = compute(torch.stack(images))
+            for k, v in zip(keys, out, strict=True):
+                self.put(k, v.clone())
+            keys.clear()
+            images.clear()
+
+        seen: set[str] = set()
+        for key, image in items:
+            if self.full:
+                break
+            if key in self.store or key in seen:
+                continue
+            seen.add(key)
+            keys.append(key)
+            images.append(image)
+            if len(keys) == chunk:
+                flush()
+        flush()
+
+    def lookup(self, image_keys: list[str], images: torch.Tensor,
+               compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Prefix tokens for a batch: cached rows read back, the rest computed now."""
+        miss = [i for i, k in enumerate(image_keys) if k not in self.store]
+        self.hits += len(image_keys) - len(miss)
+        self.misses += len(miss)
+        if not miss:
+            return torch.stack([self.store[k] for k in image_keys])
+        computed = compute(images[miss])
+        rows: list[torch.Tensor] = []
+        j = 0
+        for i, k in enumerate(image_keys):
+            if j < len(miss) and miss[j] == i:
+                rows.append(computed[j])
+                j += 1
+            else:
+                rows.append(self.store[k])
+        return torch.stack(rows)

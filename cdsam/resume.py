@@ -1,0 +1,174 @@
+"""Per-epoch resume state for a training stage, outside DVC's outputs.
+
+After every epoch a stage writes everything needed to continue bit-exactly (model, optimizer,
+LR schedule, GradScaler, the RNG states of torch/numpy/python, epoch, history, best metric) to
+``.cdsam/resume/stageN/``. The state is keyed by a fingerprint of the stage's params, its parent
+checkpoint and the prepared data, so a rerun with anything changed starts over. Tensors go to
+safetensors, everything else to JSON: no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from cdsam import io
+
+log = logging.getLogger("cdsam.resume")
+
+FORMAT = "cdsam-resume/1"
+TENSORS = "state.safetensors"
+META = "state.json"
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    """sha256 of a JSON-able description of everything the run's result depends on."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+@dataclass
+class Progress:
+    """Where a stage stands after ``epoch`` finished epochs."""
+
+    epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: float = -1.0
+    train_time: float = 0.0
+    train_images: int = 0
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, pystate, pygauss = random.getstate()
+    meta = {"numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+            "python": [version, list(pystate), pygauss]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng/torch"])
+    cuda = sorted((k for k in tensors if k.startswith("rng/cuda/")),
+                  key=lambda k: int(k.rsplit("/", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    kind, keys, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, pystate, pygauss = meta["python"]
+    random.setstate((version, tuple(pystate), pygauss))
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer state dict as (tensors, JSON): tensors keyed ``optim/<param>/<name>``."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for name, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim/{idx}/{name}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, idx, name = key.split("/", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for idx, values in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    groups = meta["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class ResumeStore:
+    """``root/stageN/`` holding one stage's latest end-of-epoch state."""
+
+    def __init__(self, root: str | Path, stage: int, key: str) -> None:
+        self.dir = Path(root) / f"stage{stage}"
+        self.stage = stage
+        self.key = key
+
+    def save(self, progress: Progress, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: Any, scaler: torch.amp.GradScaler) -> None:
+        tensors = {f"model/{k}": v.detach().cpu().contiguous()
+                   for k, v in model.state_dict().items()}
+        opt_t, opt_meta = flatten_optimizer(optimizer.state_dict())
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in opt_t.items()})
+        rng_t, rng_meta = rng_state()
+        tensors.update(rng_t)
+        meta = {
+            "format": FORMAT, "fingerprint": self.key, "stage": self.stage,
+            "epoch": progress.epoch, "history": progress.history, "best": progress.best,
+            "train_time": progress.train_time, "train_images": progress.train_images,
+            "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rng_meta,
+        }
+        with io.atomic_dir(self.dir) as tmp:
+            save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
+            (tmp / META).write_text(json.dumps(meta, indent=1))
+
+    def load(self) -> tuple[Progress, dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The saved state if it belongs to this exact run, else None (stale state removed)."""
+        meta_path, tensor_path = self.dir / META, self.dir / TENSORS
+        if not meta_path.exists():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            tensors = load_file(str(tensor_path))
+        except (OSError, ValueError, SafetensorError) as exc:
+            log.warning("discarding unreadable resume state %s (%s)", self.dir, exc)
+            self.clear()
+            return None
+        if meta.get("format") != FORMAT or meta.get("fingerprint") != self.key:
+            log.info("discarding stale resume state %s (params, parent checkpoint or data "
+                     "changed since it was written)", self.dir)
+            self.clear()
+            return None
+        progress = Progress(epoch=int(meta["epoch"]), history=list(meta["history"]),
+                            best=float(meta["best"]), train_time=float(meta["train_time"]),
+                            train_images=int(meta["train_images"]))
+        return progress, tensors, meta
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                scaler: torch.amp.GradScaler) -> None:
+        model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items()
+                               if k.startswith("model/")}, strict=True)
+        optimizer.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
+        scheduler.load_state_dict(meta["scheduler"])
+        if meta["scaler"]:
+            scaler.load_state_dict(meta["scaler"])
+        set_rng_state(tensors, meta["rng"])
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

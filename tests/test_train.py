@@ -1,0 +1,200 @@
+"""The training loop: bit-exact resume, feature/text caches, non-finite loss, DDP on gloo."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from cdsam.config import PrepareConfig, SyntheticConfig
+from cdsam.data.prepare import prepare
+from cdsam.distributed import DistInfo, relaunch_command
+from cdsam.errors import UserError
+from cdsam.train import StagePaths, StageTrainer
+from tests.conftest import tiny_params
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    cfg = PrepareConfig(val_fraction=0.25,
+                        synthetic=SyntheticConfig(num_images=12, image_size=32))
+    prepare(cfg, seed=0, out=out, show_progress=False)
+    return out
+
+
+def _params(**over):
+    base = {"device": "cpu", "optim": {"batch_size": 4, "warmup_steps": 1},
+            "stage1": {"epochs": 2}, "stage2": {"epochs": 2}}
+    base.update(over)
+    return tiny_params(**base)
+
+
+def _trainer(params, stage, data_dir, tmp, parent=None, dist=None) -> StageTrainer:
+    paths = StagePaths(data=data_dir, out=tmp / f"stage{stage}", metrics=tmp / "metrics",
+                       parent=parent, resume=tmp / "resume")
+    return StageTrainer(params, stage, paths, show_progress=False, dist_info=dist)
+
+
+def _train_and_save(trainer: StageTrainer) -> bytes:
+    trainer.setup()
+    trainer.train()
+    trainer.save()
+    return (trainer.paths.out / "model.safetensors").read_bytes()
+
+
+def test_resume_after_interruption_is_bit_exact(data_dir, tmp_path, caplog):
+    p = _params()
+    straight = _train_and_save(_trainer(p, 1, data_dir, tmp_path / "a"))
+
+    first = _trainer(p, 1, data_dir, tmp_path / "b")
+    first.setup()
+    first.train(stop_after=1)  # as if killed after epoch 1
+    assert (tmp_path / "b" / "resume" / "stage1" / "state.safetensors").exists()
+    with caplog.at_level(logging.INFO, logger="cdsam"):
+        resumed = _train_and_save(_trainer(p, 1, data_dir, tmp_path / "b"))
+    assert "resuming stage1 from epoch 1/2" in caplog.text
+    assert resumed == straight
+
+
+def test_stale_resume_state_is_discarded(data_dir, tmp_path, caplog):
+    first = _trainer(_params(), 1, data_dir, tmp_path)
+    first.setup()
+    first.train(stop_after=1)
+    other = _params(optim={"batch_size": 4, "warmup_steps": 1, "lr": 5e-4})
+    t = _trainer(other, 1, data_dir, tmp_path)
+    t.setup()
+    with caplog.at_level(logging.INFO, logger="cdsam"):
+        t.train()
+    assert "discarding stale resume state" in caplog.text
+    assert "resuming" not in caplog.text
+    assert len(t.history) == 2
+
+
+@pytest.fixture(scope="module")
+def stage1_ckpt(data_dir, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("s1")
+    t = _trainer(_params(stage1={"epochs": 1}), 1, data_dir, tmp)
+    _train_and_save(t)
+    return tmp / "stage1"
+
+
+def test_feature_cache_gives_the_same_losses(data_dir, stage1_ckpt, tmp_path):
+    runs = {}
+    for cached in (True, False):
+        p = _params(train={"feature_cache": cached})
+        t = _trainer(p, 2, data_dir, tmp_path / str(cached), parent=stage1_ckpt)
+        t.setup()
+        calls = t.model.clip_text.calls
+        t.train()
+        runs[cached] = t
+        # All prompts were encoded once in setup; no text-tower forward during training.
+        assert t.model.clip_text.calls == calls
+    on, off = runs[True], runs[False]
+    assert on.cache is not None and off.cache is None
+    assert on.start_block == 4 - 2  # depth 4, last_k_blocks 2
+    assert on.cache.hits > 0 and on.cache.misses == 0
+    a = [x for e in on.step_losses for x in e]
+    b = [x for e in off.step_losses for x in e]
+    assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+
+
+def test_feature_cache_budget_falls_back_to_recompute(data_dir, tmp_path):
+    t = _trainer(_params(train={"feature_cache_mb": 0}, stage1={"epochs": 1}), 1, data_dir,
+                 tmp_path)
+    t.setup()
+    t.train()
+    assert t.cache is not None and len(t.cache) == 0 and t.cache.full
+    assert t.cache.misses > 0 and t.cache.hits == 0
+
+
+def test_stage4_disables_the_cache(data_dir, stage1_ckpt, tmp_path, caplog):
+    s2 = _trainer(_params(stage2={"epochs": 1}), 2, data_dir, tmp_path, parent=stage1_ckpt)
+    _train_and_save(s2)
+    s3 = _trainer(_params(stage3={"epochs": 1}), 3, data_dir, tmp_path, parent=tmp_path / "stage2")
+    _train_and_save(s3)
+    s4 = _trainer(_params(stage4={"epochs": 1}), 4, data_dir, tmp_path, parent=tmp_path / "stage3")
+    with caplog.at_level(logging.INFO, logger="cdsam"):
+        s4.setup()
+    assert s4.cache is None and "feature cache off" in caplog.text
+
+
+def test_non_finite_loss_names_stage_epoch_step(data_dir, tmp_path):
+    t = _trainer(_params(optim={"batch_size": 4, "lr": 1e30, "lora_lr": 1e30, "grad_clip": 0,
+                                "warmup_steps": 0}), 1, data_dir, tmp_path)
+    t.setup()
+    with torch.no_grad():
+        t.model.token_to_mask.proj.weight.fill_(float("nan"))
+    with pytest.raises(UserError, match=r"stage1: non-finite loss \(nan\) at epoch 1 step 1"):
+        t.train()
+    assert not (tmp_path / "stage1").exists()
+
+
+def test_relaunch_command_from_environment(monkeypatch):
+    for var in ("RANK", "CDSAM_NPROC", "CDSAM_TORCHRUN", "CDSAM_NO_RELAUNCH"):
+        monkeypatch.delenv(var, raising=False)
+    assert relaunch_command(["x.py"]) is None
+    monkeypatch.setenv("CDSAM_NPROC", "2")
+    cmd = relaunch_command(["x.py", "--stage", "2"])
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                       "x.py", "--stage", "2"]
+    monkeypatch.setenv("CDSAM_NPROC", "two")
+    with pytest.raises(UserError, match="CDSAM_NPROC"):
+        relaunch_command(["x.py"])
+    monkeypatch.setenv("RANK", "0")  # already under torchrun: no second relaunch
+    assert relaunch_command(["x.py"]) is None
+
+
+# --------------------------------------------------------------------------- DDP on gloo
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, data_dir: str, out: str) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    from cdsam import distributed
+
+    p = _params(optim={"batch_size": 2, "warmup_steps": 1}, stage1={"epochs": 1})
+    t = _trainer(p, 1, Path(data_dir), Path(out) / f"rank{rank}",
+                 dist=DistInfo(rank, world, rank, world))
+    try:
+        t.setup()
+        t.train()
+        save_file(t.trainable_state(), str(Path(out) / f"rank{rank}.safetensors"))
+    finally:
+        distributed.shutdown()
+
+
+def test_ddp_two_ranks_match_each_other_and_one_process(data_dir, tmp_path):
+    port = _free_port()
+    mp.start_processes(_ddp_worker, args=(2, port, str(data_dir), str(tmp_path)), nprocs=2,
+                       join=True, start_method="spawn")
+    r0 = load_file(str(tmp_path / "rank0.safetensors"))
+    r1 = load_file(str(tmp_path / "rank1.safetensors"))
+    assert r0.keys() == r1.keys() and r0
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+
+    # One process, global batch 2 x 2: the same samples per step, so the same update.
+    single = _trainer(_params(optim={"batch_size": 4, "warmup_steps": 1},
+                              stage1={"epochs": 1}), 1, data_dir, tmp_path / "single")
+    single.setup()
+    before = single.trainable_state()
+    single.train()
+    ref = single.trainable_state()
+    moved = max(float((ref[k] - before[k]).abs().max()) for k in ref)
+    assert moved > 1e-4  # training really changed the weights
+    worst = max(float((ref[k] - r0[k]).abs().max()) for k in ref)
+    assert math.isfinite(worst) and worst < 1e-4, worst
