@@ -1,16 +1,25 @@
-"""The ``cdsam`` command: ``cdsam summary --stage N`` (what a stage trains)."""
+"""The ``cdsam`` command.
+
+``cdsam summary --stage N``   what a curriculum stage trains, per component
+``cdsam predict …``           masks for images and text prompts from a checkpoint
+``cdsam export …``            merged (LoRA folded in) or adapter-only export of a checkpoint
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from pathlib import Path
 
 from cdsam.config import load_params
 from cdsam.curriculum import apply_stage, component_counts, policy
 from cdsam.entry import offline_defaults, run
 from cdsam.errors import UserError
 from cdsam.models.model import build_model
+
+log = logging.getLogger("cdsam.cli")
 
 COMPONENTS = ("dino", "dino_lora", "clip_text", "heads", "sam", "sam_lora")
 
@@ -52,6 +61,68 @@ def cmd_summary(args: argparse.Namespace) -> None:
         print(_table(counts, args.stage))
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+
+    from cdsam import io
+    from cdsam.data.manifest import slug
+    from cdsam.overlay import PALETTE
+    from cdsam.predict import legend_overlay, load_model, semantic_labels, to_pil
+
+    if not 0 < args.threshold < 1:
+        raise UserError(f"--threshold: {args.threshold} must be in (0, 1)")
+    slugs = [slug(p) for p in args.prompt]
+    if "" in slugs or len(set(slugs)) != len(slugs):
+        raise UserError(f"--prompt: prompts must have distinct, non-empty file slugs, got "
+                        f"{slugs}")
+    images = [Path(p) for p in args.image]
+    for path in images:  # fail before any work, naming the file
+        if not path.is_file():
+            raise UserError(f"--image: {path}: not found")
+    predictor = load_model(args.checkpoint, args.device)
+    unknown = [p for p in args.prompt if p not in predictor.known_prompts]
+    if unknown and predictor.known_prompts:
+        log.warning("prompts not in the training vocabulary (may work less well): %s", unknown)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stems = [p.stem for p in images]
+    dupes = {s for s in stems if stems.count(s) > 1}
+    for path in tqdm(images, desc="predict", unit="image", disable=args.no_progress):
+        pil = to_pil(path)
+        pred = predictor.predict(pil, args.prompt, threshold=args.threshold,
+                                 return_logits=args.semantic)
+        stem = path.stem if path.stem not in dupes else f"{path.parent.name}_{path.stem}"
+        for s, mask in zip(slugs, pred.masks, strict=True):
+            with io.atomic_path(out / f"{stem}__{s}.png") as tmp:
+                Image.fromarray(mask.astype(np.uint8) * 255, "L").save(tmp, format="PNG")
+        with io.atomic_path(out / f"{stem}__overlay.png") as tmp:
+            legend_overlay(pil, pred.masks, args.prompt, PALETTE).save(tmp, format="PNG")
+        if args.semantic:
+            labels = Image.fromarray(semantic_labels(pred.probs, args.threshold), "P")
+            flat = [0, 0, 0] + [c for i in range(len(args.prompt))
+                                for c in PALETTE[i % len(PALETTE)]]
+            labels.putpalette(flat + [0] * (768 - len(flat)))
+            with io.atomic_path(out / f"{stem}__semantic.png") as tmp:
+                labels.save(tmp, format="PNG")
+    log.info("%d images x %d prompts -> %s", len(images), len(args.prompt), out)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from cdsam.export import export
+
+    info = export(args.checkpoint, args.out, args.mode)
+    size = info["bytes"] / 2**20
+    if info["mode"] == "adapter":
+        log.info("adapter export: %d tensors, %s params, %.2f MB -> %s", info["tensors"],
+                 f"{info['params']:,}", size, args.out)
+    else:
+        log.info("merged export: %d LoRA layers folded in, %.2f MB -> %s",
+                 info["merged_lora"], size, args.out)
+    print(json.dumps(info))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cdsam", description="CLIP–DINO–SAM tools")
     ap.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
@@ -61,6 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--params", default="params.yaml")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_summary)
+
+    s = sub.add_parser("predict", help="masks for images and text prompts")
+    s.add_argument("--checkpoint", required=True, help="checkpoint, merged or adapter export")
+    s.add_argument("--image", action="append", required=True, help="repeat for more images")
+    s.add_argument("--prompt", action="append", required=True, help="repeat for more prompts")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--threshold", type=float, default=0.5)
+    s.add_argument("--semantic", action="store_true",
+                   help="also write <stem>__semantic.png: argmax over the prompts, 0 = none")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("export", help="merged or adapter-only export of a checkpoint")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--mode", choices=("merged", "adapter"), default="merged")
+    s.set_defaults(func=cmd_export)
     return ap
 
 

@@ -1,0 +1,194 @@
+"""Inference: ``cdsam.load_model(path).predict(image, prompts)`` → one mask per prompt.
+
+The image goes through the training geometry (shorter side resized to ``data.resize``, centre
+crop ``data.crop``, both read from the checkpoint), and the logits come back to the image's own
+size: pasted into the resized frame, then resized to the original. Pixels outside the centre
+crop were never seen by the model and are background.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from cdsam.data.dataset import build_transform, pil_to_tv_image
+from cdsam.data.manifest import open_image
+from cdsam.errors import DataError, UserError
+from cdsam.models.model import CDSAM
+
+ImageLike = str | Path | Image.Image | np.ndarray
+BACKGROUND_LOGIT = -1e4  # outside the crop: certainly background
+
+
+@dataclass
+class Prediction:
+    prompts: list[str]
+    masks: np.ndarray  # P x H x W bool, the image's own size
+    logits: np.ndarray | None = None  # P x H x W float32, when asked for
+
+    @property
+    def probs(self) -> np.ndarray:
+        if self.logits is None:
+            raise ValueError("predict(..., return_logits=True) keeps the logits")
+        return torch.sigmoid(torch.from_numpy(self.logits)).numpy()
+
+
+def to_pil(image: ImageLike) -> Image.Image:
+    """A path, PIL image or HxW[x3|4] uint8/float array → RGB PIL image (clear errors)."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise DataError(f"{path}: image not found")
+        try:
+            return open_image(path, "RGB")
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"{path}: unreadable image ({exc})") from None
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8) if arr.max() <= 1 \
+                else np.clip(arr, 0, 255).astype(np.uint8)
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, -1)
+        if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+            raise UserError(f"image array: expected HxW, HxWx3 or HxWx4, got {image.shape}")
+        return Image.fromarray(arr[..., :3])
+    raise UserError(f"image: expected a path, PIL image or numpy array, got "
+                    f"{type(image).__name__}")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the model's crop sits in the original image."""
+
+    size: tuple[int, int]  # original H, W
+    resized: tuple[int, int]  # after the shorter-side resize
+    top: int
+    left: int
+    crop: int
+
+    @classmethod
+    def of(cls, h: int, w: int, resize: int, crop: int) -> Geometry:
+        # torchvision's Resize(int) and CenterCrop arithmetic, so training and inference agree.
+        short, long = (h, w) if h <= w else (w, h)
+        new_long = int(resize * long / short)
+        rh, rw = (resize, new_long) if h <= w else (new_long, resize)
+        return cls((h, w), (rh, rw), int(round((rh - crop) / 2.0)),
+                   int(round((rw - crop) / 2.0)), crop)
+
+    def to_crop(self, x: float, y: float) -> tuple[float, float]:
+        """Original pixel coordinates → crop pixel coordinates."""
+        return (x * self.resized[1] / self.size[1] - self.left,
+                y * self.resized[0] / self.size[0] - self.top)
+
+    def to_original(self, logits: torch.Tensor) -> torch.Tensor:
+        """PxCxC crop logits → PxHxW logits at the original size."""
+        canvas = torch.full((logits.shape[0], 1, *self.resized), BACKGROUND_LOGIT,
+                            dtype=logits.dtype)
+        canvas[:, :, self.top:self.top + self.crop, self.left:self.left + self.crop] = \
+            logits.unsqueeze(1)
+        return F.interpolate(canvas, size=self.size, mode="bilinear",
+                             align_corners=False)[:, 0]
+
+
+class Predictor:
+    """A loaded checkpoint, ready for images: see :meth:`predict`."""
+
+    def __init__(self, model: CDSAM, resize: int, crop: int, prompts: list[str],
+                 device: torch.device | str = "cpu") -> None:
+        self.model = model.eval().to(device)
+        self.device = torch.device(device)
+        self.resize, self.crop = resize, crop
+        self.known_prompts = prompts  # the training vocabulary (others work, less reliably)
+        self.transform = build_transform(resize, crop)  # the training transform, same code
+
+    @torch.no_grad()
+    def predict(self, image: ImageLike, prompts: str | Sequence[str],
+                points: Sequence[tuple[float, float]] | None = None,
+                boxes: tuple[float, float, float, float] | None = None,
+                threshold: float = 0.5, return_logits: bool = False,
+                batch_size: int = 16) -> Prediction:
+        """One boolean mask per prompt at the image's size.
+
+        ``points``: foreground clicks (x, y) and ``boxes``: one (x0, y0, x1, y1) box, in the
+        image's pixel coordinates; both join every prompt's text tokens.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise UserError("predict: give at least one prompt")
+        pil = to_pil(image)
+        geo = Geometry.of(pil.height, pil.width, self.resize, self.crop)
+        x = self.transform(pil_to_tv_image(pil)).as_subclass(torch.Tensor)
+        x = x.unsqueeze(0).to(self.device)
+        chunks = []
+        for i in range(0, len(prompts), batch_size):
+            part = prompts[i:i + batch_size]
+            n = len(part)
+            pts = box = None
+            if points:
+                xy = torch.tensor([geo.to_crop(px, py) for px, py in points],
+                                  dtype=torch.float32)
+                pts = (xy.expand(n, -1, -1).to(self.device),
+                       torch.ones(n, len(points), dtype=torch.int64, device=self.device))
+            if boxes is not None:
+                (x0, y0), (x1, y1) = geo.to_crop(*boxes[:2]), geo.to_crop(*boxes[2:])
+                box = torch.tensor([[x0, y0, x1, y1]], device=self.device).expand(n, -1)
+            out = self.model(x.expand(n, -1, -1, -1), part, points=pts, boxes=box)
+            chunks.append(out.masks[:, 0].float().cpu())
+        logits = geo.to_original(torch.cat(chunks))
+        masks = (torch.sigmoid(logits) > threshold).numpy()
+        return Prediction(prompts, masks, logits.numpy() if return_logits else None)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
+    """A checkpoint directory (training stage or merged export) or an adapter export →
+    :class:`Predictor`."""
+    from cdsam.export import load_any
+
+    model, meta = load_any(Path(path), device)
+    data = meta.extra.get("data") or {}
+    resize, crop = data.get("resize"), data.get("crop")
+    if not resize or not crop:
+        img = model.dino.patch_embed.img_size
+        resize = crop = int(img[0])
+    return Predictor(model, int(resize), int(crop), list(meta.prompts), device)
+
+
+def semantic_labels(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """PxHxW probabilities → HxW labels: 0 background, i+1 for prompt i (argmax)."""
+    best = probs.argmax(0)
+    return np.where(probs.max(0) >= threshold, best + 1, 0).astype(np.uint8)
+
+
+def legend_overlay(image: Image.Image, masks: np.ndarray, prompts: list[str],
+                   palette: Sequence[tuple[int, int, int]], alpha: float = 0.5) -> Image.Image:
+    """Every prompt's mask tinted in its colour, with a legend strip underneath."""
+    from PIL import ImageDraw
+
+    rgb = np.asarray(image.convert("RGB")).astype(np.float32)
+    for i, m in enumerate(masks):
+        colour = np.array(palette[i % len(palette)], np.float32)
+        rgb[m] = (1 - alpha) * rgb[m] + alpha * colour
+    out = Image.fromarray(rgb.round().astype(np.uint8))
+    scale = max(1, math.ceil(256 / max(out.size)))  # small images: enlarge for reading
+    if scale > 1:
+        out = out.resize((out.width * scale, out.height * scale), Image.NEAREST)
+    row = 14
+    width = max(out.width, 160)
+    canvas = Image.new("RGB", (width, out.height + row * len(prompts) + 4), (255, 255, 255))
+    canvas.paste(out, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, prompt in enumerate(prompts):
+        y = out.height + 2 + i * row
+        draw.rectangle([2, y + 2, 12, y + 11], fill=tuple(palette[i % len(palette)]))
+        draw.text((16, y), prompt[:60], fill=(0, 0, 0))
+    return canvas

@@ -1,0 +1,147 @@
+"""Inference API, `cdsam predict`, merged and adapter exports."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from cdsam import cli
+from cdsam.checkpoint import CheckpointMeta, save_checkpoint
+from cdsam.config import to_dict
+from cdsam.curriculum import apply_stage
+from cdsam.errors import CheckpointError
+from cdsam.export import export, load_any
+from cdsam.lora import lora_modules
+from cdsam.models.model import build_model
+from cdsam.predict import Geometry, load_model, semantic_labels
+from tests.conftest import tiny_params
+
+PROMPTS = ["a red circle", "a blue square"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A stage-3-like checkpoint: seeded base + LoRA on SAM and DINO + changed heads."""
+    p = tiny_params()
+    model = build_model(p.model, load_weights=True, seed=p.seed)
+    apply_stage(model, 2, p.lora.sam, p.lora.dino, "lora")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * 0.05)
+        for prm in model.text_to_prompt.parameters():
+            prm.add_(torch.randn(prm.shape, generator=gen) * 0.05)
+    path = tmp_path_factory.mktemp("ckpt") / "stage3"
+    meta = CheckpointMeta(stage=3, model=to_dict(p.model), prompts=PROMPTS,
+                          extra={"seed": p.seed, "data": to_dict(p.data)})
+    save_checkpoint(path, model, meta)
+    return path
+
+
+def _image(h=40, w=56) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("h,w", [(40, 56), (56, 40), (32, 32), (77, 33)])
+def test_geometry_matches_torchvision(h, w):
+    geo = Geometry.of(h, w, resize=36, crop=32)
+    resized = v2.Resize(36, antialias=True)(torch.zeros(1, h, w))
+    assert tuple(resized.shape[-2:]) == geo.resized
+    # A marker at the crop's top-left corner survives CenterCrop at (0, 0).
+    marked = torch.zeros(1, *geo.resized)
+    marked[0, geo.top, geo.left] = 1
+    assert v2.CenterCrop(32)(marked)[0, 0, 0] == 1
+    back = geo.to_original(torch.zeros(1, 32, 32))
+    assert back.shape == (1, h, w)
+
+
+def test_predict_returns_one_mask_per_prompt_at_image_size(ckpt, tmp_path):
+    pred = load_model(ckpt)
+    img = _image()
+    out = pred.predict(img, PROMPTS, return_logits=True)
+    assert out.masks.shape == (2, 40, 56) and out.masks.dtype == bool
+    assert out.logits.shape == (2, 40, 56)
+    assert not np.allclose(out.logits[0], out.logits[1])  # the text changes the mask
+    path = tmp_path / "x.png"
+    Image.fromarray(img).save(path)
+    from_path = pred.predict(path, PROMPTS, return_logits=True)
+    from_pil = pred.predict(Image.open(path), PROMPTS, return_logits=True)
+    np.testing.assert_allclose(from_path.logits, out.logits, atol=1e-5)
+    np.testing.assert_allclose(from_pil.logits, out.logits, atol=1e-5)
+    single = pred.predict(img, PROMPTS[1], return_logits=True)
+    np.testing.assert_allclose(single.logits[0], out.logits[1], atol=1e-4)
+    clicked = pred.predict(img, PROMPTS, points=[(10, 12)], boxes=(5, 5, 30, 30),
+                           return_logits=True)
+    assert clicked.masks.shape == (2, 40, 56)
+    assert not np.allclose(clicked.logits, out.logits)
+
+
+def test_semantic_labels_argmax_with_background():
+    probs = np.array([[[0.9, 0.2, 0.6]], [[0.1, 0.3, 0.7]]])
+    assert semantic_labels(probs, 0.5).tolist() == [[1, 0, 2]]
+
+
+def test_merged_export_has_no_lora_and_same_masks(ckpt, tmp_path):
+    info = export(ckpt, tmp_path / "merged", "merged")
+    assert info["merged_lora"] > 0
+    model, meta = load_any(tmp_path / "merged")
+    assert meta.lora == [] and not list(lora_modules(model))
+    img = _image()
+    a = load_model(ckpt).predict(img, PROMPTS, return_logits=True)
+    b = load_model(tmp_path / "merged").predict(img, PROMPTS, return_logits=True)
+    np.testing.assert_allclose(a.logits, b.logits, atol=1e-3)
+    assert (a.masks == b.masks).mean() > 0.999
+
+
+def test_adapter_export_is_small_and_loads_on_the_base(ckpt, tmp_path):
+    merged = export(ckpt, tmp_path / "merged", "merged")
+    info = export(ckpt, tmp_path / "adapter", "adapter")
+    assert info["bytes"] * 5 < merged["bytes"]
+    img = _image()
+    a = load_model(ckpt).predict(img, PROMPTS, return_logits=True)
+    b = load_model(tmp_path / "adapter").predict(img, PROMPTS, return_logits=True)
+    np.testing.assert_array_equal(a.logits, b.logits)
+    # Other base weights (another seed) are refused, not silently used.
+    meta_path = tmp_path / "adapter" / "meta.json"
+    meta_path.write_text(meta_path.read_text().replace('"seed": 0', '"seed": 5'))
+    with pytest.raises(CheckpointError, match="base weights"):
+        load_any(tmp_path / "adapter")
+
+
+def test_cli_predict_writes_masks_overlay_semantic(ckpt, tmp_path, capsys):
+    img_path = tmp_path / "scene 1.png"
+    Image.fromarray(_image(36, 50)).save(img_path)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["predict", "--checkpoint", str(ckpt), "--image", str(img_path),
+                  "--prompt", "a Red circle!", "--prompt", "a blue square", "--out", str(out),
+                  "--semantic", "--no-progress"])
+    assert exc.value.code == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["scene 1__a-blue-square.png", "scene 1__a-red-circle.png",
+                     "scene 1__overlay.png", "scene 1__semantic.png"]
+    mask = Image.open(out / "scene 1__a-red-circle.png")
+    assert mask.size == (50, 36) and set(np.unique(np.asarray(mask))) <= {0, 255}
+    sem = Image.open(out / "scene 1__semantic.png")
+    assert sem.mode == "P" and sem.size == (50, 36)
+    assert set(np.unique(np.asarray(sem))) <= {0, 1, 2}
+
+
+def test_cli_predict_bad_image_is_one_line(ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["predict", "--checkpoint", str(ckpt), "--image", str(tmp_path / "nope.png"),
+                  "--prompt", "a red circle", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --image: {tmp_path / 'nope.png'}: not found"]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["predict", "--checkpoint", str(ckpt), "--image", str(broken),
+                  "--prompt", "a red circle", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert exc.value.code == 2
+    assert "broken.png: unreadable image" in capsys.readouterr().err
