@@ -27,21 +27,27 @@ from cdsam.data.prepare import prepare
 from cdsam.entry import offline_defaults
 from cdsam.train import StagePaths, StageTrainer, peak_memory_mb
 
-PRESETS = {
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {},
     # ViT-S width at the default depth/patch/image size: DINO is most of the step.
-    "dino-heavy": {"embed_dim": 384, "num_heads": 6},
+    "dino-heavy": {"dino": {"embed_dim": 384, "num_heads": 6}},
+    # A ViT-B/14-size DINO at 224² (random init), for GPU figures.
+    "vitb14-224": {"dino": {"img_size": 224, "patch_size": 14, "embed_dim": 768, "depth": 12,
+                            "num_heads": 12},
+                   "data": {"resize": 224, "crop": 224}, "synthetic": {"image_size": 224}},
 }
 
 
 def bench_params(params: Params, images: int, epochs: int, preset: str) -> Params:
     p = params
-    syn = dataclasses.replace(p.prepare.synthetic, num_images=images)
+    pre = PRESETS[preset]
+    syn = dataclasses.replace(p.prepare.synthetic, num_images=images, **pre.get("synthetic", {}))
     prep = dataclasses.replace(p.prepare, source="synthetic", synthetic=syn)
-    dino = dataclasses.replace(p.model.dino, **PRESETS[preset])
+    dino = dataclasses.replace(p.model.dino, **pre.get("dino", {}))
     model = dataclasses.replace(p.model, dino=dino)
-    stages = {f"stage{n}": dataclasses.replace(p.stage(n), epochs=epochs) for n in (1, 2)}
-    return dataclasses.replace(p, prepare=prep, model=model, **stages)
+    data = dataclasses.replace(p.data, **pre.get("data", {}))
+    stages = {f"stage{n}": dataclasses.replace(p.stage(n), epochs=epochs) for n in (1, 2, 3, 4)}
+    return dataclasses.replace(p, prepare=prep, model=model, data=data, **stages)
 
 
 def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path | None,
@@ -53,6 +59,8 @@ def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path
                        metrics=root / "metrics" / tag, parent=parent,
                        resume=root / "resume" / tag)
     trainer = StageTrainer(p, stage, paths, show_progress=False)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # peak memory per run, not per process
     t0 = time.perf_counter()
     trainer.setup()
     setup_s = time.perf_counter() - t0
@@ -84,8 +92,8 @@ def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path
     }
 
 
-def run(params_path: str, images: int, epochs: int, preset: str,
-        show: bool = True) -> dict[str, Any]:
+def run(params_path: str, images: int, epochs: int, preset: str, show: bool = True,
+        all_stages: bool = False) -> dict[str, Any]:
     params = bench_params(load_params(params_path), images, epochs, preset)
     t_start = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
@@ -100,15 +108,20 @@ def run(params_path: str, images: int, epochs: int, preset: str,
                     print(f"  {key} ...", file=sys.stderr, flush=True)
                 # The cached stage-1 run writes the checkpoint stage 2 starts from.
                 results[key] = run_stage(params, stage, cached, root, parent,
-                                         save=stage == 1 and cached)
+                                         save=all_stages or (stage == 1 and cached))
+        for stage in (3, 4) if all_stages else ():
+            if show:
+                print(f"  stage{stage} ...", file=sys.stderr, flush=True)
+            results[f"stage{stage}"] = run_stage(params, stage, True, root,
+                                                 root / f"stage{stage - 1}", save=True)
     diffs = [abs(a - b) for s in (1, 2)
              for a, b in zip(results[f"stage{s}_cached"]["losses"],
                              results[f"stage{s}_uncached"]["losses"], strict=True)]
     calls = [c for r in results.values() for c in r["text_calls_after_first"]]
     d = params.model.dino
     out: dict[str, Any] = {
-        "preset": preset, "device": str(torch.device("cuda" if torch.cuda.is_available()
-                                                      else "cpu")),
+        "preset": preset,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "dino": f"{d.name} img {d.img_size} patch {d.patch_size} dim {d.embed_dim} depth "
                 f"{d.depth}", "last_k_blocks": params.lora.dino.last_k_blocks,
         "images": images, "train_samples": results["stage1_cached"]["train_samples"],
@@ -132,7 +145,10 @@ def table(r: dict[str, Any]) -> str:
              f"{r['epochs']} epochs",
              f"{'run':<18}{'epoch s':>9}{'img/s':>9}{'setup s':>9}{'peak MB':>9}"
              f"{'cached imgs':>12}"]
-    for key in ("stage1_uncached", "stage1_cached", "stage2_uncached", "stage2_cached"):
+    for key in ("stage1_uncached", "stage1_cached", "stage2_uncached", "stage2_cached",
+                "stage3", "stage4"):
+        if key not in r:
+            continue
         s = r[key]
         lines.append(f"{key:<18}{s['epoch_s']:>9.2f}{s['images_s']:>9.1f}{s['setup_s']:>9.2f}"
                      f"{s['peak_mem_mb']:>9.0f}{s['cache_images']:>12}")
@@ -152,12 +168,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images", type=int, default=200, help="synthetic images (default 200)")
     ap.add_argument("--epochs", type=int, default=2, help="epochs per run (>= 2; default 2)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    ap.add_argument("--all-stages", action="store_true",
+                    help="also time stages 3 and 4 (images/s, peak memory)")
     args = ap.parse_args(argv)
     if args.epochs < 2:
         ap.error("--epochs must be >= 2 (the first epoch is not timed)")
     offline_defaults()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    result = run(args.params, args.images, args.epochs, args.preset, show=not args.json)
+    result = run(args.params, args.images, args.epochs, args.preset, show=not args.json,
+                 all_stages=args.all_stages)
     print(json.dumps(result, indent=2) if args.json else table(result))
 
 

@@ -129,7 +129,7 @@ class StageConfig:
 class DataConfig:
     resize: int = 64  # shorter side before the centre crop
     crop: int = 64  # square crop fed to DINO; a multiple of the patch size
-    num_workers: int = -1  # -1 = auto: 0 on the CPU, min(8, cores per rank) on CUDA
+    num_workers: int = -1  # -1 = auto (0: samples are decoded once and kept in memory)
 
 
 @dataclass

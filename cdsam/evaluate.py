@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
@@ -14,6 +15,7 @@ from cdsam import io
 from cdsam.checkpoint import load_checkpoint
 from cdsam.config import Params
 from cdsam.data.dataset import ManifestDataset
+from cdsam.metrics import iou_dice
 from cdsam.overlay import denormalize, grid, sample_panel
 from cdsam.train import collate, configure_determinism, evaluate_model, resolve_device
 
@@ -43,6 +45,40 @@ def stage_overlay(model, ds: ManifestDataset, indices: list[int], device: torch.
     return grid(panels, columns=len(panels) or 1)
 
 
+@torch.no_grad()
+def prompt_pairs(model, ds: ManifestDataset, device: torch.device, threshold: float,
+                 batch_size: int = 32) -> dict[str, float]:
+    """Val images that carry two prompts (e.g. "a red circle" and "a blue square" in one
+    scene): does each prompt find its own object, and do the two masks differ?
+
+    ``pairs_miou``: mean IoU of each prompt's mask with its truth; ``pairs_overlap``: mean IoU
+    between the two predicted masks (1.0 when both are empty); ``pairs``: how many images.
+    """
+    firsts = ds.df.groupby("image", sort=True).head(2)
+    counts = firsts.groupby("image")["id"].transform("count")
+    rows = firsts[counts == 2].sort_values("image", kind="stable").index.tolist()
+    if not rows:
+        return {"pairs": 0, "pairs_miou": 0.0, "pairs_overlap": 0.0}
+    model.eval()
+    own, overlap = [], []
+    for i in range(0, len(rows), batch_size * 2):
+        chunk = [ds[j] for j in rows[i:i + batch_size * 2]]
+        images = torch.stack([s["image"] for s in chunk]).to(device)
+        out = model(images, [s["prompt"] for s in chunk])
+        logits = out.masks.float().cpu()
+        target = torch.stack([s["mask"] for s in chunk])
+        valid = torch.stack([s["valid"] for s in chunk])
+        iou, _ = iou_dice(logits, target, valid, threshold)
+        own += iou.tolist()
+        pred = (torch.sigmoid(logits) > threshold).flatten(1)
+        a, b = pred[0::2], pred[1::2]
+        inter = (a & b).sum(1).float()
+        union = (a | b).sum(1).float()
+        overlap += torch.where(union > 0, inter / union.clamp_min(1), 1.0).tolist()
+    return {"pairs": len(overlap), "pairs_miou": float(np.mean(own)),
+            "pairs_overlap": float(np.mean(overlap))}
+
+
 def evaluate_stages(params: Params, checkpoints: dict[str, Path], data: Path, out: Path,
                     metrics_path: Path) -> dict[str, Any]:
     """Write metrics JSON (per stage), per-stage and per-prompt CSVs and overlays.
@@ -60,7 +96,8 @@ def evaluate_stages(params: Params, checkpoints: dict[str, Path], data: Path, ou
     for name, path in checkpoints.items():
         model, _ = load_checkpoint(path, device)
         res = evaluate_model(model, loader, device, ev.threshold, show_progress=True)
-        metrics[name] = {"miou": res.miou, "dice": res.dice, "loss": res.loss}
+        metrics[name] = {"miou": res.miou, "dice": res.dice, "loss": res.loss,
+                         **prompt_pairs(model, ds, device, ev.threshold, ev.batch_size)}
         stage_rows.append({"stage": name, "miou": res.miou, "dice": res.dice})
         per = pd.DataFrame({"prompt": res.prompts, "iou": res.ious, "dice": res.dices})
         per_prompt = per.groupby("prompt").mean().sort_index()
@@ -71,7 +108,10 @@ def evaluate_stages(params: Params, checkpoints: dict[str, Path], data: Path, ou
             (out / "overlays").mkdir(parents=True, exist_ok=True)
             with io.atomic_path(out / "overlays" / f"{name}.png") as tmp:
                 img.save(tmp, format="PNG")
-        log.info("%s: miou=%.4f dice=%.4f (%d val samples)", name, res.miou, res.dice, len(ds))
+        m = metrics[name]
+        log.info("%s: miou=%.4f dice=%.4f (%d val samples); two-prompt images (%d): own-object "
+                 "IoU %.3f, IoU between the two masks %.3f", name, res.miou, res.dice, len(ds),
+                 m["pairs"], m["pairs_miou"], m["pairs_overlap"])
     io.write_text(out / "stages.csv",
                   pd.DataFrame(stage_rows).to_csv(index=False, lineterminator="\n"))
     io.write_text(out / "per_prompt.csv",

@@ -15,7 +15,6 @@ import contextlib
 import copy
 import logging
 import math
-import os
 import random
 import resource
 import sys
@@ -122,14 +121,21 @@ def collate(batch: list[dict]) -> dict[str, Any]:
     }
 
 
-def loader_workers(setting: int, device: torch.device, local_world: int = 1) -> int:
-    """``data.num_workers``; -1 (auto) = none on the CPU (decoded samples live in memory and
-    workers would only compete for the cores), a few per GPU rank on CUDA."""
-    if setting >= 0:
-        return setting
-    if device.type != "cuda":
-        return 0
-    return max(1, min(8, (os.cpu_count() or 1) // max(1, local_world)))
+def loader_workers(setting: int) -> int:
+    """``data.num_workers``; -1 (auto) = 0: every sample is decoded once and kept in memory
+    (and the frozen DINO prefix is cached), so after the first epoch the data path costs
+    nothing and worker processes would only compete for cores. Set N for large images that
+    are slow to decode."""
+    return max(0, setting)
+
+
+def loader_kwargs(workers: int, device: torch.device) -> dict[str, Any]:
+    """DataLoader settings: pinned memory on CUDA; workers persistent and started with
+    ``spawn`` (forked workers started after CUDA came up hung on a GPU machine here)."""
+    kw: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+    if workers > 0:
+        kw.update(persistent_workers=True, multiprocessing_context="spawn")
+    return kw
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -321,8 +327,7 @@ class StageTrainer:
 
     def _build_loaders(self) -> None:
         p, d = self.params, self.dist
-        pin = self.device.type == "cuda"
-        workers = loader_workers(p.data.num_workers, self.device, d.local_world_size)
+        kw = loader_kwargs(loader_workers(p.data.num_workers), self.device)
         # The same sampler for one process or many: a per-epoch seeded permutation, rank r
         # taking every world_size-th index, so a resumed epoch replays the same order.
         self.train_sampler = DistributedSampler(
@@ -330,14 +335,12 @@ class StageTrainer:
             seed=p.seed * 1000 + self.stage, drop_last=False)
         self.train_loader = DataLoader(
             self.train_set, batch_size=self.optim_cfg.batch_size, sampler=self.train_sampler,
-            collate_fn=collate, num_workers=workers, pin_memory=pin,
-            persistent_workers=workers > 0)
+            collate_fn=collate, **kw)
         val = self.val_set if not d.enabled else \
             Subset(self.val_set, list(range(d.rank, len(self.val_set), d.world_size)))
         self.val_loader = DataLoader(
             val, batch_size=max(self.optim_cfg.batch_size, 32), shuffle=False,
-            collate_fn=collate, num_workers=workers, pin_memory=pin,
-            persistent_workers=workers > 0)
+            collate_fn=collate, **kw)
 
     def _setup_cache(self) -> None:
         p = self.params

@@ -101,16 +101,41 @@ def test_repro_runs_all_stages_and_writes_outputs(pipeline_repo):
         assert {"loss", "miou", "dice"} <= set(m["val"])
     ev = json.loads((repo / "metrics/evaluate.json").read_text())
     assert set(ev) == {"stage1", "stage2", "stage3", "stage4"}
+    assert {"miou", "dice", "pairs", "pairs_miou", "pairs_overlap"} <= set(ev["stage4"])
+    s2 = json.loads((repo / "metrics/stage2/metrics.json").read_text())
+    assert s2["world_size"] == 1 and s2["feature_cache_images"] > 0
+    assert not (repo / ".cdsam/resume/stage2").exists()  # removed once outputs exist
     assert (repo / "metrics/eval/overlays/stage4.png").is_file()
     status = _run([str(BIN / "dvc"), "status"], repo, env)
     assert "up to date" in status
 
 
 @pytest.mark.slow
+def test_remote_push_pull_gives_a_teammate_every_stage_cached(pipeline_repo, tmp_path):
+    repo, env, _ = pipeline_repo
+    dvc = str(BIN / "dvc")
+    _run([dvc, "remote", "add", "-d", "store", str(tmp_path / "remote")], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "repro + remote"], repo, env)
+    _run([dvc, "push"], repo, env)
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
+    assert not (clone / "models/stage1").exists()
+    _run([dvc, "pull"], clone, env)
+    for n in (1, 2, 3, 4):
+        a = (repo / f"models/stage{n}/model.safetensors").read_bytes()
+        assert (clone / f"models/stage{n}/model.safetensors").read_bytes() == a
+    out = _run([dvc, "repro"], clone, env)
+    assert "Running stage" not in out
+    for stage in ("prepare", "stage1", "stage2", "stage3", "stage4", "evaluate"):
+        assert f"Stage '{stage}' didn't change, skipping" in out
+
+
+@pytest.mark.slow
 def test_exp_run_reruns_only_dino_lora_stages(pipeline_repo):
     repo, env, _ = pipeline_repo
     _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "repro"], repo, env)
+    _run(["git", "commit", "-qm", "repro", "--allow-empty"], repo, env)
     out = _run([str(BIN / "dvc"), "exp", "run", "-S", "lora.dino.last_k_blocks=2"], repo, env)
     assert "Stage 'prepare' didn't change, skipping" in out
     assert "Stage 'stage1' didn't change, skipping" in out

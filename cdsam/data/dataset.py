@@ -48,6 +48,12 @@ class ManifestDataset(Dataset):
     def __len__(self) -> int:
         return len(self.df)
 
+    def __getstate__(self) -> dict:
+        # DataLoader workers get the manifest, not the main process's decoded samples.
+        state = dict(self.__dict__)
+        state["_memo"] = {}
+        return state
+
     @property
     def prompts(self) -> list[str]:
         return sorted(self.df["prompt"].unique())
