@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import sys
@@ -59,7 +60,9 @@ def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path
                        metrics=root / "metrics" / tag, parent=parent,
                        resume=root / "resume" / tag)
     trainer = StageTrainer(p, stage, paths, show_progress=False)
+    gc.collect()  # the previous run's model and cache must not count towards this one
     if torch.cuda.is_available():
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # peak memory per run, not per process
     t0 = time.perf_counter()
     trainer.setup()
