@@ -12,6 +12,17 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, mode: int) -> None:
+    """mkstemp/mkdtemp create 0600/0700; outputs get the usual umask-based permissions."""
+    os.chmod(path, mode & ~_umask())
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -37,6 +48,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        _publish_mode(tmp_path, 0o666)
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     finally:
@@ -69,6 +81,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             if f.is_file():
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
+                _publish_mode(f, 0o666)
+            elif f.is_dir():
+                _publish_mode(f, 0o777)
+        _publish_mode(tmp, 0o777)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

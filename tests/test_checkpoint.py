@@ -67,3 +67,21 @@ def test_non_finite_weights_are_never_saved(tmp_path, params):
     with pytest.raises(CheckpointError, match="non-finite"):
         save_checkpoint(tmp_path / "bad", model, CheckpointMeta(1, to_dict(params.model)))
     assert not (tmp_path / "bad").exists()
+
+
+def test_outputs_get_umask_permissions_not_private_temp_modes(tmp_path):
+    import os
+    import stat
+
+    from cdsam import io
+
+    old = os.umask(0o022)
+    try:
+        io.write_text(tmp_path / "a.json", "{}")
+        with io.atomic_dir(tmp_path / "d") as d:
+            (d / "f.bin").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "d" / "f.bin").stat().st_mode) == 0o644

@@ -1,0 +1,1 @@
+"""Data sources (synthetic, folders, voc), the prepared manifest and the training Dataset."""
