@@ -47,12 +47,12 @@ def env_info() -> DistInfo:
 
 def init(info: DistInfo, device: torch.device) -> torch.device:
     """Join the process group; returns this rank's device (``cuda:LOCAL_RANK`` on GPUs)."""
-    if device.type == "cpu":
-        # Ranks share the cores: without this each spins up all OpenMP threads and they
-        # starve each other (a 40x slowdown on a 2-core machine).
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
     if not info.enabled:
-        return device
+        return device  # one process: torch's own thread count stays
+    if device.type == "cpu":
+        # Ranks share the cores: each gets its share (torchrun's OMP_NUM_THREADS=1 default
+        # would idle most cores; all threads per rank starve each other, 40x slower on 2 cores).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
