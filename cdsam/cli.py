@@ -115,10 +115,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     info = export(args.checkpoint, args.out, args.mode)
     size = info["bytes"] / 2**20
     if info["mode"] == "adapter":
-        log.info("adapter export: %d tensors, %s params, %.2f MB -> %s", info["tensors"],
+        log.info("adapter export: %d tensors, %s params, %.2f MiB -> %s", info["tensors"],
                  f"{info['params']:,}", size, args.out)
     else:
-        log.info("merged export: %d LoRA layers folded in, %.2f MB -> %s",
+        log.info("merged export: %d LoRA layers folded in, %.2f MiB -> %s",
                  info["merged_lora"], size, args.out)
     print(json.dumps(info))
 
