@@ -138,6 +138,16 @@ def loader_kwargs(workers: int, device: torch.device) -> dict[str, Any]:
     return kw
 
 
+def compile_tensor_parts(model: CDSAM) -> None:
+    """``torch.compile`` the parts that see only tensors: each DINO block, the heads and the
+    SAM decoder. Not the whole model: its forward takes prompt strings and a Python-side text
+    cache, which made dynamo recompile per prompt batch and give up after 8 tries."""
+    for block in model.dino.blocks:
+        block.compile()
+    for part in (model.token_to_mask, model.text_to_prompt, model.sam):
+        part.compile()
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -315,7 +325,7 @@ class StageTrainer:
             self.net = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if p.train.compile:
-            self.net = torch.compile(self.net)
+            compile_tensor_parts(self.model)
         self.store = ResumeStore(self.paths.resume, self.stage, self._run_fingerprint())
         eff = self.optim_cfg.batch_size * self.optim_cfg.grad_accum_steps * self.dist.world_size
         log.info("stage%d on %s: %d train / %d val samples, %d prompts, %d epochs, effective "
