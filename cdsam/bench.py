@@ -39,7 +39,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def bench_params(params: Params, images: int, epochs: int, preset: str) -> Params:
+def bench_params(params: Params, images: int, epochs: int, preset: str,
+                 compile_model: bool = False) -> Params:
     p = params
     pre = PRESETS[preset]
     syn = dataclasses.replace(p.prepare.synthetic, num_images=images, **pre.get("synthetic", {}))
@@ -48,7 +49,8 @@ def bench_params(params: Params, images: int, epochs: int, preset: str) -> Param
     model = dataclasses.replace(p.model, dino=dino)
     data = dataclasses.replace(p.data, **pre.get("data", {}))
     stages = {f"stage{n}": dataclasses.replace(p.stage(n), epochs=epochs) for n in (1, 2, 3, 4)}
-    return dataclasses.replace(p, prepare=prep, model=model, data=data, **stages)
+    train = dataclasses.replace(p.train, compile=compile_model or p.train.compile)
+    return dataclasses.replace(p, prepare=prep, model=model, data=data, train=train, **stages)
 
 
 def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path | None,
@@ -97,8 +99,8 @@ def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path
 
 
 def run(params_path: str, images: int, epochs: int, preset: str, show: bool = True,
-        all_stages: bool = False) -> dict[str, Any]:
-    params = bench_params(load_params(params_path), images, epochs, preset)
+        all_stages: bool = False, compile_model: bool = False) -> dict[str, Any]:
+    params = bench_params(load_params(params_path), images, epochs, preset, compile_model)
     t_start = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="cdsam-bench-") as tmp:
@@ -180,17 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.epochs < 2:
         ap.error("--epochs must be >= 2 (the first epoch is not timed)")
     offline_defaults()
-    if args.compile:
-        import yaml
-
-        raw = yaml.safe_load(Path(args.params).read_text()) or {}
-        raw.setdefault("train", {})["compile"] = True
-        tmp = Path(tempfile.mkdtemp(prefix="cdsam-bench-params-")) / "params.yaml"
-        tmp.write_text(yaml.safe_dump(raw))
-        args.params = str(tmp)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     result = run(args.params, args.images, args.epochs, args.preset, show=not args.json,
-                 all_stages=args.all_stages)
+                 all_stages=args.all_stages, compile_model=args.compile)
     print(json.dumps(result, indent=2) if args.json else table(result))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,15 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def tensors_sha256(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over names and bytes of tensors, in the order given."""
+    h = hashlib.sha256()
+    for name, t in named:
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def parent_ref(path: str | Path) -> dict[str, str]:
     """How a child checkpoint records its parent: relative path and weights hash."""
     return {"path": str(path), "sha256": file_sha256(Path(path) / WEIGHTS)}
@@ -85,13 +95,18 @@ def read_meta(path: str | Path) -> CheckpointMeta:
         raise CheckpointError(f"{meta_path}: corrupt JSON ({exc})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path}: not a {FORMAT} file")
+    return meta_from_dict(raw, meta_path)
+
+
+def meta_from_dict(raw: dict[str, Any], where: str | Path) -> CheckpointMeta:
+    """The fields of a checkpoint's (or an export's) meta.json."""
     try:
         return CheckpointMeta(stage=int(raw["stage"]), model=raw["model"],
                               lora=list(raw.get("lora", [])),
                               prompts=list(raw.get("prompts", [])), parent=raw.get("parent"),
                               extra=dict(raw.get("extra", {})))
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{meta_path}: missing or bad field ({exc})") from None
+        raise CheckpointError(f"{where}: missing or bad field ({exc})") from None
 
 
 def model_config_of(meta: CheckpointMeta, where: str) -> ModelConfig:

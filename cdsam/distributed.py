@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cdsam.errors import UserError
+
 log = logging.getLogger("cdsam.dist")
 
 
@@ -96,8 +98,6 @@ def relaunch_command(argv: list[str]) -> list[str] | None:
         return None
     if not flags:
         if not nproc.isdigit() or int(nproc) < 1:
-            from cdsam.errors import UserError
-
             raise UserError(f"CDSAM_NPROC: expected a positive integer, got {nproc!r}")
         flags = f"--standalone --nproc-per-node={nproc}"
     return [sys.executable, "-m", "torch.distributed.run", *shlex.split(flags), *argv]

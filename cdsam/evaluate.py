@@ -15,9 +15,14 @@ from cdsam import io
 from cdsam.checkpoint import load_checkpoint
 from cdsam.config import Params
 from cdsam.data.dataset import ManifestDataset
-from cdsam.metrics import iou_dice
 from cdsam.overlay import denormalize, grid, sample_panel
-from cdsam.train import collate, configure_determinism, evaluate_model, resolve_device
+from cdsam.train import (
+    EvalResult,
+    collate,
+    configure_determinism,
+    evaluate_model,
+    resolve_device,
+)
 
 log = logging.getLogger("cdsam.evaluate")
 
@@ -45,37 +50,29 @@ def stage_overlay(model, ds: ManifestDataset, indices: list[int], device: torch.
     return grid(panels, columns=len(panels) or 1)
 
 
-@torch.no_grad()
-def prompt_pairs(model, ds: ManifestDataset, device: torch.device, threshold: float,
-                 batch_size: int = 32) -> dict[str, float]:
+def pair_rows(ds: ManifestDataset) -> list[int]:
     """Val images that carry two prompts (e.g. "a red circle" and "a blue square" in one
-    scene): does each prompt find its own object, and do the two masks differ?
+    scene): the dataset indices of their first two samples, pair by pair."""
+    firsts = ds.df.groupby("image", sort=True).head(2)
+    counts = firsts.groupby("image")["id"].transform("count")
+    return firsts[counts == 2].sort_values("image", kind="stable").index.tolist()
 
+
+def prompt_pairs(res: EvalResult, rows: list[int]) -> dict[str, float]:
+    """Does each prompt find its own object, and do the two masks differ?
+
+    ``res`` holds per-sample IoU and masks in dataset order (``keep_masks=True``).
     ``pairs_miou``: mean IoU of each prompt's mask with its truth; ``pairs_overlap``: mean IoU
     between the two predicted masks (1.0 when both are empty); ``pairs``: how many images.
     """
-    firsts = ds.df.groupby("image", sort=True).head(2)
-    counts = firsts.groupby("image")["id"].transform("count")
-    rows = firsts[counts == 2].sort_values("image", kind="stable").index.tolist()
     if not rows:
         return {"pairs": 0, "pairs_miou": 0.0, "pairs_overlap": 0.0}
-    model.eval()
-    own, overlap = [], []
-    for i in range(0, len(rows), batch_size * 2):
-        chunk = [ds[j] for j in rows[i:i + batch_size * 2]]
-        images = torch.stack([s["image"] for s in chunk]).to(device)
-        out = model(images, [s["prompt"] for s in chunk])
-        logits = out.masks.float().cpu()
-        target = torch.stack([s["mask"] for s in chunk])
-        valid = torch.stack([s["valid"] for s in chunk])
-        iou, _ = iou_dice(logits, target, valid, threshold)
-        own += iou.tolist()
-        pred = (torch.sigmoid(logits) > threshold).flatten(1)
-        a, b = pred[0::2], pred[1::2]
-        inter = (a & b).sum(1).float()
-        union = (a | b).sum(1).float()
-        overlap += torch.where(union > 0, inter / union.clamp_min(1), 1.0).tolist()
-    return {"pairs": len(overlap), "pairs_miou": float(np.mean(own)),
+    overlap = []
+    for a, b in zip(rows[0::2], rows[1::2], strict=True):
+        inter = (res.masks[a] & res.masks[b]).sum().item()
+        union = (res.masks[a] | res.masks[b]).sum().item()
+        overlap.append(inter / union if union else 1.0)
+    return {"pairs": len(overlap), "pairs_miou": float(np.mean([res.ious[r] for r in rows])),
             "pairs_overlap": float(np.mean(overlap))}
 
 
@@ -91,13 +88,15 @@ def evaluate_stages(params: Params, checkpoints: dict[str, Path], data: Path, ou
     ds = ManifestDataset(data, "val", params.data.resize, params.data.crop)
     loader = DataLoader(ds, batch_size=ev.batch_size, shuffle=False, collate_fn=collate)
     indices = overlay_indices(ds, ev.num_overlays)
+    pairs = pair_rows(ds)
     metrics: dict[str, Any] = {}
     stage_rows, prompt_rows = [], []
     for name, path in checkpoints.items():
         model, _ = load_checkpoint(path, device)
-        res = evaluate_model(model, loader, device, ev.threshold, show_progress=True)
+        res = evaluate_model(model, loader, device, ev.threshold, show_progress=True,
+                             keep_masks=True)
         metrics[name] = {"miou": res.miou, "dice": res.dice, "loss": res.loss,
-                         **prompt_pairs(model, ds, device, ev.threshold, ev.batch_size)}
+                         **prompt_pairs(res, pairs)}
         stage_rows.append({"stage": name, "miou": res.miou, "dice": res.dice})
         per = pd.DataFrame({"prompt": res.prompts, "iou": res.ious, "dice": res.dices})
         per_prompt = per.groupby("prompt").mean().sort_index()

@@ -12,7 +12,6 @@ silently predicting garbage.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,11 @@ from cdsam.checkpoint import (
     WEIGHTS,
     CheckpointMeta,
     load_checkpoint,
+    meta_from_dict,
     model_config_of,
     read_meta,
     save_checkpoint,
+    tensors_sha256,
 )
 from cdsam.errors import CheckpointError, UserError
 from cdsam.lora import LoRASpec, apply_specs, merge_lora
@@ -41,11 +42,7 @@ MODES = ("merged", "adapter")
 
 
 def _state_fingerprint(state: dict[str, torch.Tensor], keys: list[str]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(keys):
-        h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return tensors_sha256((k, state[k]) for k in sorted(keys))
 
 
 def _base_model(meta: CheckpointMeta, where: str) -> CDSAM:
@@ -96,9 +93,7 @@ def export(checkpoint: str | Path, out: str | Path, mode: str) -> dict[str, Any]
 
 def load_adapter(path: Path, device: str | torch.device = "cpu") -> tuple[CDSAM, CheckpointMeta]:
     raw = json.loads((path / META).read_text())
-    meta = CheckpointMeta(stage=int(raw["stage"]), model=raw["model"], lora=raw["lora"],
-                          prompts=raw.get("prompts", []), parent=raw.get("parent"),
-                          extra=raw.get("extra", {}))
+    meta = meta_from_dict(raw, path / META)
     try:
         tensors = load_file(str(path / ADAPTER))
     except (SafetensorError, OSError, ValueError) as exc:

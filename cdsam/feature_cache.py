@@ -11,7 +11,6 @@ images beyond it are recomputed every step.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cdsam.checkpoint import tensors_sha256
 from cdsam.models.model import CDSAM
 
 log = logging.getLogger("cdsam.cache")
@@ -84,17 +84,13 @@ def plan_cache(model: CDSAM, enabled: bool, augment: bool = False) -> CachePlan:
 
 def weights_fingerprint(model: CDSAM, end_block: int) -> str:
     """sha256 over the frozen prefix's tensors: a cache never outlives a weight change."""
-    h = hashlib.sha256()
-    dino = model.dino
-    for name, t in dino.state_dict().items():
+    def in_prefix(name: str) -> bool:
         if name.startswith("blocks."):
-            if int(name.split(".")[1]) >= end_block:
-                continue
-        elif name.startswith(("norm.", "fc_norm.", "head")):
-            continue
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+            return int(name.split(".")[1]) < end_block
+        return not name.startswith(("norm.", "fc_norm.", "head"))
+
+    named = ((n, t) for n, t in model.dino.state_dict().items() if in_prefix(n))
+    return tensors_sha256(named)[:16]
 
 
 class FeatureCache:

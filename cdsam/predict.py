@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cdsam.data.dataset import build_transform, pil_to_tv_image
-from cdsam.data.manifest import open_image
+from cdsam.data.manifest import read_image
 from cdsam.errors import DataError, UserError
 from cdsam.models.model import CDSAM
 
@@ -46,10 +46,7 @@ def to_pil(image: ImageLike) -> Image.Image:
         path = Path(image)
         if not path.is_file():
             raise DataError(f"{path}: image not found")
-        try:
-            return open_image(path, "RGB")
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"{path}: unreadable image ({exc})") from None
+        return read_image(path, "RGB")
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, np.ndarray):

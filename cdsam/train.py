@@ -121,17 +121,13 @@ def collate(batch: list[dict]) -> dict[str, Any]:
     }
 
 
-def loader_workers(setting: int) -> int:
-    """``data.num_workers``; -1 (auto) = 0: every sample is decoded once and kept in memory
-    (and the frozen DINO prefix is cached), so after the first epoch the data path costs
-    nothing and worker processes would only compete for cores. Set N for large images that
-    are slow to decode."""
-    return max(0, setting)
-
-
-def loader_kwargs(workers: int, device: torch.device) -> dict[str, Any]:
-    """DataLoader settings: pinned memory on CUDA; workers persistent and started with
-    ``spawn`` (forked workers started after CUDA came up hung on a GPU machine here)."""
+def loader_kwargs(num_workers: int, device: torch.device) -> dict[str, Any]:
+    """DataLoader settings from ``data.num_workers``. -1 (auto) means 0: every sample is
+    decoded once and kept in memory (and the frozen DINO prefix is cached), so workers would
+    only compete for cores; set N for large images that are slow to decode. Pinned memory on
+    CUDA; workers persistent and started with ``spawn`` (forked workers started after CUDA
+    came up hung on a GPU machine here)."""
+    workers = max(0, num_workers)
     kw: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
     if workers > 0:
         kw.update(persistent_workers=True, multiprocessing_context="spawn")
@@ -160,18 +156,19 @@ class EvalResult:
     prompts: list[str] = field(default_factory=list)
     ious: list[float] = field(default_factory=list)
     dices: list[float] = field(default_factory=list)
+    masks: list[torch.Tensor] = field(default_factory=list)  # HxW bool, with keep_masks
 
 
 @torch.no_grad()
 def evaluate_model(model: CDSAM, loader: DataLoader, device: torch.device,
                    threshold: float = 0.5, show_progress: bool = False,
                    cache: FeatureCache | None = None, start_block: int = 0,
-                   reduce: bool = False) -> EvalResult:
+                   reduce: bool = False, keep_masks: bool = False) -> EvalResult:
     """Dice+BCE loss, mean per-sample IoU and Dice over a loader (ignore pixels skipped).
 
     ``cache``: DINO prefix features to reuse (see `cdsam.feature_cache`). ``reduce``: the loader
     holds this rank's shard; loss/mIoU/Dice are summed over ranks (the per-sample lists stay
-    local).
+    local). ``keep_masks``: also keep each sample's thresholded mask (on the CPU).
     """
     model.eval()
     use_amp, amp_dtype, _ = amp_settings(device)
@@ -196,6 +193,8 @@ def evaluate_model(model: CDSAM, loader: DataLoader, device: torch.device,
         res.dices += dice.tolist()
         res.ids += batch["id"]
         res.prompts += batch["prompt"]
+        if keep_masks:
+            res.masks += list((torch.sigmoid(logits[:, 0]) > threshold).cpu())
     sums = [total_loss, float(sum(res.ious)), float(sum(res.dices)), float(n)]
     if reduce:
         sums = distributed.all_reduce_sum(sums, device)
@@ -337,7 +336,7 @@ class StageTrainer:
 
     def _build_loaders(self) -> None:
         p, d = self.params, self.dist
-        kw = loader_kwargs(loader_workers(p.data.num_workers), self.device)
+        kw = loader_kwargs(p.data.num_workers, self.device)
         # The same sampler for one process or many: a per-epoch seeded permutation, rank r
         # taking every world_size-th index, so a resumed epoch replays the same order.
         self.train_sampler = DistributedSampler(
@@ -367,8 +366,8 @@ class StageTrainer:
         with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype,
                                              enabled=self.use_amp):
             for ds in (self.train_set, self.val_set):
-                items = ((ds[i]["image_key"], ds[i]["image"].to(self.device))
-                         for i in range(len(ds)))
+                samples = (ds[i] for i in range(len(ds)))
+                items = ((s["image_key"], s["image"].to(self.device)) for s in samples)
                 self.cache.fill(items, lambda x: self.model.dino_prefix(x, plan.end_block))
         depth = self.model.depth
         log.info("feature cache: DINO blocks 0-%d of %d computed once for %d images (%.1f MB) "

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from cdsam.data.manifest import FOREGROUND, IGNORE, open_image, read_manifest
+from cdsam.data.manifest import FOREGROUND, IGNORE, read_image, read_manifest
 from cdsam.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -61,14 +61,8 @@ class ManifestDataset(Dataset):
     def _load(self, idx: int) -> dict:
         row = self.df.iloc[idx]
         ipath, mpath = self.root / row["image"], self.root / row["mask"]
-        try:
-            image = open_image(ipath, "RGB")
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"{ipath}: unreadable image ({exc})") from None
-        try:
-            mask = np.asarray(open_image(mpath, "L"))
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"{mpath}: unreadable mask ({exc})") from None
+        image = read_image(ipath, "RGB")
+        mask = np.asarray(read_image(mpath, "L", "mask"))
         if (mask.shape[1], mask.shape[0]) != image.size:
             raise DataError(f"{mpath}: mask size {mask.shape[::-1]} differs from its image "
                             f"{image.size}")

@@ -9,7 +9,15 @@ import numpy as np
 from PIL import Image
 
 from cdsam.config import PrepareConfig
-from cdsam.data.manifest import BACKGROUND, FOREGROUND, IMAGE_EXTS, BadFiles, Sample, open_image
+from cdsam.data.manifest import (
+    BACKGROUND,
+    FOREGROUND,
+    IMAGE_EXTS,
+    UNREADABLE,
+    BadFiles,
+    Sample,
+    open_image,
+)
 from cdsam.errors import DataError
 
 
@@ -24,7 +32,7 @@ def read_binary_mask(path: Path, size: tuple[int, int], bad: BadFiles) -> np.nda
     """A mask file → encoded HxW array (>0 is foreground), or None after reporting it bad."""
     try:
         mask = np.asarray(open_image(path))
-    except (OSError, SyntaxError, ValueError) as exc:
+    except UNREADABLE as exc:
         bad.bad(path, f"unreadable mask ({exc})")
         return None
     if mask.ndim == 3:
@@ -56,7 +64,7 @@ def iter_folders(cfg: PrepareConfig, bad: BadFiles) -> Iterator[tuple[str, Image
             continue
         try:
             image = open_image(path, "RGB")
-        except (OSError, SyntaxError, ValueError) as exc:
+        except UNREADABLE as exc:
             bad.bad(path, f"unreadable image ({exc})")
             continue
         mask = read_binary_mask(masks[stem], image.size, bad)

@@ -71,6 +71,17 @@ def open_image(path: Path, mode: str | None = None) -> Image.Image:
         return im.convert(mode) if mode else im.copy()
 
 
+UNREADABLE = (OSError, SyntaxError, ValueError)  # what PIL raises for a bad or truncated file
+
+
+def read_image(path: Path, mode: str, what: str = "image") -> Image.Image:
+    """:func:`open_image`, failing with one line that names the file."""
+    try:
+        return open_image(path, mode)
+    except UNREADABLE as exc:
+        raise DataError(f"{path}: unreadable {what} ({exc})") from None
+
+
 def split_ids(ids: list[str], val_fraction: float, test_fraction: float, seed: int
               ) -> dict[str, str]:
     """Seeded split of image ids; each split that is asked for gets at least one image."""

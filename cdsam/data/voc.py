@@ -13,7 +13,15 @@ import numpy as np
 from PIL import Image
 
 from cdsam.config import PrepareConfig
-from cdsam.data.manifest import BACKGROUND, FOREGROUND, IGNORE, BadFiles, Sample, open_image
+from cdsam.data.manifest import (
+    BACKGROUND,
+    FOREGROUND,
+    IGNORE,
+    UNREADABLE,
+    BadFiles,
+    Sample,
+    open_image,
+)
 from cdsam.errors import DataError
 
 VOC_CLASSES = (
@@ -59,7 +67,7 @@ def iter_voc(cfg: PrepareConfig, stems: list[str], bad: BadFiles
             continue
         try:
             image = open_image(image_path, "RGB")
-        except (OSError, SyntaxError, ValueError) as exc:
+        except UNREADABLE as exc:
             bad.bad(image_path, f"unreadable image ({exc})")
             continue
         try:
@@ -69,7 +77,7 @@ def iter_voc(cfg: PrepareConfig, stems: list[str], bad: BadFiles
                     bad.bad(label_path, f"expected a palette (P) or L label PNG, got mode {im.mode}")
                     continue
                 labels = np.asarray(im)
-        except (OSError, SyntaxError, ValueError) as exc:
+        except UNREADABLE as exc:
             bad.bad(label_path, f"unreadable label PNG ({exc})")
             continue
         if (labels.shape[1], labels.shape[0]) != image.size:
