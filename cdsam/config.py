@@ -22,7 +22,11 @@ from cdsam.errors import ConfigError, UserError
 
 SAM_TYPES = ("vit_b", "vit_l", "vit_h")
 SAM_MODES = ("lora", "frozen", "full")
-SOURCES = ("synthetic", "folders", "voc")
+SOURCES = ("synthetic", "folders", "voc", "coco")
+NEGATIVES = ("none", "absent")
+MASK_FORMATS = ("binary", "indexed", "per_class")
+FITS = ("crop", "pad")
+SELECT = ("best", "last")
 STAGES = (1, 2, 3, 4)
 
 
@@ -114,6 +118,7 @@ class LossConfig:
 class StageConfig:
     epochs: int = 1
     sam_mode: str | None = None  # stage 4 only: lora | frozen | full
+    select: str = "best"  # keep the best-val-mIoU epoch, or the last one
     # Per-stage overrides of `optim`; null keeps the `optim` value.
     batch_size: int | None = None
     lr: float | None = None
@@ -126,10 +131,23 @@ class StageConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Seeded train-time augmentation, applied to image and mask together (never val/test)."""
+
+    enable: bool = False
+    hflip: float = 0.5  # probability of a horizontal flip
+    scale: float = 0.3  # random resized crop keeps 1-scale … 1 of the area (0: off)
+    rotate: float = 10.0  # degrees, ± (0: off); uncovered pixels are ignore in the mask
+    colour: float = 0.2  # brightness / contrast / saturation jitter (0: off)
+
+
+@dataclass
 class DataConfig:
-    resize: int = 64  # shorter side before the centre crop
-    crop: int = 64  # square crop fed to DINO; a multiple of the patch size
+    fit: str = "crop"  # crop: Resize(resize) → CenterCrop(crop); pad: longer side → crop, pad
+    resize: int = 64  # crop fit: shorter side before the centre crop
+    crop: int = 64  # square input fed to DINO; a multiple of the patch size
     num_workers: int = -1  # -1 = auto (0: samples are decoded once and kept in memory)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -155,16 +173,26 @@ class PrepareConfig:
     val_fraction: float = 0.2
     test_fraction: float = 0.0
     on_bad_file: str = "error"  # error | skip
+    # absent: prompts of classes not in an image become empty-mask samples (seeded)
+    negatives: str = "none"  # none | absent
+    negatives_per_image: int = 1  # absent-class prompts drawn per image (0: all absent classes)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    # folders source
+    # folders source (images also: coco)
     images: str | None = None
     masks: str | None = None
+    mask_format: str = "binary"  # binary (one prompt) | indexed (0 bg, k = classes[k-1]) | per_class
     prompt: str | None = None
     # voc source
     root: str | None = None
     prompt_template: str = "a photo of a {}"
-    classes: list[str] | None = None
+    classes: list[str] | None = None  # voc / coco / multi-class folders: the class names
     binary: bool = False
+    # coco source: instances JSON; val/test from their own files, else from the fractions
+    annotations: str | None = None
+    val_annotations: str | None = None
+    val_images: str | None = None  # default: prepare.images
+    test_annotations: str | None = None
+    test_images: str | None = None
 
 
 @dataclass
@@ -345,6 +373,8 @@ def validate(p: Params, errors: list[str]) -> None:
     for n in STAGES:
         st = p.stage(n)
         _check(st.epochs >= 1, f"stage{n}.epochs", st.epochs, "must be >= 1", errors)
+        _check(st.select in SELECT, f"stage{n}.select", st.select,
+               f"must be one of {', '.join(SELECT)}", errors)
         _validate_optim(st, f"stage{n}", errors)
         if n == 4:
             mode = st.sam_mode or "lora"
@@ -353,9 +383,17 @@ def validate(p: Params, errors: list[str]) -> None:
         elif st.sam_mode is not None:
             errors.append(f"stage{n}.sam_mode: only stage4 has a SAM mode, got {st.sam_mode!r}")
     dc = p.data
+    _check(dc.fit in FITS, "data.fit", dc.fit, f"must be one of {', '.join(FITS)}", errors)
     _check(dc.crop >= 1, "data.crop", dc.crop, "must be >= 1", errors)
-    _check(dc.crop <= dc.resize, "data.crop", dc.crop, f"must be <= data.resize ({dc.resize})",
+    if dc.fit == "crop":
+        _check(dc.crop <= dc.resize, "data.crop", dc.crop,
+               f"must be <= data.resize ({dc.resize})", errors)
+    au = dc.augment
+    _check(0 <= au.hflip <= 1, "data.augment.hflip", au.hflip, "must be in [0, 1]", errors)
+    _check(0 <= au.scale < 1, "data.augment.scale", au.scale, "must be in [0, 1)", errors)
+    _check(0 <= au.rotate <= 180, "data.augment.rotate", au.rotate, "must be in [0, 180]",
            errors)
+    _check(0 <= au.colour < 1, "data.augment.colour", au.colour, "must be in [0, 1)", errors)
     if d.patch_size is not None and d.patch_size >= 1 and dc.crop % d.patch_size:
         errors.append(f"data.crop: {dc.crop} is not divisible by model.dino.patch_size "
                       f"({d.patch_size})")
@@ -375,6 +413,16 @@ def validate(p: Params, errors: list[str]) -> None:
            "must be in [0, 1) and leave room for train next to val_fraction", errors)
     _check(pr.on_bad_file in ("error", "skip"), "prepare.on_bad_file", pr.on_bad_file,
            "must be error or skip", errors)
+    _check(pr.negatives in NEGATIVES, "prepare.negatives", pr.negatives,
+           f"must be one of {', '.join(NEGATIVES)}", errors)
+    _check(pr.negatives_per_image >= 0, "prepare.negatives_per_image", pr.negatives_per_image,
+           "must be >= 0 (0: every absent class)", errors)
+    _check(pr.mask_format in MASK_FORMATS, "prepare.mask_format", pr.mask_format,
+           f"must be one of {', '.join(MASK_FORMATS)}", errors)
+    if pr.classes is not None:
+        _check(len(pr.classes) >= 1 and len(set(pr.classes)) == len(pr.classes),
+               "prepare.classes", pr.classes, "must be a non-empty list of distinct names",
+               errors)
     sy = pr.synthetic
     _check(sy.num_images >= 2, "prepare.synthetic.num_images", sy.num_images, "must be >= 2",
            errors)

@@ -1,4 +1,9 @@
-"""The evaluate stage's work: score every stage checkpoint on the val split."""
+"""The evaluate stage's work: score every stage checkpoint on the held-out split.
+
+The test split when the prepared data has one (val chose each stage's epoch, so its score is
+optimistic), else val; ``evaluate.json`` and the log say which. Figures are defined in
+`cdsam.metrics`.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,11 @@ from torch.utils.data import DataLoader
 
 from cdsam import io
 from cdsam.checkpoint import load_checkpoint
-from cdsam.config import Params
+from cdsam.config import LossConfig, Params
 from cdsam.data.dataset import ManifestDataset
+from cdsam.data.manifest import read_manifest
+from cdsam.metrics import per_prompt
+from cdsam.objective import Objective
 from cdsam.overlay import denormalize, grid, sample_panel
 from cdsam.train import (
     EvalResult,
@@ -27,15 +35,22 @@ from cdsam.train import (
 log = logging.getLogger("cdsam.evaluate")
 
 
+def scored_split(data: Path) -> str:
+    """``test`` when the prepared data has a test split, else ``val``."""
+    return "test" if (read_manifest(data)["split"] == "test").any() else "val"
+
+
 def overlay_indices(ds: ManifestDataset, n: int) -> list[int]:
-    """A fixed set of val samples: the first images that carry two or more prompts."""
+    """A fixed set of samples: positives of images that carry two or more prompts first, then
+    one negative (an absent-object prompt) when there is one, then the rest."""
     df = ds.df
-    counts = df.groupby("image")["prompt"].transform("count")
-    multi = df.index[counts >= 2].tolist()
-    rest = [i for i in range(len(df)) if i not in set(multi)]
-    return (multi + rest)[:n]
-
-
+    pos = df[~df["negative"]]
+    counts = pos.groupby("image")["prompt"].transform("count")
+    multi = pos.index[counts >= 2].tolist()
+    negs = df.index[df["negative"]].tolist()[:1]
+    first = multi[:max(n - len(negs), 0)] + negs
+    rest = [i for i in range(len(df)) if i not in set(first)]
+    return (first + rest)[:n]
 @torch.no_grad()
 def stage_overlay(model, ds: ManifestDataset, indices: list[int], device: torch.device,
                   threshold: float) -> Any:
@@ -45,15 +60,16 @@ def stage_overlay(model, ds: ManifestDataset, indices: list[int], device: torch.
         s = ds[i]
         out = model(s["image"].unsqueeze(0).to(device), [s["prompt"]])
         pred = (torch.sigmoid(out.masks[0, 0].float()) > threshold).cpu().numpy()
+        caption = s["prompt"] + (" (absent)" if ds.df["negative"].iloc[i] else "")
         panels.append(sample_panel(denormalize(s["image"]), pred, s["mask"][0].numpy() > 0.5,
-                                   s["prompt"]))
+                                   caption))
     return grid(panels, columns=len(panels) or 1)
 
 
 def pair_rows(ds: ManifestDataset) -> list[int]:
-    """Val images that carry two prompts (e.g. "a red circle" and "a blue square" in one
-    scene): the dataset indices of their first two samples, pair by pair."""
-    firsts = ds.df.groupby("image", sort=True).head(2)
+    """Images that carry two objects (e.g. "a red circle" and "a blue square" in one scene):
+    the dataset indices of their first two positive samples, pair by pair."""
+    firsts = ds.df[~ds.df["negative"]].groupby("image", sort=True).head(2)
     counts = firsts.groupby("image")["id"].transform("count")
     return firsts[counts == 2].sort_values("image", kind="stable").index.tolist()
 
@@ -85,32 +101,40 @@ def evaluate_stages(params: Params, checkpoints: dict[str, Path], data: Path, ou
     ev = params.evaluate
     device = resolve_device(params.device)
     configure_determinism(device)
-    ds = ManifestDataset(data, "val", params.data.resize, params.data.crop)
+    split = scored_split(data)
+    ds = ManifestDataset(data, split, params.data)
     loader = DataLoader(ds, batch_size=ev.batch_size, shuffle=False, collate_fn=collate)
     indices = overlay_indices(ds, ev.num_overlays)
     pairs = pair_rows(ds)
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = {"split": split}
     stage_rows, prompt_rows = [], []
+    log.info("scoring %d %s samples (%d negatives)%s", len(ds), split, int(ds.df["negative"].sum()),
+             "" if split == "test" else "; no test split (prepare.test_fraction: 0), so this is "
+             "the split that also chose each stage's epoch")
     for name, path in checkpoints.items():
-        model, _ = load_checkpoint(path, device)
-        res = evaluate_model(model, loader, device, ev.threshold, show_progress=True,
+        model, meta = load_checkpoint(path, device)
+        # The loss the checkpoint trained with (its SSL term needs the stage-start backbone,
+        # which only the training run has).
+        loss_cfg = LossConfig(**(meta.extra.get("loss") or {}))
+        vocab = sorted(set(meta.prompts) | set(ds.prompts))
+        objective = Objective.for_model(model, loss_cfg, vocab)
+        res = evaluate_model(model, loader, device, objective, ev.threshold, show_progress=True,
                              keep_masks=True)
-        metrics[name] = {"miou": res.miou, "dice": res.dice, "loss": res.loss,
-                         **prompt_pairs(res, pairs)}
-        stage_rows.append({"stage": name, "miou": res.miou, "dice": res.dice})
-        per = pd.DataFrame({"prompt": res.prompts, "iou": res.ious, "dice": res.dices})
-        per_prompt = per.groupby("prompt").mean().sort_index()
-        for p, r in per_prompt.iterrows():
-            prompt_rows.append({"stage": name, "prompt": p, "miou": r.iou, "dice": r.dice})
+        metrics[name] = {**res.figures, **prompt_pairs(res, pairs)}
+        stage_rows.append({"stage": name, "miou": res.miou, "class_iou": res.class_iou,
+                           "fp_rate": res.fp_rate})
+        for row in per_prompt(res.scores).to_dict("records"):
+            prompt_rows.append({"stage": name, **row})
         if indices:
             img = stage_overlay(model, ds, indices, device, ev.threshold)
             (out / "overlays").mkdir(parents=True, exist_ok=True)
             with io.atomic_path(out / "overlays" / f"{name}.png") as tmp:
                 img.save(tmp, format="PNG")
         m = metrics[name]
-        log.info("%s: miou=%.4f dice=%.4f (%d val samples); two-prompt images (%d): own-object "
-                 "IoU %.3f, IoU between the two masks %.3f", name, res.miou, res.dice, len(ds),
-                 m["pairs"], m["pairs_miou"], m["pairs_overlap"])
+        log.info("%s on %s: miou=%.4f (%d positives) class_iou=%.4f fp_rate=%.3f (%d negatives); "
+                 "two-object images (%d): own-object IoU %.3f, IoU between the two masks %.3f",
+                 name, split, res.miou, res.positives, res.class_iou, res.fp_rate,
+                 res.negatives, m["pairs"], m["pairs_miou"], m["pairs_overlap"])
     io.write_text(out / "stages.csv",
                   pd.DataFrame(stage_rows).to_csv(index=False, lineterminator="\n"))
     io.write_text(out / "per_prompt.csv",

@@ -1,9 +1,9 @@
 """Inference: ``cdsam.load_model(path).predict(image, prompts)`` → one mask per prompt.
 
-The image goes through the training geometry (shorter side resized to ``data.resize``, centre
-crop ``data.crop``, both read from the checkpoint), and the logits come back to the image's own
-size: pasted into the resized frame, then resized to the original. Pixels outside the centre
-crop were never seen by the model and are background.
+The image goes through the training geometry (``data.fit``, ``data.resize``, ``data.crop``,
+read from the checkpoint; see `cdsam.data.geometry`), and the logits come back to the image's
+own size. With the ``pad`` fit the whole image is seen and every pixel gets a prediction; with
+``crop`` the pixels outside the centre crop were never seen and are background.
 """
 
 from __future__ import annotations
@@ -15,16 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from cdsam.data.dataset import build_transform, pil_to_tv_image
+from cdsam.data.dataset import pil_to_tv_image
+from cdsam.data.geometry import Geometry, fit_transform, normalize_transform
 from cdsam.data.manifest import read_image
 from cdsam.errors import DataError, UserError
 from cdsam.models.model import CDSAM
 
 ImageLike = str | Path | Image.Image | np.ndarray
-BACKGROUND_LOGIT = -1e4  # outside the crop: certainly background
 
 
 @dataclass
@@ -63,50 +62,18 @@ def to_pil(image: ImageLike) -> Image.Image:
                     f"{type(image).__name__}")
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """Where the model's crop sits in the original image."""
-
-    size: tuple[int, int]  # original H, W
-    resized: tuple[int, int]  # after the shorter-side resize
-    top: int
-    left: int
-    crop: int
-
-    @classmethod
-    def of(cls, h: int, w: int, resize: int, crop: int) -> Geometry:
-        # torchvision's Resize(int) and CenterCrop arithmetic, so training and inference agree.
-        short, long = (h, w) if h <= w else (w, h)
-        new_long = int(resize * long / short)
-        rh, rw = (resize, new_long) if h <= w else (new_long, resize)
-        return cls((h, w), (rh, rw), int(round((rh - crop) / 2.0)),
-                   int(round((rw - crop) / 2.0)), crop)
-
-    def to_crop(self, x: float, y: float) -> tuple[float, float]:
-        """Original pixel coordinates → crop pixel coordinates."""
-        return (x * self.resized[1] / self.size[1] - self.left,
-                y * self.resized[0] / self.size[0] - self.top)
-
-    def to_original(self, logits: torch.Tensor) -> torch.Tensor:
-        """PxCxC crop logits → PxHxW logits at the original size."""
-        canvas = torch.full((logits.shape[0], 1, *self.resized), BACKGROUND_LOGIT,
-                            dtype=logits.dtype)
-        canvas[:, :, self.top:self.top + self.crop, self.left:self.left + self.crop] = \
-            logits.unsqueeze(1)
-        return F.interpolate(canvas, size=self.size, mode="bilinear",
-                             align_corners=False)[:, 0]
-
-
 class Predictor:
     """A loaded checkpoint, ready for images: see :meth:`predict`."""
 
     def __init__(self, model: CDSAM, resize: int, crop: int, prompts: list[str],
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", fit: str = "crop") -> None:
         self.model = model.eval().to(device)
         self.device = torch.device(device)
-        self.resize, self.crop = resize, crop
+        self.resize, self.crop, self.fit = resize, crop, fit
         self.known_prompts = prompts  # the training vocabulary (others work, less reliably)
-        self.transform = build_transform(resize, crop)  # the training transform, same code
+        # The training transforms, same code: fit, then normalise.
+        self.fit_image = fit_transform(fit, resize, crop)
+        self.normalize = normalize_transform()
 
     @torch.no_grad()
     def predict(self, image: ImageLike, prompts: str | Sequence[str],
@@ -123,8 +90,8 @@ class Predictor:
         if not prompts:
             raise UserError("predict: give at least one prompt")
         pil = to_pil(image)
-        geo = Geometry.of(pil.height, pil.width, self.resize, self.crop)
-        x = self.transform(pil_to_tv_image(pil)).as_subclass(torch.Tensor)
+        geo = Geometry.of(pil.height, pil.width, self.resize, self.crop, self.fit)
+        x = self.normalize(self.fit_image(pil_to_tv_image(pil))).as_subclass(torch.Tensor)
         x = x.unsqueeze(0).to(self.device)
         chunks = []
         for i in range(0, len(prompts), batch_size):
@@ -157,7 +124,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Predicto
     if not resize or not crop:
         img = model.dino.patch_embed.img_size
         resize = crop = int(img[0])
-    return Predictor(model, int(resize), int(crop), list(meta.prompts), device)
+    return Predictor(model, int(resize), int(crop), list(meta.prompts), device,
+                     fit=data.get("fit", "crop"))
 
 
 def semantic_labels(probs: np.ndarray, threshold: float) -> np.ndarray:

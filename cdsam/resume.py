@@ -45,6 +45,7 @@ class Progress:
     epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
     best: float = -1.0
+    best_epoch: int = 0
     train_time: float = 0.0
     train_images: int = 0
 
@@ -119,9 +120,12 @@ class ResumeStore:
         self.key = key
 
     def save(self, progress: Progress, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: Any, scaler: torch.amp.GradScaler) -> None:
+             scheduler: Any, scaler: torch.amp.GradScaler,
+             extra: dict[str, torch.Tensor] | None = None) -> None:
+        """``extra``: more tensors to keep (e.g. the best epoch's weights), returned by load."""
         tensors = {f"model/{k}": v.detach().cpu().contiguous()
                    for k, v in model.state_dict().items()}
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
         opt_t, opt_meta = flatten_optimizer(optimizer.state_dict())
         tensors.update({k: v.detach().cpu().contiguous() for k, v in opt_t.items()})
         rng_t, rng_meta = rng_state()
@@ -129,6 +133,7 @@ class ResumeStore:
         meta = {
             "format": FORMAT, "fingerprint": self.key, "stage": self.stage,
             "epoch": progress.epoch, "history": progress.history, "best": progress.best,
+            "best_epoch": progress.best_epoch,
             "train_time": progress.train_time, "train_images": progress.train_images,
             "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng": rng_meta,
@@ -155,7 +160,8 @@ class ResumeStore:
             self.clear()
             return None
         progress = Progress(epoch=int(meta["epoch"]), history=list(meta["history"]),
-                            best=float(meta["best"]), train_time=float(meta["train_time"]),
+                            best=float(meta["best"]),
+                            best_epoch=int(meta.get("best_epoch", 0)), train_time=float(meta["train_time"]),
                             train_images=int(meta["train_images"]))
         return progress, tensors, meta
 

@@ -40,13 +40,12 @@ from cdsam.checkpoint import (
 )
 from cdsam.config import OptimConfig, Params, to_dict
 from cdsam.curriculum import apply_stage, component_counts, param_groups, policy
-from cdsam.data.dataset import ManifestDataset
+from cdsam.data.dataset import EpochSampler, ManifestDataset
 from cdsam.errors import CheckpointError, UserError
 from cdsam.feature_cache import FeatureCache, plan_cache, weights_fingerprint
-from cdsam.losses import bce_loss, clip_align_loss, dice_loss, feature_distill_loss
-from cdsam.metrics import iou_dice
-from cdsam.models.dino import dino_patch_tokens
+from cdsam.metrics import SplitScores, pixel_counts, summarize
 from cdsam.models.model import CDSAM, build_model
+from cdsam.objective import Objective
 from cdsam.resume import Progress, ResumeStore, fingerprint
 
 log = logging.getLogger("cdsam.train")
@@ -150,30 +149,39 @@ def compile_tensor_parts(model: CDSAM) -> None:
 @dataclass
 class EvalResult:
     loss: float
-    miou: float
+    miou: float  # mean per-sample IoU over positive samples
     dice: float
+    class_iou: float = 0.0  # per-prompt summed intersection / union, mean over prompts
+    fp_rate: float = 0.0  # negatives with a non-empty predicted mask
+    neg_area: float = 0.0  # negatives' mean predicted share of the image
+    positives: int = 0
+    negatives: int = 0
+    scores: SplitScores = field(default_factory=SplitScores)  # per-sample counts (local rank)
     ids: list[str] = field(default_factory=list)
-    prompts: list[str] = field(default_factory=list)
-    ious: list[float] = field(default_factory=list)
-    dices: list[float] = field(default_factory=list)
+    ious: list[float] = field(default_factory=list)  # per sample, in loader order
     masks: list[torch.Tensor] = field(default_factory=list)  # HxW bool, with keep_masks
+
+    @property
+    def figures(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in ("loss", "miou", "dice", "class_iou", "fp_rate",
+                                              "neg_area", "positives", "negatives")}
 
 
 @torch.no_grad()
 def evaluate_model(model: CDSAM, loader: DataLoader, device: torch.device,
-                   threshold: float = 0.5, show_progress: bool = False,
+                   objective: Objective, threshold: float = 0.5, show_progress: bool = False,
                    cache: FeatureCache | None = None, start_block: int = 0,
                    reduce: bool = False, keep_masks: bool = False) -> EvalResult:
-    """Dice+BCE loss, mean per-sample IoU and Dice over a loader (ignore pixels skipped).
+    """The objective's loss and the split's scores (`cdsam.metrics`) over a loader.
 
     ``cache``: DINO prefix features to reuse (see `cdsam.feature_cache`). ``reduce``: the loader
-    holds this rank's shard; loss/mIoU/Dice are summed over ranks (the per-sample lists stay
+    holds this rank's shard; the figures are summed over ranks (the per-sample lists stay
     local). ``keep_masks``: also keep each sample's thresholded mask (on the CPU).
     """
     model.eval()
     use_amp, amp_dtype, _ = amp_settings(device)
     res = EvalResult(0.0, 0.0, 0.0)
-    total_loss, n = 0.0, 0
+    total_loss = 0.0
     for batch in tqdm(loader, desc="evaluate", leave=False, disable=not show_progress):
         images = batch["image"].to(device, non_blocking=True)
         target = batch["mask"].to(device, non_blocking=True)
@@ -184,22 +192,21 @@ def evaluate_model(model: CDSAM, loader: DataLoader, device: torch.device,
                 prefix = cache.lookup(batch["image_key"], images,
                                       lambda x: model.dino_prefix(x, start_block))
             out = model(images, batch["prompt"], prefix=prefix, start_block=start_block)
+            loss, _ = objective(out, images, target, valid, batch["prompt"])
         logits = out.masks.float()
-        loss = dice_loss(logits, target, valid) + bce_loss(logits, target, valid)
         total_loss += loss.item() * images.shape[0]
-        n += images.shape[0]
-        iou, dice = iou_dice(logits, target, valid, threshold)
-        res.ious += iou.tolist()
-        res.dices += dice.tolist()
+        res.scores.add(batch["prompt"], pixel_counts(logits, target, valid, threshold))
         res.ids += batch["id"]
-        res.prompts += batch["prompt"]
         if keep_masks:
             res.masks += list((torch.sigmoid(logits[:, 0]) > threshold).cpu())
-    sums = [total_loss, float(sum(res.ious)), float(sum(res.dices)), float(n)]
+    sums = [total_loss] + res.scores.sums(objective.vocab)
     if reduce:
         sums = distributed.all_reduce_sum(sums, device)
-    count = max(sums[3], 1.0)
-    res.loss, res.miou, res.dice = sums[0] / count, sums[1] / count, sums[2] / count
+    figures = summarize(sums[1:], objective.vocab)
+    for key, value in figures.items():
+        setattr(res, key, value)
+    res.loss = sums[0] / max(sums[7], 1.0)  # sums[7]: the sample count
+    res.ious = res.scores.frame()["iou"].tolist()
     return res
 
 
@@ -231,6 +238,8 @@ class StageTrainer:
         self.optim_cfg: OptimConfig = params.optim_for(stage)
         self.epochs = params.stage(stage).epochs
         self.sam_mode = (params.stage4.sam_mode or "lora") if stage == 4 else "lora"
+        self.select = params.stage(stage).select
+        self.selected_epoch = 0
         self.history: list[dict[str, float]] = []
         self.step_losses: list[list[float]] = []  # per epoch, per step (the benchmark reads it)
         self.epoch_times: list[float] = []
@@ -280,8 +289,9 @@ class StageTrainer:
         self.device = distributed.init(self.dist, self.device)
         configure_determinism(self.device)
         seed_everything(p.seed + self.stage)
-        self.train_set = ManifestDataset(self.paths.data, "train", p.data.resize, p.data.crop)
-        self.val_set = ManifestDataset(self.paths.data, "val", p.data.resize, p.data.crop)
+        self.train_set = ManifestDataset(self.paths.data, "train", p.data,
+                                         augment=p.data.augment.enable, seed=p.seed)
+        self.val_set = ManifestDataset(self.paths.data, "val", p.data)
         model = self._load_model()
         if p.data.crop % model.patch_size:
             raise UserError(f"data.crop: {p.data.crop} is not divisible by the DINO patch size "
@@ -294,13 +304,13 @@ class StageTrainer:
             model.token_proj.requires_grad_(False)
         self.model = model.to(self.device)
         self.vocab = sorted(set(self.train_set.prompts) | set(self.val_set.prompts))
-        self.vocab_index = {t: i for i, t in enumerate(self.vocab)}
-        self.vocab_feats = self.model.clip_text(self.vocab)  # frozen: once per run
         self.counts = component_counts(self.model)
-        self.teacher = None
+        teacher = None
         if p.loss.ssl_weight > 0 and any(x.requires_grad for x in model.dino.parameters()):
             # Frozen copy of the stage-start backbone: the SSL term keeps features near it.
-            self.teacher = copy.deepcopy(self.model.dino).eval().requires_grad_(False)
+            teacher = copy.deepcopy(self.model.dino).eval().requires_grad_(False)
+        # One objective for train and val loss; CLIP text features once per run (frozen).
+        self.objective = Objective.for_model(self.model, p.loss, self.vocab, teacher)
         groups = param_groups(self.model, self.optim_cfg)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(groups, fused=fused) if fused else \
@@ -339,9 +349,9 @@ class StageTrainer:
         kw = loader_kwargs(p.data.num_workers, self.device)
         # The same sampler for one process or many: a per-epoch seeded permutation, rank r
         # taking every world_size-th index, so a resumed epoch replays the same order.
-        self.train_sampler = DistributedSampler(
+        self.train_sampler = EpochSampler(DistributedSampler(
             self.train_set, num_replicas=d.world_size, rank=d.rank, shuffle=True,
-            seed=p.seed * 1000 + self.stage, drop_last=False)
+            seed=p.seed * 1000 + self.stage, drop_last=False))
         self.train_loader = DataLoader(
             self.train_set, batch_size=self.optim_cfg.batch_size, sampler=self.train_sampler,
             collate_fn=collate, **kw)
@@ -353,12 +363,12 @@ class StageTrainer:
 
     def _setup_cache(self) -> None:
         p = self.params
-        plan = plan_cache(self.model, p.train.feature_cache)
+        plan = plan_cache(self.model, p.train.feature_cache, augment=p.data.augment.enable)
         if not plan.enabled:
             log.info("feature cache off: %s", plan.reason)
             return
         self.start_block = plan.end_block
-        key = (f"resize={p.data.resize},crop={p.data.crop},end={plan.end_block},"
+        key = (f"fit={p.data.fit},resize={p.data.resize},crop={p.data.crop},end={plan.end_block},"
                f"w={weights_fingerprint(self.model, plan.end_block)}")
         self.cache = FeatureCache(p.train.feature_cache_mb, key)
         t0 = time.perf_counter()
@@ -390,7 +400,6 @@ class StageTrainer:
 
     # ---- one step
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        lc = self.params.loss
         images = batch["image"].to(self.device, non_blocking=True)
         target = batch["mask"].to(self.device, non_blocking=True)
         valid = batch["valid"].to(self.device, non_blocking=True)
@@ -402,22 +411,7 @@ class StageTrainer:
                         batch["image_key"], images,
                         lambda x: self.model.dino_prefix(x, self.start_block))
             out = self.net(images, batch["prompt"], prefix=prefix, start_block=self.start_block)
-            logits = out.masks.float()
-            parts = {"dice": dice_loss(logits, target, valid), "bce": bce_loss(logits, target, valid)}
-            loss = lc.dice_weight * parts["dice"] + lc.bce_weight * parts["bce"]
-            if lc.clip_align_weight > 0:
-                labels = torch.tensor([self.vocab_index[t] for t in batch["prompt"]],
-                                      device=self.device)
-                projected = self.model.token_proj(out.tokens)
-                parts["clip_align"] = clip_align_loss(
-                    projected.float(), out.grid, target, valid, self.vocab_feats.float(),
-                    labels, lc.clip_temperature)
-                loss = loss + lc.clip_align_weight * parts["clip_align"]
-            if self.teacher is not None:
-                with torch.no_grad():
-                    teacher_tokens, _ = dino_patch_tokens(self.teacher, images)
-                parts["ssl"] = feature_distill_loss(out.tokens.float(), teacher_tokens.float())
-                loss = loss + lc.ssl_weight * parts["ssl"]
+            loss, parts = self.objective(out, images, target, valid, batch["prompt"])
         return loss, {k: float(v.detach()) for k, v in parts.items()}
 
     def _set_train_mode(self) -> None:
@@ -476,9 +470,8 @@ class StageTrainer:
         if live is None:
             return
         live.log_metric("train/loss", row["train_loss"])
-        live.log_metric("val/loss", row["loss"])
-        live.log_metric("val/miou", row["miou"])
-        live.log_metric("val/dice", row["dice"])
+        for key in ("loss", "miou", "dice", "class_iou", "fp_rate"):
+            live.log_metric(f"val/{key}", row[key])
         live.log_metric("lr", row["lr"])
         live.next_step()
 
@@ -489,6 +482,8 @@ class StageTrainer:
         progress, tensors, meta = found
         self.store.restore(tensors, meta, self.model, self.optimizer, self.scheduler,
                            self.scaler)
+        self.best_state = {k[len("best/"):]: v for k, v in tensors.items()
+                           if k.startswith("best/")} or None
         log.info("resuming stage%d from epoch %d/%d (state in %s)", self.stage, progress.epoch,
                  self.epochs, self.store.dir)
         self.history = list(progress.history)
@@ -499,6 +494,7 @@ class StageTrainer:
     def train(self, live=None, stop_after: int | None = None) -> dict[str, float]:
         """Run the remaining epochs. ``stop_after``: return after that many epochs (as a killed
         run would stop) — tests use it to exercise resume."""
+        self.best_state: dict[str, torch.Tensor] | None = None
         progress = self._resume(live)
         for epoch in range(progress.epoch, self.epochs):
             if stop_after is not None and epoch >= stop_after:
@@ -513,25 +509,41 @@ class StageTrainer:
             self.epoch_times.append(elapsed)
             progress.train_time += elapsed
             progress.train_images += tr["images"]
-            val = evaluate_model(self.model, self.val_loader, self.device, cache=self.cache,
-                                 start_block=self.start_block, reduce=self.dist.enabled)
-            progress.best = max(progress.best, val.miou)
-            row = {"train_loss": tr["loss"], "loss": val.loss, "miou": val.miou,
-                   "dice": val.dice, "lr": self.scheduler.get_last_lr()[0]}
+            val = evaluate_model(self.model, self.val_loader, self.device, self.objective,
+                                 cache=self.cache, start_block=self.start_block,
+                                 reduce=self.dist.enabled)
+            if val.miou > progress.best:
+                progress.best, progress.best_epoch = val.miou, epoch + 1
+                if self.select == "best":  # the weights the next stage will start from
+                    self.best_state = self.trainable_state()
+            row = {"train_loss": tr["loss"], **val.figures, "lr": self.scheduler.get_last_lr()[0]}
             self.history.append(row)
             progress.history = self.history
             progress.epoch = epoch + 1
-            log.info("epoch %d/%d loss=%.4f miou=%.4f dice=%.4f val_loss=%.4f", epoch + 1,
-                     self.epochs, tr["loss"], val.miou, val.dice, val.loss)
+            log.info("epoch %d/%d train_loss=%.4f val_loss=%.4f miou=%.4f dice=%.4f "
+                     "class_iou=%.4f fp_rate=%.3f%s", epoch + 1, self.epochs, tr["loss"],
+                     val.loss, val.miou, val.dice, val.class_iou, val.fp_rate,
+                     " (best so far)" if progress.best_epoch == epoch + 1 else "")
             self._log_epoch(live, row)
             if self.dist.is_main:
+                best = {f"best/{k}": v for k, v in (self.best_state or {}).items()}
                 self.store.save(progress, self.model, self.optimizer, self.scheduler,
-                                self.scaler)
+                                self.scaler, extra=best)
             distributed.barrier()
-        last = self.history[-1]
+        self.selected_epoch = progress.best_epoch if self.select == "best" else self.epochs
+        if self.best_state is not None and self.selected_epoch != self.epochs:
+            own = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, value in self.best_state.items():
+                    own[name].copy_(value)
+        log.info("stage%d keeps epoch %d of %d (%s.select: %s; val miou %.4f)", self.stage,
+                 self.selected_epoch, self.epochs, f"stage{self.stage}", self.select,
+                 self.history[self.selected_epoch - 1]["miou"])
+        chosen = self.history[self.selected_epoch - 1]
         return {
-            "loss": last["loss"], "miou": last["miou"], "dice": last["dice"],
-            "best_miou": progress.best, "epochs": self.epochs,
+            **{k: chosen[k] for k in ("loss", "miou", "dice", "class_iou", "fp_rate")},
+            "best_miou": progress.best, "selected_epoch": self.selected_epoch,
+            "epochs": self.epochs,
             "trainable_params": self.trainable_params, "total_params": self.total_params,
             "throughput_img_s": progress.train_images / max(progress.train_time, 1e-9),
             "peak_mem_mb": peak_memory_mb(self.device),
@@ -544,6 +556,7 @@ class StageTrainer:
             "optim": to_dict(self.optim_cfg), "epochs": self.epochs, "sam_mode": self.sam_mode,
             "loss": to_dict(self.params.loss), "seed": self.params.seed,
             "data": to_dict(self.params.data), "world_size": self.dist.world_size,
+            "select": self.select, "selected_epoch": self.selected_epoch,
         }
         meta = CheckpointMeta(stage=self.stage, model=self.model_cfg, prompts=self.vocab,
                               parent=parent, extra=extra)
@@ -562,8 +575,8 @@ class StageTrainer:
                   report=None) as live:
             summary = self.train(live)
             self.save()
-            for key in ("epochs", "trainable_params", "total_params", "throughput_img_s",
-                        "peak_mem_mb", "best_miou"):
+            for key in ("epochs", "selected_epoch", "trainable_params", "total_params",
+                        "throughput_img_s", "peak_mem_mb", "best_miou"):
                 live.summary[key] = summary[key]
             live.summary["world_size"] = self.dist.world_size
             live.summary["feature_cache_images"] = len(self.cache) if self.cache else 0
@@ -572,7 +585,8 @@ class StageTrainer:
             live.summary["trainable_by_component"] = counts
         self.store.clear()  # outputs are written: the scratch state has done its job
         distributed.barrier()
-        log.info("stage%d done: val miou=%.4f dice=%.4f, %.1f img/s, peak %.0f MB -> %s",
-                 self.stage, summary["miou"], summary["dice"], summary["throughput_img_s"],
+        log.info("stage%d done: epoch %d kept, val miou=%.4f dice=%.4f, %.1f img/s, peak %.0f "
+                 "MB -> %s", self.stage, summary["selected_epoch"], summary["miou"],
+                 summary["dice"], summary["throughput_img_s"],
                  summary["peak_mem_mb"], self.paths.out)
         return summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +36,17 @@ def params() -> Params:
 @pytest.fixture
 def model_cfg(params) -> ModelConfig:
     return params.model
+
+
+# Real images shared next to the project (never copied into it); tests that read them skip
+# when they are absent. CDSAM_REAL_DATA points elsewhere.
+REAL_DATA = Path(os.environ.get("CDSAM_REAL_DATA",
+                                Path(__file__).resolve().parents[2] / "shared" / "real-data"))
+
+
+def real_data(name: str) -> Path:
+    path = REAL_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real data {path} not found (set CDSAM_REAL_DATA to the shared "
+                    f"real-data folder)")
+    return path

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cdsam.config import PrepareConfig, SyntheticConfig
+from cdsam.config import DataConfig, PrepareConfig, SyntheticConfig
 from cdsam.data.dataset import ManifestDataset
 from cdsam.data.manifest import FOREGROUND, IGNORE, read_manifest, slug
 from cdsam.data.prepare import prepare
@@ -16,11 +16,12 @@ def test_synthetic_manifest(tmp_path):
     cfg = PrepareConfig(synthetic=SyntheticConfig(num_images=40, image_size=48))
     summary = prepare(cfg, seed=0, out=tmp_path / "p", show_progress=False)
     df = read_manifest(tmp_path / "p")
-    assert list(df.columns) == ["id", "image", "mask", "prompt", "split"]
+    assert list(df.columns) == ["id", "image", "mask", "prompt", "split", "negative"]
     assert set(df["split"]) == {"train", "val"}
     assert df["prompt"].nunique() >= 4
     per_image = df.groupby("image")["prompt"].nunique()
     assert (per_image >= 2).all()
+    assert not df["negative"].any()  # prepare.negatives defaults to none
     for m in df["mask"].head(10):
         values = set(np.unique(np.asarray(Image.open(tmp_path / "p" / m))))
         assert values <= {0, FOREGROUND} and FOREGROUND in values
@@ -81,7 +82,6 @@ def test_truncated_png_named_or_skipped(tmp_path):
 @pytest.mark.parametrize("case,match", [
     ("size", "mask is 10x10, its image is 24x20"),
     ("nomask", "no mask with the same stem"),
-    ("empty", "mask has no foreground"),
     ("badimage", "unreadable image"),
 ])
 def test_folders_bad_inputs(tmp_path, case, match):
@@ -90,8 +90,6 @@ def test_folders_bad_inputs(tmp_path, case, match):
         Image.fromarray(np.full((10, 10), 255, np.uint8)).save(tmp_path / "masks" / "im1.png")
     elif case == "nomask":
         (tmp_path / "masks" / "im1.png").unlink()
-    elif case == "empty":
-        Image.fromarray(np.zeros((20, 24), np.uint8)).save(tmp_path / "masks" / "im1.png")
     else:
         (tmp_path / "images" / "im1.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match=match):
@@ -155,7 +153,7 @@ def test_voc_per_class_prompts_and_ignore(tmp_path):
     m = np.asarray(Image.open(tmp_path / "p" / df["mask"][0]))
     assert set(np.unique(m)) == {0, FOREGROUND, IGNORE}
     assert (m[8, :] == IGNORE).all()
-    ds = ManifestDataset(tmp_path / "p", "val", 16, 16)
+    ds = ManifestDataset(tmp_path / "p", "val", DataConfig(fit="crop", resize=16, crop=16))
     s = ds[0]
     assert s["valid"][0, 8].sum() == 0 and s["mask"][0, 8].sum() == 0
 
@@ -175,12 +173,12 @@ def test_voc_binary_and_custom_classes(tmp_path):
 def test_dataset_transform_and_manifest_errors(tmp_path):
     prepare(PrepareConfig(synthetic=SyntheticConfig(num_images=10, image_size=40)), 0,
             tmp_path / "p", False)
-    ds = ManifestDataset(tmp_path / "p", "train", resize=36, crop=32)
+    ds = ManifestDataset(tmp_path / "p", "train", DataConfig(fit="crop", resize=36, crop=32))
     s = ds[0]
     assert s["image"].shape == (3, 32, 32) and s["mask"].shape == (1, 32, 32)
     assert set(s["mask"].unique().tolist()) <= {0.0, 1.0}
     with pytest.raises(DataError, match="split 'test' has no samples"):
-        ManifestDataset(tmp_path / "p", "test", 32, 32)
+        ManifestDataset(tmp_path / "p", "test", DataConfig(crop=32))
     with pytest.raises(DataError, match="manifest not found"):
         read_manifest(tmp_path / "nothing")
 
@@ -221,3 +219,125 @@ def test_missing_voc_root_and_empty_folder(tmp_path):
         prepare(PrepareConfig(source="folders", images=str(tmp_path / "imgs"),
                               masks=str(tmp_path / "imgs"), prompt="x"), 0, tmp_path / "p",
                 False)
+
+
+# --------------------------------------------------------------------------- negatives
+
+
+def test_synthetic_negatives_name_absent_objects(tmp_path):
+    cfg = PrepareConfig(negatives="absent", negatives_per_image=2,
+                        synthetic=SyntheticConfig(num_images=12, image_size=32))
+    summary = prepare(cfg, 0, tmp_path / "p", show_progress=False)
+    df = read_manifest(tmp_path / "p")
+    assert summary["negative_samples"] == 24 == int(df["negative"].sum())
+    assert summary["positive_samples"] + summary["negative_samples"] == len(df)
+    for _, g in df.groupby("image"):
+        present = set(g.loc[~g["negative"], "prompt"])
+        absent = set(g.loc[g["negative"], "prompt"])
+        assert len(absent) == 2 and not (absent & present)
+    for m in df.loc[df["negative"], "mask"]:
+        assert not (np.asarray(Image.open(tmp_path / "p" / m)) == FOREGROUND).any()
+    # the positives are the ones prepare.negatives: none gives, and the draw is seeded
+    prepare(PrepareConfig(synthetic=cfg.synthetic), 0, tmp_path / "q", show_progress=False)
+    plain = read_manifest(tmp_path / "q")
+    assert list(plain["id"]) == list(df.loc[~df["negative"], "id"])
+    prepare(cfg, 0, tmp_path / "r", show_progress=False)
+    assert (tmp_path / "r" / "manifest.csv").read_bytes() == \
+        (tmp_path / "p" / "manifest.csv").read_bytes()
+
+
+def test_folders_empty_mask_is_a_negative(tmp_path):
+    cfg = _folders(tmp_path)
+    Image.fromarray(np.zeros((20, 24), np.uint8)).save(tmp_path / "masks" / "im1.png")
+    summary = prepare(cfg, 0, tmp_path / "p", show_progress=False)
+    df = read_manifest(tmp_path / "p").set_index("id")
+    assert summary["negative_samples"] == 1 and bool(df.loc["im1__a-lesion", "negative"])
+
+
+def _indexed(tmp_path, labels: list[np.ndarray]):
+    img_dir, mask_dir = tmp_path / "images", tmp_path / "masks"
+    img_dir.mkdir()
+    mask_dir.mkdir()
+    for i, lab in enumerate(labels):
+        Image.fromarray(np.full((*lab.shape, 3), 30 * i, np.uint8)).save(img_dir / f"im{i}.png")
+        Image.fromarray(lab.astype(np.uint8)).save(mask_dir / f"im{i}.png")
+    return PrepareConfig(source="folders", images=str(img_dir), masks=str(mask_dir),
+                         mask_format="indexed", classes=["cell", "nucleus", "vesicle"],
+                         prompt_template="a {}", val_fraction=0.34)
+
+
+def test_folders_class_indexed_masks_with_negatives(tmp_path):
+    lab = np.zeros((12, 12), np.uint8)
+    lab[1:5, 1:5] = 1
+    lab[6:9, 6:9] = 2
+    lab[11, :] = 255
+    cfg = _indexed(tmp_path, [lab, lab, np.where(lab == 2, 0, lab)])
+    cfg.negatives = "absent"
+    cfg.negatives_per_image = 0  # every absent class
+    prepare(cfg, 0, tmp_path / "p", show_progress=False)
+    df = read_manifest(tmp_path / "p").set_index("id")
+    assert set(df.index) == {f"im{i}__a-{c}" for i in range(3) for c in ("cell", "nucleus",
+                                                                         "vesicle")}
+    assert list(df.loc[["im2__a-nucleus", "im0__a-vesicle"], "negative"]) == [True, True]
+    m = np.asarray(Image.open(tmp_path / "p" / df.loc["im0__a-nucleus", "mask"]))
+    assert (m[6:9, 6:9] == FOREGROUND).all() and m[1:5, 1:5].max() == 0
+    assert (m[11] == IGNORE).all()
+    neg = np.asarray(Image.open(tmp_path / "p" / df.loc["im0__a-vesicle", "mask"]))
+    assert (neg[11] == IGNORE).all() and neg[:11].max() == 0  # ignore stays ignore
+
+
+def test_folders_label_beyond_class_list_names_file(tmp_path):
+    lab = np.zeros((8, 8), np.uint8)
+    lab[2:4, 2:4] = 4
+    cfg = _indexed(tmp_path, [lab, lab])
+    with pytest.raises(DataError, match=r"im0.png: label 4 is beyond prepare.classes"):
+        prepare(cfg, 0, tmp_path / "p", show_progress=False)
+    assert not (tmp_path / "p").exists()
+    cfg.classes = None
+    with pytest.raises(DataError, match="prepare.classes: required"):
+        prepare(cfg, 0, tmp_path / "p", show_progress=False)
+
+
+def test_folders_one_mask_folder_per_class(tmp_path):
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    for c in ("crack", "dent"):
+        (tmp_path / "masks" / c).mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((10, 10, 3), 50 * i, np.uint8)).save(img_dir / f"p{i}.png")
+        m = np.zeros((10, 10), np.uint8)
+        m[i:i + 3, 2:6] = 255
+        Image.fromarray(m).save(tmp_path / "masks" / "crack" / f"p{i}.png")
+    Image.fromarray(np.eye(10, dtype=np.uint8)).save(tmp_path / "masks" / "dent" / "p1.png")
+    cfg = PrepareConfig(source="folders", images=str(img_dir), masks=str(tmp_path / "masks"),
+                        mask_format="per_class", classes=["crack", "dent"],
+                        prompt_template="a {}", negatives="absent", val_fraction=0.34)
+    summary = prepare(cfg, 0, tmp_path / "p", show_progress=False)
+    df = read_manifest(tmp_path / "p").set_index("id")
+    assert summary["samples"] == 6 and summary["negative_samples"] == 2  # p0, p2 lack a dent
+    assert not df.loc["p1__a-dent", "negative"] and df.loc["p2__a-dent", "negative"]
+
+
+def test_voc_negatives_keep_borders_ignore(tmp_path):
+    root = _voc(tmp_path)
+    cfg = PrepareConfig(source="voc", root=str(root), negatives="absent", negatives_per_image=3)
+    summary = prepare(cfg, 0, tmp_path / "p", show_progress=False)
+    df = read_manifest(tmp_path / "p")
+    assert summary["negative_samples"] == 4 * 3 and summary["positive_samples"] == 8
+    neg = df[df["negative"]]
+    assert not set(neg["prompt"]) & {"a photo of a person", "a photo of a dog"}
+    m = np.asarray(Image.open(tmp_path / "p" / neg["mask"].iloc[0]))
+    assert (m[8] == IGNORE).all() and set(np.unique(m)) == {0, IGNORE}
+
+
+def test_voc_image_without_a_class_is_not_a_bad_file(tmp_path):
+    root = _voc(tmp_path)
+    empty = np.zeros((16, 16), np.uint8)
+    im = Image.fromarray(empty, mode="P")
+    im.putpalette([0, 0, 0] * 256)
+    im.save(root / "SegmentationClass" / "2007_000001.png")
+    summary = prepare(PrepareConfig(source="voc", root=str(root)), 0, tmp_path / "p", False)
+    assert summary["images_without_samples"] == 1 and summary["images"] == 3
+    summary = prepare(PrepareConfig(source="voc", root=str(root), negatives="absent"), 0,
+                      tmp_path / "q", False)
+    assert summary["images"] == 4

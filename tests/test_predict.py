@@ -12,11 +12,12 @@ from cdsam import cli
 from cdsam.checkpoint import CheckpointMeta, save_checkpoint
 from cdsam.config import to_dict
 from cdsam.curriculum import apply_stage
+from cdsam.data.geometry import Geometry
 from cdsam.errors import CheckpointError
 from cdsam.export import export, load_any
 from cdsam.lora import lora_modules
 from cdsam.models.model import build_model
-from cdsam.predict import Geometry, load_model, semantic_labels
+from cdsam.predict import load_model, semantic_labels
 from tests.conftest import tiny_params
 
 PROMPTS = ["a red circle", "a blue square"]

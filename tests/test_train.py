@@ -221,3 +221,70 @@ def test_compile_wraps_tensor_parts_and_keeps_checkpoint_keys(params):
     assert list(model.state_dict()) == keys
     assert model.sam._compiled_call_impl is not None
     assert all(b._compiled_call_impl is not None for b in model.dino.blocks)
+
+
+# --------------------------------------------------------------------------- real-data knobs
+
+
+def test_augmentation_turns_the_feature_cache_off(data_dir, tmp_path, caplog):
+    """Augmented inputs change every epoch: cached features would be paired with a mask of
+    another geometry, so the cache must be off, and say why."""
+    params = _params(data={"fit": "pad", "resize": 32, "crop": 32, "augment": {"enable": True}})
+    t = _trainer(params, 1, data_dir, tmp_path)
+    with caplog.at_level(logging.INFO, logger="cdsam"):
+        t.setup()
+    assert t.cache is None
+    assert "feature cache off: random augmentation changes the input every epoch" in caplog.text
+    batch = next(iter(t.train_loader))
+    assert batch["image"].shape[-1] == 32
+    t.train()  # and it trains
+
+
+@pytest.mark.parametrize("select,expected", [("best", 2), ("last", 3)])
+def test_stage_keeps_the_selected_epoch(data_dir, tmp_path, monkeypatch, select, expected):
+    import cdsam.train as train_mod
+    from cdsam.checkpoint import load_checkpoint
+
+    scripted = iter([0.2, 0.9, 0.1])  # val mIoU per epoch: epoch 2 is the best
+    snapshots = []
+    real = train_mod.evaluate_model
+
+    def scored(*args, **kwargs):
+        res = real(*args, **kwargs)
+        res.miou = next(scripted)
+        snapshots.append(t.trainable_state())
+        return res
+
+    monkeypatch.setattr(train_mod, "evaluate_model", scored)
+    t = _trainer(_params(stage1={"epochs": 3, "select": select}), 1, data_dir, tmp_path)
+    t.setup()
+    summary = t.train()
+    t.save()
+    assert summary["selected_epoch"] == expected and summary["best_miou"] == 0.9
+    assert summary["miou"] == [0.2, 0.9, 0.1][expected - 1]
+    model, meta = load_checkpoint(tmp_path / "stage1")
+    assert meta.extra["selected_epoch"] == expected and meta.extra["select"] == select
+    saved = dict(model.named_parameters())
+    for name, value in snapshots[expected - 1].items():
+        torch.testing.assert_close(saved[name].detach(), value, rtol=0, atol=0)
+    assert not all(torch.equal(saved[n].detach(), v) for n, v in snapshots[0].items())
+
+
+def test_val_loss_uses_the_training_weights(data_dir, tmp_path):
+    """Train and val losses come from one objective: with the Dice weight at 0 and the CLIP
+    term off, the val loss is BCE alone (it once ignored both weights)."""
+    from cdsam.losses import bce_loss
+    from cdsam.train import evaluate_model
+
+    params = _params(loss={"dice_weight": 0.0, "bce_weight": 2.0, "clip_align_weight": 0.0})
+    t = _trainer(params, 1, data_dir, tmp_path)
+    t.setup()
+    res = evaluate_model(t.model, t.val_loader, t.device, t.objective)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for batch in t.val_loader:
+            out = t.model(batch["image"], batch["prompt"])
+            total += 2.0 * bce_loss(out.masks.float(), batch["mask"], batch["valid"]).item() * \
+                len(batch["prompt"])
+            n += len(batch["prompt"])
+    assert res.loss == pytest.approx(total / n, rel=1e-5)

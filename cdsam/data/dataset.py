@@ -1,4 +1,9 @@
-"""Training-time dataset over the manifest: Resize → CenterCrop → ToTensor → Normalize."""
+"""Training-time dataset over the manifest: fit → (seeded augmentation) → Normalize.
+
+The fit (``data.fit``: crop or pad, see `cdsam.data.geometry`) is deterministic, so its uint8
+result is kept in memory: each image once (not once per prompt), each mask once. Augmentation
+(train split only) and normalisation run on every fetch.
+"""
 
 from __future__ import annotations
 
@@ -7,71 +12,81 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
-from torchvision.transforms import v2
 
+from cdsam.config import DataConfig
+from cdsam.data.augment import augment_pair, build_augment, sample_seed
+from cdsam.data.geometry import IMAGENET_MEAN, IMAGENET_STD, fit_transform, normalize_transform
 from cdsam.data.manifest import FOREGROUND, IGNORE, read_image, read_manifest
 from cdsam.errors import DataError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def build_transform(resize: int, crop: int) -> v2.Compose:
-    """One transform for image and mask together; torchvision resizes masks with nearest."""
-    return v2.Compose([
-        v2.Resize(resize, antialias=True),
-        v2.CenterCrop(crop),
-        v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "EpochSampler", "ManifestDataset", "pil_to_tv_image"]
 
 
 class ManifestDataset(Dataset):
     """Rows of one split → dicts with image 3xHxW, mask 1xHxW (0/1), valid 1xHxW, prompt, id.
 
-    ``valid`` is False on ignore pixels (mask value 255), which losses and metrics skip.
-    Decoded samples are kept in memory after first use (the prepared sets are small and the
-    transform is deterministic).
+    ``valid`` is False on ignore pixels (mask value 255, padding, pixels an augmentation
+    uncovered), which losses and metrics skip. ``augment``: apply ``data.augment`` (train only);
+    an index may then be ``(epoch, i)`` (see :class:`EpochSampler`) to seed the draw.
     """
 
-    def __init__(self, root: str | Path, split: str, resize: int, crop: int,
-                 keep_in_memory: bool = True) -> None:
+    def __init__(self, root: str | Path, split: str, data: DataConfig, augment: bool = False,
+                 seed: int = 0, keep_in_memory: bool = True) -> None:
         self.root = Path(root)
         self.df = read_manifest(self.root, split)
         self.split = split
-        self.transform = build_transform(resize, crop)
+        self.fit = fit_transform(data.fit, data.resize, data.crop)
+        self.normalize = normalize_transform()
+        self.augment = build_augment(data.augment, data.crop) if augment else None
+        self.seed = seed
         self.keep = keep_in_memory
-        self._memo: dict[int, dict] = {}
+        self._images: dict[str, tv_tensors.Image] = {}
+        self._masks: dict[int, tv_tensors.Mask] = {}
 
     def __len__(self) -> int:
         return len(self.df)
 
     def __getstate__(self) -> dict:
-        # DataLoader workers get the manifest, not the main process's decoded samples.
+        # DataLoader workers get the manifest, not the main process's decoded arrays.
         state = dict(self.__dict__)
-        state["_memo"] = {}
+        state["_images"], state["_masks"] = {}, {}
         return state
 
     @property
     def prompts(self) -> list[str]:
         return sorted(self.df["prompt"].unique())
 
-    def _load(self, idx: int) -> dict:
+    def _fitted(self, idx: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        """The uint8 image and mask at the model's input size (memoised)."""
         row = self.df.iloc[idx]
+        key = row["image"]
+        if idx in self._masks and key in self._images:
+            return self._images[key], self._masks[idx]
         ipath, mpath = self.root / row["image"], self.root / row["mask"]
         image = read_image(ipath, "RGB")
         mask = np.asarray(read_image(mpath, "L", "mask"))
         if (mask.shape[1], mask.shape[0]) != image.size:
             raise DataError(f"{mpath}: mask size {mask.shape[::-1]} differs from its image "
                             f"{image.size}")
-        img_t = pil_to_tv_image(image)
-        mask_t = tv_tensors.Mask(torch.from_numpy(mask.copy()).unsqueeze(0))
-        img_t, mask_t = self.transform(img_t, mask_t)
+        img_t, mask_t = self.fit(pil_to_tv_image(image),
+                                 tv_tensors.Mask(torch.from_numpy(mask.copy()).unsqueeze(0)))
+        if self.keep:
+            self._images.setdefault(key, img_t)
+            self._masks[idx] = mask_t
+        return self._images.get(key, img_t), mask_t
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, idx = key if isinstance(key, tuple) else (0, key)
+        img_t, mask_t = self._fitted(idx)
+        if self.augment is not None:
+            img_t, mask_t = augment_pair(self.augment, img_t, mask_t,
+                                         sample_seed(self.seed, epoch, idx))
         m = mask_t.as_subclass(torch.Tensor)
+        row = self.df.iloc[idx]
         return {
-            "image": img_t.as_subclass(torch.Tensor),
+            "image": self.normalize(img_t).as_subclass(torch.Tensor),
             "mask": (m == FOREGROUND).float(),
             "valid": (m != IGNORE).float(),
             "prompt": row["prompt"],
@@ -80,12 +95,23 @@ class ManifestDataset(Dataset):
             "index": idx,
         }
 
-    def __getitem__(self, idx: int) -> dict:
-        if not self.keep:
-            return self._load(idx)
-        if idx not in self._memo:
-            self._memo[idx] = self._load(idx)
-        return self._memo[idx]
+
+class EpochSampler(Sampler):
+    """Wraps a :class:`DistributedSampler` and yields ``(epoch, index)``, so a sample's
+    augmentation is seeded by both, in the main process or any loader worker."""
+
+    def __init__(self, inner: DistributedSampler) -> None:
+        self.inner = inner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        epoch = self.inner.epoch
+        return ((epoch, i) for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
 
 
 def pil_to_tv_image(image: Image.Image) -> tv_tensors.Image:

@@ -1,8 +1,9 @@
 """The prepared-data layout and its manifest.
 
 ``data/prepared/`` holds ``images/*.png``, ``masks/*.png`` and ``manifest.csv`` with columns
-``id, image, mask, prompt, split`` (paths relative to the folder), one row per
-(image, prompt, binary mask).
+``id, image, mask, prompt, split, negative`` (paths relative to the folder), one row per
+(image, prompt, binary mask); ``negative`` is 1 when the mask has no foreground pixel (the
+prompt names something absent from the image).
 
 Mask encoding (8-bit PNG, one channel): 0 = background, 1 = foreground, 255 = ignore (VOC
 borders); ignore pixels count as neither foreground nor background in losses and metrics.
@@ -26,7 +27,7 @@ from cdsam.errors import DataError
 log = logging.getLogger(__name__)
 
 BACKGROUND, FOREGROUND, IGNORE = 0, 1, 255
-COLUMNS = ["id", "image", "mask", "prompt", "split"]
+COLUMNS = ["id", "image", "mask", "prompt", "split", "negative"]
 MANIFEST = "manifest.csv"
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -114,7 +115,8 @@ class ManifestWriter:
             mask_rel = f"masks/{sid}.png"
             Image.fromarray(s.mask.astype(np.uint8), mode="L").save(self.root / mask_rel)
             self.rows.append({"id": sid, "image": image_rel, "mask": mask_rel,
-                              "prompt": s.prompt, "split": split})
+                              "prompt": s.prompt, "split": split,
+                              "negative": int(not (s.mask == FOREGROUND).any())})
 
     def finish(self, required_splits: Iterable[str]) -> pd.DataFrame:
         df = pd.DataFrame(self.rows, columns=COLUMNS)
@@ -126,7 +128,7 @@ class ManifestWriter:
             dup = df.loc[df["id"].duplicated(), "id"].iloc[0]
             raise DataError(f"two samples share the id {dup!r} (same image stem and prompt)")
         io.write_text(self.root / MANIFEST, df.to_csv(index=False, lineterminator="\n"))
-        return df
+        return df.assign(negative=df["negative"].astype(bool))
 
 
 def read_manifest(root: str | Path, split: str | None = None) -> pd.DataFrame:
@@ -140,7 +142,9 @@ def read_manifest(root: str | Path, split: str | None = None) -> pd.DataFrame:
         raise DataError(f"{path}: unreadable manifest ({exc})") from None
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
-        raise DataError(f"{path}: missing columns {missing}")
+        raise DataError(f"{path}: missing columns {missing} (prepared by an older cdsam: "
+                        f"rerun dvc repro prepare)")
+    df["negative"] = df["negative"] == "1"
     if split is not None:
         df = df[df["split"] == split].reset_index(drop=True)
         if df.empty:

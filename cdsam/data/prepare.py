@@ -3,20 +3,90 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from tqdm import tqdm
 
 from cdsam import io
 from cdsam.config import PrepareConfig
+from cdsam.data.coco import coco_files, coco_stems, iter_coco, load_coco
 from cdsam.data.folders import iter_folders
-from cdsam.data.manifest import BadFiles, ManifestWriter, split_ids
-from cdsam.data.synthetic import make_scene
+from cdsam.data.manifest import BadFiles, ManifestWriter, Sample, split_ids
+from cdsam.data.negatives import absent_samples
+from cdsam.data.synthetic import COMBOS, make_scene, prompt_for
 from cdsam.data.voc import iter_voc, list_voc, voc_splits
 from cdsam.errors import DataError
 
 log = logging.getLogger(__name__)
+
+# (stem, image, samples, split)
+Entry = tuple[str, Image.Image, list[Sample], str]
+
+
+def _synthetic(cfg: PrepareConfig, seed: int) -> Iterator[Entry]:
+    n = cfg.synthetic.num_images
+    splits = split_ids(list(range(n)), cfg.val_fraction, cfg.test_fraction, seed)
+    vocab = [prompt_for(c, s) for c, s in COMBOS]
+    for i in range(n):
+        image, samples = make_scene(seed, i, cfg.synthetic)
+        stem = samples[0].stem
+        samples += absent_samples(cfg, seed, stem, vocab, [s.prompt for s in samples],
+                                  (image.height, image.width))
+        yield stem, image, samples, splits[i]
+
+
+def _folders(cfg: PrepareConfig, seed: int, bad: BadFiles) -> Iterator[Entry]:
+    items = list(iter_folders(cfg, bad, seed))
+    splits = split_ids([s for s, _, _ in items], cfg.val_fraction, cfg.test_fraction, seed)
+    for stem, image, samples in items:
+        yield stem, image, samples, splits[stem]
+
+
+def _voc(cfg: PrepareConfig, seed: int, bad: BadFiles, required: list[str]) -> Iterator[Entry]:
+    stems = list_voc(cfg)
+    listed = voc_splits(Path(cfg.root))
+    if listed is not None:
+        stems = [s for s in stems if s in listed]
+        splits = listed
+        if "test" not in listed.values() and "test" in required:
+            required.remove("test")
+    else:
+        splits = split_ids(stems, cfg.val_fraction, cfg.test_fraction, seed)
+    for stem, image, samples in iter_voc(cfg, stems, bad, seed):
+        yield stem, image, samples, splits[stem]
+
+
+def _coco(cfg: PrepareConfig, seed: int, bad: BadFiles, required: list[str]) -> Iterator[Entry]:
+    files = coco_files(cfg)
+    if "test" in files and "test" not in required:
+        required.append("test")
+    for which, (ann_file, images, key) in files.items():
+        coco = load_coco(ann_file, key)
+        stems = coco_stems(coco)
+        if which == "main":
+            splits = split_ids(stems, cfg.val_fraction, cfg.test_fraction, seed)
+            # A split with its own file takes nothing from the main one.
+            splits = {s: "train" if sp in files else sp for s, sp in splits.items()}
+        else:
+            splits = dict.fromkeys(stems, which)
+        for stem, image, samples in iter_coco(cfg, seed, coco, Path(ann_file), images, bad):
+            yield stem, image, samples, splits[stem]
+
+
+def _entries(cfg: PrepareConfig, seed: int, bad: BadFiles, required: list[str]
+             ) -> Iterable[Entry]:
+    if cfg.source == "synthetic":
+        return _synthetic(cfg, seed)
+    if cfg.source == "folders":
+        return _folders(cfg, seed, bad)
+    if cfg.source == "voc":
+        return _voc(cfg, seed, bad, required)
+    if cfg.source == "coco":
+        return _coco(cfg, seed, bad, required)
+    raise DataError(f"prepare.source: unknown source {cfg.source!r}")
 
 
 def prepare(cfg: PrepareConfig, seed: int, out: str | Path, show_progress: bool = True
@@ -29,47 +99,32 @@ def prepare(cfg: PrepareConfig, seed: int, out: str | Path, show_progress: bool 
     out = Path(out)
     bad = BadFiles(cfg.on_bad_file)
     required = ["train", "val"] + (["test"] if cfg.test_fraction > 0 else [])
+    without = 0
     with io.atomic_dir(out) as tmp:
         writer = ManifestWriter(tmp)
-        if cfg.source == "synthetic":
-            n = cfg.synthetic.num_images
-            splits = split_ids(list(range(n)), cfg.val_fraction, cfg.test_fraction, seed)
-            for i in tqdm(range(n), desc="prepare synthetic", disable=not show_progress):
-                image, samples = make_scene(seed, i, cfg.synthetic)
-                writer.add_image(samples[0].stem, image, samples, splits[i])
-        elif cfg.source == "folders":
-            items = list(iter_folders(cfg, bad))
-            splits = split_ids([s for s, _, _ in items], cfg.val_fraction, cfg.test_fraction,
-                               seed)
-            for stem, image, samples in tqdm(items, desc="prepare folders",
-                                             disable=not show_progress):
-                writer.add_image(stem, image, samples, splits[stem])
-        elif cfg.source == "voc":
-            stems = list_voc(cfg)
-            listed = voc_splits(Path(cfg.root))
-            if listed is not None:
-                stems = [s for s in stems if s in listed]
-                splits = listed
-            else:
-                splits = split_ids(stems, cfg.val_fraction, cfg.test_fraction, seed)
-            if listed is not None and "test" not in listed.values():
-                required = ["train", "val"]
-            for stem, image, samples in tqdm(iter_voc(cfg, stems, bad), total=len(stems),
-                                             desc="prepare voc", disable=not show_progress):
-                writer.add_image(stem, image, samples, splits[stem])
-        else:
-            raise DataError(f"prepare.source: unknown source {cfg.source!r}")
+        entries = _entries(cfg, seed, bad, required)
+        for stem, image, samples, split in tqdm(entries, desc=f"prepare {cfg.source}",
+                                                disable=not show_progress):
+            if not samples:  # e.g. a VOC image with no class, and no negatives asked for
+                without += 1
+                continue
+            writer.add_image(stem, image, samples, split)
         if not writer.rows:
             raise DataError(f"prepare.source: {cfg.source} produced no samples")
         df = writer.finish(required)
     summary: dict[str, Any] = {
         "images": int(df["image"].nunique()),
         "samples": len(df),
+        "positive_samples": int((~df["negative"]).sum()),
+        "negative_samples": int(df["negative"].sum()),
         "prompts": int(df["prompt"].nunique()),
         "skipped_files": len(bad.skipped),
+        "images_without_samples": without,
     }
     for split in ("train", "val", "test"):
-        summary[f"{split}_samples"] = int((df["split"] == split).sum())
+        in_split = df["split"] == split
+        summary[f"{split}_samples"] = int(in_split.sum())
+        summary[f"{split}_negatives"] = int((in_split & df["negative"]).sum())
     if bad.skipped:
         log.warning("skipped %d bad files (listed above)", len(bad.skipped))
     return summary

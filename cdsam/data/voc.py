@@ -1,7 +1,9 @@
 """The ``voc`` source: JPEGImages/, SegmentationClass/ palette PNGs, ImageSets/Segmentation/.
 
-One binary sample per class present in an image. Label 255 marks borders: it is kept as the
-ignore value (255) in every prepared mask and is never a class.
+One binary sample per class present in an image (plus absent-class negatives with
+``prepare.negatives: absent``; an image with no class is then all negatives, else it has no
+sample). Label 255 marks borders: it is kept as the ignore value (255) in every prepared mask
+and is never a class.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from cdsam.data.manifest import (
     Sample,
     open_image,
 )
+from cdsam.data.negatives import absent_samples
 from cdsam.errors import DataError
 
 VOC_CLASSES = (
@@ -52,7 +55,7 @@ def _image_path(root: Path, stem: str) -> Path | None:
     return None
 
 
-def iter_voc(cfg: PrepareConfig, stems: list[str], bad: BadFiles
+def iter_voc(cfg: PrepareConfig, stems: list[str], bad: BadFiles, seed: int = 0
              ) -> Iterator[tuple[str, Image.Image, list[Sample]]]:
     root = Path(cfg.root)
     classes = tuple(cfg.classes) if cfg.classes else VOC_CLASSES
@@ -86,26 +89,28 @@ def iter_voc(cfg: PrepareConfig, stems: list[str], bad: BadFiles
             continue
         ignore = labels == VOC_BORDER
         present = [int(c) for c in np.unique(labels) if c not in (0, VOC_BORDER)]
-        if not present:
-            bad.bad(label_path, "no foreground class in this label PNG")
-            continue
         groups: list[tuple[str, np.ndarray]] = []
         if cfg.binary:
-            groups.append((cfg.prompt, (labels != 0) & ~ignore))
+            vocab = [cfg.prompt]
+            if present:
+                groups.append((cfg.prompt, (labels != 0) & ~ignore))
         else:
+            vocab = [cfg.prompt_template.format(c) for c in classes]
             unknown = [c for c in present if c > len(classes)]
             if unknown:
                 bad.bad(label_path, f"label value {unknown[0]} has no class name "
                                     f"({len(classes)} known; set prepare.classes)")
                 continue
             for c in present:
-                groups.append((cfg.prompt_template.format(classes[c - 1]), labels == c))
+                groups.append((vocab[c - 1], labels == c))
         samples = []
         for prompt, fg in groups:
             enc = np.full(labels.shape, BACKGROUND, np.uint8)
             enc[fg] = FOREGROUND
             enc[ignore] = IGNORE
             samples.append(Sample(stem, prompt, enc))
+        samples += absent_samples(cfg, seed, stem, vocab, [s.prompt for s in samples],
+                                  labels.shape, ignore)
         yield stem, image, samples
 
 

@@ -1,0 +1,74 @@
+"""Split scores: per-sample mIoU on positives, per-class IoU, negatives' false positives."""
+
+import numpy as np
+import pytest
+import torch
+
+from cdsam.metrics import SplitScores, iou_dice, per_prompt, pixel_counts, summarize
+
+BIG = 20.0  # a logit that thresholds to certainly-on (or, negated, off)
+
+
+def _logits(pred: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.where(pred, BIG, -BIG)).float()[None, None]
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a.astype(np.float32))[None, None]
+
+
+def test_counts_skip_ignore_pixels():
+    pred = np.zeros((4, 4), bool)
+    pred[:2] = True  # 8 predicted
+    truth = np.zeros((4, 4))
+    truth[1:3] = 1  # 8 true, 4 shared
+    valid = np.ones((4, 4))
+    valid[0] = 0  # the first row (4 predicted, 0 true) is ignore
+    c = pixel_counts(_logits(pred), _t(truth), _t(valid))[0].tolist()
+    assert c == [4.0, 4.0, 8.0, 12.0]
+    iou, dice = iou_dice(_logits(pred), _t(truth), _t(valid))
+    assert iou.item() == pytest.approx(4 / 8) and dice.item() == pytest.approx(8 / 12)
+
+
+def test_positive_miou_class_iou_and_negative_false_positives():
+    s = SplitScores()
+    ones = np.ones((4, 4))
+    a = np.zeros((4, 4))
+    a[:2] = 1  # 8 px
+    # "cat": a perfect positive, and a negative where 4 px are predicted (a false positive)
+    fp = np.zeros((4, 4), bool)
+    fp[0] = True
+    # "dog": a positive half found, and a negative correctly empty
+    half = np.zeros((4, 4), bool)
+    half[0] = True
+    batch = [(_logits(a > 0), _t(a)), (_logits(fp), _t(0 * a)), (_logits(half), _t(a)),
+             (_logits(np.zeros((4, 4), bool)), _t(0 * a))]
+    counts = torch.cat([pixel_counts(lg, t, _t(ones)) for lg, t in batch])
+    vocab = ["cat", "dog"]
+    s.add(["cat", "cat", "dog", "dog"], counts)
+    f = summarize(s.sums(vocab), vocab)
+    assert f["positives"] == 2 and f["negatives"] == 2
+    assert f["miou"] == pytest.approx((1.0 + 0.5) / 2)
+    # cat: I 8, U 8 + 4 (the negative's predicted pixels); dog: I 4, U 8
+    assert f["class_iou"] == pytest.approx((8 / 12 + 4 / 8) / 2)
+    assert f["fp_rate"] == pytest.approx(0.5)
+    assert f["neg_area"] == pytest.approx((4 / 16 + 0) / 2)
+    rows = per_prompt(s).set_index("prompt")
+    assert rows.loc["cat", "fp_rate"] == 1.0 and rows.loc["dog", "fp_rate"] == 0.0
+    assert rows.loc["dog", "miou"] == pytest.approx(0.5)
+
+
+def test_sums_add_over_ranks():
+    """Two shards summed give the figures of the whole split (what all_reduce does)."""
+    rng = np.random.default_rng(0)
+    vocab = ["a", "b", "c"]
+    whole, shards = SplitScores(), [SplitScores(), SplitScores()]
+    for i in range(12):
+        pred = rng.random((6, 6)) > 0.5
+        truth = (rng.random((6, 6)) > 0.6) * (i % 3 != 0)  # every third sample a negative
+        c = pixel_counts(_logits(pred), _t(truth), _t(np.ones((6, 6))))
+        p = [vocab[i % 3]]
+        whole.add(p, c)
+        shards[i % 2].add(p, c)
+    total = np.add(shards[0].sums(vocab), shards[1].sums(vocab)).tolist()
+    assert summarize(total, vocab) == pytest.approx(summarize(whole.sums(vocab), vocab))
