@@ -131,10 +131,11 @@ def evaluate_stages(params: Params, checkpoints: dict[str, Path], data: Path, ou
             with io.atomic_path(out / "overlays" / f"{name}.png") as tmp:
                 img.save(tmp, format="PNG")
         m = metrics[name]
-        log.info("%s on %s: miou=%.4f (%d positives) class_iou=%.4f fp_rate=%.3f (%d negatives); "
-                 "two-object images (%d): own-object IoU %.3f, IoU between the two masks %.3f",
-                 name, split, res.miou, res.positives, res.class_iou, res.fp_rate,
-                 res.negatives, m["pairs"], m["pairs_miou"], m["pairs_overlap"])
+        pairs_text = (f"; two-object images ({m['pairs']}): own-object IoU {m['pairs_miou']:.3f}, "
+                      f"IoU between the two masks {m['pairs_overlap']:.3f}") if m["pairs"] else ""
+        log.info("%s on %s: miou=%.4f (%d positives) class_iou=%.4f fp_rate=%.3f (%d "
+                 "negatives)%s", name, split, res.miou, res.positives, res.class_iou,
+                 res.fp_rate, res.negatives, pairs_text)
     io.write_text(out / "stages.csv",
                   pd.DataFrame(stage_rows).to_csv(index=False, lineterminator="\n"))
     io.write_text(out / "per_prompt.csv",

@@ -77,7 +77,7 @@ class SplitScores:
 
 def summarize(sums: list[float], vocab: list[str]) -> dict[str, float]:
     """The split's figures from :meth:`SplitScores.sums` (possibly summed over ranks)."""
-    n_pos, iou, dice, n_neg, fp, area, _ = sums[:7]
+    n_pos, iou, dice, n_neg, fp, area, n = sums[:7]
     v = len(vocab)
     inter, union = np.asarray(sums[7:7 + v]), np.asarray(sums[7 + v:7 + 2 * v])
     seen = union > 0
@@ -89,6 +89,7 @@ def summarize(sums: list[float], vocab: list[str]) -> dict[str, float]:
         "neg_area": area / n_neg if n_neg else 0.0,
         "positives": int(n_pos),
         "negatives": int(n_neg),
+        "samples": int(n),
     }
 
 

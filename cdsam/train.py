@@ -203,9 +203,10 @@ def evaluate_model(model: CDSAM, loader: DataLoader, device: torch.device,
     if reduce:
         sums = distributed.all_reduce_sum(sums, device)
     figures = summarize(sums[1:], objective.vocab)
-    for key, value in figures.items():
-        setattr(res, key, value)
-    res.loss = sums[0] / max(sums[7], 1.0)  # sums[7]: the sample count
+    for key in res.figures:
+        if key != "loss":
+            setattr(res, key, figures[key])
+    res.loss = sums[0] / max(figures["samples"], 1)
     res.ious = res.scores.frame()["iou"].tolist()
     return res
 

@@ -91,17 +91,20 @@ def test_repro_runs_all_stages_and_writes_outputs(pipeline_repo):
     repo, env, out = pipeline_repo
     for stage in ("prepare", "stage1", "stage2", "stage3", "stage4", "evaluate"):
         assert f"Running stage '{stage}'" in out
-    assert "epoch 1/1 loss=" in out
+    assert "epoch 1/1 train_loss=" in out
     for n in (1, 2, 3, 4):
         assert (repo / f"models/stage{n}/model.safetensors").is_file()
         m = json.loads((repo / f"metrics/stage{n}/metrics.json").read_text())
-        for key in ("epochs", "trainable_params", "total_params", "throughput_img_s",
-                    "peak_mem_mb"):
+        for key in ("epochs", "selected_epoch", "trainable_params", "total_params",
+                    "throughput_img_s", "peak_mem_mb"):
             assert key in m
-        assert {"loss", "miou", "dice"} <= set(m["val"])
+        assert {"loss", "miou", "dice", "class_iou", "fp_rate"} <= set(m["val"])
     ev = json.loads((repo / "metrics/evaluate.json").read_text())
-    assert set(ev) == {"stage1", "stage2", "stage3", "stage4"}
-    assert {"miou", "dice", "pairs", "pairs_miou", "pairs_overlap"} <= set(ev["stage4"])
+    assert set(ev) == {"split", "stage1", "stage2", "stage3", "stage4"}
+    assert ev["split"] == "test"  # the held-out split, not the one that chose the epochs
+    assert {"miou", "dice", "class_iou", "fp_rate", "neg_area", "negatives", "pairs",
+            "pairs_miou", "pairs_overlap"} <= set(ev["stage4"])
+    assert ev["stage4"]["negatives"] > 0
     s2 = json.loads((repo / "metrics/stage2/metrics.json").read_text())
     assert s2["world_size"] == 1 and s2["feature_cache_images"] > 0
     assert not (repo / ".cdsam/resume/stage2").exists()  # removed once outputs exist
