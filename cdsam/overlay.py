@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from cdsam.data.dataset import IMAGENET_MEAN, IMAGENET_STD
+from cdsam.data.geometry import IMAGENET_MEAN, IMAGENET_STD
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]

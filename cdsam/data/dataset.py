@@ -17,11 +17,9 @@ from torchvision import tv_tensors
 
 from cdsam.config import DataConfig
 from cdsam.data.augment import augment_pair, build_augment, sample_seed
-from cdsam.data.geometry import IMAGENET_MEAN, IMAGENET_STD, fit_transform, normalize_transform
+from cdsam.data.geometry import fit_transform, normalize_transform
 from cdsam.data.manifest import FOREGROUND, IGNORE, read_image, read_manifest
 from cdsam.errors import DataError
-
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "EpochSampler", "ManifestDataset", "pil_to_tv_image"]
 
 
 class ManifestDataset(Dataset):
@@ -44,6 +42,12 @@ class ManifestDataset(Dataset):
         self.keep = keep_in_memory
         self._images: dict[str, tv_tensors.Image] = {}
         self._masks: dict[int, tv_tensors.Mask] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}  # original (W, H) of each decoded image
+        # Plain lists: a pandas row lookup per fetch costs more than the rest of the fetch.
+        self._image_of = self.df["image"].tolist()
+        self._mask_of = self.df["mask"].tolist()
+        self._prompt_of = self.df["prompt"].tolist()
+        self._id_of = self.df["id"].tolist()
 
     def __len__(self) -> int:
         return len(self.df)
@@ -51,7 +55,7 @@ class ManifestDataset(Dataset):
     def __getstate__(self) -> dict:
         # DataLoader workers get the manifest, not the main process's decoded arrays.
         state = dict(self.__dict__)
-        state["_images"], state["_masks"] = {}, {}
+        state["_images"], state["_masks"], state["_sizes"] = {}, {}, {}
         return state
 
     @property
@@ -59,23 +63,27 @@ class ManifestDataset(Dataset):
         return sorted(self.df["prompt"].unique())
 
     def _fitted(self, idx: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
-        """The uint8 image and mask at the model's input size (memoised)."""
-        row = self.df.iloc[idx]
-        key = row["image"]
-        if idx in self._masks and key in self._images:
-            return self._images[key], self._masks[idx]
-        ipath, mpath = self.root / row["image"], self.root / row["mask"]
-        image = read_image(ipath, "RGB")
-        mask = np.asarray(read_image(mpath, "L", "mask"))
-        if (mask.shape[1], mask.shape[0]) != image.size:
-            raise DataError(f"{mpath}: mask size {mask.shape[::-1]} differs from its image "
-                            f"{image.size}")
-        img_t, mask_t = self.fit(pil_to_tv_image(image),
-                                 tv_tensors.Mask(torch.from_numpy(mask.copy()).unsqueeze(0)))
+        """The uint8 image and mask at the model's input size (memoised; an image shared by
+        several prompts is decoded and fitted once)."""
+        key = self._image_of[idx]
+        image_t, mask_t = self._images.get(key), self._masks.get(idx)
+        if image_t is not None and mask_t is not None:
+            return image_t, mask_t
+        mpath = self.root / self._mask_of[idx]
+        mask = tv_tensors.Mask(torch.from_numpy(
+            np.asarray(read_image(mpath, "L", "mask")).copy()).unsqueeze(0))
+        image = read_image(self.root / key, "RGB") if image_t is None else None
+        size = image.size if image is not None else self._sizes[key]
+        if (mask.shape[-1], mask.shape[-2]) != size:
+            raise DataError(f"{mpath}: mask size {tuple(mask.shape[:0:-1])} differs from its "
+                            f"image {size}")
+        if image is not None:
+            image_t, mask_t = self.fit(pil_to_tv_image(image), mask)
+        else:
+            mask_t = self.fit(mask)  # the fit depends on the size only: the same geometry
         if self.keep:
-            self._images.setdefault(key, img_t)
-            self._masks[idx] = mask_t
-        return self._images.get(key, img_t), mask_t
+            self._images[key], self._sizes[key], self._masks[idx] = image_t, size, mask_t
+        return image_t, mask_t
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         epoch, idx = key if isinstance(key, tuple) else (0, key)
@@ -84,14 +92,13 @@ class ManifestDataset(Dataset):
             img_t, mask_t = augment_pair(self.augment, img_t, mask_t,
                                          sample_seed(self.seed, epoch, idx))
         m = mask_t.as_subclass(torch.Tensor)
-        row = self.df.iloc[idx]
         return {
             "image": self.normalize(img_t).as_subclass(torch.Tensor),
             "mask": (m == FOREGROUND).float(),
             "valid": (m != IGNORE).float(),
-            "prompt": row["prompt"],
-            "id": row["id"],
-            "image_key": row["image"],  # samples of one image share DINO features
+            "prompt": self._prompt_of[idx],
+            "id": self._id_of[idx],
+            "image_key": self._image_of[idx],  # samples of one image share DINO features
             "index": idx,
         }
 
