@@ -28,10 +28,8 @@ from cdsam.data.manifest import (
     BACKGROUND,
     FOREGROUND,
     IGNORE,
-    UNREADABLE,
     BadFiles,
     Sample,
-    open_image,
 )
 from cdsam.data.negatives import absent_samples
 from cdsam.errors import DataError
@@ -140,10 +138,8 @@ def iter_coco(cfg: PrepareConfig, seed: int, coco: COCO, where: Path, images: st
         if not path.is_file():
             bad.bad(path, f"image listed in {where} (id {info['id']}) not found")
             continue
-        try:
-            image = open_image(path, "RGB")
-        except UNREADABLE as exc:
-            bad.bad(path, f"unreadable image ({exc})")
+        image = bad.open(path, "RGB")
+        if image is None:
             continue
         if image.size != (int(info["width"]), int(info["height"])):
             bad.bad(path, f"image is {image.size[0]}x{image.size[1]}, {where} says "

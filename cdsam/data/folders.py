@@ -26,10 +26,8 @@ from cdsam.data.manifest import (
     FOREGROUND,
     IGNORE,
     IMAGE_EXTS,
-    UNREADABLE,
     BadFiles,
     Sample,
-    open_image,
 )
 from cdsam.data.negatives import absent_samples
 from cdsam.errors import DataError
@@ -46,11 +44,10 @@ def _by_stem(folder: Path, key: str) -> dict[str, Path]:
 
 def _read_mask(path: Path, size: tuple[int, int], bad: BadFiles) -> np.ndarray | None:
     """A mask file → HxW array of its values, or None after reporting it bad."""
-    try:
-        mask = np.asarray(open_image(path))
-    except UNREADABLE as exc:
-        bad.bad(path, f"unreadable mask ({exc})")
+    pil = bad.open(path, what="mask")
+    if pil is None:
         return None
+    mask = np.asarray(pil)
     if mask.ndim == 3:
         mask = mask.max(axis=2)
     if (mask.shape[1], mask.shape[0]) != size:
@@ -135,10 +132,8 @@ def iter_folders(cfg: PrepareConfig, bad: BadFiles, seed: int = 0) -> Iterator[I
         if cfg.mask_format != "per_class" and stem not in masks:
             bad.bad(path, f"no mask with the same stem in {cfg.masks}")
             continue
-        try:
-            image = open_image(path, "RGB")
-        except UNREADABLE as exc:
-            bad.bad(path, f"unreadable image ({exc})")
+        image = bad.open(path, "RGB")
+        if image is None:
             continue
         if cfg.mask_format == "binary":
             mask = read_binary_mask(masks[stem], image.size, bad)

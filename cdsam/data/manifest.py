@@ -64,6 +64,15 @@ class BadFiles:
         log.warning("skipping %s", msg)
         self.skipped.append(msg)
 
+    def open(self, path: Path, mode: str | None = None, what: str = "image"
+             ) -> Image.Image | None:
+        """:func:`open_image`, or None after reporting an unreadable file."""
+        try:
+            return open_image(path, mode)
+        except UNREADABLE as exc:
+            self.bad(path, f"unreadable {what} ({exc})")
+            return None
+
 
 def open_image(path: Path, mode: str | None = None) -> Image.Image:
     """Open and fully decode an image (truncated files fail here, not later)."""

@@ -19,10 +19,8 @@ from cdsam.data.manifest import (
     BACKGROUND,
     FOREGROUND,
     IGNORE,
-    UNREADABLE,
     BadFiles,
     Sample,
-    open_image,
 )
 from cdsam.data.negatives import absent_samples
 from cdsam.errors import DataError
@@ -68,21 +66,16 @@ def iter_voc(cfg: PrepareConfig, stems: list[str], bad: BadFiles, seed: int = 0
         if image_path is None:
             bad.bad(root / "JPEGImages" / f"{stem}.jpg", "image missing for its label PNG")
             continue
-        try:
-            image = open_image(image_path, "RGB")
-        except UNREADABLE as exc:
-            bad.bad(image_path, f"unreadable image ({exc})")
+        image = bad.open(image_path, "RGB")
+        if image is None:
             continue
-        try:
-            with Image.open(label_path) as im:
-                im.load()
-                if im.mode not in ("P", "L"):
-                    bad.bad(label_path, f"expected a palette (P) or L label PNG, got mode {im.mode}")
-                    continue
-                labels = np.asarray(im)
-        except UNREADABLE as exc:
-            bad.bad(label_path, f"unreadable label PNG ({exc})")
+        label = bad.open(label_path, what="label PNG")
+        if label is None:
             continue
+        if label.mode not in ("P", "L"):
+            bad.bad(label_path, f"expected a palette (P) or L label PNG, got mode {label.mode}")
+            continue
+        labels = np.asarray(label)
         if (labels.shape[1], labels.shape[0]) != image.size:
             bad.bad(label_path, f"label is {labels.shape[1]}x{labels.shape[0]}, its image is "
                                 f"{image.size[0]}x{image.size[1]}")
