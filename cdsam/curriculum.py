@@ -83,7 +83,7 @@ def apply_stage(model: CDSAM, stage: int, sam_lora: SamLoraConfig,
         raise ValueError("only stage 4 has a configurable SAM mode")
     model.requires_grad_(False)
 
-    # SAM: LoRA (base frozen), frozen, or full (adapters merged, everything trainable).
+    # SAM: LoRA (base frozen), frozen, or full (adapters merged, all that text prompts reach).
     if sam_mode == "lora":
         if not _has_lora(model.sam) and sam_lora.enable:
             inject_lora(model, sam_lora_targets(model, sam_lora), sam_lora.rank,
@@ -93,6 +93,12 @@ def apply_stage(model: CDSAM, stage: int, sam_lora: SamLoraConfig,
     elif sam_mode == "full":
         merge_lora(model.sam)
         model.sam.requires_grad_(True)
+        # Training feeds SAM text tokens only: the point/box embeddings and the mask-input
+        # encoder get no gradient, so they stay frozen (DDP stops on a trainable parameter
+        # that never gets a gradient, with find_unused_parameters off).
+        pe = model.sam.prompt_encoder
+        for unused in (pe.point_embeddings, pe.not_a_point_embed, pe.mask_downscaling):
+            unused.requires_grad_(False)
     elif sam_mode != "frozen":
         raise ValueError(f"unknown SAM mode {sam_mode!r}")
 

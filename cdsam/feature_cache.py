@@ -4,9 +4,10 @@ In stage 1 every DINO block is frozen; in stages 2–3 blocks ``0 … L−K−1`
 deterministic Resize → CenterCrop transform and no dropout/drop-path in those blocks, their
 output for an image never changes during a stage, so it is computed once (in fixed chunks in
 dataset order, which makes the cached values independent of batch composition and therefore
-identical in a resumed run) and read back each step. Entries are keyed by the image, the
-transform settings and a fingerprint of the frozen weights; a memory budget caps the cache, and
-images beyond it are recomputed every step.
+identical in a resumed run) and read back each step. Entries are keyed by the image: the cache
+is built at a stage's setup and dies with the run, so the transform and the frozen weights are
+the same for every entry. A memory budget caps the cache; images beyond it are recomputed every
+step. Random augmentation turns it off (the input changes every epoch).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cdsam.checkpoint import tensors_sha256
 from cdsam.models.model import CDSAM
 
 log = logging.getLogger("cdsam.cache")
@@ -82,23 +82,15 @@ def plan_cache(model: CDSAM, enabled: bool, augment: bool = False) -> CachePlan:
     return CachePlan(end)
 
 
-def weights_fingerprint(model: CDSAM, end_block: int) -> str:
-    """sha256 over the frozen prefix's tensors: a cache never outlives a weight change."""
-    def in_prefix(name: str) -> bool:
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) < end_block
-        return not name.startswith(("norm.", "fc_norm.", "head"))
-
-    named = ((n, t) for n, t in model.dino.state_dict().items() if in_prefix(n))
-    return tensors_sha256(named)[:16]
-
-
 class FeatureCache:
-    """image key → DINO prefix tokens (TxC), within a byte budget."""
+    """image key → DINO prefix tokens (TxC), within a byte budget.
 
-    def __init__(self, budget_mb: float, key: str) -> None:
+    Keyed by the image alone: a cache lives inside one stage run, whose transform and frozen
+    prefix weights are fixed for its whole life (it is never saved or shared between runs).
+    """
+
+    def __init__(self, budget_mb: float) -> None:
         self.budget = int(budget_mb * 2**20)
-        self.key = key  # transform settings + weights fingerprint + end block
         self.store: dict[str, torch.Tensor] = {}
         self.bytes = 0
         self.full = False

@@ -3,7 +3,8 @@
 After every epoch a stage writes everything needed to continue bit-exactly (model, optimizer,
 LR schedule, GradScaler, the RNG states of torch/numpy/python, epoch, history, best metric) to
 ``.cdsam/resume/stageN/``. The state is keyed by a fingerprint of the stage's params, its parent
-checkpoint and the prepared data, so a rerun with anything changed starts over. Tensors go to
+checkpoint, the source of the cdsam code it runs and the content of the data files it reads,
+so a rerun with any of them changed starts over. Tensors go to
 safetensors, everything else to JSON: no pickle anywhere.
 """
 
@@ -14,6 +15,8 @@ import json
 import logging
 import random
 import shutil
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,30 @@ log = logging.getLogger("cdsam.resume")
 FORMAT = "cdsam-resume/1"
 TENSORS = "state.safetensors"
 META = "state.json"
+
+
+def code_fingerprint(package: str = "cdsam") -> str:
+    """sha256 over the source of every loaded module of ``package``: an edit to the code a
+    stage runs (e.g. ``cdsam/losses.py``) makes an earlier resume state stale."""
+    h = hashlib.sha256()
+    for name in sorted(m for m in sys.modules if m == package or m.startswith(package + ".")):
+        path = getattr(sys.modules[name], "__file__", None)
+        if path and Path(path).is_file():
+            h.update(name.encode() + b"\0" + Path(path).read_bytes())
+    return h.hexdigest()
+
+
+def files_fingerprint(root: Path, names: Iterable[str]) -> str:
+    """sha256 over the content of the files a stage reads (names relative to ``root``), so
+    data prepared again differently (64 px vs 96 px, same manifest) is not mistaken for the
+    data a resume state was trained on."""
+    h = hashlib.sha256()
+    for name in sorted(set(names)):
+        h.update(name.encode() + b"\0")
+        with open(root / name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def fingerprint(parts: dict[str, Any]) -> str:
@@ -155,7 +182,7 @@ class ResumeStore:
             self.clear()
             return None
         if meta.get("format") != FORMAT or meta.get("fingerprint") != self.key:
-            log.info("discarding stale resume state %s (params, parent checkpoint or data "
+            log.info("discarding stale resume state %s (params, parent checkpoint, code or data "
                      "changed since it was written)", self.dir)
             self.clear()
             return None

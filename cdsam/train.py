@@ -33,7 +33,6 @@ import cdsam
 from cdsam import distributed
 from cdsam.checkpoint import (
     CheckpointMeta,
-    file_sha256,
     load_checkpoint,
     parent_ref,
     save_checkpoint,
@@ -42,11 +41,17 @@ from cdsam.config import OptimConfig, Params, to_dict
 from cdsam.curriculum import apply_stage, component_counts, param_groups, policy
 from cdsam.data.dataset import EpochSampler, ManifestDataset
 from cdsam.errors import CheckpointError, UserError
-from cdsam.feature_cache import FeatureCache, plan_cache, weights_fingerprint
+from cdsam.feature_cache import FeatureCache, plan_cache
 from cdsam.metrics import SplitScores, pixel_counts, summarize
 from cdsam.models.model import CDSAM, build_model
 from cdsam.objective import Objective
-from cdsam.resume import Progress, ResumeStore, fingerprint
+from cdsam.resume import (
+    Progress,
+    ResumeStore,
+    code_fingerprint,
+    files_fingerprint,
+    fingerprint,
+)
 
 log = logging.getLogger("cdsam.train")
 
@@ -269,13 +274,17 @@ class StageTrainer:
     def _run_fingerprint(self) -> str:
         """What the stage's result depends on; a resume state from anything else is stale."""
         p = self.params
+        read = ["manifest.csv"]
+        for ds in (self.train_set, self.val_set):
+            read += ds.df["image"].tolist() + ds.df["mask"].tolist()
         parts: dict[str, Any] = {
-            "version": cdsam.__version__, "stage": self.stage, "seed": p.seed,
+            "version": cdsam.__version__, "code": code_fingerprint(),
+            "data_files": files_fingerprint(self.paths.data, read),
+            "stage": self.stage, "seed": p.seed,
             "data": to_dict(p.data), "model": to_dict(p.model), "optim": to_dict(self.optim_cfg),
             "loss": to_dict(p.loss), "stage_cfg": to_dict(p.stage(self.stage)),
             "train": to_dict(p.train), "lora_sam": to_dict(p.lora.sam),
             "world_size": self.dist.world_size, "device": self.device.type,
-            "manifest": file_sha256(self.paths.data / "manifest.csv"),
         }
         if self.pol.dino == "lora":
             parts["lora_dino"] = to_dict(p.lora.dino)
@@ -369,9 +378,7 @@ class StageTrainer:
             log.info("feature cache off: %s", plan.reason)
             return
         self.start_block = plan.end_block
-        key = (f"fit={p.data.fit},resize={p.data.resize},crop={p.data.crop},end={plan.end_block},"
-               f"w={weights_fingerprint(self.model, plan.end_block)}")
-        self.cache = FeatureCache(p.train.feature_cache_mb, key)
+        self.cache = FeatureCache(p.train.feature_cache_mb)
         t0 = time.perf_counter()
         self.model.dino.eval()
         with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype,
@@ -435,6 +442,9 @@ class StageTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         for step, batch in enumerate(bar):
             boundary = (step + 1) % accum == 0 or step + 1 == n_batches
+            # The last window of an epoch may hold fewer than `accum` batches: average over
+            # the batches it has, so its step is not scaled down.
+            window = min(accum, n_batches - (step // accum) * accum)
             # Between accumulation boundaries DDP need not all-reduce the gradients.
             sync = contextlib.nullcontext() if boundary or not self.dist.enabled else \
                 self.net.no_sync()
@@ -447,7 +457,7 @@ class StageTrainer:
                         f"step {step + 1}; last finite loss {last_finite}; lower optim.lr / "
                         f"optim.lora_lr or check the data. No checkpoint was written")
                 last_finite = value
-                self.scaler.scale(loss / accum).backward()
+                self.scaler.scale(loss / window).backward()
             if boundary:
                 if self.optim_cfg.grad_clip > 0:
                     self.scaler.unscale_(self.optimizer)

@@ -96,3 +96,27 @@ def test_stage4_sam_modes(params):
         apply_stage(model, 4, params.lora.sam, sam_mode=mode)
         used = [p for n, p in model.sam.named_parameters() if "transformer" in n]
         assert all(p.requires_grad == sam_trainable for p in used), mode
+
+
+@pytest.mark.parametrize("stage,sam_mode", [(1, "lora"), (2, "lora"), (3, "lora"), (4, "lora"),
+                                            (4, "frozen"), (4, "full")])
+def test_every_trainable_parameter_gets_a_gradient(params, stage, sam_mode):
+    """DDP runs with find_unused_parameters off: a trainable parameter without a gradient
+    stops it. One step of the real objective (Dice + BCE + CLIP alignment) reaches them all."""
+    from cdsam.objective import Objective
+
+    model = build_model(params.model, seed=0)
+    apply_stage(model, stage, params.lora.sam, params.lora.dino if stage in (2, 3) else None,
+                sam_mode)
+    prompts = ["a red circle", "a blue square"]
+    objective = Objective.for_model(model, params.loss, prompts)
+    images = torch.randn(2, 3, 32, 32)
+    target = torch.zeros(2, 1, 32, 32)
+    target[:, :, 8:20, 8:20] = 1
+    out = model(images, prompts)
+    loss, _ = objective(out, images, target, torch.ones_like(target), prompts)
+    loss.backward()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing

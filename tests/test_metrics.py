@@ -72,3 +72,27 @@ def test_sums_add_over_ranks():
         shards[i % 2].add(p, c)
     total = np.add(shards[0].sums(vocab), shards[1].sums(vocab)).tolist()
     assert summarize(total, vocab) == pytest.approx(summarize(whole.sums(vocab), vocab))
+
+
+def test_lr_schedule_warmup_then_cosine_to_the_floor():
+    from cdsam.train import lr_lambda
+
+    fn = lr_lambda(total_steps=110, warmup=10, min_ratio=0.05)
+    assert fn(0) == pytest.approx(0.1) and fn(9) == pytest.approx(1.0)  # linear warmup
+    assert fn(10) == pytest.approx(1.0)  # cosine starts at the top
+    assert fn(60) == pytest.approx(0.05 + 0.95 * 0.5)  # halfway
+    assert fn(110) == pytest.approx(0.05) and fn(500) == pytest.approx(0.05)  # the floor
+
+
+def test_dice_and_bce_values():
+    from cdsam.losses import bce_loss, dice_loss
+
+    target = torch.tensor([[[[1.0, 0.0]]]])
+    valid = torch.ones_like(target)
+    logits = torch.tensor([[[[0.0, 0.0]]]])  # p = 0.5 everywhere
+    # soft Dice with eps 1: 1 - (2 * 0.5 + 1) / (1.0 + 1 + 1)
+    assert dice_loss(logits, target, valid).item() == pytest.approx(1 - 2 / 3)
+    assert bce_loss(logits, target, valid).item() == pytest.approx(np.log(2))
+    valid[..., 1] = 0  # an ignore pixel counts nowhere
+    assert bce_loss(torch.tensor([[[[0.0, -50.0]]]]), target, valid).item() == \
+        pytest.approx(np.log(2))

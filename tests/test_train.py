@@ -172,14 +172,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, data_dir: str, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, data_dir: str, out: str, stage: int = 1,
+                parent: str | None = None, over: dict | None = None) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
     from cdsam import distributed
 
-    p = _params(optim={"batch_size": 2, "warmup_steps": 1}, stage1={"epochs": 1})
-    t = _trainer(p, 1, Path(data_dir), Path(out) / f"rank{rank}",
-                 dist=DistInfo(rank, world, rank, world))
+    p = _params(**{"optim": {"batch_size": 2, "warmup_steps": 1},
+                   f"stage{stage}": {"epochs": 1}, **(over or {})})
+    t = _trainer(p, stage, Path(data_dir), Path(out) / f"rank{rank}",
+                 parent=Path(parent) if parent else None, dist=DistInfo(rank, world, rank, world))
     try:
         t.setup()
         t.train()
@@ -288,3 +290,121 @@ def test_val_loss_uses_the_training_weights(data_dir, tmp_path):
                 len(batch["prompt"])
             n += len(batch["prompt"])
     assert res.loss == pytest.approx(total / n, rel=1e-5)
+
+
+def _stage3_checkpoint(params, out: Path) -> Path:
+    """A stage-3 checkpoint as stage 3 would leave it (DINO LoRA injected), untrained."""
+    from cdsam.checkpoint import CheckpointMeta, save_checkpoint
+    from cdsam.config import to_dict
+    from cdsam.curriculum import apply_stage
+    from cdsam.models.model import build_model
+
+    model = build_model(params.model, seed=0)
+    apply_stage(model, 3, params.lora.sam, params.lora.dino)
+    save_checkpoint(out, model, CheckpointMeta(stage=3, model=to_dict(params.model),
+                                               prompts=["a red circle"], parent=None, extra={}))
+    return out
+
+
+def test_ddp_stage4_full_sam_finishes(data_dir, tmp_path):
+    """`stage4.sam_mode: full` once marked SAM parameters trainable that never get a gradient,
+    and DDP (find_unused_parameters off) stopped on them."""
+    parent = _stage3_checkpoint(_params(), tmp_path / "stage3")
+    port = _free_port()
+    over = {"stage4": {"epochs": 1, "sam_mode": "full"}}
+    mp.start_processes(_ddp_worker, args=(2, port, str(data_dir), str(tmp_path), 4, str(parent),
+                                          over), nprocs=2, join=True, start_method="spawn")
+    r0 = load_file(str(tmp_path / "rank0.safetensors"))
+    r1 = load_file(str(tmp_path / "rank1.safetensors"))
+    assert any(k.startswith("sam.mask_decoder.") for k in r0)
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(data_dir, tmp_path):
+    """batch 4 x accumulation 2 == batch 8 (the CLIP term is off: it averages over the
+    samples with foreground in each batch, which does not split evenly)."""
+    states = {}
+    for batch, accum in ((8, 1), (4, 2)):
+        p = _params(optim={"batch_size": batch, "grad_accum_steps": accum, "warmup_steps": 1},
+                    loss={"clip_align_weight": 0.0}, stage1={"epochs": 1})
+        t = _trainer(p, 1, data_dir, tmp_path / f"b{batch}")
+        t.setup()
+        t.train()
+        states[batch] = t.trainable_state()
+    for k, v in states[8].items():
+        torch.testing.assert_close(states[4][k], v, atol=2e-5, rtol=1e-4)
+
+
+def test_last_partial_accumulation_window_is_averaged_over_its_batches(data_dir, tmp_path):
+    """An epoch of 3 batches with accumulation 4 is one partial window: its single step must use
+    the mean of the 3 batches' gradients (it once divided by 4)."""
+    p = _params(optim={"batch_size": 10, "grad_accum_steps": 4, "warmup_steps": 1,
+                       "grad_clip": 0.0}, loss={"clip_align_weight": 0.0}, stage1={"epochs": 1})
+    t = _trainer(p, 1, data_dir, tmp_path / "acc")
+    t.setup()
+    ref = _trainer(p, 1, data_dir, tmp_path / "ref")
+    ref.setup()  # same seed: the same initial weights
+    assert len(t.train_loader) == 3
+    seen = []
+    original = t.optimizer.step
+
+    def record(*args, **kwargs):
+        seen.append({k: q.grad.clone() for k, q in t.model.named_parameters()
+                     if q.grad is not None})
+        return original(*args, **kwargs)
+
+    t.optimizer.step = record
+    t.train_epoch(0)
+    assert len(seen) == 1
+    ref._set_train_mode()
+    ref.train_sampler.set_epoch(0)
+    for batch in ref.train_loader:
+        loss, _ = ref.compute_loss(batch)
+        (loss / 3).backward()
+    for k, g in seen[0].items():
+        torch.testing.assert_close(g, dict(ref.model.named_parameters())[k].grad, atol=1e-6,
+                                   rtol=1e-5)
+
+
+def test_resume_state_is_stale_after_a_code_edit(data_dir, tmp_path, caplog, monkeypatch):
+    """The fingerprint covers the source of every loaded cdsam module: a probe module stands in
+    for e.g. cdsam/losses.py, is edited between the killed run and the rerun."""
+    import sys
+    import types
+
+    probe = tmp_path / "probe.py"
+    probe.write_text("WEIGHT = 1.0\n")
+    module = types.ModuleType("cdsam._probe")
+    module.__file__ = str(probe)
+    monkeypatch.setitem(sys.modules, "cdsam._probe", module)
+    first = _trainer(_params(), 1, data_dir, tmp_path)
+    first.setup()
+    first.train(stop_after=1)
+    probe.write_text("WEIGHT = 2.0\n")  # the edit
+    t = _trainer(_params(), 1, data_dir, tmp_path)
+    t.setup()
+    with caplog.at_level(logging.INFO, logger="cdsam"):
+        t.train()
+    assert "discarding stale resume state" in caplog.text and "resuming" not in caplog.text
+
+
+def test_resume_state_is_stale_when_the_data_content_changes(tmp_path, caplog):
+    """Same manifest (same ids, prompts, splits), other pixels: 32-px vs 40-px scenes."""
+    for size in (32, 40):
+        prepare(PrepareConfig(val_fraction=0.25, synthetic=SyntheticConfig(
+            num_images=8, image_size=size)), 0, tmp_path / f"d{size}", show_progress=False)
+    assert (tmp_path / "d32" / "manifest.csv").read_bytes() == \
+        (tmp_path / "d40" / "manifest.csv").read_bytes()
+    first = _trainer(_params(), 1, tmp_path / "d32", tmp_path)
+    first.setup()
+    first.train(stop_after=1)
+    import shutil
+
+    shutil.rmtree(tmp_path / "d32")
+    shutil.copytree(tmp_path / "d40", tmp_path / "d32")  # prepared again, same path
+    t = _trainer(_params(), 1, tmp_path / "d32", tmp_path)
+    t.setup()
+    with caplog.at_level(logging.INFO, logger="cdsam"):
+        t.train()
+    assert "discarding stale resume state" in caplog.text and "resuming" not in caplog.text
