@@ -26,7 +26,8 @@ import torch
 from cdsam.config import Params, load_params
 from cdsam.data.prepare import prepare
 from cdsam.entry import offline_defaults
-from cdsam.train import StagePaths, StageTrainer, peak_memory_mb
+from cdsam.runtime import peak_memory_mb
+from cdsam.train import StagePaths, StageTrainer
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {},

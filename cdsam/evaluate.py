@@ -19,18 +19,13 @@ from torch.utils.data import DataLoader
 from cdsam import io
 from cdsam.checkpoint import load_checkpoint
 from cdsam.config import LossConfig, Params
-from cdsam.data.dataset import ManifestDataset
+from cdsam.data.dataset import ManifestDataset, collate
 from cdsam.data.manifest import read_manifest
 from cdsam.metrics import per_prompt
 from cdsam.objective import Objective
 from cdsam.overlay import denormalize, grid, sample_panel
-from cdsam.train import (
-    EvalResult,
-    collate,
-    configure_determinism,
-    evaluate_model,
-    resolve_device,
-)
+from cdsam.runtime import configure_determinism, resolve_device
+from cdsam.scoring import EvalResult, evaluate_model
 
 log = logging.getLogger("cdsam.evaluate")
 

@@ -15,15 +15,11 @@ import contextlib
 import copy
 import logging
 import math
-import random
-import resource
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
@@ -39,10 +35,9 @@ from cdsam.checkpoint import (
 )
 from cdsam.config import OptimConfig, Params, to_dict
 from cdsam.curriculum import apply_stage, component_counts, param_groups, policy
-from cdsam.data.dataset import EpochSampler, ManifestDataset
+from cdsam.data.dataset import EpochSampler, ManifestDataset, collate
 from cdsam.errors import CheckpointError, UserError
 from cdsam.feature_cache import FeatureCache, plan_cache
-from cdsam.metrics import SplitScores, pixel_counts, summarize
 from cdsam.models.model import CDSAM, build_model
 from cdsam.objective import Objective
 from cdsam.resume import (
@@ -52,52 +47,16 @@ from cdsam.resume import (
     files_fingerprint,
     fingerprint,
 )
+from cdsam.runtime import (
+    amp_settings,
+    configure_determinism,
+    peak_memory_mb,
+    resolve_device,
+    seed_everything,
+)
+from cdsam.scoring import evaluate_model
 
 log = logging.getLogger("cdsam.train")
-
-
-# --------------------------------------------------------------------------- environment
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device: {name!r} asked for, but CUDA is not available here")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def configure_determinism(device: torch.device) -> None:
-    if device.type == "cuda":
-        # Speed first on GPUs: TF32 matmuls and cuDNN autotuning.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    else:
-        torch.use_deterministic_algorithms(True)
-
-
-def amp_settings(device: torch.device) -> tuple[bool, torch.dtype | None, bool]:
-    """(autocast on?, its dtype, needs GradScaler?)."""
-    if device.type != "cuda":
-        return False, None, False
-    if torch.cuda.is_bf16_supported():
-        return True, torch.bfloat16, False
-    return True, torch.float16, True
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
@@ -111,18 +70,6 @@ def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return fn
-
-
-def collate(batch: list[dict]) -> dict[str, Any]:
-    return {
-        "image": torch.stack([b["image"] for b in batch]),
-        "mask": torch.stack([b["mask"] for b in batch]),
-        "valid": torch.stack([b["valid"] for b in batch]),
-        "prompt": [b["prompt"] for b in batch],
-        "id": [b["id"] for b in batch],
-        "image_key": [b["image_key"] for b in batch],
-        "index": torch.tensor([b["index"] for b in batch]),
-    }
 
 
 def loader_kwargs(num_workers: int, device: torch.device) -> dict[str, Any]:
@@ -146,74 +93,6 @@ def compile_tensor_parts(model: CDSAM) -> None:
         block.compile()
     for part in (model.token_to_mask, model.text_to_prompt, model.sam):
         part.compile()
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-@dataclass
-class EvalResult:
-    loss: float
-    miou: float  # mean per-sample IoU over positive samples
-    dice: float
-    class_iou: float = 0.0  # per-prompt summed intersection / union, mean over prompts
-    fp_rate: float = 0.0  # negatives with a non-empty predicted mask
-    neg_area: float = 0.0  # negatives' mean predicted share of the image
-    positives: int = 0
-    negatives: int = 0
-    scores: SplitScores = field(default_factory=SplitScores)  # per-sample counts (local rank)
-    ids: list[str] = field(default_factory=list)
-    ious: list[float] = field(default_factory=list)  # per sample, in loader order
-    masks: list[torch.Tensor] = field(default_factory=list)  # HxW bool, with keep_masks
-
-    @property
-    def figures(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in ("loss", "miou", "dice", "class_iou", "fp_rate",
-                                              "neg_area", "positives", "negatives")}
-
-
-@torch.no_grad()
-def evaluate_model(model: CDSAM, loader: DataLoader, device: torch.device,
-                   objective: Objective, threshold: float = 0.5, show_progress: bool = False,
-                   cache: FeatureCache | None = None, start_block: int = 0,
-                   reduce: bool = False, keep_masks: bool = False) -> EvalResult:
-    """The objective's loss and the split's scores (`cdsam.metrics`) over a loader.
-
-    ``cache``: DINO prefix features to reuse (see `cdsam.feature_cache`). ``reduce``: the loader
-    holds this rank's shard; the figures are summed over ranks (the per-sample lists stay
-    local). ``keep_masks``: also keep each sample's thresholded mask (on the CPU).
-    """
-    model.eval()
-    use_amp, amp_dtype, _ = amp_settings(device)
-    res = EvalResult(0.0, 0.0, 0.0)
-    total_loss = 0.0
-    for batch in tqdm(loader, desc="evaluate", leave=False, disable=not show_progress):
-        images = batch["image"].to(device, non_blocking=True)
-        target = batch["mask"].to(device, non_blocking=True)
-        valid = batch["valid"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            prefix = None
-            if cache is not None:
-                prefix = cache.lookup(batch["image_key"], images,
-                                      lambda x: model.dino_prefix(x, start_block))
-            out = model(images, batch["prompt"], prefix=prefix, start_block=start_block)
-            loss, _ = objective(out, images, target, valid, batch["prompt"])
-        logits = out.masks.float()
-        total_loss += loss.item() * images.shape[0]
-        res.scores.add(batch["prompt"], pixel_counts(logits, target, valid, threshold))
-        res.ids += batch["id"]
-        if keep_masks:
-            res.masks += list((torch.sigmoid(logits[:, 0]) > threshold).cpu())
-    sums = [total_loss] + res.scores.sums(objective.vocab)
-    if reduce:
-        sums = distributed.all_reduce_sum(sums, device)
-    figures = summarize(sums[1:], objective.vocab)
-    for key in res.figures:
-        if key != "loss":
-            setattr(res, key, figures[key])
-    res.loss = sums[0] / max(figures["samples"], 1)
-    res.ious = res.scores.frame()["iou"].tolist()
-    return res
 
 
 # --------------------------------------------------------------------------- the recipe

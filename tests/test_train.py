@@ -276,7 +276,7 @@ def test_val_loss_uses_the_training_weights(data_dir, tmp_path):
     """Train and val losses come from one objective: with the Dice weight at 0 and the CLIP
     term off, the val loss is BCE alone (it once ignored both weights)."""
     from cdsam.losses import bce_loss
-    from cdsam.train import evaluate_model
+    from cdsam.scoring import evaluate_model
 
     params = _params(loss={"dice_weight": 0.0, "bce_weight": 2.0, "clip_align_weight": 0.0})
     t = _trainer(params, 1, data_dir, tmp_path)
@@ -336,6 +336,7 @@ def test_gradient_accumulation_matches_a_bigger_batch(data_dir, tmp_path):
         torch.testing.assert_close(states[4][k], v, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_last_partial_accumulation_window_is_averaged_over_its_batches(data_dir, tmp_path):
     """An epoch of 3 batches with accumulation 4 is one partial window: its single step must use
     the mean of the 3 batches' gradients (it once divided by 4)."""

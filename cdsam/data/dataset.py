@@ -8,6 +8,7 @@ result is kept in memory: each image once (not once per prompt), each mask once.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,6 +102,18 @@ class ManifestDataset(Dataset):
             "image_key": self._image_of[idx],  # samples of one image share DINO features
             "index": idx,
         }
+
+
+def collate(batch: list[dict]) -> dict[str, Any]:
+    return {
+        "image": torch.stack([b["image"] for b in batch]),
+        "mask": torch.stack([b["mask"] for b in batch]),
+        "valid": torch.stack([b["valid"] for b in batch]),
+        "prompt": [b["prompt"] for b in batch],
+        "id": [b["id"] for b in batch],
+        "image_key": [b["image_key"] for b in batch],
+        "index": torch.tensor([b["index"] for b in batch]),
+    }
 
 
 class EpochSampler(Sampler):
