@@ -18,20 +18,6 @@ import pandas as pd
 import torch
 
 
-def iou_dice(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
-             threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bx1xHxW logits/target/valid → (B IoU, B Dice). Empty prediction on empty truth → 1."""
-    pred = (torch.sigmoid(logits.float()) > threshold).float() * valid
-    truth = target * valid
-    inter = (pred * truth).flatten(1).sum(1)
-    p = pred.flatten(1).sum(1)
-    t = truth.flatten(1).sum(1)
-    union = p + t - inter
-    iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
-    dice = torch.where(p + t > 0, 2 * inter / (p + t).clamp_min(1), torch.ones_like(union))
-    return iou, dice
-
-
 def pixel_counts(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
                  threshold: float = 0.5) -> torch.Tensor:
     """Bx4 per-sample (intersection, predicted, true, valid) pixel counts."""
@@ -43,7 +29,7 @@ def pixel_counts(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
 
 @dataclass
 class SplitScores:
-    """Per-sample counts over a split; :meth:`summary` gives the split's figures."""
+    """Per-sample counts over a split; :func:`summarize` of :meth:`sums` gives its figures."""
 
     prompts: list[str] = field(default_factory=list)
     counts: list[np.ndarray] = field(default_factory=list)  # Bx4 blocks (see pixel_counts)

@@ -24,7 +24,8 @@ from cdsam.models.model import CDSAM, CDSAMOutput
 class Objective:
     cfg: LossConfig
     vocab: list[str]  # prompts the CLIP term contrasts against
-    vocab_feats: torch.Tensor  # VxD normalised CLIP text features of ``vocab``
+    vocab_feats: torch.Tensor  # VxD normalised fp32 CLIP text features of ``vocab``, on the
+    # model's device
     token_proj: nn.Module
     teacher: nn.Module | None = None  # frozen stage-start DINO for the SSL term
 
@@ -35,7 +36,7 @@ class Objective:
     def for_model(cls, model: CDSAM, cfg: LossConfig, vocab: list[str],
                   teacher: nn.Module | None = None) -> Objective:
         """Text features of the vocabulary computed once (the CLIP tower is frozen)."""
-        return cls(cfg, vocab, model.clip_text(vocab), model.token_proj, teacher)
+        return cls(cfg, vocab, model.clip_text(vocab).float(), model.token_proj, teacher)
 
     def __call__(self, out: CDSAMOutput, images: torch.Tensor, target: torch.Tensor,
                  valid: torch.Tensor, prompts: list[str]
@@ -48,8 +49,8 @@ class Objective:
             labels = torch.tensor([self.index[t] for t in prompts], device=logits.device)
             projected = self.token_proj(out.tokens)
             parts["clip_align"] = clip_align_loss(
-                projected.float(), out.grid, target, valid, self.vocab_feats.float().to(
-                    logits.device), labels, lc.clip_temperature)
+                projected.float(), out.grid, target, valid, self.vocab_feats, labels,
+                lc.clip_temperature)
             loss = loss + lc.clip_align_weight * parts["clip_align"]
         if self.teacher is not None and lc.ssl_weight > 0:
             with torch.no_grad():

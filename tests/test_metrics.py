@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cdsam.metrics import SplitScores, iou_dice, per_prompt, pixel_counts, summarize
+from cdsam.metrics import SplitScores, per_prompt, pixel_counts, summarize
 
 BIG = 20.0  # a logit that thresholds to certainly-on (or, negated, off)
 
@@ -24,10 +24,12 @@ def test_counts_skip_ignore_pixels():
     truth[1:3] = 1  # 8 true, 4 shared
     valid = np.ones((4, 4))
     valid[0] = 0  # the first row (4 predicted, 0 true) is ignore
-    c = pixel_counts(_logits(pred), _t(truth), _t(valid))[0].tolist()
-    assert c == [4.0, 4.0, 8.0, 12.0]
-    iou, dice = iou_dice(_logits(pred), _t(truth), _t(valid))
-    assert iou.item() == pytest.approx(4 / 8) and dice.item() == pytest.approx(8 / 12)
+    counts = pixel_counts(_logits(pred), _t(truth), _t(valid))
+    assert counts[0].tolist() == [4.0, 4.0, 8.0, 12.0]
+    s = SplitScores()
+    s.add(["a"], counts)
+    row = s.frame().iloc[0]
+    assert row["iou"] == pytest.approx(4 / 8) and row["dice"] == pytest.approx(8 / 12)
 
 
 def test_positive_miou_class_iou_and_negative_false_positives():
