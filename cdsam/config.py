@@ -35,12 +35,13 @@ class DinoConfig:
     name: str = "vit_small_patch16_224"  # any timm ViT; a tag (".dino") picks hub weights
     pretrained: bool = False  # fetch the named hub weights (needs network or HF cache)
     checkpoint: str | None = None  # a local weights file in timm's format; wins over the hub
-    # Size overrides passed to timm.create_model; null keeps the named model's own value.
-    img_size: int | None = 64
-    patch_size: int | None = 8
-    embed_dim: int | None = 96
-    depth: int | None = 8
-    num_heads: int | None = 3
+    # Size overrides passed to timm.create_model; null (or absent) keeps the named model's own
+    # value. The embedded default's toy sizes live in params.yaml only.
+    img_size: int | None = None
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
     drop_path_rate: float = 0.0
 
 
@@ -72,8 +73,8 @@ class ModelConfig:
 @dataclass
 class SamLoraConfig:
     enable: bool = True
-    rank: int = 4
-    alpha: float = 8.0
+    rank: int = 8
+    alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["attn", "mlp", "proj", "lin"])
 
@@ -98,7 +99,7 @@ class OptimConfig:
     wd: float = 0.01
     grad_clip: float = 1.0  # max grad norm; 0 disables clipping
     grad_accum_steps: int = 1
-    warmup_steps: int = 10  # linear warmup, then cosine decay to min_lr_ratio * lr
+    warmup_steps: int = 20  # linear warmup, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.05
 
 
@@ -143,7 +144,7 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    fit: str = "crop"  # crop: Resize(resize) → CenterCrop(crop); pad: longer side → crop, pad
+    fit: str = "pad"  # crop: Resize(resize) → CenterCrop(crop); pad: longer side → crop, pad
     resize: int = 64  # crop fit: shorter side before the centre crop
     crop: int = 64  # square input fed to DINO; a multiple of the patch size
     num_workers: int = -1  # -1 = auto (0: samples are decoded once and kept in memory)
@@ -152,8 +153,14 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Speed knobs shared by the training stages; none of them changes what is learned."""
+    """Shared by the training stages: spatial prompt training, then speed knobs (which do not
+    change what is learned)."""
 
+    # Probability per sample of a positive click inside the target (plus, half the time, a
+    # negative click outside) / of a jittered box, next to the text (seeded; see
+    # cdsam.data.spatial). 0 trains text prompts only.
+    point_prompts: float = 0.25
+    box_prompts: float = 0.25
     feature_cache: bool = True  # compute the frozen DINO prefix once per image
     feature_cache_mb: int = 4096  # memory budget; images beyond it are recomputed each step
     compile: bool = False  # torch.compile the model (CUDA mostly; needs a C++ compiler on CPU)
@@ -171,10 +178,10 @@ class SyntheticConfig:
 class PrepareConfig:
     source: str = "synthetic"
     val_fraction: float = 0.2
-    test_fraction: float = 0.0
+    test_fraction: float = 0.2
     on_bad_file: str = "error"  # error | skip
     # absent: prompts of classes not in an image become empty-mask samples (seeded)
-    negatives: str = "none"  # none | absent
+    negatives: str = "absent"  # none | absent
     negatives_per_image: int = 1  # absent-class prompts drawn per image (0: all absent classes)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     # folders source (images also: coco)
@@ -197,9 +204,12 @@ class PrepareConfig:
 
 @dataclass
 class EvaluateConfig:
-    batch_size: int = 32
+    batch_size: int = 64
     threshold: float = 0.5
     num_overlays: int = 4
+    # Also score positives with text + one click and text + the tight box (miou_click,
+    # miou_box): two more passes over the split.
+    spatial_prompts: bool = True
 
 
 @dataclass
@@ -213,10 +223,12 @@ class Params:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    stage1: StageConfig = field(default_factory=lambda: StageConfig(epochs=1))
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(epochs=1))
-    stage3: StageConfig = field(default_factory=lambda: StageConfig(epochs=1))
-    stage4: StageConfig = field(default_factory=lambda: StageConfig(epochs=1, sam_mode="lora"))
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(epochs=3))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(epochs=3))
+    stage3: StageConfig = field(default_factory=lambda: StageConfig(epochs=4, lr=3e-4,
+                                                                    lora_lr=3e-4))
+    stage4: StageConfig = field(default_factory=lambda: StageConfig(epochs=4, lr=3e-4,
+                                                                    sam_mode="lora"))
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def stage(self, n: int) -> StageConfig:
@@ -245,7 +257,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
+def _coerce(value: Any, tp: Any, key: str, errors: list[str], base: Any = None) -> Any:
     inner, optional = _unwrap_optional(tp)
     if value is None:
         if optional:
@@ -253,7 +265,7 @@ def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
         errors.append(f"{key}: must not be null")
         return None
     if _is_dataclass_type(inner):
-        return _parse_section(inner, value, key, errors)
+        return _parse_section(inner, value, key, errors, base)
     if inner is bool:
         if isinstance(value, bool):
             return value
@@ -288,10 +300,13 @@ def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
     raise TypeError(f"unsupported config type {tp} for {key}")  # a bug, not user input
 
 
-def _parse_section(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
+def _parse_section(cls: type, data: Any, prefix: str, errors: list[str], base: Any = None) -> Any:
+    """``data`` over ``base`` (the section's default instance): keys left out keep the
+    defaults of *this* section (stage3's LR, not StageConfig's)."""
+    base = cls() if base is None else base
     if not isinstance(data, dict):
         errors.append(f"{prefix}: expected a mapping, got {data!r}")
-        return cls()
+        return base
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
@@ -303,13 +318,10 @@ def _parse_section(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
             valid = ", ".join(names)
             errors.append(f"{full}: unknown key{hint}; valid keys here: {valid}")
             continue
-        parsed = _coerce(value, hints[key], full, errors)
+        parsed = _coerce(value, hints[key], full, errors, getattr(base, key))
         if parsed is not None or value is None:
             kwargs[key] = parsed
-    try:
-        return cls(**kwargs)
-    except TypeError:  # a required field stayed unset because of an error listed above
-        return cls()
+    return dataclasses.replace(base, **kwargs)
 
 
 # --------------------------------------------------------------------------- validation
@@ -399,6 +411,9 @@ def validate(p: Params, errors: list[str]) -> None:
                       f"({d.patch_size})")
     _check(dc.num_workers >= -1, "data.num_workers", dc.num_workers, "must be >= 0, or -1 (auto)",
            errors)
+    for key in ("point_prompts", "box_prompts"):
+        v = getattr(p.train, key)
+        _check(0 <= v <= 1, f"train.{key}", v, "must be in [0, 1]", errors)
     _check(p.train.feature_cache_mb >= 0, "train.feature_cache_mb", p.train.feature_cache_mb,
            "must be >= 0", errors)
     _check(p.device == "auto" or p.device == "cpu" or p.device.startswith("cuda"), "device",

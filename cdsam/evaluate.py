@@ -21,6 +21,7 @@ from cdsam.checkpoint import load_checkpoint
 from cdsam.config import LossConfig, Params
 from cdsam.data.dataset import ManifestDataset, collate
 from cdsam.data.manifest import read_manifest
+from cdsam.data.spatial import BOX, CLICK
 from cdsam.metrics import per_prompt
 from cdsam.objective import Objective
 from cdsam.overlay import denormalize, grid, sample_panel
@@ -99,6 +100,12 @@ def evaluate_stages(params: Params, checkpoints: dict[str, Path], data: Path, ou
     split = scored_split(data)
     ds = ManifestDataset(data, split, params.data)
     loader = DataLoader(ds, batch_size=ev.batch_size, shuffle=False, collate_fn=collate)
+    # The same split with one positive click / the tight box next to each positive's text
+    # (seeded, the same for every checkpoint).
+    spatial = {mode: DataLoader(ManifestDataset(data, split, params.data, seed=params.seed,
+                                                spatial=policy),
+                                batch_size=ev.batch_size, shuffle=False, collate_fn=collate)
+               for mode, policy in (("click", CLICK), ("box", BOX))} if ev.spatial_prompts else {}
     indices = overlay_indices(ds, ev.num_overlays)
     pairs = pair_rows(ds)
     metrics: dict[str, Any] = {"split": split}
@@ -116,8 +123,12 @@ def evaluate_stages(params: Params, checkpoints: dict[str, Path], data: Path, ou
         res = evaluate_model(model, loader, device, objective, ev.threshold, show_progress=True,
                              keep_masks=True)
         metrics[name] = {**res.figures, **prompt_pairs(res, pairs)}
+        for mode, mode_loader in spatial.items():
+            metrics[name][f"miou_{mode}"] = evaluate_model(
+                model, mode_loader, device, objective, ev.threshold).miou
         stage_rows.append({"stage": name, "miou": res.miou, "class_iou": res.class_iou,
-                           "fp_rate": res.fp_rate})
+                           "fp_rate": res.fp_rate,
+                           **{k: v for k, v in metrics[name].items() if k.startswith("miou_")}})
         for row in per_prompt(res.scores).to_dict("records"):
             prompt_rows.append({"stage": name, **row})
         if indices:
@@ -128,9 +139,11 @@ def evaluate_stages(params: Params, checkpoints: dict[str, Path], data: Path, ou
         m = metrics[name]
         pairs_text = (f"; two-object images ({m['pairs']}): own-object IoU {m['pairs_miou']:.3f}, "
                       f"IoU between the two masks {m['pairs_overlap']:.3f}") if m["pairs"] else ""
+        spatial_text = "".join(f"; miou with text + {mode} {m[f'miou_{mode}']:.4f}"
+                               for mode in spatial)
         log.info("%s on %s: miou=%.4f (%d positives) class_iou=%.4f fp_rate=%.3f (%d "
-                 "negatives)%s", name, split, res.miou, res.positives, res.class_iou,
-                 res.fp_rate, res.negatives, pairs_text)
+                 "negatives)%s%s", name, split, res.miou, res.positives, res.class_iou,
+                 res.fp_rate, res.negatives, pairs_text, spatial_text)
     io.write_text(out / "stages.csv",
                   pd.DataFrame(stage_rows).to_csv(index=False, lineterminator="\n"))
     io.write_text(out / "per_prompt.csv",

@@ -20,6 +20,7 @@ from PIL import Image
 from cdsam.data.dataset import pil_to_tv_image
 from cdsam.data.geometry import Geometry, fit_transform, normalize_transform
 from cdsam.data.manifest import read_image
+from cdsam.data.spatial import POINT_SLOTS
 from cdsam.errors import DataError, UserError
 from cdsam.models.model import CDSAM
 
@@ -75,6 +76,27 @@ class Predictor:
         self.fit_image = fit_transform(fit, resize, crop)
         self.normalize = normalize_transform()
 
+    def _spatial(self, geo: Geometry, points: Sequence[tuple[float, float]] | None,
+                 box: tuple[float, float, float, float] | None, n: int) -> dict:
+        """Clicks and box in the slot layout training uses (`cdsam.data.spatial`): at least
+        two point slots (unused ones empty) and a box slot, empty when no box is given."""
+        if not points and box is None:
+            return {}
+        xy = [geo.to_crop(px, py) for px, py in points or []]
+        labels = [1] * len(xy)
+        while len(xy) < POINT_SLOTS:
+            xy.append((0.0, 0.0))
+            labels.append(-1)
+        corners = [0.0] * 4
+        if box is not None:
+            (x0, y0), (x1, y1) = geo.to_crop(*box[:2]), geo.to_crop(*box[2:])
+            corners = [x0, y0, x1, y1]
+        dev = self.device
+        return {"points": (torch.tensor(xy, dtype=torch.float32, device=dev).expand(n, -1, -1),
+                           torch.tensor(labels, device=dev).expand(n, -1)),
+                "boxes": torch.tensor(corners, device=dev).expand(n, -1),
+                "box_valid": torch.full((n,), box is not None, device=dev)}
+
     @torch.no_grad()
     def predict(self, image: ImageLike, prompts: str | Sequence[str],
                 points: Sequence[tuple[float, float]] | None = None,
@@ -97,16 +119,8 @@ class Predictor:
         for i in range(0, len(prompts), batch_size):
             part = prompts[i:i + batch_size]
             n = len(part)
-            pts = box = None
-            if points:
-                xy = torch.tensor([geo.to_crop(px, py) for px, py in points],
-                                  dtype=torch.float32)
-                pts = (xy.expand(n, -1, -1).to(self.device),
-                       torch.ones(n, len(points), dtype=torch.int64, device=self.device))
-            if boxes is not None:
-                (x0, y0), (x1, y1) = geo.to_crop(*boxes[:2]), geo.to_crop(*boxes[2:])
-                box = torch.tensor([[x0, y0, x1, y1]], device=self.device).expand(n, -1)
-            out = self.model(x.expand(n, -1, -1, -1), part, points=pts, boxes=box)
+            spatial = self._spatial(geo, points, boxes, n)
+            out = self.model(x.expand(n, -1, -1, -1), part, **spatial)
             chunks.append(out.masks[:, 0].float().cpu())
         logits = geo.to_original(torch.cat(chunks))
         masks = (torch.sigmoid(logits) > threshold).numpy()

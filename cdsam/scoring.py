@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from cdsam.data.spatial import batch_prompts
 from cdsam.metrics import SplitScores, pixel_counts, summarize
 from cdsam.models.model import CDSAM
 from cdsam.objective import Objective
@@ -67,7 +68,8 @@ def evaluate_model(model: CDSAM, loader: DataLoader, device: torch.device,
             if cache is not None:
                 prefix = cache.lookup(batch["image_key"], images,
                                       lambda x: model.dino_prefix(x, start_block))
-            out = model(images, batch["prompt"], prefix=prefix, start_block=start_block)
+            out = model(images, batch["prompt"], prefix=prefix, start_block=start_block,
+                        **batch_prompts(batch, device))
             loss, _ = objective(out, images, target, valid, batch["prompt"])
         logits = out.masks.float()
         total_loss += loss.item() * images.shape[0]

@@ -36,6 +36,7 @@ from cdsam.checkpoint import (
 from cdsam.config import OptimConfig, Params, to_dict
 from cdsam.curriculum import apply_stage, component_counts, param_groups, policy
 from cdsam.data.dataset import EpochSampler, ManifestDataset, collate
+from cdsam.data.spatial import SpatialPolicy, batch_prompts
 from cdsam.errors import CheckpointError, UserError
 from cdsam.feature_cache import FeatureCache, plan_cache
 from cdsam.models.model import CDSAM, build_model
@@ -178,8 +179,9 @@ class StageTrainer:
         self.device = distributed.init(self.dist, self.device)
         configure_determinism(self.device)
         seed_everything(p.seed + self.stage)
-        self.train_set = ManifestDataset(self.paths.data, "train", p.data,
-                                         augment=p.data.augment.enable, seed=p.seed)
+        self.train_set = ManifestDataset(
+            self.paths.data, "train", p.data, augment=p.data.augment.enable, seed=p.seed,
+            spatial=SpatialPolicy(point=p.train.point_prompts, box=p.train.box_prompts))
         self.val_set = ManifestDataset(self.paths.data, "val", p.data)
         model = self._load_model()
         if p.data.crop % model.patch_size:
@@ -232,6 +234,10 @@ class StageTrainer:
                  len(self.vocab), self.epochs, eff, self.optim_cfg.batch_size,
                  self.optim_cfg.grad_accum_steps, self.dist.world_size,
                  f"{self.trainable_params:,}", f"{self.total_params:,}")
+        if self.train_set.spatial is not None:
+            log.info("spatial prompts next to the text: a click on %.0f %% of samples, a box on "
+                     "%.0f %% (train.point_prompts / train.box_prompts)",
+                     100 * p.train.point_prompts, 100 * p.train.box_prompts)
 
     def _build_loaders(self) -> None:
         p, d = self.params, self.dist
@@ -297,7 +303,8 @@ class StageTrainer:
                     prefix = self.cache.lookup(
                         batch["image_key"], images,
                         lambda x: self.model.dino_prefix(x, self.start_block))
-            out = self.net(images, batch["prompt"], prefix=prefix, start_block=self.start_block)
+            out = self.net(images, batch["prompt"], prefix=prefix, start_block=self.start_block,
+                           **batch_prompts(batch, self.device))
             loss, parts = self.objective(out, images, target, valid, batch["prompt"])
         return loss, {k: float(v.detach()) for k, v in parts.items()}
 

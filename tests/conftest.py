@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny seeded configs, offline everything."""
+"""Shared fixtures: tiny seeded configs (the shipped defaults of `cdsam.config`, shrunk),
+offline everything."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ TINY = {
                        "num_heads": 2}},
     "data": {"resize": 32, "crop": 32},
     "lora": {"sam": {"rank": 2, "alpha": 4}, "dino": {"rank": 2, "alpha": 4, "last_k_blocks": 2}},
+    **{f"stage{n}": {"epochs": 1} for n in (1, 2, 3, 4)},  # each keeps its other defaults
 }
 
 

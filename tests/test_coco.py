@@ -41,7 +41,8 @@ def voc_as_coco(voc_root, out_json) -> None:
 def test_coco_from_voc_prepares_the_same_masks(tmp_path):
     voc = real_data("voc-samples")
     voc_as_coco(voc, tmp_path / "instances.json")
-    common = dict(val_fraction=0.3, prompt_template="a photo of a {}")
+    common = dict(val_fraction=0.3, test_fraction=0.0, negatives="none",
+                  prompt_template="a photo of a {}")
     prepare(PrepareConfig(source="voc", root=str(voc), **common), 0, tmp_path / "v", False)
     prepare(PrepareConfig(source="coco", annotations=str(tmp_path / "instances.json"),
                           images=str(voc / "JPEGImages"), **common), 0, tmp_path / "c", False)
@@ -126,6 +127,7 @@ def test_coco_classes_subset_and_split_files(tmp_path):
     (tmp_path / "ann.json").write_text(json.dumps(part({2, 3, 4})))
     cfg.val_annotations = str(tmp_path / "val.json")
     cfg.classes = ["box"]
+    cfg.test_fraction = 0.0
     prepare(cfg, 0, tmp_path / "p", show_progress=False)
     df = read_manifest(tmp_path / "p")
     assert set(df["prompt"]) == {"a box"}

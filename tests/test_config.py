@@ -1,8 +1,20 @@
-import pytest
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
 
-from cdsam.config import load_params, parse_params
+import pytest
+import yaml
+
+from cdsam.config import Params, load_params, parse_params
 from cdsam.errors import ConfigError
 from cdsam.stage_params import declared_keys, restrict
+
+REPO = Path(__file__).resolve().parents[1]
+# tools/ is a script folder, not a package: load the dvc.yaml writer from its file.
+_spec = importlib.util.spec_from_file_location("dvc_yaml", REPO / "tools" / "dvc_yaml.py")
+dvc_yaml = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(dvc_yaml)
 
 
 def test_repo_params_yaml_is_valid():
@@ -21,11 +33,11 @@ def test_typo_names_key_and_nearest():
 
 def test_all_problems_listed_at_once():
     bad = {
-        "model": {"dino": {"depth": 4}, "sam": {"type": "vit_x"}},
+        "model": {"dino": {"depth": 4, "patch_size": 8}, "sam": {"type": "vit_x"}},
         "lora": {"dino": {"last_k_blocks": 6, "rank": 0, "dropout": 1.0}, "sam": {"alpha": 0}},
         "optim": {"lr": -1, "batch_size": 0},
         "stage2": {"epochs": 0},
-        "data": {"resize": 64, "crop": 60},
+        "data": {"fit": "crop", "resize": 64, "crop": 60},
     }
     with pytest.raises(ConfigError) as exc:
         parse_params(bad)
@@ -45,7 +57,7 @@ def test_types_are_checked_and_1e_strings_accepted():
 
 def test_crop_larger_than_resize():
     with pytest.raises(ConfigError, match="data.crop"):
-        parse_params({"data": {"resize": 32, "crop": 64}})
+        parse_params({"data": {"fit": "crop", "resize": 32, "crop": 64}})
 
 
 def test_stage_view_blocks_undeclared_sections():
@@ -75,25 +87,34 @@ def test_every_stage_declares_what_it_needs():
 def test_stage_code_deps_are_exactly_the_modules_the_script_imports(stage, script):
     """Fine-grained deps must not miss code (a change to it would not rerun the stage), nor
     list code the stage never runs (an edit to it would rerun the stage for nothing)."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import yaml
-
-    repo = Path(__file__).resolve().parents[1]
-    code = (f"import runpy, sys, json; sys.argv=['x', '--help']\n"
-            f"try:\n    runpy.run_path({str(repo / script)!r}, run_name='not_main')\n"
-            f"except SystemExit: pass\n"
-            f"print(json.dumps(sorted(m.__file__ for n, m in sys.modules.items() "
-            f"if n.split('.')[0] == 'cdsam' and getattr(m, '__file__', None))))")
-    files = json.loads(subprocess.check_output([sys.executable, "-c", code], cwd=repo,
-                                               text=True).strip().splitlines()[-1])
-    deps = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]["deps"]
-    imported = {Path(f).resolve().relative_to(repo).as_posix() for f in files}
+    deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["deps"]
+    imported = set(dvc_yaml.imported_modules(script))
     code = {d for d in deps if d.startswith("cdsam/") and d.endswith(".py")}
     assert code == imported, (stage, sorted(code - imported), sorted(imported - code))
     # data files the code reads (the shipped tiny CLIP config) where models are built
     assert ("cdsam/models/configs" in deps) == ("cdsam/models/model.py" in imported)
     assert script in deps
+
+
+def test_dvc_yaml_is_what_the_generator_writes():
+    """The per-stage lists are written by tools/dvc_yaml.py, not copied by hand."""
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "dvc_yaml.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_section_keeps_its_own_defaults_for_keys_left_out():
+    """`stage3: {epochs: 2}` keeps stage3's default LR override, not StageConfig's null."""
+    p = parse_params({"stage3": {"epochs": 2}, "stage4": {"epochs": 1}})
+    default = Params()
+    assert p.stage3.epochs == 2 and p.stage4.epochs == 1
+    assert (p.stage3.lr, p.stage3.lora_lr) == (default.stage3.lr, default.stage3.lora_lr)
+    assert p.stage4.sam_mode == default.stage4.sam_mode
+    assert parse_params({}) == default
+
+
+def test_named_dino_sizes_default_to_the_named_model():
+    """The toy sizes live in params.yaml alone: a params file without them means the named
+    timm model's own architecture (null), not a silently shrunk one."""
+    d = parse_params({}).model.dino
+    assert (d.img_size, d.patch_size, d.embed_dim, d.depth, d.num_heads) == (None,) * 5

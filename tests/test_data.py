@@ -13,7 +13,8 @@ from cdsam.errors import DataError
 
 
 def test_synthetic_manifest(tmp_path):
-    cfg = PrepareConfig(synthetic=SyntheticConfig(num_images=40, image_size=48))
+    cfg = PrepareConfig(synthetic=SyntheticConfig(num_images=40, image_size=48),
+                        test_fraction=0.0, negatives="none")
     summary = prepare(cfg, seed=0, out=tmp_path / "p", show_progress=False)
     df = read_manifest(tmp_path / "p")
     assert list(df.columns) == ["id", "image", "mask", "prompt", "split", "negative"]
@@ -21,7 +22,7 @@ def test_synthetic_manifest(tmp_path):
     assert df["prompt"].nunique() >= 4
     per_image = df.groupby("image")["prompt"].nunique()
     assert (per_image >= 2).all()
-    assert not df["negative"].any()  # prepare.negatives defaults to none
+    assert not df["negative"].any()
     for m in df["mask"].head(10):
         values = set(np.unique(np.asarray(Image.open(tmp_path / "p" / m))))
         assert values <= {0, FOREGROUND} and FOREGROUND in values
@@ -111,6 +112,7 @@ def test_source_and_split_errors(tmp_path):
         prepare(PrepareConfig(source="folders", images=str(tmp_path / "x"),
                               masks=str(tmp_path), prompt="p"), 0, tmp_path / "p", False)
     cfg = _folders(tmp_path, n=1)
+    cfg.test_fraction = 0.0
     with pytest.raises(DataError, match="split 'val' has no samples"):
         prepare(cfg, 0, tmp_path / "p", show_progress=False)
     with pytest.raises(DataError, match="prepare.root: required"):
@@ -146,7 +148,8 @@ def _voc(tmp_path, with_sets=True):
 
 def test_voc_per_class_prompts_and_ignore(tmp_path):
     root = _voc(tmp_path)
-    prepare(PrepareConfig(source="voc", root=str(root)), 0, tmp_path / "p", False)
+    prepare(PrepareConfig(source="voc", root=str(root), negatives="none"), 0, tmp_path / "p",
+            False)
     df = read_manifest(tmp_path / "p")
     assert set(df["prompt"]) == {"a photo of a person", "a photo of a dog"}
     assert (df["split"] == "val").sum() == 2 and (df["split"] == "train").sum() == 6
@@ -171,8 +174,8 @@ def test_voc_binary_and_custom_classes(tmp_path):
 
 
 def test_dataset_transform_and_manifest_errors(tmp_path):
-    prepare(PrepareConfig(synthetic=SyntheticConfig(num_images=10, image_size=40)), 0,
-            tmp_path / "p", False)
+    prepare(PrepareConfig(synthetic=SyntheticConfig(num_images=10, image_size=40),
+                          test_fraction=0.0), 0, tmp_path / "p", False)
     ds = ManifestDataset(tmp_path / "p", "train", DataConfig(fit="crop", resize=36, crop=32))
     s = ds[0]
     assert s["image"].shape == (3, 32, 32) and s["mask"].shape == (1, 32, 32)
@@ -238,7 +241,8 @@ def test_synthetic_negatives_name_absent_objects(tmp_path):
     for m in df.loc[df["negative"], "mask"]:
         assert not (np.asarray(Image.open(tmp_path / "p" / m)) == FOREGROUND).any()
     # the positives are the ones prepare.negatives: none gives, and the draw is seeded
-    prepare(PrepareConfig(synthetic=cfg.synthetic), 0, tmp_path / "q", show_progress=False)
+    prepare(PrepareConfig(synthetic=cfg.synthetic, negatives="none"), 0, tmp_path / "q",
+            show_progress=False)
     plain = read_manifest(tmp_path / "q")
     assert list(plain["id"]) == list(df.loc[~df["negative"], "id"])
     prepare(cfg, 0, tmp_path / "r", show_progress=False)
@@ -336,7 +340,8 @@ def test_voc_image_without_a_class_is_not_a_bad_file(tmp_path):
     im = Image.fromarray(empty, mode="P")
     im.putpalette([0, 0, 0] * 256)
     im.save(root / "SegmentationClass" / "2007_000001.png")
-    summary = prepare(PrepareConfig(source="voc", root=str(root)), 0, tmp_path / "p", False)
+    summary = prepare(PrepareConfig(source="voc", root=str(root), negatives="none"), 0,
+                      tmp_path / "p", False)
     assert summary["images_without_samples"] == 1 and summary["images"] == 3
     summary = prepare(PrepareConfig(source="voc", root=str(root), negatives="absent"), 0,
                       tmp_path / "q", False)

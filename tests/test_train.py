@@ -24,7 +24,8 @@ from tests.conftest import tiny_params
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "prepared"
-    cfg = PrepareConfig(val_fraction=0.25,
+    # Positives only, no test split: the small set the loop tests below are sized for.
+    cfg = PrepareConfig(val_fraction=0.25, test_fraction=0.0, negatives="none",
                         synthetic=SyntheticConfig(num_images=12, image_size=32))
     prepare(cfg, seed=0, out=out, show_progress=False)
     return out

@@ -1,4 +1,5 @@
-"""Training-time dataset over the manifest: fit → (seeded augmentation) → Normalize.
+"""Training-time dataset over the manifest: fit → (seeded augmentation) → Normalize, plus the
+sample's point/box prompt slots (`cdsam.data.spatial`).
 
 The fit (``data.fit``: crop or pad, see `cdsam.data.geometry`) is deterministic, so its uint8
 result is kept in memory: each image once (not once per prompt), each mask once. Augmentation
@@ -20,6 +21,7 @@ from cdsam.config import DataConfig
 from cdsam.data.augment import augment_pair, build_augment, sample_seed
 from cdsam.data.geometry import fit_transform, normalize_transform
 from cdsam.data.manifest import FOREGROUND, IGNORE, read_image, read_manifest
+from cdsam.data.spatial import SpatialPolicy, empty_prompts, sample_prompts
 from cdsam.errors import DataError
 
 
@@ -29,10 +31,13 @@ class ManifestDataset(Dataset):
     ``valid`` is False on ignore pixels (mask value 255, padding, pixels an augmentation
     uncovered), which losses and metrics skip. ``augment``: apply ``data.augment`` (train only);
     an index may then be ``(epoch, i)`` (see :class:`EpochSampler`) to seed the draw.
+    ``spatial``: draw point/box prompts from each (augmented) mask under the same seeding;
+    without it the slots are empty.
     """
 
     def __init__(self, root: str | Path, split: str, data: DataConfig, augment: bool = False,
-                 seed: int = 0, keep_in_memory: bool = True) -> None:
+                 seed: int = 0, keep_in_memory: bool = True,
+                 spatial: SpatialPolicy | None = None) -> None:
         self.root = Path(root)
         self.df = read_manifest(self.root, split)
         self.split = split
@@ -40,6 +45,7 @@ class ManifestDataset(Dataset):
         self.normalize = normalize_transform()
         self.augment = build_augment(data.augment, data.crop) if augment else None
         self.seed = seed
+        self.spatial = spatial if spatial is not None and spatial.enabled else None
         self.keep = keep_in_memory
         self._images: dict[str, tv_tensors.Image] = {}
         self._masks: dict[int, tv_tensors.Mask] = {}
@@ -93,6 +99,8 @@ class ManifestDataset(Dataset):
             img_t, mask_t = augment_pair(self.augment, img_t, mask_t,
                                          sample_seed(self.seed, epoch, idx))
         m = mask_t.as_subclass(torch.Tensor)
+        spatial = empty_prompts() if self.spatial is None else \
+            sample_prompts(m[0], self.spatial, sample_seed(self.seed, epoch, idx))
         return {
             "image": self.normalize(img_t).as_subclass(torch.Tensor),
             "mask": (m == FOREGROUND).float(),
@@ -101,6 +109,7 @@ class ManifestDataset(Dataset):
             "id": self._id_of[idx],
             "image_key": self._image_of[idx],  # samples of one image share DINO features
             "index": idx,
+            **spatial,
         }
 
 
@@ -113,6 +122,8 @@ def collate(batch: list[dict]) -> dict[str, Any]:
         "id": [b["id"] for b in batch],
         "image_key": [b["image_key"] for b in batch],
         "index": torch.tensor([b["index"] for b in batch]),
+        **{k: torch.stack([b[k] for b in batch])
+           for k in ("points", "point_labels", "box", "has_box")},
     }
 
 

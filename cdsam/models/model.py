@@ -75,23 +75,58 @@ class CDSAM(nn.Module):
     def decode(self, tokens: torch.Tensor, grid: tuple[int, int], text: torch.Tensor,
                image_size: tuple[int, int],
                points: tuple[torch.Tensor, torch.Tensor] | None = None,
-               boxes: torch.Tensor | None = None) -> CDSAMOutput:
-        """Patch tokens BxNxC + text features BxD → masks."""
+               boxes: torch.Tensor | None = None,
+               box_valid: torch.Tensor | None = None) -> CDSAMOutput:
+        """Patch tokens BxNxC + text features BxD (+ optional point/box prompts) → masks.
+
+        Rows whose point and box slots are all empty are decoded from the text tokens alone,
+        exactly as in a batch without spatial prompts: a text-only sample gets the same mask
+        whatever its batch-mates carry (training mixes both, see `cdsam.data.spatial`).
+        """
         embeddings = self.token_to_mask(tokens, grid)
         prompt_tokens = self.text_to_prompt(text)
-        if points is not None or boxes is not None:
-            extra = self.sam.encode_prompts(tokens.shape[0], image_size, points, boxes)
-            prompt_tokens = torch.cat([prompt_tokens, extra.to(prompt_tokens.dtype)], dim=1)
-        low, iou = self.sam(embeddings, prompt_tokens)
+        active = spatial_rows(points, boxes, box_valid, tokens.shape[0], tokens.device)
+        if active is None:
+            low, iou = self.sam(embeddings, prompt_tokens)
+        else:
+            low, iou = self._decode_mixed(embeddings, prompt_tokens, image_size, active,
+                                          points, boxes, box_valid)
         masks = F.interpolate(low, size=image_size, mode="bilinear", align_corners=False)
         return CDSAMOutput(masks=masks, low_res_masks=low, iou=iou, tokens=tokens, grid=grid)
+
+    def _decode_mixed(self, embeddings: torch.Tensor, prompt_tokens: torch.Tensor,
+                      image_size: tuple[int, int], active: torch.Tensor,
+                      points: tuple[torch.Tensor, torch.Tensor] | None,
+                      boxes: torch.Tensor | None, box_valid: torch.Tensor | None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text + spatial tokens for the ``active`` rows, text alone for the rest."""
+        def rows(x: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+            return None if x is None else x[idx]
+
+        on = active.nonzero().flatten()
+        pts = None if points is None else (points[0][on], points[1][on])
+        extra = self.sam.encode_prompts(len(on), image_size, pts, rows(boxes, on),
+                                        rows(box_valid, on))
+        low_on, iou_on = self.sam(embeddings[on], torch.cat(
+            [prompt_tokens[on], extra.to(prompt_tokens.dtype)], dim=1))
+        if len(on) == active.numel():
+            return low_on, iou_on
+        off = (~active).nonzero().flatten()
+        low_off, iou_off = self.sam(embeddings[off], prompt_tokens[off])
+        low = low_on.new_empty((active.numel(), *low_on.shape[1:]))
+        iou = iou_on.new_empty((active.numel(), *iou_on.shape[1:]))
+        low[on], low[off] = low_on, low_off.to(low.dtype)
+        iou[on], iou[off] = iou_on, iou_off.to(iou.dtype)
+        return low, iou
 
     def forward(self, images: torch.Tensor, prompts: list[str],
                 points: tuple[torch.Tensor, torch.Tensor] | None = None,
                 boxes: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
-                start_block: int = 0) -> CDSAMOutput:
+                start_block: int = 0, box_valid: torch.Tensor | None = None) -> CDSAMOutput:
         """``prefix``: DINO tokens after blocks ``0 … start_block-1`` for these images (the
-        feature cache's output); DINO then runs only from ``start_block``."""
+        feature cache's output); DINO then runs only from ``start_block``. ``points``: (BxNx2
+        pixel xy, BxN labels 1/0/-1), ``boxes``: Bx4 xyxy in input pixels, ``box_valid``: B
+        bool (default: every row has its box)."""
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
         p = self.patch_size
@@ -101,7 +136,20 @@ class CDSAM(nn.Module):
         else:
             tokens = self.dino_tail(prefix, start_block)
         text = self.clip_text(prompts).to(tokens.dtype)
-        return self.decode(tokens, grid, text, tuple(images.shape[-2:]), points, boxes)
+        return self.decode(tokens, grid, text, tuple(images.shape[-2:]), points, boxes,
+                           box_valid)
+
+
+def spatial_rows(points: tuple[torch.Tensor, torch.Tensor] | None, boxes: torch.Tensor | None,
+                 box_valid: torch.Tensor | None, batch: int, device: torch.device,
+                 ) -> torch.Tensor | None:
+    """B bool: rows with at least one point or box, or None when no row has one."""
+    active = torch.zeros(batch, dtype=torch.bool, device=device)
+    if points is not None:
+        active |= (points[1] >= 0).any(dim=1).to(device)
+    if boxes is not None:
+        active |= box_valid.to(device) if box_valid is not None else True
+    return active if bool(active.any()) else None
 
 
 def build_model(cfg: ModelConfig, load_weights: bool = True, seed: int | None = None) -> CDSAM:

@@ -44,14 +44,31 @@ class SamDecoder(nn.Module):
 
     def encode_prompts(self, batch: int, image_size: tuple[int, int],
                        points: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       boxes: torch.Tensor | None = None) -> torch.Tensor:
-        """Point (BxNx2 pixel xy, BxN labels) and box (Bx4 xyxy) prompts → BxMx256 tokens."""
+                       boxes: torch.Tensor | None = None,
+                       box_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Point (BxNx2 pixel xy, BxN labels: 1 fg, 0 bg, -1 empty slot) and box (Bx4 xyxy)
+        prompts → Bx(N+2)x256 tokens, SAM's own embeddings.
+
+        ``box_valid`` (B bool): rows without a box get SAM's "not a point" token in both corner
+        slots, so a batch mixing boxed and unboxed samples keeps one token layout (the layout
+        cdsam trains with: `cdsam.data.spatial`). Unlike ``PromptEncoder.forward`` no padding
+        point is appended: the caller decides the slots.
+        """
         pe = self.prompt_encoder
         if points is None and boxes is None:
             return pe.no_mask_embed.weight.new_zeros(batch, 0, SAM_DIM)
         pe.input_image_size = tuple(image_size)  # coordinates are normalised by this size
-        sparse, _ = pe(points=points, boxes=boxes, masks=None)
-        return sparse
+        parts = []
+        if points is not None:
+            coords, labels = points
+            parts.append(pe._embed_points(coords.float(), labels, pad=False))
+        if boxes is not None:
+            corners = pe._embed_boxes(boxes.float())
+            if box_valid is not None:
+                empty = pe.not_a_point_embed.weight.to(corners.dtype)
+                corners = torch.where(box_valid.view(-1, 1, 1), corners, empty)
+            parts.append(corners)
+        return torch.cat(parts, dim=1)
 
     def forward(self, image_embeddings: torch.Tensor, prompt_tokens: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor]:

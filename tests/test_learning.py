@@ -1,0 +1,60 @@
+"""Does training learn, and does it learn from the text? A tiny stage-1 run on synthetic scenes
+must pass a val mIoU threshold and beat the same run trained on shuffled prompts (each train
+mask paired with another sample's text; val keeps the true prompts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cdsam.config import PrepareConfig, SyntheticConfig
+from cdsam.data.manifest import read_manifest
+from cdsam.data.prepare import prepare
+from cdsam.train import StagePaths, StageTrainer
+from tests.conftest import tiny_params
+
+SIZE = 48
+EPOCHS = 8
+
+
+def _data(tmp: Path, shuffle: bool) -> Path:
+    out = tmp / ("shuffled" if shuffle else "true")
+    prepare(PrepareConfig(synthetic=SyntheticConfig(num_images=160, image_size=SIZE),
+                          val_fraction=0.25, test_fraction=0.0, negatives="none"),
+            seed=0, out=out, show_progress=False)
+    if shuffle:
+        path = out / "manifest.csv"
+        df = read_manifest(out)
+        train = df.index[df["split"] == "train"]
+        df.loc[train, "prompt"] = np.random.default_rng(0).permutation(
+            df.loc[train, "prompt"].to_numpy())
+        df.to_csv(path, index=False)
+    return out
+
+
+def _val_miou(data: Path, tmp: Path, epochs: int) -> float:
+    p = tiny_params(device="cpu", seed=0,
+                    model={"dino": {"img_size": SIZE, "patch_size": 8, "embed_dim": 32,
+                                    "depth": 4, "num_heads": 2}},
+                    data={"fit": "crop", "resize": SIZE, "crop": SIZE},
+                    optim={"batch_size": 16, "lr": 3e-3, "lora_lr": 3e-3, "warmup_steps": 5},
+                    train={"point_prompts": 0.0, "box_prompts": 0.0},  # the text alone
+                    stage1={"epochs": epochs, "select": "last"})
+    paths = StagePaths(data=data, out=tmp / "ckpt", metrics=tmp / "metrics",
+                       resume=tmp / "resume")
+    trainer = StageTrainer(p, 1, paths, show_progress=False)
+    trainer.setup()
+    return trainer.train()["miou"]
+
+
+@pytest.mark.slow
+def test_text_prompts_are_learned(tmp_path):
+    learned = _val_miou(_data(tmp_path, False), tmp_path / "a", EPOCHS)
+    shuffled = _val_miou(_data(tmp_path, True), tmp_path / "b", EPOCHS)
+    print(f"val miou after {EPOCHS} epochs: {learned:.3f} with the true prompts, "
+          f"{shuffled:.3f} with shuffled prompts")
+    # Measured when written: 0.51 vs 0.22 (shuffled prompts learn "some object" only).
+    assert learned > 0.35
+    assert learned > shuffled + 0.15
