@@ -18,6 +18,7 @@ from cdsam.curriculum import apply_stage, component_counts, policy
 from cdsam.entry import offline_defaults, run
 from cdsam.errors import UserError
 from cdsam.models.model import build_model
+from cdsam.models.preflight import check_model
 
 log = logging.getLogger("cdsam.cli")
 
@@ -31,6 +32,7 @@ def summarize_stage(params_path: str, stage: int) -> dict[str, dict[str, int]]:
     """
     params = load_params(params_path)
     pol = policy(stage)
+    check_model(params.model, params.data.crop, params.lora.dino if stage >= 2 else None)
     model = build_model(params.model, load_weights=False, seed=params.seed)
     # Replay the curriculum up to `stage`, so stage 3 keeps stage 2's adapters and stage 4
     # merges them, as in the pipeline.

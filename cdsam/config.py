@@ -36,7 +36,9 @@ class DinoConfig:
     pretrained: bool = False  # fetch the named hub weights (needs network or HF cache)
     checkpoint: str | None = None  # a local weights file in timm's format; wins over the hub
     # Size overrides passed to timm.create_model; null (or absent) keeps the named model's own
-    # value. The embedded default's toy sizes live in params.yaml only.
+    # value, except img_size: null builds the model for data.crop (timm resamples the
+    # positional embeddings of the weights once, as they load). The embedded default's toy
+    # sizes live in params.yaml only.
     img_size: int | None = None
     patch_size: int | None = None
     embed_dim: int | None = None
@@ -406,6 +408,9 @@ def validate(p: Params, errors: list[str]) -> None:
     _check(0 <= au.rotate <= 180, "data.augment.rotate", au.rotate, "must be in [0, 180]",
            errors)
     _check(0 <= au.colour < 1, "data.augment.colour", au.colour, "must be in [0, 1)", errors)
+    if d.img_size is not None and d.img_size != dc.crop:
+        errors.append(f"model.dino.img_size: {d.img_size} differs from data.crop ({dc.crop}); "
+                      f"set it to null to build the DINO for data.crop")
     if d.patch_size is not None and d.patch_size >= 1 and dc.crop % d.patch_size:
         errors.append(f"data.crop: {dc.crop} is not divisible by model.dino.patch_size "
                       f"({d.patch_size})")
@@ -461,6 +466,9 @@ def parse_params(data: dict[str, Any] | None) -> Params:
         validate(params, errors)
     if errors:
         raise ConfigError(errors)
+    if params.model.dino.img_size is None:
+        # The DINO input is data.crop; recorded in the checkpoint's model config.
+        params.model.dino.img_size = params.data.crop
     return params
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cdsam.config import DinoLoraConfig, OptimConfig, SamLoraConfig
+from cdsam.errors import UserError
 from cdsam.lora import (
     find_targets,
     inject_lora,
@@ -60,7 +61,8 @@ def sam_lora_targets(model: CDSAM, cfg: SamLoraConfig) -> list[str]:
 def dino_lora_targets(model: CDSAM, cfg: DinoLoraConfig) -> list[str]:
     depth = model.depth
     if not 1 <= cfg.last_k_blocks <= depth:
-        raise ValueError(f"lora.dino.last_k_blocks={cfg.last_k_blocks} outside 1..{depth}")
+        raise UserError(f"lora.dino.last_k_blocks: {cfg.last_k_blocks} is outside 1..{depth} "
+                        f"(the DINO has {depth} blocks)")
     names = []
     for i in range(depth - cfg.last_k_blocks, depth):
         names += find_targets(model.dino.blocks[i], cfg.targets, prefix=f"dino.blocks.{i}.")

@@ -40,6 +40,7 @@ from cdsam.data.spatial import SpatialPolicy, batch_prompts
 from cdsam.errors import CheckpointError, UserError
 from cdsam.feature_cache import FeatureCache, plan_cache
 from cdsam.models.model import CDSAM, build_model
+from cdsam.models.preflight import check_model
 from cdsam.objective import Objective
 from cdsam.resume import (
     Progress,
@@ -183,6 +184,8 @@ class StageTrainer:
             self.paths.data, "train", p.data, augment=p.data.augment.enable, seed=p.seed,
             spatial=SpatialPolicy(point=p.train.point_prompts, box=p.train.box_prompts))
         self.val_set = ManifestDataset(self.paths.data, "val", p.data)
+        # Named-model mismatches (crop vs patch, K vs depth, CLIP activation), before weights.
+        check_model(p.model, p.data.crop, p.lora.dino if self.pol.dino == "lora" else None)
         model = self._load_model()
         if p.data.crop % model.patch_size:
             raise UserError(f"data.crop: {p.data.crop} is not divisible by the DINO patch size "

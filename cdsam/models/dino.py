@@ -32,14 +32,25 @@ def build_dino(cfg: DinoConfig, load_weights: bool = True) -> nn.Module:
             path = Path(cfg.checkpoint)
             if not path.is_file():
                 raise UserError(f"model.dino.checkpoint: file not found: {path}")
-            vit = timm.create_model(cfg.name, pretrained=True,
-                                    pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+            try:
+                # timm's checkpoint filter resamples the positional embeddings to img_size.
+                vit = timm.create_model(cfg.name, pretrained=True,
+                                        pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+            except RuntimeError as exc:
+                if "Unknown model" in str(exc):
+                    raise
+                raise UserError(f"model.dino.checkpoint: {path} does not fit {cfg.name!r} as "
+                                f"configured ({_first_line(exc)})") from None
         elif load_weights and cfg.pretrained:
             try:
                 vit = timm.create_model(cfg.name, pretrained=True, **kwargs)
             except (OSError, RuntimeError, ValueError) as exc:
                 if "Unknown model" in str(exc):
                     raise
+                if _is_shape_mismatch(exc):
+                    raise UserError(f"model.dino.pretrained: the hub weights of {cfg.name!r} do "
+                                    f"not fit the model as configured ({_first_line(exc)}); "
+                                    f"leave the model.dino size keys null") from None
                 raise UserError(
                     f"model.dino.pretrained: could not fetch hub weights for {cfg.name!r} "
                     f"({type(exc).__name__}); download the weights where there is network and "
@@ -53,6 +64,16 @@ def build_dino(cfg: DinoConfig, load_weights: bool = True) -> nn.Module:
     if not all(hasattr(vit, a) for a in ("blocks", "patch_embed", "num_prefix_tokens", "norm")):
         raise UserError(f"model.dino.name: {cfg.name!r} is not a timm Vision Transformer")
     return vit
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:240] or type(exc).__name__
+
+
+def _is_shape_mismatch(exc: Exception) -> bool:
+    text = str(exc)
+    return "size mismatch" in text or "Error(s) in loading state_dict" in text
 
 
 def dino_patch_size(vit: nn.Module) -> int:
