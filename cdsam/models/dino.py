@@ -34,8 +34,11 @@ def build_dino(cfg: DinoConfig, load_weights: bool = True) -> nn.Module:
                 raise UserError(f"model.dino.checkpoint: file not found: {path}")
             try:
                 # timm's checkpoint filter resamples the positional embeddings to img_size.
+                # custom_load: timm's own .npz reader for big_vision files; a state dict
+                # must not go there (timm 1.0.17 sent every file of an .npz-tagged model).
+                overlay = {"file": str(path), "custom_load": path.suffix == ".npz"}
                 vit = timm.create_model(cfg.name, pretrained=True,
-                                        pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+                                        pretrained_cfg_overlay=overlay, **kwargs)
             except RuntimeError as exc:
                 if "Unknown model" in str(exc):
                     raise

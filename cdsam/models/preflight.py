@@ -19,7 +19,14 @@ from cdsam.models.dino import build_dino, dino_depth, dino_patch_size
 
 def dino_shape(model: ModelConfig) -> tuple[int, int]:
     """(patch size, depth) of the DINO ``model.dino`` describes, without building it."""
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            vit = build_dino(model.dino, load_weights=False)
+    except RuntimeError as exc:
+        if "meta" not in str(exc):
+            raise
+        # Older timm (1.0.17) calls .item() on a tensor in ViT.__init__; meta tensors refuse:
+        # build it for real (random init, no weights; seconds at ViT-g size).
         vit = build_dino(model.dino, load_weights=False)
     return dino_patch_size(vit), dino_depth(vit)
 
