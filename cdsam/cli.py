@@ -1,6 +1,7 @@
 """The ``cdsam`` command.
 
 ``cdsam summary --stage N``   what a curriculum stage trains, per component
+``cdsam init --preset …``     a real-size recipe (DINOv2/DINO, CLIP, SAM files) into params.yaml
 ``cdsam predict …``           masks for images and text prompts from a checkpoint
 ``cdsam export …``            merged (LoRA folded in) or adapter-only export of a checkpoint
 """
@@ -125,6 +126,19 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(json.dumps(info))
 
 
+def cmd_init(args: argparse.Namespace) -> None:
+    from cdsam.presets import RECIPES, apply_preset, list_presets
+
+    if args.preset is None:
+        for name in list_presets():
+            print(f"{name:<16} {(RECIPES / f'{name}.yaml').read_text().splitlines()[0][2:]}")
+        return
+    changed = apply_preset(args.preset, args.params)
+    print(f"{args.params}: preset {args.preset} set {len(changed)} keys: {', '.join(changed)}")
+    print(f"weight files it expects: see the header of {RECIPES / (args.preset + '.yaml')}; "
+          f"then dvc repro")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cdsam", description="CLIP–DINO–SAM tools")
     ap.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
@@ -134,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--params", default="params.yaml")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_summary)
+
+    s = sub.add_parser("init", help="write a real-size recipe into params.yaml (no --preset: "
+                                     "list them)")
+    s.add_argument("--preset")
+    s.add_argument("--params", default="params.yaml")
+    s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("predict", help="masks for images and text prompts")
     s.add_argument("--checkpoint", required=True, help="checkpoint, merged or adapter export")
