@@ -16,11 +16,15 @@ from cdsam.presets import list_presets
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _keys(d: dict, prefix: str = "") -> set[str]:
-    out = set()
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
     for k, v in d.items():
-        out |= _keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
+
+
+def _keys(d: dict) -> set[str]:
+    return set(_flat(d))
 
 
 def test_three_recipes_ship():
@@ -51,13 +55,6 @@ def test_preset_writes_a_valid_params_file_and_keeps_the_rest(name, tmp_path, ca
                  if not k.startswith(("model.", "data.crop", "data.resize"))}
     flat_b, flat_a = _flat(yaml.safe_load(before)), _flat(yaml.safe_load(after))
     assert all(flat_b[k] == flat_a[k] for k in unchanged)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def test_unknown_preset_is_one_line(tmp_path, capsys):
