@@ -3,7 +3,7 @@
 ``cdsam summary --stage N``   what a curriculum stage trains, per component
 ``cdsam init --preset …``     a real-size recipe (DINOv2/DINO, CLIP, SAM files) into params.yaml
 ``cdsam predict …``           masks for images and text prompts from a checkpoint
-``cdsam export …``            merged (LoRA folded in) or adapter-only export of a checkpoint
+``cdsam export …``            a merged, self-contained export of a checkpoint (LoRA folded in)
 """
 
 from __future__ import annotations
@@ -116,13 +116,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     from cdsam.export import export
 
     info = export(args.checkpoint, args.out, args.mode)
-    size = info["bytes"] / 2**20
-    if info["mode"] == "adapter":
-        log.info("adapter export: %d tensors, %s params, %.2f MiB -> %s", info["tensors"],
-                 f"{info['params']:,}", size, args.out)
-    else:
-        log.info("merged export: %d LoRA layers folded in, %.2f MiB -> %s",
-                 info["merged_lora"], size, args.out)
+    log.info("merged export: %d LoRA layers folded in, %.2f MiB -> %s",
+             info["merged_lora"], info["bytes"] / 2**20, args.out)
     print(json.dumps(info))
 
 
@@ -156,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("predict", help="masks for images and text prompts")
-    s.add_argument("--checkpoint", required=True, help="checkpoint, merged or adapter export")
+    s.add_argument("--checkpoint", required=True, help="stage checkpoint or merged export")
     s.add_argument("--image", action="append", required=True, help="repeat for more images")
     s.add_argument("--prompt", action="append", required=True, help="repeat for more prompts")
     s.add_argument("--out", required=True, help="output directory")
@@ -167,10 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_predict)
 
-    s = sub.add_parser("export", help="merged or adapter-only export of a checkpoint")
+    s = sub.add_parser("export", help="a merged, self-contained export of a checkpoint (stage "
+                       "checkpoints already hold only what training changed)")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--mode", choices=("merged", "adapter"), default="merged")
+    s.add_argument("--mode", choices=("merged",), default="merged")
     s.set_defaults(func=cmd_export)
     return ap
 

@@ -96,3 +96,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def looks_like_file(value: str) -> bool:
+    """A weights setting that names a file (vs a hub tag such as ``openai``)."""
+    return os.sep in value or value.endswith(WEIGHT_SUFFIXES) or Path(value).exists()

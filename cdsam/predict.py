@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cdsam.checkpoint import load_checkpoint
 from cdsam.data.dataset import pil_to_tv_image
 from cdsam.data.geometry import Geometry, fit_transform, normalize_transform
 from cdsam.data.manifest import read_image
@@ -128,11 +129,8 @@ class Predictor:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
-    """A checkpoint directory (training stage or merged export) or an adapter export →
-    :class:`Predictor`."""
-    from cdsam.export import load_any
-
-    model, meta = load_any(Path(path), device)
+    """A checkpoint directory (a training stage's, or a merged export) → :class:`Predictor`."""
+    model, meta = load_checkpoint(Path(path), device)
     data = meta.extra.get("data") or {}
     resize, crop = data.get("resize"), data.get("crop")
     if not resize or not crop:

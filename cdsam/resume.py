@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cdsam import io
+from cdsam.base import Base, canonical_names, split_state
 
 log = logging.getLogger("cdsam.resume")
 
@@ -148,10 +149,12 @@ class ResumeStore:
 
     def save(self, progress: Progress, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: Any, scaler: torch.amp.GradScaler,
-             extra: dict[str, torch.Tensor] | None = None) -> None:
-        """``extra``: more tensors to keep (e.g. the best epoch's weights), returned by load."""
-        tensors = {f"model/{k}": v.detach().cpu().contiguous()
-                   for k, v in model.state_dict().items()}
+             extra: dict[str, torch.Tensor] | None = None, base: Base | None = None) -> None:
+        """``extra``: more tensors to keep (e.g. the best epoch's weights), returned by load.
+        ``base``: keep only the model tensors that differ from it (the frozen CLIP tower and
+        base weights are rebuilt by the resumed run's own setup, which the fingerprint pins)."""
+        state = model.state_dict() if base is None else split_state(model, base)[0]
+        tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in state.items()}
         tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
         opt_t, opt_meta = flatten_optimizer(optimizer.state_dict())
         tensors.update({k: v.detach().cpu().contiguous() for k, v in opt_t.items()})
@@ -194,9 +197,15 @@ class ResumeStore:
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                 model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                scaler: torch.amp.GradScaler) -> None:
-        model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items()
-                               if k.startswith("model/")}, strict=True)
+                scaler: torch.amp.GradScaler, base: Base | None = None) -> None:
+        state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+        result = model.load_state_dict(state, strict=False)
+        # What the state left out must be base tensors the resumed run already rebuilt.
+        names = canonical_names(model)
+        lost = [k for k in result.missing_keys if base is None or names[k] not in base.digests]
+        if result.unexpected_keys or lost:
+            raise RuntimeError(f"resume state {self.dir} does not fit the model (missing "
+                               f"{lost[:3]}, unexpected {result.unexpected_keys[:3]})")
         optimizer.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
         scheduler.load_state_dict(meta["scheduler"])
         if meta["scaler"]:

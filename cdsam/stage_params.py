@@ -4,12 +4,17 @@ DVC reruns a stage only when a key under its ``params:`` changes. A script that 
 its stage does not list would be silently stale, so the stage gets a view of :class:`Params`
 in which every unlisted section raises as soon as it is read. The whole file is still
 validated first, so a typo anywhere is reported before any weight loads.
+
+The same holds for files: a weights file or data folder a stage's params name must lie under
+one of the stage's ``deps`` (``weights/``, ``data/raw/``), or replacing it at the same path would
+leave ``dvc repro`` saying "didn't change"; such a path is one clear error.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,16 @@ import yaml
 
 from cdsam.config import Params, load_params
 from cdsam.errors import UserError
+from cdsam.io import looks_like_file
+
+# Params keys naming files a stage reads; prepare's only for the sources that read them.
+MODEL_FILE_KEYS = ("model.dino.checkpoint", "model.clip.pretrained", "model.sam.checkpoint")
+PREPARE_FILE_KEYS = {
+    "folders": ("images", "masks"),
+    "voc": ("root",),
+    "coco": ("images", "annotations", "val_annotations", "val_images", "test_annotations",
+             "test_images"),
+}
 
 
 class UndeclaredParam:
@@ -35,8 +50,8 @@ class UndeclaredParam:
         return f"<undeclared {object.__getattribute__(self, '_key')}>"
 
 
-def declared_keys(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
-    """The params keys (from params.yaml) that ``stage`` lists in ``dvc_yaml``."""
+def stage_spec(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> dict[str, Any]:
+    """``stage``'s entry in ``dvc_yaml``."""
     path = Path(dvc_yaml)
     try:
         spec = yaml.safe_load(path.read_text())
@@ -45,8 +60,13 @@ def declared_keys(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
     stages = (spec or {}).get("stages", {})
     if stage not in stages:
         raise UserError(f"{path}: no stage {stage!r}")
+    return stages[stage] or {}
+
+
+def declared_keys(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
+    """The params keys (from params.yaml) that ``stage`` lists in ``dvc_yaml``."""
     keys: list[str] = []
-    for entry in stages[stage].get("params", []) or []:
+    for entry in stage_spec(stage, dvc_yaml).get("params", []) or []:
         if isinstance(entry, str):
             keys.append(entry)
         elif isinstance(entry, dict):
@@ -71,8 +91,55 @@ def restrict(obj: Any, declared: list[str], stage: str, prefix: str = "") -> Any
     return out
 
 
+def file_inputs(params: Params, declared: list[str]) -> list[tuple[str, str]]:
+    """(key, path) for every file or folder the declared params name."""
+    def covered(key: str) -> bool:
+        return any(key == d or key.startswith(d + ".") for d in declared)
+
+    found = []
+    for key in MODEL_FILE_KEYS:
+        obj: Any = params
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        if covered(key) and isinstance(obj, str) and obj and looks_like_file(obj):
+            found.append((key, obj))
+    prep = params.prepare
+    for name in PREPARE_FILE_KEYS.get(prep.source, ()):
+        value = getattr(prep, name)
+        if covered(f"prepare.{name}") and value:
+            found.append((f"prepare.{name}", value))
+    return found
+
+
+def check_inputs_tracked(params: Params, stage: str, dvc_yaml: str | Path = "dvc.yaml") -> None:
+    """Every file the stage's params name lies under one of its dvc.yaml ``deps``, reached
+    without a symlinked folder (DVC follows symlinks to files, not to folders)."""
+    root = Path(dvc_yaml).absolute().parent
+    deps = [os.path.normpath(os.path.join(root, d))
+            for d in stage_spec(stage, dvc_yaml).get("deps", []) or [] if isinstance(d, str)]
+    for key, value in file_inputs(params, declared_keys(stage, dvc_yaml)):
+        home = "weights/" if key.startswith("model.") else "data/raw/"
+        path = os.path.normpath(os.path.join(root, value))  # not resolved: links stay links
+        dep = next((d for d in deps if path == d or path.startswith(d + os.sep)), None)
+        if dep is None:
+            raise UserError(
+                f"{key}: {value} is outside the folders dvc.yaml lists for stage {stage!r}, so "
+                f"`dvc repro` would not see it change; put it under {home} (copy, a symlink "
+                f"to each file, `dvc add` or `dvc import-url`) and point {key} there")
+        rel = Path(path).relative_to(dep).parts
+        for i in range(len(rel)):
+            part = Path(dep, *rel[: i + 1])
+            if part.is_symlink() and part.is_dir():
+                raise UserError(
+                    f"{key}: {part} is a symlink to a folder, which DVC does not follow (it "
+                    f"would not see the files change); put the folder itself, or symlinks to "
+                    f"its files, under {home}")
+
+
 def load_stage_params(stage: str, params_path: str | Path = "params.yaml",
                       dvc_yaml: str | Path = "dvc.yaml") -> Params:
-    """Validate the whole params file, then return the view ``stage`` may read."""
+    """Validate the whole params file and the files it names, then return the view ``stage``
+    may read."""
     params = load_params(params_path)
+    check_inputs_tracked(params, stage, dvc_yaml)
     return restrict(params, declared_keys(stage, dvc_yaml), stage)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import cdsam
 from cdsam import distributed
+from cdsam.base import Base
 from cdsam.checkpoint import (
     CheckpointMeta,
     load_checkpoint,
@@ -132,17 +133,22 @@ class StageTrainer:
         self.epoch_times: list[float] = []
         self.cache: FeatureCache | None = None
         self.start_block = 0
+        self.base: Base | None = None
 
     # ---- setup
     def _load_model(self) -> CDSAM:
         if self.pol.parent is None:
             self.model_cfg = to_dict(self.params.model)
-            return build_model(self.params.model, load_weights=True, seed=self.params.seed)
+            model = build_model(self.params.model, load_weights=True, seed=self.params.seed)
+            # What every stage's checkpoint is a delta over (the frozen parts are not copied).
+            self.base = Base.of(model, self.params.seed)
+            return model
         parent = self.paths.parent
         if parent is None:
             raise UserError(f"stage {self.stage} needs the stage {self.pol.parent} checkpoint")
         model, meta = load_checkpoint(parent)
         self.model_cfg = meta.model
+        self.base = meta.base_state  # None for a full parent: this stage then saves in full
         if meta.stage != self.pol.parent:
             raise CheckpointError(f"{parent}: is a stage {meta.stage} checkpoint, stage "
                                   f"{self.stage} starts from stage {self.pol.parent}")
@@ -381,7 +387,7 @@ class StageTrainer:
             return Progress(epoch=0)
         progress, tensors, meta = found
         self.store.restore(tensors, meta, self.model, self.optimizer, self.scheduler,
-                           self.scaler)
+                           self.scaler, base=self.base)
         self.best_state = {k[len("best/"):]: v for k, v in tensors.items()
                            if k.startswith("best/")} or None
         log.info("resuming stage%d from epoch %d/%d (state in %s)", self.stage, progress.epoch,
@@ -428,7 +434,7 @@ class StageTrainer:
             if self.dist.is_main:
                 best = {f"best/{k}": v for k, v in (self.best_state or {}).items()}
                 self.store.save(progress, self.model, self.optimizer, self.scheduler,
-                                self.scaler, extra=best)
+                                self.scaler, extra=best, base=self.base)
             distributed.barrier()
         self.selected_epoch = progress.best_epoch if self.select == "best" else self.epochs
         if self.best_state is not None and self.selected_epoch != self.epochs:
@@ -460,7 +466,7 @@ class StageTrainer:
         }
         meta = CheckpointMeta(stage=self.stage, model=self.model_cfg, prompts=self.vocab,
                               parent=parent, extra=extra)
-        save_checkpoint(self.paths.out, self.model.cpu(), meta)
+        save_checkpoint(self.paths.out, self.model.cpu(), meta, self.base)
         self.model.to(self.device)
 
     def run(self) -> dict[str, float]:

@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from cdsam.config import Params, load_params, parse_params
-from cdsam.errors import ConfigError
-from cdsam.stage_params import declared_keys, restrict
+from cdsam.errors import ConfigError, UserError
+from cdsam.stage_params import check_inputs_tracked, declared_keys, restrict
 
 REPO = Path(__file__).resolve().parents[1]
 # tools/ is a script folder, not a package: load the dvc.yaml writer from its file.
@@ -78,6 +78,56 @@ def test_every_stage_declares_what_it_needs():
             assert k in keys, (n, k)
         assert ("lora.dino" in keys) == (n in (2, 3))
     assert set(declared_keys("prepare", "dvc.yaml")) == {"seed", "prepare"}
+
+
+def test_user_input_folders_are_dependencies():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert "data/raw" in stages["prepare"]["deps"]
+    for name in ("stage1", "stage2", "stage3", "stage4", "evaluate"):
+        assert "weights" in stages[name]["deps"], name  # delta checkpoints rebuild the base
+    for folder in ("weights", "data/raw"):
+        assert (REPO / folder / "README.md").is_file()  # exists on a fresh clone
+
+
+@pytest.fixture
+def project(tmp_path):
+    (tmp_path / "dvc.yaml").write_bytes((REPO / "dvc.yaml").read_bytes())
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    return tmp_path
+
+
+def test_weight_files_outside_weights_are_refused(project):
+    ok = parse_params({"model": {"sam": {"checkpoint": "weights/sam.pth"},
+                                 "clip": {"pretrained": "openai"}}})  # a hub tag: not a file
+    check_inputs_tracked(ok, "stage1", project / "dvc.yaml")
+    bad = parse_params({"model": {"sam": {"checkpoint": "/elsewhere/sam.pth"}}})
+    with pytest.raises(UserError, match=r"^model.sam.checkpoint: /elsewhere/sam.pth is outside "
+                       r"the folders dvc.yaml lists for stage 'stage2'.*under weights/"):
+        check_inputs_tracked(bad, "stage2", project / "dvc.yaml")
+    clip = parse_params({"model": {"clip": {"pretrained": "../clip.bin"}}})
+    with pytest.raises(UserError, match=r"^model.clip.pretrained: \.\./clip.bin is outside"):
+        check_inputs_tracked(clip, "stage1", project / "dvc.yaml")
+    check_inputs_tracked(bad, "prepare", project / "dvc.yaml")  # prepare does not read model
+
+
+def test_data_outside_data_raw_and_folder_symlinks_are_refused(project, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside")
+    check_inputs_tracked(parse_params({"prepare": {"source": "voc", "root": "data/raw/VOC"}}),
+                         "prepare", project / "dvc.yaml")
+    with pytest.raises(UserError, match=r"^prepare.root: .* under data/raw/"):
+        check_inputs_tracked(parse_params({"prepare": {"source": "voc", "root": str(outside)}}),
+                             "prepare", project / "dvc.yaml")
+    (project / "data" / "raw" / "VOC").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UserError, match=r"^prepare.root: .*VOC is a symlink to a folder, which "
+                       r"DVC does not follow"):
+        check_inputs_tracked(parse_params({"prepare": {"source": "voc",
+                                                       "root": "data/raw/VOC"}}),
+                             "prepare", project / "dvc.yaml")
+    # Keys a source does not read are not checked (a leftover path is harmless).
+    check_inputs_tracked(parse_params({"prepare": {"source": "synthetic",
+                                                   "images": str(outside)}}),
+                         "prepare", project / "dvc.yaml")
 
 
 @pytest.mark.parametrize("stage,script", [("prepare", "stages/prepare.py"),

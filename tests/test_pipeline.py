@@ -56,6 +56,32 @@ def _env(tmp: Path) -> dict[str, str]:
     return env
 
 
+def _project(repo: Path, params: dict) -> None:
+    """The pipeline's files in ``repo``: dvc.yaml, the scripts, the package, the input folders
+    (weights/, data/raw/ with their READMEs and .gitignore rules) and ``params``."""
+    repo.mkdir()
+    for item in ("dvc.yaml", "stages", "cdsam", ".gitignore", "weights/README.md",
+                 "weights/.gitignore", "data/raw/README.md", "data/raw/.gitignore"):
+        src, dst = REPO / item, repo / item
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dst)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _tiny_clip_file(path: Path, seed: int) -> None:
+    """An open_clip state dict of the shipped tiny text tower, as a user's weights file."""
+    import open_clip
+    import torch
+
+    import cdsam.models.clip_text  # noqa: F401  (registers the cdsam-tiny-text config)
+
+    torch.manual_seed(seed)
+    torch.save(open_clip.create_model("cdsam-tiny-text").state_dict(), path)
+
+
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
     r = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     out = r.stdout + r.stderr
@@ -68,18 +94,15 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
 def pipeline_repo(tmp_path_factory) -> tuple[Path, dict[str, str], str]:
     tmp = tmp_path_factory.mktemp("pipe")
     repo = tmp / "repo"
-    repo.mkdir()
-    for item in ("dvc.yaml", "stages", "cdsam"):
-        src = REPO / item
-        if src.is_dir():
-            shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, repo / item)
-    full = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_PIPELINE)
-    (repo / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+    # The CLIP text tower comes from a weights file, tracked the way README says (dvc add).
+    full = _merge(yaml.safe_load((REPO / "params.yaml").read_text()),
+                  _merge(TINY_PIPELINE, {"model": {"clip": {"pretrained": "weights/clip.pt"}}}))
+    _project(repo, full)
+    _tiny_clip_file(repo / "weights" / "clip.pt", seed=0)
     env = _env(tmp)
     _run(["git", "init", "-q"], repo, env)
     _run([str(BIN / "dvc"), "init", "-q"], repo, env)
+    _run([str(BIN / "dvc"), "add", "-q", "weights/clip.pt"], repo, env)
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "init"], repo, env)
     out = _run([str(BIN / "dvc"), "repro"], repo, env)
@@ -114,6 +137,57 @@ def test_repro_runs_all_stages_and_writes_outputs(pipeline_repo):
 
 
 @pytest.mark.slow
+def test_a_weights_file_replaced_at_the_same_path_is_seen(pipeline_repo):
+    repo, env, _ = pipeline_repo
+    dvc = str(BIN / "dvc")
+    path = repo / "weights" / "clip.pt"
+    original = path.read_bytes()
+    try:
+        path.unlink()  # a new file, not a write into DVC's cache through a link
+        _tiny_clip_file(path, seed=1)
+        status = _run([dvc, "status"], repo, env)
+        for stage in ("stage1", "stage2", "stage3", "stage4", "evaluate"):
+            assert f"{stage}:" in status
+        assert "modified:           weights" in status
+        assert "prepare:" not in status  # prepare does not read weights
+        dry = _run([dvc, "repro", "--dry"], repo, env)
+        assert "Running stage 'stage1'" in dry and "Running stage 'prepare'" not in dry
+    finally:
+        path.unlink()
+        path.write_bytes(original)
+    assert "up to date" in _run([dvc, "status"], repo, env)
+
+
+@pytest.mark.slow
+def test_a_raw_mask_replaced_at_the_same_path_reruns_prepare(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    repo = tmp_path / "repo"
+    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), {"prepare": {
+        "source": "folders", "images": "data/raw/cells/images", "masks": "data/raw/cells/masks",
+        "prompt": "a cell", "negatives": "none"}})
+    _project(repo, params)
+    rng = np.random.default_rng(0)
+    for folder in ("images", "masks"):
+        (repo / "data/raw/cells" / folder).mkdir(parents=True)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(
+            repo / f"data/raw/cells/images/c{i}.png")
+        Image.fromarray((rng.random((24, 24)) > 0.5).astype(np.uint8) * 255).save(
+            repo / f"data/raw/cells/masks/c{i}.png")
+    env = _env(tmp_path)
+    dvc = str(BIN / "dvc")
+    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "init"], [dvc, "repro", "prepare"]):
+        _run(cmd, repo, env)
+    assert "up to date" in _run([dvc, "status", "prepare"], repo, env)
+    Image.fromarray(np.zeros((24, 24), np.uint8)).save(repo / "data/raw/cells/masks/c3.png")
+    status = _run([dvc, "status", "prepare"], repo, env)
+    assert "modified:           data/raw" in status
+
+
+@pytest.mark.slow
 def test_remote_push_pull_gives_a_teammate_every_stage_cached(pipeline_repo, tmp_path):
     repo, env, _ = pipeline_repo
     dvc = str(BIN / "dvc")
@@ -125,6 +199,8 @@ def test_remote_push_pull_gives_a_teammate_every_stage_cached(pipeline_repo, tmp
     _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
     assert not (clone / "models/stage1").exists()
     _run([dvc, "pull"], clone, env)
+    # The weights file came through DVC too (dvc add), not through git.
+    assert (clone / "weights/clip.pt").read_bytes() == (repo / "weights/clip.pt").read_bytes()
     for n in (1, 2, 3, 4):
         a = (repo / f"models/stage{n}/model.safetensors").read_bytes()
         assert (clone / f"models/stage{n}/model.safetensors").read_bytes() == a

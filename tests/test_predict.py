@@ -1,4 +1,4 @@
-"""Inference API, `cdsam predict`, merged and adapter exports."""
+"""Inference API, `cdsam predict`, merged exports."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from cdsam import cli
-from cdsam.checkpoint import CheckpointMeta, save_checkpoint
+from cdsam.base import Base
+from cdsam.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from cdsam.config import to_dict
 from cdsam.curriculum import apply_stage
 from cdsam.data.geometry import Geometry
-from cdsam.errors import CheckpointError
-from cdsam.export import export, load_any
+from cdsam.export import export
 from cdsam.lora import lora_modules
 from cdsam.models.model import build_model
 from cdsam.predict import load_model, semantic_labels
@@ -28,6 +28,7 @@ def ckpt(tmp_path_factory):
     """A stage-3-like checkpoint: seeded base + LoRA on SAM and DINO + changed heads."""
     p = tiny_params()
     model = build_model(p.model, load_weights=True, seed=p.seed)
+    base = Base.of(model, p.seed)
     apply_stage(model, 2, p.lora.sam, p.lora.dino, "lora")
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -38,7 +39,7 @@ def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "stage3"
     meta = CheckpointMeta(stage=3, model=to_dict(p.model), prompts=PROMPTS,
                           extra={"seed": p.seed, "data": to_dict(p.data)})
-    save_checkpoint(path, model, meta)
+    save_checkpoint(path, model, meta, base)
     return path
 
 
@@ -89,28 +90,15 @@ def test_semantic_labels_argmax_with_background():
 def test_merged_export_has_no_lora_and_same_masks(ckpt, tmp_path):
     info = export(ckpt, tmp_path / "merged", "merged")
     assert info["merged_lora"] > 0
-    model, meta = load_any(tmp_path / "merged")
+    model, meta = load_checkpoint(tmp_path / "merged")
     assert meta.lora == [] and not list(lora_modules(model))
+    assert meta.base is None  # self-contained: every tensor, no base weights needed
+    assert info["bytes"] > 5 * (ckpt / "model.safetensors").stat().st_size
     img = _image()
     a = load_model(ckpt).predict(img, PROMPTS, return_logits=True)
     b = load_model(tmp_path / "merged").predict(img, PROMPTS, return_logits=True)
     np.testing.assert_allclose(a.logits, b.logits, atol=1e-3)
     assert (a.masks == b.masks).mean() > 0.999
-
-
-def test_adapter_export_is_small_and_loads_on_the_base(ckpt, tmp_path):
-    merged = export(ckpt, tmp_path / "merged", "merged")
-    info = export(ckpt, tmp_path / "adapter", "adapter")
-    assert info["bytes"] * 5 < merged["bytes"]
-    img = _image()
-    a = load_model(ckpt).predict(img, PROMPTS, return_logits=True)
-    b = load_model(tmp_path / "adapter").predict(img, PROMPTS, return_logits=True)
-    np.testing.assert_array_equal(a.logits, b.logits)
-    # Other base weights (another seed) are refused, not silently used.
-    meta_path = tmp_path / "adapter" / "meta.json"
-    meta_path.write_text(meta_path.read_text().replace('"seed": 0', '"seed": 5'))
-    with pytest.raises(CheckpointError, match="base weights"):
-        load_any(tmp_path / "adapter")
 
 
 def test_cli_predict_writes_masks_overlay_semantic(ckpt, tmp_path, capsys):

@@ -18,6 +18,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DATA = "cdsam/models/configs"  # the shipped tiny CLIP config, read where models are built
+# Folders the user's inputs live in, so DVC sees a replaced file (cdsam.stage_params refuses
+# params that name files elsewhere): weight files for every stage that builds the model (delta
+# checkpoints rebuild their base), raw data for prepare.
+WEIGHTS = "weights"
+RAW_DATA = "data/raw"
 TRAIN_KEYS = ["seed", "device", "data", "model", "lora.sam", "optim", "loss", "train"]
 
 HEADER = """\
@@ -92,10 +97,11 @@ def stage_text(name: str, cmd: str, deps: list[str], params: list[str], outs: li
 def render() -> str:
     prepare, train, evaluate = (code_deps(f"stages/{s}.py")
                                 for s in ("prepare", "train", "evaluate"))
-    parts = [stage_text("prepare", "python stages/prepare.py", prepare, ["seed", "prepare"],
+    parts = [stage_text("prepare", "python stages/prepare.py", prepare + [RAW_DATA],
+                        ["seed", "prepare"],
                         ["data/prepared"], "metrics/prepare.json")]
     for n in (1, 2, 3, 4):
-        parent = ["data/prepared"] + ([f"models/stage{n - 1}"] if n > 1 else [])
+        parent = [WEIGHTS, "data/prepared"] + ([f"models/stage{n - 1}"] if n > 1 else [])
         keys = TRAIN_KEYS[:5] + (["lora.dino"] if n in (2, 3) else []) + TRAIN_KEYS[5:]
         plots = (f"    plots:\n      - metrics/stage{n}/plots/metrics:\n"
                  f"          cache: false\n")
@@ -108,7 +114,7 @@ def render() -> str:
                   "      - metrics/eval/per_prompt.csv:\n          cache: false\n"
                   "      - metrics/eval/overlays:\n          cache: false\n")
     parts.append(stage_text("evaluate", "python stages/evaluate.py",
-                            evaluate + ["data/prepared"] + [f"models/stage{n}" for n in
+                            evaluate + [WEIGHTS, "data/prepared"] + [f"models/stage{n}" for n in
                                                             (1, 2, 3, 4)],
                             ["seed", "device", "data", "evaluate"], [],
                             "metrics/evaluate.json", eval_plots))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import open_clip
@@ -12,11 +11,10 @@ from torch import nn
 
 from cdsam.config import ClipConfig
 from cdsam.errors import UserError
+from cdsam.io import looks_like_file
 
 _CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(_CONFIG_DIR)  # registers "cdsam-tiny-text", the offline default
-
-_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
 class ClipTextEncoder(nn.Module):
@@ -73,17 +71,13 @@ class ClipTextEncoder(nn.Module):
         return super()._apply(fn, recurse)
 
 
-def _looks_like_file(value: str) -> bool:
-    return os.sep in value or value.endswith(_WEIGHT_SUFFIXES) or Path(value).exists()
-
-
 def build_clip_text(cfg: ClipConfig, load_weights: bool = True) -> ClipTextEncoder:
     """open_clip model ``model.clip.name`` with weights ``model.clip.pretrained`` (tag or file)."""
     if cfg.name not in open_clip.list_models():
         raise UserError(f"model.clip.name: open_clip has no model {cfg.name!r} "
                         f"(see open_clip.list_models())")
     pretrained = cfg.pretrained if load_weights else None
-    if pretrained and _looks_like_file(pretrained) and not Path(pretrained).is_file():
+    if pretrained and looks_like_file(pretrained) and not Path(pretrained).is_file():
         raise UserError(f"model.clip.pretrained: file not found: {pretrained}")
     root = logging.getLogger()
     level = root.level
@@ -94,7 +88,7 @@ def build_clip_text(cfg: ClipConfig, load_weights: bool = True) -> ClipTextEncod
         clip = open_clip.create_model(cfg.name, pretrained=pretrained or None,
                                       pretrained_text=False, pretrained_image=False)
     except RuntimeError as exc:
-        if pretrained and not _looks_like_file(pretrained):
+        if pretrained and not looks_like_file(pretrained):
             raise UserError(
                 f"model.clip.pretrained: could not get open_clip weights {cfg.name}/{pretrained} "
                 f"({str(exc).splitlines()[0][:160]}); download them where there is network and "

@@ -1,0 +1,123 @@
+"""Each shipped real-size recipe, end to end, as a user runs it: `cdsam init --preset`, weight
+files in the official formats at their real sizes (random values: hubs are unreachable here),
+`dvc repro` (prepare → stage1–4 → evaluate) and `cdsam predict`, on a few synthetic 224/448-px
+images with one epoch per stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.test_pipeline import BIN, _env, _merge, _project, _run
+
+# (recipe, timm name of its DINO, weights file the recipe names, crop)
+RECIPES = [
+    ("dinov2-s14-224", "vit_small_patch14_dinov2.lvd142m", "dinov2_vits14.pth", 224),
+    ("dino-s16-224", "vit_small_patch16_224.dino", "dino_vits16.pth", 224),
+    ("dinov2-b14-448", "vit_base_patch14_dinov2.lvd142m", "dinov2_vitb14.pth", 448),
+]
+SMALL_RUN = {
+    "prepare": {"synthetic": {"num_images": 5, "min_objects": 2, "max_objects": 2},
+                "val_fraction": 0.2, "test_fraction": 0.2},
+    "optim": {"batch_size": 2, "warmup_steps": 1},
+    **{f"stage{n}": {"epochs": 1} for n in (1, 2, 3, 4)},
+    "evaluate": {"batch_size": 4, "num_overlays": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def shared_weights(tmp_path_factory) -> dict[str, Path]:
+    """CLIP and SAM files every recipe shares, written once."""
+    import open_clip
+    from segment_anything import sam_model_registry
+
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    clip = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)
+    torch.save(clip.state_dict(), folder / "clip_vitb32_quickgelu.bin")
+    torch.save(sam_model_registry["vit_b"]().state_dict(), folder / "sam_vit_b_01ec64.pth")
+    return {"clip": folder / "clip_vitb32_quickgelu.bin", "sam": folder / "sam_vit_b_01ec64.pth"}
+
+
+def _frozen_equal_files(model, dino_file: Path, files: dict[str, Path], resampled: bool) -> None:
+    """The stage-1 model's frozen DINO, CLIP text tower and SAM decoder are the files' tensors."""
+    from cdsam.base import canonical_names
+
+    names = canonical_names(model)
+    state = {names[k]: v for k, v in model.state_dict().items()}
+    dino = torch.load(dino_file, weights_only=True)
+    for k, v in dino.items():
+        if k == "pos_embed" and resampled:
+            continue  # resampled from 518 to the crop's grid, by timm, on load
+        torch.testing.assert_close(state[f"dino.{k}"], v, rtol=0, atol=0)
+    clip = torch.load(files["clip"], weights_only=True)
+    text = [k for k in model.clip_text.clip.state_dict()]
+    assert len(text) > 10
+    for k in text:
+        torch.testing.assert_close(state[f"clip_text.clip.{k}"], clip[k], rtol=0, atol=0)
+    sam = torch.load(files["sam"], weights_only=True)
+    for k, v in sam.items():
+        if k.startswith("mask_decoder."):
+            torch.testing.assert_close(state[f"sam.{k}"], v, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe,dino_name,dino_file,crop", RECIPES,
+                         ids=[r[0] for r in RECIPES])
+def test_recipe_trains_evaluates_and_predicts(recipe, dino_name, dino_file, crop,
+                                              shared_weights, tmp_path, monkeypatch):
+    import timm
+    from PIL import Image
+
+    from cdsam.checkpoint import load_checkpoint, read_meta, read_state
+
+    repo = tmp_path / "repo"
+    base = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    _project(repo, _merge(base, _merge(SMALL_RUN, {"prepare": {"synthetic": {
+        "image_size": crop}}})))
+    torch.manual_seed(1)
+    dino = timm.create_model(dino_name, pretrained=False, num_classes=0)
+    torch.save(dino.state_dict(), repo / "weights" / dino_file)
+    for path in shared_weights.values():
+        (repo / "weights" / path.name).symlink_to(path)  # file links: DVC follows them
+    env = _env(tmp_path)
+    out = _run([str(BIN / "cdsam"), "init", "--preset", recipe], repo, env)
+    assert f"preset {recipe} set" in out
+    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "init"]):
+        _run(cmd, repo, env)
+    log = _run([str(BIN / "dvc"), "repro"], repo, env)
+    assert "Traceback" not in log
+    for stage in ("prepare", "stage1", "stage2", "stage3", "stage4", "evaluate"):
+        assert f"Running stage '{stage}'" in log
+
+    monkeypatch.chdir(repo)  # the weight paths in params (and meta.json) are the project's
+    model, meta = load_checkpoint("models/stage1")
+    assert tuple(model.dino.patch_embed.img_size) == (crop, crop)
+    _frozen_equal_files(model, repo / "weights" / dino_file, shared_weights,
+                        resampled=dino_name.endswith("dinov2.lvd142m") and crop != 518)
+    stored = read_state("models/stage1")
+    assert not any(k.startswith(("dino.", "clip_text.")) for k in stored)  # a delta
+    assert meta.base["sources"]["dino"].endswith(f"weights/{dino_file}")
+    # LoRA layouts: SAM only in stage 1; + the last K DINO blocks in 2-3; merged in 4.
+    depth, k = len(model.dino.blocks), base["lora"]["dino"]["last_k_blocks"]
+    s1 = {s["name"].split(".")[0] for s in meta.lora}
+    assert s1 == {"sam"}
+    s3 = read_meta("models/stage3").lora
+    blocks = {int(s["name"].split(".")[2]) for s in s3 if s["name"].startswith("dino.")}
+    assert blocks == set(range(depth - k, depth))
+    assert not [s for s in read_meta("models/stage4").lora
+                if s["name"].startswith("dino.")]
+    ev = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert 0.0 <= ev["stage4"]["miou"] <= 1.0
+
+    img = next((repo / "data/prepared/images").iterdir())
+    out = _run([str(BIN / "cdsam"), "predict", "--checkpoint", "models/stage4", "--image",
+                str(img), "--prompt", "a red circle", "--out", "preds", "--no-progress"],
+               repo, env)
+    masks = sorted((repo / "preds").glob("*__a-red-circle.png"))
+    assert len(masks) == 1 and Image.open(masks[0]).size == Image.open(img).size
