@@ -65,51 +65,30 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    import numpy as np
-    from PIL import Image
-    from tqdm import tqdm
-
-    from cdsam import io
-    from cdsam.data.manifest import slug
-    from cdsam.overlay import PALETTE
-    from cdsam.predict import legend_overlay, load_model, semantic_labels, to_pil
+    from cdsam.predict import load_model
+    from cdsam.predict_files import PredictOptions, collect_images, predict_files, read_prompts
+    from cdsam.runtime import resolve_device
 
     if not 0 < args.threshold < 1:
         raise UserError(f"--threshold: {args.threshold} must be in (0, 1)")
-    slugs = [slug(p) for p in args.prompt]
-    if "" in slugs or len(set(slugs)) != len(slugs):
-        raise UserError(f"--prompt: prompts must have distinct, non-empty file slugs, got "
-                        f"{slugs}")
-    images = [Path(p) for p in args.image]
-    for path in images:  # fail before any work, naming the file
-        if not path.is_file():
-            raise UserError(f"--image: {path}: not found")
-    predictor = load_model(args.checkpoint, args.device)
-    unknown = [p for p in args.prompt if p not in predictor.known_prompts]
+    if not args.inputs:
+        raise UserError("predict: give --input (files, folders or glob patterns)")
+    prompts = read_prompts(args.prompt, args.prompts_file)
+    images = collect_images(args.inputs)  # fail before any weight loads, naming the input
+    opts = PredictOptions(out=Path(args.out), threshold=args.threshold,
+                          batch_size=args.batch_size, semantic=args.semantic,
+                          save_probs=args.save_probs, overlay=not args.no_overlay,
+                          on_bad_file=args.on_bad_file, show_progress=not args.no_progress,
+                          tile=args.tile, overlap=args.overlap)
+    predictor = load_model(args.checkpoint, resolve_device(args.device))
+    unknown = [p for p in prompts if p not in predictor.known_prompts]
     if unknown and predictor.known_prompts:
         log.warning("prompts not in the training vocabulary (may work less well): %s", unknown)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stems = [p.stem for p in images]
-    dupes = {s for s in stems if stems.count(s) > 1}
-    for path in tqdm(images, desc="predict", unit="image", disable=args.no_progress):
-        pil = to_pil(path)
-        pred = predictor.predict(pil, args.prompt, threshold=args.threshold,
-                                 return_logits=args.semantic)
-        stem = path.stem if path.stem not in dupes else f"{path.parent.name}_{path.stem}"
-        for s, mask in zip(slugs, pred.masks, strict=True):
-            with io.atomic_path(out / f"{stem}__{s}.png") as tmp:
-                Image.fromarray(mask.astype(np.uint8) * 255, "L").save(tmp, format="PNG")
-        with io.atomic_path(out / f"{stem}__overlay.png") as tmp:
-            legend_overlay(pil, pred.masks, args.prompt, PALETTE).save(tmp, format="PNG")
-        if args.semantic:
-            labels = Image.fromarray(semantic_labels(pred.probs, args.threshold), "P")
-            flat = [0, 0, 0] + [c for i in range(len(args.prompt))
-                                for c in PALETTE[i % len(PALETTE)]]
-            labels.putpalette(flat + [0] * (768 - len(flat)))
-            with io.atomic_path(out / f"{stem}__semantic.png") as tmp:
-                labels.save(tmp, format="PNG")
-    log.info("%d images x %d prompts -> %s", len(images), len(args.prompt), out)
+    summary = predict_files(predictor, images, prompts, opts)
+    log.info("%d images x %d prompts -> %s (%.2f images/s on %s, batch %d%s)",
+             summary["images"], len(prompts), args.out, summary["images_per_s"],
+             summary["device"], args.batch_size,
+             f"; {len(summary['skipped'])} unreadable skipped" if summary["skipped"] else "")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -150,15 +129,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--params", default="params.yaml")
     s.set_defaults(func=cmd_init)
 
-    s = sub.add_parser("predict", help="masks for images and text prompts")
+    s = sub.add_parser("predict", help="masks for images (files, folders, globs) and text "
+                                        "prompts")
     s.add_argument("--checkpoint", required=True, help="stage checkpoint or merged export")
-    s.add_argument("--image", action="append", required=True, help="repeat for more images")
-    s.add_argument("--prompt", action="append", required=True, help="repeat for more prompts")
+    s.add_argument("--input", dest="inputs", nargs="+", action="extend", default=[],
+                   help="image files, folders (their images) or glob patterns ('imgs/*.jpg')")
+    s.add_argument("--image", dest="inputs", action="append", help="same as --input, one path")
+    s.add_argument("--prompt", action="append", help="repeat for more prompts")
+    s.add_argument("--prompts-file", help="more prompts, one per line (# comments)")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--threshold", type=float, default=0.5)
+    s.add_argument("--batch-size", type=int, default=8, help="images per model call")
+    s.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda:N")
     s.add_argument("--semantic", action="store_true",
                    help="also write <stem>__semantic.png: argmax over the prompts, 0 = none")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--save-probs", choices=("png16", "npy"),
+                   help="also write probabilities: <stem>__<prompt>__prob.png (16-bit, "
+                        "p x 65535) or <stem>__probs.npy (P x H x W float16)")
+    s.add_argument("--no-overlay", action="store_true", help="skip <stem>__overlay.png")
+    s.add_argument("--tile", type=int, default=0,
+                   help="images larger than this many pixels (either side) are cut into "
+                        "overlapping tiles of this size, predicted at full resolution and "
+                        "blended (0: off; try 4-8 x the model's input for micrographs)")
+    s.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels")
+    s.add_argument("--on-bad-file", choices=("error", "skip"), default="error",
+                   help="an unreadable image stops the run (error) or is listed and skipped")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_predict)
 

@@ -98,6 +98,45 @@ class Predictor:
                 "boxes": torch.tensor(corners, device=dev).expand(n, -1),
                 "box_valid": torch.full((n,), box is not None, device=dev)}
 
+    def prepare(self, image: ImageLike) -> tuple[torch.Tensor, Geometry, Image.Image]:
+        """An image → (normalised 3xCxC model input, its geometry, the RGB PIL image)."""
+        pil = to_pil(image)
+        geo = Geometry.of(pil.height, pil.width, self.resize, self.crop, self.fit)
+        x = self.normalize(self.fit_image(pil_to_tv_image(pil))).as_subclass(torch.Tensor)
+        return x, geo, pil
+
+    @torch.no_grad()
+    def frame_logits(self, inputs: Sequence[torch.Tensor], prompts: Sequence[str],
+                     geos: Sequence[Geometry] | None = None,
+                     points: Sequence[tuple[float, float]] | None = None,
+                     boxes: tuple[float, float, float, float] | None = None,
+                     batch_size: int = 16) -> torch.Tensor:
+        """B prepared inputs x P prompts → BxPxCxC logits in the model's input frame.
+
+        DINO runs once per image and the CLIP text tower once per distinct prompt (its
+        features are cached); only the SAM decoder runs per (image, prompt) pair, in chunks of
+        ``batch_size`` pairs. ``points`` / ``boxes`` (need ``geos``) join every prompt.
+        """
+        x = torch.stack(list(inputs)).to(self.device)
+        tokens = self.model.encode_image(x)
+        p = self.model.patch_size
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        text = self.model.clip_text(list(prompts)).to(tokens.dtype)
+        n_img, n_txt = len(inputs), len(prompts)
+        out = torch.empty(n_img * n_txt, *x.shape[-2:])
+        for start in range(0, n_img * n_txt, batch_size):
+            rows = torch.arange(start, min(start + batch_size, n_img * n_txt))
+            img, txt = rows // n_txt, rows % n_txt
+            spatial = {}
+            if points or boxes is not None:
+                if geos is None or n_img != 1:
+                    raise UserError("predict: points and boxes are for one image at a time")
+                spatial = self._spatial(geos[0], points, boxes, len(rows))
+            res = self.model.decode(tokens[img.to(tokens.device)], grid,
+                                    text[txt.to(text.device)], tuple(x.shape[-2:]), **spatial)
+            out[start:start + len(rows)] = res.masks[:, 0].float().cpu()
+        return out.view(n_img, n_txt, *x.shape[-2:])
+
     @torch.no_grad()
     def predict(self, image: ImageLike, prompts: str | Sequence[str],
                 points: Sequence[tuple[float, float]] | None = None,
@@ -112,18 +151,9 @@ class Predictor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise UserError("predict: give at least one prompt")
-        pil = to_pil(image)
-        geo = Geometry.of(pil.height, pil.width, self.resize, self.crop, self.fit)
-        x = self.normalize(self.fit_image(pil_to_tv_image(pil))).as_subclass(torch.Tensor)
-        x = x.unsqueeze(0).to(self.device)
-        chunks = []
-        for i in range(0, len(prompts), batch_size):
-            part = prompts[i:i + batch_size]
-            n = len(part)
-            spatial = self._spatial(geo, points, boxes, n)
-            out = self.model(x.expand(n, -1, -1, -1), part, **spatial)
-            chunks.append(out.masks[:, 0].float().cpu())
-        logits = geo.to_original(torch.cat(chunks))
+        x, geo, _ = self.prepare(image)
+        frame = self.frame_logits([x], prompts, [geo], points, boxes, batch_size)[0]
+        logits = geo.to_original(frame)
         masks = (torch.sigmoid(logits) > threshold).numpy()
         return Prediction(prompts, masks, logits.numpy() if return_logits else None)
 

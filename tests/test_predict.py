@@ -112,7 +112,8 @@ def test_cli_predict_writes_masks_overlay_semantic(ckpt, tmp_path, capsys):
     assert exc.value.code == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["scene 1__a-blue-square.png", "scene 1__a-red-circle.png",
-                     "scene 1__overlay.png", "scene 1__semantic.png"]
+                     "scene 1__overlay.png", "scene 1__semantic.png", "summary.csv",
+                     "summary.json"]
     mask = Image.open(out / "scene 1__a-red-circle.png")
     assert mask.size == (50, 36) and set(np.unique(np.asarray(mask))) <= {0, 255}
     sem = Image.open(out / "scene 1__semantic.png")
@@ -126,7 +127,7 @@ def test_cli_predict_bad_image_is_one_line(ckpt, tmp_path, capsys):
                   "--prompt", "a red circle", "--out", str(tmp_path / "o")])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: --image: {tmp_path / 'nope.png'}: not found"]
+    assert err == [f"error: --input: {tmp_path / 'nope.png'}: not found"]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     with pytest.raises(SystemExit) as exc:
@@ -134,3 +135,80 @@ def test_cli_predict_bad_image_is_one_line(ckpt, tmp_path, capsys):
                   "--prompt", "a red circle", "--out", str(tmp_path / "o"), "--no-progress"])
     assert exc.value.code == 2
     assert "broken.png: unreadable image" in capsys.readouterr().err
+
+
+def _folder(tmp_path, n=5):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(n):
+        h, w = 30 + 7 * i, 60 - 5 * i  # every image its own size
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+            folder / f"im{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_cli_predict_folder_batched_with_summary(ckpt, tmp_path):
+    import json
+
+    import pandas as pd
+
+    folder = _folder(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# what to look for\na red circle\n\na blue square\n")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["predict", "--checkpoint", str(ckpt), "--input", str(folder),
+                  "--prompts-file", str(prompts), "--out", str(out), "--batch-size", "2",
+                  "--device", "auto", "--save-probs", "npy", "--no-progress"])
+    assert exc.value.code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 5 and summary["skipped"] == []
+    assert summary["text_encoder_calls"] == 2  # once per prompt for the whole run
+    assert summary["images_per_s"] > 0
+    rows = pd.read_csv(out / "summary.csv")
+    assert len(rows) == 10 and set(rows["prompt"]) == {"a red circle", "a blue square"}
+    # Batched equals one image at a time (same masks, same probabilities).
+    predictor = load_model(ckpt)
+    for i in range(5):
+        pred = predictor.predict(folder / f"im{i}.png", ["a red circle", "a blue square"],
+                                 return_logits=True)
+        probs = np.load(out / f"im{i}__probs.npy")
+        assert probs.shape == pred.masks.shape
+        np.testing.assert_allclose(probs, pred.probs, atol=2e-3)  # float16 on disk
+        mask = np.asarray(Image.open(out / f"im{i}__a-red-circle.png")) > 0
+        assert (mask == pred.masks[0]).mean() > 0.999
+        row = rows[(rows["image"] == str(folder / f"im{i}.png"))
+                   & (rows["prompt"] == "a red circle")].iloc[0]
+        assert row["area_px"] == mask.sum()
+
+
+def test_cli_predict_bad_files_stop_or_are_skipped(ckpt, tmp_path, capsys):
+    import json
+
+    folder = _folder(tmp_path, n=3)
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    args = ["predict", "--checkpoint", str(ckpt), "--input", str(folder), "--prompt",
+            "a red circle", "--no-progress"]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(args + ["--out", str(tmp_path / "a")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "corrupt.jpg: unreadable image" in err[0]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(args + ["--out", str(tmp_path / "b"), "--on-bad-file", "skip"])
+    assert exc.value.code == 0
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["images"] == 3
+    assert [s["image"] for s in summary["skipped"]] == [str(folder / "corrupt.jpg")]
+    assert (tmp_path / "b" / "im2__a-red-circle.png").is_file()
+    capsys.readouterr()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# nothing\n")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["predict", "--checkpoint", str(ckpt), "--input", str(folder),
+                  "--prompts-file", str(empty), "--out", str(tmp_path / "c")])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == \
+        f"error: --prompts-file: {empty}: has no prompts (one per line)"

@@ -1,0 +1,221 @@
+"""`cdsam predict` on folders: every image × every prompt, batched, with a summary.
+
+Inputs are files, folders (their image files, sorted) or glob patterns. Images are decoded on
+the CPU and go to the model ``batch_size`` at a time: DINO once per image, the CLIP text tower
+once per prompt for the whole run, the SAM decoder per (image, prompt). Images larger than ``tile`` pixels go
+through overlapping tiles (`cdsam.tiling`). Per image it writes one
+mask PNG per prompt (0/255, the image's size), the overlay, and optionally the semantic label
+map and the probabilities; ``summary.csv`` has one row per (image, prompt) and ``summary.json``
+the run (images/s, skipped files, text-encoder calls).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from cdsam import io
+from cdsam.data.manifest import slug
+from cdsam.errors import DataError, UserError
+from cdsam.overlay import PALETTE
+from cdsam.predict import Predictor, legend_overlay, semantic_labels, to_pil
+from cdsam.tiling import predict_tiled, windows
+
+log = logging.getLogger("cdsam.predict")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+PROBS_FORMATS = ("png16", "npy")
+
+
+@dataclass
+class PredictOptions:
+    out: Path
+    threshold: float = 0.5
+    batch_size: int = 8  # images per model call
+    semantic: bool = False
+    save_probs: str | None = None  # png16 | npy
+    overlay: bool = True
+    on_bad_file: str = "error"  # error | skip
+    show_progress: bool = True
+    tile: int = 0  # images larger than this (px) go through overlapping tiles; 0: never
+    overlap: int = 64
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def collect_images(specs: Sequence[str]) -> list[Path]:
+    """Files, folders (image files directly inside, sorted) and glob patterns → image paths,
+    in the order given, without duplicates; a spec that yields nothing is an error."""
+    found: list[Path] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            items = sorted(p for p in path.iterdir()
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            items = [path]
+        elif glob.has_magic(spec):
+            items = sorted(Path(p) for p in glob.glob(spec, recursive=True)
+                           if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            raise UserError(f"--input: {spec}: not found")
+        if not items:
+            raise UserError(f"--input: {spec}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+        found.extend(items)
+    return list(dict.fromkeys(found))
+
+
+def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> list[str]:
+    """``--prompt`` values, then the lines of ``--prompts-file`` (blank and # lines skipped)."""
+    out = list(prompts or [])
+    if prompts_file:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise UserError(f"--prompts-file: {path}: not found")
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        from_file = [ln for ln in lines if ln and not ln.startswith("#")]
+        if not from_file:
+            raise UserError(f"--prompts-file: {path}: has no prompts (one per line)")
+        out += from_file
+    if not out:
+        raise UserError("predict: give --prompt (repeatable) or --prompts-file")
+    slugs = [slug(p) for p in out]
+    if "" in slugs or len(set(slugs)) != len(slugs):
+        raise UserError(f"--prompt: prompts must have distinct, non-empty file slugs, got "
+                        f"{slugs}")
+    return out
+
+
+def output_stems(images: Sequence[Path]) -> list[str]:
+    """File stems for the outputs; a stem shared by several inputs gets its folder's name."""
+    stems = [p.stem for p in images]
+    dupes = {s for s in stems if stems.count(s) > 1}
+    return [f"{p.parent.name}_{p.stem}" if p.stem in dupes else p.stem for p in images]
+
+
+def _decoded(images: Sequence[Path], opts: PredictOptions
+             ) -> Iterator[tuple[int, Image.Image]]:
+    """(index, RGB image) for every readable image; bad ones stop the run or are skipped."""
+    for i, path in enumerate(images):
+        try:
+            yield i, to_pil(path)
+        except DataError as exc:
+            if opts.on_bad_file != "skip":
+                raise DataError(f"{exc} (--on-bad-file skip: list it and go on)") from None
+            log.warning("skipping %s", exc)
+            opts.skipped.append({"image": str(path), "error": str(exc)})
+
+
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _batch_logits(predictor: Predictor, batch: list[tuple[int, Image.Image]],
+                  prompts: list[str], opts: PredictOptions
+                  ) -> Iterator[tuple[int, Image.Image, torch.Tensor]]:
+    """(index, image, PxHxW logits at the image's size): images that fit go through the
+    model together, larger ones (with ``tile``) window by window."""
+    def big(pil: Image.Image) -> bool:
+        return opts.tile > 0 and max(pil.size) > opts.tile
+
+    whole = [(i, pil) for i, pil in batch if not big(pil)]
+    if whole:
+        prepared = [predictor.prepare(pil) for _, pil in whole]
+        frames = predictor.frame_logits([x for x, _, _ in prepared], prompts,
+                                        batch_size=opts.batch_size * len(prompts))
+        for (i, pil), (_, geo, _), frame in zip(whole, prepared, frames, strict=True):
+            yield i, pil, geo.to_original(frame)
+    for i, pil in batch:
+        if big(pil):
+            yield i, pil, predict_tiled(predictor, pil, prompts, opts.tile, opts.overlap,
+                                        opts.batch_size)
+
+
+def _write_image_outputs(stem: str, pil: Image.Image, probs: np.ndarray, prompts: list[str],
+                         opts: PredictOptions) -> list[np.ndarray]:
+    out, masks = opts.out, probs > opts.threshold
+    for prompt, mask in zip(prompts, masks, strict=True):
+        with io.atomic_path(out / f"{stem}__{slug(prompt)}.png") as tmp:
+            Image.fromarray(mask.astype(np.uint8) * 255, "L").save(tmp, format="PNG")
+    if opts.overlay:
+        with io.atomic_path(out / f"{stem}__overlay.png") as tmp:
+            # Fast zlib level: 3x quicker to write than the default, ~7 % larger.
+            legend_overlay(pil, masks, prompts, PALETTE).save(tmp, format="PNG",
+                                                              compress_level=1)
+    if opts.semantic:
+        labels = Image.fromarray(semantic_labels(probs, opts.threshold), "P")
+        flat = [0, 0, 0] + [c for i in range(len(prompts)) for c in PALETTE[i % len(PALETTE)]]
+        labels.putpalette(flat + [0] * (768 - len(flat)))
+        with io.atomic_path(out / f"{stem}__semantic.png") as tmp:
+            labels.save(tmp, format="PNG")
+    if opts.save_probs == "npy":
+        with io.atomic_path(out / f"{stem}__probs.npy") as tmp, open(tmp, "wb") as fh:
+            np.save(fh, probs.astype(np.float16))
+    elif opts.save_probs == "png16":
+        for prompt, p in zip(prompts, probs, strict=True):
+            with io.atomic_path(out / f"{stem}__{slug(prompt)}__prob.png") as tmp:
+                Image.fromarray((p * 65535).round().astype(np.uint16)).save(tmp, format="PNG")
+    return list(masks)
+
+
+def predict_files(predictor: Predictor, images: Sequence[Path], prompts: list[str],
+                  opts: PredictOptions) -> dict[str, Any]:
+    """Run every image × prompt and write the outputs; returns what summary.json holds."""
+    if opts.save_probs not in (None, *PROBS_FORMATS):
+        raise UserError(f"--save-probs: {opts.save_probs!r} is not one of "
+                        f"{', '.join(PROBS_FORMATS)}")
+    if opts.on_bad_file not in ("error", "skip"):
+        raise UserError(f"--on-bad-file: {opts.on_bad_file!r} is not error or skip")
+    if opts.batch_size < 1:
+        raise UserError(f"--batch-size: {opts.batch_size} must be >= 1")
+    if opts.tile:
+        windows(opts.tile, opts.tile, opts.tile, opts.overlap)  # checks tile / overlap
+    opts.out.mkdir(parents=True, exist_ok=True)
+    stems = output_stems(images)
+    rows: list[dict[str, Any]] = []
+    calls0 = predictor.model.clip_text.calls
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(images), desc="predict", unit="image", disable=not opts.show_progress)
+    for batch in _batches(_decoded(images, opts), opts.batch_size):
+        for i, pil, logits in _batch_logits(predictor, batch, prompts, opts):
+            probs = torch.sigmoid(logits).numpy()
+            masks = _write_image_outputs(stems[i], pil, probs, prompts, opts)
+            for prompt, mask, p in zip(prompts, masks, probs, strict=True):
+                rows.append({"image": str(images[i]), "prompt": prompt,
+                             "area_px": int(mask.sum()), "area_fraction": float(mask.mean()),
+                             "max_prob": float(p.max())})
+        bar.update(len(batch))
+    done = len(images) - len(opts.skipped)
+    bar.update(len(opts.skipped))
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    with io.atomic_path(opts.out / "summary.csv") as tmp:
+        pd.DataFrame(rows, columns=["image", "prompt", "area_px", "area_fraction", "max_prob"]
+                     ).to_csv(tmp, index=False)
+    summary = {
+        "images": done, "prompts": prompts, "skipped": opts.skipped,
+        "seconds": round(elapsed, 3), "images_per_s": round(done / max(elapsed, 1e-9), 3),
+        "device": str(predictor.device), "batch_size": opts.batch_size,
+        "text_encoder_calls": predictor.model.clip_text.calls - calls0,
+        "threshold": opts.threshold, "tile": opts.tile or None,
+        "overlap": opts.overlap if opts.tile else None,
+    }
+    io.write_json(opts.out / "summary.json", summary)
+    return summary

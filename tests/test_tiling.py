@@ -1,0 +1,88 @@
+"""Tiled prediction of large images: windows, blending, and agreement with untiled runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cdsam.errors import UserError
+from cdsam.predict import load_model
+from cdsam.tiling import blend, predict_tiled, ramp, windows
+from tests.test_predict import PROMPTS, ckpt  # noqa: F401  (the module-scoped checkpoint)
+
+
+@pytest.mark.parametrize("h,w,tile,overlap", [(100, 100, 100, 10), (250, 130, 100, 20),
+                                              (1536, 2048, 512, 64), (101, 300, 100, 99)])
+def test_windows_cover_the_image_flush_with_its_edges(h, w, tile, overlap):
+    wins = windows(h, w, tile, overlap)
+    covered = np.zeros((h, w), bool)
+    for top, left, bottom, right in wins:
+        assert bottom - top <= tile and right - left <= tile
+        covered[top:bottom, left:right] = True
+    assert covered.all()
+    assert max(b for _, _, b, _ in wins) == h and max(r for _, _, _, r in wins) == w
+    if h <= tile and w <= tile:
+        assert wins == [(0, 0, h, w)]
+
+
+def test_bad_tile_settings_are_one_line():
+    with pytest.raises(UserError, match="--tile/--overlap"):
+        windows(10, 10, 8, 8)
+
+
+def test_blend_keeps_single_window_values_and_ramps_are_positive():
+    assert (ramp(50, 10) > 0).all() and ramp(50, 10).max() == 1
+    a, b = torch.full((1, 10, 8), 2.0), torch.full((1, 10, 8), -2.0)
+    out = blend([((0, 0, 10, 8), a), ((0, 4, 10, 12), b)], 10, 12, overlap=4)
+    torch.testing.assert_close(out[:, :, :4], a[:, :, :4])  # left window alone
+    torch.testing.assert_close(out[:, :, 8:], b[:, :, 4:])  # right window alone
+    assert (out[:, :, 4:8] > -2).all() and (out[:, :, 4:8] < 2).all()  # a mix in between
+    only = torch.randn(2, 5, 5)
+    assert blend([((0, 0, 5, 5), only)], 5, 5, 2) is only
+
+
+def _photo(h, w):
+    rng = np.random.default_rng(7)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def test_an_image_that_fits_one_tile_is_predicted_exactly_as_untiled(ckpt):  # noqa: F811
+    predictor = load_model(ckpt)
+    img = _photo(40, 56)
+    tiled = predict_tiled(predictor, img, PROMPTS, tile=64, overlap=16)
+    plain = predictor.predict(img, PROMPTS, return_logits=True).logits
+    np.testing.assert_array_equal(tiled.numpy(), plain)
+
+
+def test_where_one_tile_covers_a_region_tiled_equals_that_tile_alone(ckpt):  # noqa: F811
+    predictor = load_model(ckpt)
+    img = _photo(48, 150)  # three 64-px windows across, overlapping by 21
+    tiled = predict_tiled(predictor, img, PROMPTS, tile=64, overlap=21)
+    assert tiled.shape == (2, 48, 150)
+    left = predictor.predict(img.crop((0, 0, 64, 48)), PROMPTS, return_logits=True).logits
+    # Columns 0..42 are covered by the first window alone (the second starts at 43).
+    np.testing.assert_allclose(tiled[:, :, :43].numpy(), left[:, :, :43], rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_cli_predict_tiles_large_images_only(ckpt, tmp_path):  # noqa: F811
+    import json
+
+    from cdsam import cli
+
+    _photo(48, 150).save(tmp_path / "wide.png")
+    _photo(40, 40).save(tmp_path / "small.png")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["predict", "--checkpoint", str(ckpt), "--input", str(tmp_path / "*.png"),
+                  "--prompt", PROMPTS[0], "--out", str(out), "--tile", "64", "--overlap", "21",
+                  "--save-probs", "npy", "--no-progress"])
+    assert exc.value.code == 0
+    assert json.loads((out / "summary.json").read_text())["tile"] == 64
+    predictor = load_model(ckpt)
+    wide = torch.sigmoid(predict_tiled(predictor, _photo(48, 150), PROMPTS[:1], 64, 21))
+    np.testing.assert_allclose(np.load(out / "wide__probs.npy"), wide.numpy(), atol=2e-3)
+    small = predictor.predict(_photo(40, 40), PROMPTS[:1], return_logits=True).probs
+    np.testing.assert_allclose(np.load(out / "small__probs.npy"), small, atol=2e-3)
