@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,15 +60,6 @@ def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
-
-
-def tensors_sha256(named: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """sha256 over names and bytes of tensors, in the order given."""
-    h = hashlib.sha256()
-    for name, t in named:
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -123,7 +113,7 @@ def read_meta(path: str | Path) -> CheckpointMeta:
 
 
 def meta_from_dict(raw: dict[str, Any], where: str | Path) -> CheckpointMeta:
-    """The fields of a checkpoint's (or an export's) meta.json."""
+    """The fields of a checkpoint's meta.json."""
     try:
         base = raw.get("base")
         if base is not None and not (isinstance(base, dict) and isinstance(base["sha256"], dict)):

@@ -137,6 +137,16 @@ class Predictor:
             out[start:start + len(rows)] = res.masks[:, 0].float().cpu()
         return out.view(n_img, n_txt, *x.shape[-2:])
 
+    def image_logits(self, images: Sequence[Image.Image], prompts: Sequence[str],
+                     batch_size: int = 8) -> list[torch.Tensor]:
+        """Whole images (each through the training geometry, all in one model call) → one
+        PxHxW logits tensor per image, at that image's size."""
+        prepared = [self.prepare(image) for image in images]
+        frames = self.frame_logits([x for x, _, _ in prepared], list(prompts),
+                                   batch_size=batch_size * len(prompts))
+        return [geo.to_original(frame)
+                for (_, geo, _), frame in zip(prepared, frames, strict=True)]
+
     @torch.no_grad()
     def predict(self, image: ImageLike, prompts: str | Sequence[str],
                 points: Sequence[tuple[float, float]] | None = None,

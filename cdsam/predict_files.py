@@ -137,11 +137,9 @@ def _batch_logits(predictor: Predictor, batch: list[tuple[int, Image.Image]],
 
     whole = [(i, pil) for i, pil in batch if not big(pil)]
     if whole:
-        prepared = [predictor.prepare(pil) for _, pil in whole]
-        frames = predictor.frame_logits([x for x, _, _ in prepared], prompts,
-                                        batch_size=opts.batch_size * len(prompts))
-        for (i, pil), (_, geo, _), frame in zip(whole, prepared, frames, strict=True):
-            yield i, pil, geo.to_original(frame)
+        logits = predictor.image_logits([pil for _, pil in whole], prompts, opts.batch_size)
+        for (i, pil), lg in zip(whole, logits, strict=True):
+            yield i, pil, lg
     for i, pil in batch:
         if big(pil):
             yield i, pil, predict_tiled(predictor, pil, prompts, opts.tile, opts.overlap,

@@ -69,10 +69,7 @@ def predict_tiled(predictor: Predictor, image: Image.Image, prompts: Sequence[st
     parts = []
     for i in range(0, len(wins), batch_size):
         chunk = wins[i:i + batch_size]
-        prepared = [predictor.prepare(image.crop((left, top, right, bottom)))
-                    for top, left, bottom, right in chunk]
-        frames = predictor.frame_logits([x for x, _, _ in prepared], list(prompts),
-                                        batch_size=batch_size * len(prompts))
-        parts += [(win, geo.to_original(frame))
-                  for win, (_, geo, _), frame in zip(chunk, prepared, frames, strict=True)]
+        crops = [image.crop((left, top, right, bottom)) for top, left, bottom, right in chunk]
+        parts += list(zip(chunk, predictor.image_logits(crops, prompts, batch_size),
+                          strict=True))
     return blend(parts, image.height, image.width, overlap)
