@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from cdsam import io
 from cdsam.base import Base, compare, describe_sources, left_out_fingerprints, split_state
 from cdsam.config import ModelConfig, _parse_section
-from cdsam.errors import CheckpointError
+from cdsam.errors import CheckpointError, UserError
 from cdsam.lora import LoRASpec, apply_specs, lora_specs
 from cdsam.models.model import CDSAM, build_model
 
@@ -185,7 +185,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
             model = build_model(cfg, load_weights=False)
         else:
             seed = meta.base.get("seed")
-            model = build_model(cfg, load_weights=True, seed=seed)
+            try:
+                model = build_model(cfg, load_weights=True, seed=seed)
+            except UserError as exc:  # a weight file the base needs is gone or unreadable
+                raise CheckpointError(
+                    f"{path}: cannot rebuild the base weights it was trained on ({exc}); the "
+                    f"checkpoint stores only what training changed: restore that file (dvc "
+                    f"pull) or use a merged export") from None
             meta.base_state = Base.of(model, seed)
         try:
             apply_specs(model, [LoRASpec(**s) for s in meta.lora])

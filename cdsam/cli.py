@@ -3,7 +3,8 @@
 ``cdsam summary --stage N``   what a curriculum stage trains, per component
 ``cdsam init --preset …``     a real-size recipe (DINOv2/DINO, CLIP, SAM files) into params.yaml
 ``cdsam predict …``           masks for images and text prompts from a checkpoint
-``cdsam export …``            a merged, self-contained export of a checkpoint (LoRA folded in)
+``cdsam demo …``              a local web page to try prompts on a checkpoint
+``cdsam export …``            a merged, self-contained checkpoint, or an ONNX graph for fixed prompts
 """
 
 from __future__ import annotations
@@ -94,10 +95,29 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from cdsam.export import export
 
-    info = export(args.checkpoint, args.out, args.mode)
-    log.info("merged export: %d LoRA layers folded in, %.2f MiB -> %s",
-             info["merged_lora"], info["bytes"] / 2**20, args.out)
+    prompts = None
+    if args.prompt or args.prompts_file:
+        from cdsam.predict_files import read_prompts
+
+        prompts = read_prompts(args.prompt, args.prompts_file)
+    info = export(args.checkpoint, args.out, args.mode, prompts, check=not args.no_check)
+    if args.mode == "onnx":
+        parity = info.get("parity", {})
+        log.info("onnx export: %d prompts, input %s, %.2f MiB -> %s; onnxruntime vs PyTorch: "
+                 "max |logit diff| %.2e, masks agree on %.4f%% of pixels",
+                 len(info["output"]["prompts"]), info["input"]["shape"], info["bytes"] / 2**20,
+                 args.out, parity.get("max_abs_diff", float("nan")),
+                 100 * parity.get("mask_agreement", float("nan")))
+    else:
+        log.info("merged export: %d LoRA layers folded in, %.2f MiB -> %s",
+                 info["merged_lora"], info["bytes"] / 2**20, args.out)
     print(json.dumps(info))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from cdsam.demo import serve
+
+    serve(args.checkpoint, args.host, args.port, args.device, args.examples)
 
 
 def cmd_init(args: argparse.Namespace) -> None:
@@ -157,12 +177,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_predict)
 
-    s = sub.add_parser("export", help="a merged, self-contained export of a checkpoint (stage "
-                       "checkpoints already hold only what training changed)")
+    s = sub.add_parser("export", help="merged: a self-contained checkpoint (stage checkpoints "
+                       "hold only what training changed); onnx: image -> masks for fixed "
+                       "prompts, runnable with onnxruntime alone")
     s.add_argument("--checkpoint", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--mode", choices=("merged",), default="merged")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--mode", choices=("merged", "onnx"), default="merged")
+    s.add_argument("--prompt", action="append",
+                   help="onnx: a prompt to bake in (repeat; default: the training vocabulary)")
+    s.add_argument("--prompts-file", help="onnx: more prompts, one per line")
+    s.add_argument("--no-check", action="store_true",
+                   help="onnx: skip the onnxruntime-vs-PyTorch check on two seeded images")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("demo", help="a local web page to try prompts and clicks on a checkpoint "
+                                     "(needs the demo extra)")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: this machine only; 0.0.0.0 exposes it)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda:N")
+    s.add_argument("--examples", default="data/prepared/images",
+                   help="a folder whose first images are offered to pick (default: the "
+                        "prepared data, when present)")
+    s.set_defaults(func=cmd_demo)
     return ap
 
 

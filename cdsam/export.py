@@ -1,4 +1,5 @@
-"""Export a checkpoint as ``merged``: LoRA folded in, every tensor stored, no base needed.
+"""Export a checkpoint: ``merged`` (LoRA folded in, every tensor stored, no base needed) or
+``onnx`` (the image → masks graph for a fixed prompt set: `cdsam.onnx_export`).
 
 Stage checkpoints hold only what training changed and rebuild their base weights on load
 (:mod:`cdsam.base`); a merged export is the self-contained form to ship: an ordinary checkpoint
@@ -15,7 +16,7 @@ from cdsam.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
 from cdsam.errors import UserError
 from cdsam.lora import merge_lora
 
-MODES = ("merged",)
+MODES = ("merged", "onnx")
 
 
 def export_merged(checkpoint: Path, out: Path) -> dict[str, Any]:
@@ -27,11 +28,18 @@ def export_merged(checkpoint: Path, out: Path) -> dict[str, Any]:
     return {"mode": "merged", "merged_lora": merged, "bytes": (out / WEIGHTS).stat().st_size}
 
 
-def export(checkpoint: str | Path, out: str | Path, mode: str) -> dict[str, Any]:
+def export(checkpoint: str | Path, out: str | Path, mode: str,
+           prompts: list[str] | None = None, check: bool = True) -> dict[str, Any]:
     if mode not in MODES:
         raise UserError(f"--mode: {mode!r} is not one of {', '.join(MODES)}")
     checkpoint, out = Path(checkpoint), Path(out)
     if out.resolve() == checkpoint.resolve():
         raise UserError(f"--out: {out} is the checkpoint itself; choose another directory")
+    if mode == "onnx":
+        from cdsam.onnx_export import export_onnx
+
+        return {"mode": "onnx", **export_onnx(checkpoint, out, prompts, check=check)}
+    if prompts:
+        raise UserError("--prompt: only --mode onnx bakes a prompt set in")
     return export_merged(checkpoint, out)
 

@@ -1,0 +1,125 @@
+"""`cdsam export --mode onnx`: onnxruntime matches PyTorch, and the standalone example works."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cdsam import cli
+from cdsam.predict import load_model
+from tests.test_predict import PROMPTS, ckpt  # noqa: F401  (the module-scoped checkpoint)
+
+ort = pytest.importorskip("onnxruntime")
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "onnx_predict.py"
+
+
+def _export(checkpoint: Path, out: Path, *extra: str) -> dict:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["export", "--checkpoint", str(checkpoint), "--out", str(out), "--mode", "onnx",
+                  *extra])
+    assert exc.value.code == 0
+    return json.loads((out / "cdsam-onnx.json").read_text())
+
+
+def _with_fit(checkpoint: Path, dest: Path, fit: str, resize: int) -> Path:
+    """The same weights, trained (says meta.json) with another fit: both code paths get run."""
+    shutil.copytree(checkpoint, dest)
+    meta = json.loads((dest / "meta.json").read_text())
+    meta["extra"]["data"].update(fit=fit, resize=resize)
+    (dest / "meta.json").write_text(json.dumps(meta))
+    return dest
+
+
+@pytest.fixture(scope="module", params=["pad", "crop"])
+def exported(request, ckpt, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp(f"onnx-{request.param}")
+    checkpoint = _with_fit(ckpt, root / "ckpt", request.param, 40)
+    return checkpoint, root / "onnx", _export(checkpoint, root / "onnx")
+
+
+def _images(n: int = 3) -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    return [rng.integers(0, 256, (30 + 9 * i, 52 - 6 * i, 3), dtype=np.uint8) for i in range(n)]
+
+
+@pytest.mark.slow  # an export takes ~15 s
+def test_onnxruntime_matches_pytorch_logits_with_a_dynamic_batch(exported):
+    checkpoint, out, sidecar = exported
+    predictor = load_model(checkpoint)
+    assert sidecar["output"]["prompts"] == PROMPTS  # the training vocabulary by default
+    assert sidecar["input"]["fit"] == predictor.fit and sidecar["input"]["crop"] == predictor.crop
+    assert sidecar["parity"]["max_abs_diff"] < 1e-3  # the export's own check
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["cdsam.prompts"]) == PROMPTS
+    inputs = [predictor.prepare(image)[0] for image in _images()]
+    ref = predictor.frame_logits(inputs, PROMPTS).numpy()
+    # The graph takes 0-255 pixels: undo the normalisation `prepare` applied.
+    mean = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
+    std = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+    pixels = np.stack([(x.numpy() * std + mean) * 255 for x in inputs]).astype(np.float32)
+    for batch in (pixels[:1], pixels):  # batch 1 and 3 from one graph exported at 2
+        got = session.run(["logits"], {"images": batch})[0]
+        diff = np.abs(got - ref[:len(batch)]).max()
+        print(f"onnx parity ({sidecar['input']['fit']}, batch {len(batch)}): max |diff| {diff:.2e}")
+        assert got.shape == (len(batch), len(PROMPTS), predictor.crop, predictor.crop)
+        assert diff < 1e-3
+        assert ((got > 0) == (ref[:len(batch)] > 0)).mean() > 0.999
+
+
+@pytest.mark.slow  # an export takes ~15 s
+def test_standalone_example_gives_the_masks_cdsam_predict_gives(exported, tmp_path):
+    checkpoint, out, _ = exported
+    paths = []
+    for i, image in enumerate(_images()):
+        paths.append(tmp_path / f"im{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    run = subprocess.run([sys.executable, str(EXAMPLE), str(out), *map(str, paths), "--out",
+                          str(tmp_path / "onnx-masks")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    predictor = load_model(checkpoint)
+    for path in paths:
+        pred = predictor.predict(path, PROMPTS)
+        for prompt, mask in zip(PROMPTS, pred.masks, strict=True):
+            name = f"{path.stem}__{prompt.replace(' ', '-')}.png"
+            got = np.asarray(Image.open(tmp_path / "onnx-masks" / name)) > 0
+            assert got.shape == mask.shape
+            # Pillow's and torchvision's antialiased resizes round differently in a few pixels.
+            assert (got == mask).mean() > 0.99
+
+
+@pytest.mark.slow  # an export takes ~15 s
+def test_chosen_prompts_are_baked_in(ckpt, tmp_path):  # noqa: F811
+    sidecar = _export(ckpt, tmp_path / "onnx", "--prompt", "a blue square", "--no-check")
+    assert sidecar["output"]["prompts"] == ["a blue square"]
+    assert "parity" not in sidecar
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
+    crop = sidecar["input"]["crop"]
+    got = session.run(["logits"], {"images": np.zeros((1, 3, crop, crop), np.float32)})[0]
+    assert got.shape == (1, 1, crop, crop)
+
+
+def test_missing_base_weights_are_one_line_and_nothing_is_written(ckpt, tmp_path, capsys):  # noqa: F811
+    broken = tmp_path / "ckpt"
+    shutil.copytree(ckpt, broken)
+    meta = json.loads((broken / "meta.json").read_text())
+    gone = tmp_path / "weights" / "dino.pth"
+    meta["model"]["dino"]["checkpoint"] = str(gone)  # trained on a file that is gone now
+    (broken / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "onnx"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["export", "--checkpoint", str(broken), "--out", str(out), "--mode", "onnx"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith(f"error: {broken}: cannot rebuild the base weights")
+    assert f"file not found: {gone}" in err[0]
+    assert not out.exists()
+    assert list(tmp_path.glob(".onnx*")) == []  # no half-written temporary folder either
