@@ -7,6 +7,7 @@ optimistic), else val; ``evaluate.json`` and the log say which. Figures are defi
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from cdsam.config import LossConfig, Params
 from cdsam.data.dataset import ManifestDataset, collate
 from cdsam.data.manifest import read_manifest
 from cdsam.data.spatial import BOX, CLICK
+from cdsam.data.synthetic import attributes
 from cdsam.metrics import per_prompt
 from cdsam.objective import Objective
 from cdsam.overlay import denormalize, grid, sample_panel
@@ -62,30 +64,55 @@ def stage_overlay(model, ds: ManifestDataset, indices: list[int], device: torch.
     return grid(panels, columns=len(panels) or 1)
 
 
-def pair_rows(ds: ManifestDataset) -> list[int]:
-    """Images that carry two objects (e.g. "a red circle" and "a blue square" in one scene):
-    the dataset indices of their first two positive samples, pair by pair."""
-    firsts = ds.df[~ds.df["negative"]].groupby("image", sort=True).head(2)
-    counts = firsts.groupby("image")["id"].transform("count")
-    return firsts[counts == 2].sort_values("image", kind="stable").index.tolist()
+def pair_rows(ds: ManifestDataset) -> list[tuple[int, int]]:
+    """Every two positive samples of one image (e.g. "a red circle" and "a red square" in one
+    scene) as dataset-index pairs, image by image."""
+    pos = ds.df[~ds.df["negative"]]
+    return [pair for _, rows in pos.groupby("image", sort=True)
+            for pair in itertools.combinations(rows.index.tolist(), 2)]
 
 
-def prompt_pairs(res: EvalResult, rows: list[int]) -> dict[str, float]:
-    """Does each prompt find its own object, and do the two masks differ?
+def pair_relation(a: str, b: str) -> str | None:
+    """``same_colour`` / ``same_shape`` for two synthetic prompts that share exactly one of the
+    two words, ``None`` otherwise (other data sources have no such vocabulary)."""
+    pa, pb = attributes(a), attributes(b)
+    if pa is None or pb is None:
+        return None
+    if pa[0] == pb[0] and pa[1] != pb[1]:
+        return "same_colour"
+    if pa[1] == pb[1] and pa[0] != pb[0]:
+        return "same_shape"
+    return None
 
-    ``res`` holds per-sample IoU and masks in dataset order (``keep_masks=True``).
-    ``pairs_miou``: mean IoU of each prompt's mask with its truth; ``pairs_overlap``: mean IoU
-    between the two predicted masks (1.0 when both are empty); ``pairs``: how many images.
+
+def prompt_pairs(res: EvalResult, pairs: list[tuple[int, int]], prompts: list[str],
+                 ) -> dict[str, float]:
+    """Does each prompt find its own object, and do the two masks of one image differ?
+
+    ``res`` holds per-sample IoU and masks in dataset order (``keep_masks=True``), ``prompts``
+    each sample's prompt. ``pairs_miou``: mean IoU of each paired prompt's mask with its truth;
+    ``pairs_overlap``: mean IoU between the two predicted masks (1.0 when both are empty);
+    ``pairs``: how many pairs. On the synthetic scenes also the overlap of pairs that share a
+    colour (other shape) and of pairs that share a shape (other colour): the text must decide.
     """
-    if not rows:
+    if not pairs:
         return {"pairs": 0, "pairs_miou": 0.0, "pairs_overlap": 0.0}
-    overlap = []
-    for a, b in zip(rows[0::2], rows[1::2], strict=True):
+    overlaps: dict[str, list[float]] = {"all": []}
+    for a, b in pairs:
         inter = (res.masks[a] & res.masks[b]).sum().item()
         union = (res.masks[a] | res.masks[b]).sum().item()
-        overlap.append(inter / union if union else 1.0)
-    return {"pairs": len(overlap), "pairs_miou": float(np.mean([res.ious[r] for r in rows])),
-            "pairs_overlap": float(np.mean(overlap))}
+        overlap = inter / union if union else 1.0
+        overlaps["all"].append(overlap)
+        relation = pair_relation(prompts[a], prompts[b])
+        if relation:
+            overlaps.setdefault(relation, []).append(overlap)
+    rows = sorted({r for pair in pairs for r in pair})
+    out = {"pairs": len(pairs), "pairs_miou": float(np.mean([res.ious[r] for r in rows])),
+           "pairs_overlap": float(np.mean(overlaps["all"]))}
+    for relation in ("same_colour", "same_shape"):
+        if relation in overlaps:
+            out[f"pairs_overlap_{relation}"] = float(np.mean(overlaps[relation]))
+    return out
 
 
 def evaluate_stages(params: Params, checkpoints: dict[str, Path], data: Path, out: Path,
@@ -122,7 +149,7 @@ def evaluate_stages(params: Params, checkpoints: dict[str, Path], data: Path, ou
         objective = Objective.for_model(model, loss_cfg, vocab)
         res = evaluate_model(model, loader, device, objective, ev.threshold, show_progress=True,
                              keep_masks=True)
-        metrics[name] = {**res.figures, **prompt_pairs(res, pairs)}
+        metrics[name] = {**res.figures, **prompt_pairs(res, pairs, ds.df["prompt"].tolist())}
         for mode, mode_loader in spatial.items():
             metrics[name][f"miou_{mode}"] = evaluate_model(
                 model, mode_loader, device, objective, ev.threshold).miou
@@ -137,8 +164,12 @@ def evaluate_stages(params: Params, checkpoints: dict[str, Path], data: Path, ou
             with io.atomic_path(out / "overlays" / f"{name}.png") as tmp:
                 img.save(tmp, format="PNG")
         m = metrics[name]
-        pairs_text = (f"; two-object images ({m['pairs']}): own-object IoU {m['pairs_miou']:.3f}, "
-                      f"IoU between the two masks {m['pairs_overlap']:.3f}") if m["pairs"] else ""
+        split_text = "".join(f", {k[len('pairs_overlap_'):].replace('_', ' ')} {m[k]:.3f}"
+                             for k in ("pairs_overlap_same_colour", "pairs_overlap_same_shape")
+                             if k in m)
+        pairs_text = (f"; prompt pairs in one image ({m['pairs']}): own-object IoU "
+                      f"{m['pairs_miou']:.3f}, IoU between the two masks {m['pairs_overlap']:.3f}"
+                      f"{split_text}") if m["pairs"] else ""
         spatial_text = "".join(f"; miou with text + {mode} {m[f'miou_{mode}']:.4f}"
                                for mode in spatial)
         log.info("%s on %s: miou=%.4f (%d positives) class_iou=%.4f fp_rate=%.3f (%d "

@@ -44,6 +44,23 @@ def test_distractors_share_colour_or_shape(tmp_path):
         assert len(set(colours)) < len(colours) or len(set(shapes)) < len(shapes)
 
 
+def test_four_object_scenes_make_both_cues_ambiguous(tmp_path):
+    from cdsam.data.synthetic import attributes
+
+    prepare(PrepareConfig(synthetic=SyntheticConfig(num_images=30, min_objects=4,
+                                                    max_objects=5)), 2, tmp_path / "p",
+            show_progress=False)
+    df = read_manifest(tmp_path / "p")
+    def both_kinds(objects: list[tuple[str, str]], c: str, s: str) -> bool:
+        return (any(o[0] == c and o[1] != s for o in objects)
+                and any(o[1] == s and o[0] != c for o in objects))
+
+    for _, g in df[~df["negative"]].groupby("image"):
+        objects = [attributes(p) for p in g["prompt"]]
+        # The 2 x 2 core: four objects, each with a same-colour and a same-shape distractor.
+        assert sum(both_kinds(objects, c, s) for c, s in objects) >= 4, objects
+
+
 def _folders(tmp_path, n=6):
     img_dir, mask_dir = tmp_path / "images", tmp_path / "masks"
     img_dir.mkdir()

@@ -98,3 +98,26 @@ def test_dice_and_bce_values():
     valid[..., 1] = 0  # an ignore pixel counts nowhere
     assert bce_loss(torch.tensor([[[[0.0, -50.0]]]]), target, valid).item() == \
         pytest.approx(np.log(2))
+
+
+def test_prompt_pairs_split_overlap_by_what_the_prompts_share():
+    import torch
+
+    from cdsam.evaluate import pair_relation, prompt_pairs
+    from cdsam.scoring import EvalResult
+
+    assert pair_relation("a red circle", "a red square") == "same_colour"
+    assert pair_relation("a red circle", "a blue circle") == "same_shape"
+    assert pair_relation("a red circle", "a blue square") is None
+    assert pair_relation("a photo of a cat", "a photo of a dog") is None
+    a = torch.zeros(4, 4, dtype=torch.bool)
+    a[:2] = True
+    b = a.clone()
+    c = ~a
+    res = EvalResult(loss=0.0, miou=0.0, dice=0.0, ious=[1.0, 0.5, 0.0], masks=[a, b, c])
+    prompts = ["a red circle", "a red square", "a blue circle"]
+    out = prompt_pairs(res, [(0, 1), (0, 2), (1, 2)], prompts)
+    assert out["pairs"] == 3 and out["pairs_miou"] == 0.5
+    assert out["pairs_overlap_same_colour"] == 1.0  # identical masks for two colours' words
+    assert out["pairs_overlap_same_shape"] == 0.0
+    assert abs(out["pairs_overlap"] - 1 / 3) < 1e-9

@@ -1,8 +1,8 @@
 """Embedded synthetic scenes: coloured shapes on textured, noisy backgrounds.
 
-Each image holds several objects with distinct (colour, shape) pairs; at least two share a
-colour or a shape, so the prompt ("a red circle") is the only way to tell which mask is
-wanted. Later objects occlude earlier ones; masks are the visible parts. Seeded per image,
+Each image holds several objects with distinct (colour, shape) pairs laid out so that colour
+alone and shape alone are both ambiguous (see `_pick_combos`): the prompt ("a red circle"),
+both words of it, is the only way to tell which mask is wanted. Later objects occlude earlier ones; masks are the visible parts. Seeded per image,
 so image i is the same whatever ``num_images`` is.
 """
 
@@ -29,6 +29,14 @@ COMBOS = list(itertools.product(COLOURS, SHAPES))
 
 def prompt_for(colour: str, shape: str) -> str:
     return f"a {colour} {shape}"
+
+
+def attributes(prompt: str) -> tuple[str, str] | None:
+    """``"a red circle"`` → ``("red", "circle")``; ``None`` for any other prompt."""
+    words = prompt.split()
+    if len(words) == 3 and words[0] == "a" and words[1] in COLOURS and words[2] in SHAPES:
+        return words[1], words[2]
+    return None
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -62,11 +70,25 @@ def _shape_mask(rng: np.random.Generator, shape: str, size: int) -> np.ndarray:
 
 
 def _pick_combos(rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
-    while True:
-        picks = [COMBOS[i] for i in rng.choice(len(COMBOS), size=n, replace=False)]
-        shares = any(a[0] == b[0] or a[1] == b[1] for a, b in itertools.combinations(picks, 2))
-        if shares:  # a distractor that only the prompt tells apart
-            return picks
+    """n distinct (colour, shape) pairs in which neither cue alone picks out an object.
+
+    From four objects on, the first four are two colours x two shapes: every one of them has a
+    distractor of its colour (other shape) and one of its shape (other colour), so a model
+    must read both words. Three objects: an L (one object has both kinds of distractor, the
+    others one each); two: they share a colour or a shape.
+    """
+    colours = [str(c) for c in rng.permutation(list(COLOURS))]
+    shapes = [str(s) for s in rng.permutation(SHAPES)]
+    if n >= 4:
+        picks = [(c, s) for c in colours[:2] for s in shapes[:2]]
+    elif n == 3:
+        picks = [(colours[0], shapes[0]), (colours[0], shapes[1]), (colours[1], shapes[0])]
+    else:
+        picks = ([(colours[0], shapes[0]), (colours[0], shapes[1])] if rng.random() < 0.5
+                 else [(colours[0], shapes[0]), (colours[1], shapes[0])])
+    rest = [c for c in COMBOS if c not in picks]
+    picks += [rest[i] for i in rng.choice(len(rest), size=max(0, n - len(picks)), replace=False)]
+    return [picks[i] for i in rng.permutation(len(picks))]  # paint order: who occludes whom
 
 
 def make_scene(seed: int, index: int, cfg: SyntheticConfig) -> tuple[Image.Image, list[Sample]]:
@@ -77,12 +99,12 @@ def make_scene(seed: int, index: int, cfg: SyntheticConfig) -> tuple[Image.Image
     image = _background(rng, size)
     placed: list[tuple[tuple[str, str], np.ndarray]] = []
     for colour, shape in _pick_combos(rng, n):
-        for _ in range(20):  # retry placements that would hide an earlier object too much
+        for _ in range(50):  # retry placements that would hide an earlier object too much
             mask = _shape_mask(rng, shape, size)
             if all((m & ~mask).sum() >= 0.5 * m.sum() for _, m in placed):
                 break
         else:
-            continue
+            continue  # rare in a crowded scene: this object is left out
         placed = [(c, m & ~mask) for c, m in placed] + [((colour, shape), mask)]
         rgb = np.array(COLOURS[colour], np.float32) + rng.uniform(-25, 25, size=3)
         shade = rng.uniform(0.85, 1.1)
