@@ -100,7 +100,8 @@ def build_demo(predictor: Predictor, examples: Sequence[str] = (), title: str = 
     def describe(clicks) -> str:
         if not clicks:
             return "no clicks (text only); click the image to add foreground points"
-        return f"{len(clicks)} foreground click{'s' * (len(clicks) != 1)}: " + ", ".join(f"({x:.0f}, {y:.0f})" for x, y in clicks)
+        where = ", ".join(f"({x:.0f}, {y:.0f})" for x, y in clicks)
+        return f"{len(clicks)} foreground click{'s' * (len(clicks) != 1)}: {where}"
 
     vocab = predictor.known_prompts
     with gr.Blocks(title=title, analytics_enabled=False) as demo:

@@ -177,7 +177,8 @@ def _quiet(*names: str):
 
 
 def _stamp_metadata(path: Path, sidecar: dict[str, Any]) -> None:
-    """The sidecar's facts inside the model too (``session.get_modelmeta().custom_metadata_map``)."""
+    """The sidecar's facts inside the model too, as metadata_props (onnxruntime:
+    ``session.get_modelmeta().custom_metadata_map``)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)

@@ -2,8 +2,9 @@
 
 Each image holds several objects with distinct (colour, shape) pairs laid out so that colour
 alone and shape alone are both ambiguous (see `_pick_combos`): the prompt ("a red circle"),
-both words of it, is the only way to tell which mask is wanted. Later objects occlude earlier ones; masks are the visible parts. Seeded per image,
-so image i is the same whatever ``num_images`` is.
+both words of it, is the only way to tell which mask is wanted. Later objects occlude earlier
+ones; masks are the visible parts. Seeded per image, so image i is the same whatever
+``num_images`` is.
 """
 
 from __future__ import annotations
