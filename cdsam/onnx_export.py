@@ -32,6 +32,7 @@ from cdsam.data.geometry import IMAGENET_MEAN, IMAGENET_STD, PAD_RGB
 from cdsam.errors import UserError
 from cdsam.lora import merge_lora
 from cdsam.models.model import CDSAM
+from cdsam.predict import input_geometry
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,8 @@ def build_onnx_graph(model: CDSAM, prompts: list[str]) -> PromptSetGraph:
     return PromptSetGraph(model, text).eval()
 
 
-def input_spec(meta_data: dict[str, Any], crop: int) -> dict[str, Any]:
+def input_spec(resize: int, crop: int, fit: str) -> dict[str, Any]:
     """How to turn an image into the graph's input, in words a non-cdsam caller can follow."""
-    fit = meta_data.get("fit", "crop")
-    resize = int(meta_data.get("resize") or crop)
     how = (f"resize the longer side to {crop} (bilinear, antialiased), pad bottom and right to "
            f"{crop}x{crop} with RGB {list(PAD_RGB)}; logits[:, :, :h, :w] cover the image"
            if fit == "pad" else
@@ -119,17 +118,14 @@ def export_onnx(checkpoint: Path, out: Path, prompts: list[str] | None = None,
     prompts = list(prompts or meta.prompts)
     if not prompts:
         raise UserError(f"{checkpoint}: the checkpoint names no prompts; give --prompt")
-    crop = int(model.dino.patch_embed.img_size[0])
-    data = meta.extra.get("data") or {}
-    if data.get("crop"):
-        crop = int(data["crop"])
+    resize, crop, fit = input_geometry(model, meta)  # the geometry `cdsam predict` uses
     graph = build_onnx_graph(model, prompts)
     weight_bytes = sum(t.numel() * t.element_size() for t in graph.state_dict().values())
     sidecar = {
         "format": "cdsam-onnx/1",
         "from": str(checkpoint),
         "stage": meta.stage,
-        "input": input_spec(data, crop),
+        "input": input_spec(resize, crop, fit),
         "output": {"name": "logits", "shape": ["batch", len(prompts), crop, crop],
                    "prompts": prompts, "threshold_logit": 0.0,
                    "meaning": "mask logits per prompt in the input frame; > 0 is foreground"},

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cdsam.checkpoint import load_checkpoint
+from cdsam.checkpoint import CheckpointMeta, load_checkpoint
 from cdsam.data.dataset import pil_to_tv_image
 from cdsam.data.geometry import Geometry, fit_transform, normalize_transform
 from cdsam.data.manifest import read_image
@@ -168,16 +168,22 @@ class Predictor:
         return Prediction(prompts, masks, logits.numpy() if return_logits else None)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
-    """A checkpoint directory (a training stage's, or a merged export) → :class:`Predictor`."""
-    model, meta = load_checkpoint(Path(path), device)
+def input_geometry(model: CDSAM, meta: CheckpointMeta) -> tuple[int, int, str]:
+    """(resize, crop, fit) the checkpoint was trained with; the model's own input size when
+    its meta.json does not say."""
     data = meta.extra.get("data") or {}
     resize, crop = data.get("resize"), data.get("crop")
     if not resize or not crop:
         img = model.dino.patch_embed.img_size
         resize = crop = int(img[0])
-    return Predictor(model, int(resize), int(crop), list(meta.prompts), device,
-                     fit=data.get("fit", "crop"))
+    return int(resize), int(crop), data.get("fit", "crop")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
+    """A checkpoint directory (a training stage's, or a merged export) → :class:`Predictor`."""
+    model, meta = load_checkpoint(Path(path), device)
+    resize, crop, fit = input_geometry(model, meta)
+    return Predictor(model, resize, crop, list(meta.prompts), device, fit=fit)
 
 
 def semantic_labels(probs: np.ndarray, threshold: float) -> np.ndarray:
