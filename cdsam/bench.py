@@ -1,4 +1,4 @@
-"""Benchmark the frozen-work caches: ``python -m cdsam.bench [--json]``.
+"""Benchmark training speed: ``python -m cdsam.bench [--json] [--batch-size B]``.
 
 In one run, on the params in ``params.yaml`` (the default config) with a reduced image count
 and epoch count, it trains stage 1 and stage 2 with and without the feature cache through the
@@ -6,6 +6,13 @@ real training loop and reports the epoch time (epochs after the first), the spee
 largest per-step loss difference between the two, CLIP text-tower calls per epoch after the
 first, images/s and peak memory. ``--preset dino-heavy`` swaps in a ViT-S-width DINO (384 wide,
 depth 8) so DINO dominates the step, as it does with real backbones.
+
+For every run it also splits the time (the "where does a step go" table): the loader alone
+(one epoch of batches, made ready on the device, and nothing else), the model step alone
+(forward + backward + optimizer on batches already staged on the device) and end to end (the
+real epoch), the loader's share of an end-to-end step, and the model FLOPs per image
+(counted by ``torch.utils.flop_counter`` over one forward + backward) as FLOP/s end to end
+and, given a peak (``--peak-tflops``, or known for the GPU), the model FLOP utilisation.
 """
 
 from __future__ import annotations
@@ -18,10 +25,13 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from cdsam.config import Params, load_params
 from cdsam.data.prepare import prepare
@@ -40,8 +50,20 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# Dense bf16 matrix peak (TFLOP/s) by device name, from the vendors' data sheets (SXM parts).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+STAGED_BATCHES = 8  # batches pre-staged on the device for the model-step-alone figure
+
+
+def known_peak_tflops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
 def bench_params(params: Params, images: int, epochs: int, preset: str,
-                 compile_model: bool = False) -> Params:
+                 compile_model: bool = False, batch_size: int | None = None) -> Params:
     p = params
     pre = PRESETS[preset]
     syn = dataclasses.replace(p.prepare.synthetic, num_images=images, **pre.get("synthetic", {}))
@@ -51,12 +73,58 @@ def bench_params(params: Params, images: int, epochs: int, preset: str,
     data = dataclasses.replace(p.data, **pre.get("data", {}))
     stages = {f"stage{n}": dataclasses.replace(p.stage(n), epochs=epochs) for n in (1, 2, 3, 4)}
     train = dataclasses.replace(p.train, compile=compile_model or p.train.compile)
-    return dataclasses.replace(p, prepare=prep, model=model, data=data, train=train, **stages)
+    optim = dataclasses.replace(p.optim, batch_size=batch_size or p.optim.batch_size)
+    return dataclasses.replace(p, prepare=prep, model=model, data=data, train=train,
+                               optim=optim, **stages)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _batches(trainer: StageTrainer) -> Iterator[dict[str, Any]]:
+    """The training batches as the step receives them, on the device (the packed loader
+    already yields them there; the per-sample DataLoader path copies them)."""
+    for batch in trainer.train_loader:
+        yield _on_device(batch, trainer.device)
+
+
+def split_step_time(trainer: StageTrainer) -> dict[str, float]:
+    """Loader alone, model step alone and FLOPs per image for a trained-and-set-up stage."""
+    dev = trainer.device
+    _sync(dev)
+    t0 = time.perf_counter()
+    n = 0
+    for batch in _batches(trainer):
+        n += batch["image"].shape[0]
+    _sync(dev)
+    loader_s = time.perf_counter() - t0
+    staged = list(islice(_batches(trainer), STAGED_BATCHES))
+    trainer._set_train_mode()
+    with FlopCounterMode(display=False) as flops:
+        trainer.train_step(staged[0])  # also the warm-up step
+    flop_per_image = flops.get_total_flops() / staged[0]["image"].shape[0]
+    _sync(dev)
+    t0 = time.perf_counter()
+    m = 0
+    for _ in range(2):
+        for batch in staged:
+            trainer.train_step(batch)
+            m += batch["image"].shape[0]
+    _sync(dev)
+    return {"loader_images_s": n / loader_s, "step_images_s": m / (time.perf_counter() - t0),
+            "flop_per_image": flop_per_image}
 
 
 def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path | None,
-              save: bool) -> dict[str, Any]:
-    """One stage through the real trainer, feature cache on or off."""
+              save: bool, per_sample: bool = False) -> dict[str, Any]:
+    """One stage through the real trainer, feature cache on or off, batches packed or
+    fetched per sample."""
     train_cfg = dataclasses.replace(params.train, feature_cache=cached)
     p = dataclasses.replace(params, train=train_cfg)
     tag = f"stage{stage}-{'cached' if cached else 'uncached'}"
@@ -64,6 +132,7 @@ def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path
                        metrics=root / "metrics" / tag, parent=parent,
                        resume=root / "resume" / tag)
     trainer = StageTrainer(p, stage, paths, show_progress=False)
+    trainer.pack_batches = not per_sample
     gc.collect()  # the previous run's model and cache must not count towards this one
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -87,9 +156,11 @@ def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path
         trainer.save()
     later = trainer.epoch_times[1:] or trainer.epoch_times
     epoch_s = sum(later) / len(later)
+    split = split_step_time(trainer)  # after save: it trains on, changing the weights
     return {
         "setup_s": setup_s, "epoch_s": epoch_s,
-        "images_s": len(trainer.train_set) / epoch_s,
+        "images_s": len(trainer.train_set) / epoch_s, **split,
+        "packed": bool(trainer.packs),
         "train_samples": len(trainer.train_set),
         "losses": [x for e in trainer.step_losses for x in e],
         "text_calls_after_first": calls[1:],
@@ -100,8 +171,10 @@ def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path
 
 
 def run(params_path: str, images: int, epochs: int, preset: str, show: bool = True,
-        all_stages: bool = False, compile_model: bool = False) -> dict[str, Any]:
-    params = bench_params(load_params(params_path), images, epochs, preset, compile_model)
+        all_stages: bool = False, compile_model: bool = False, batch_size: int | None = None,
+        peak_tflops: float | None = None, per_sample: bool = False) -> dict[str, Any]:
+    params = bench_params(load_params(params_path), images, epochs, preset, compile_model,
+                          batch_size)
     t_start = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="cdsam-bench-") as tmp:
@@ -115,24 +188,27 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
                     print(f"  {key} ...", file=sys.stderr, flush=True)
                 # The cached stage-1 run writes the checkpoint stage 2 starts from.
                 results[key] = run_stage(params, stage, cached, root, parent,
-                                         save=all_stages or (stage == 1 and cached))
+                                         save=all_stages or (stage == 1 and cached),
+                                         per_sample=per_sample)
         for stage in (3, 4) if all_stages else ():
             if show:
                 print(f"  stage{stage} ...", file=sys.stderr, flush=True)
             results[f"stage{stage}"] = run_stage(params, stage, True, root,
-                                                 root / f"stage{stage - 1}", save=True)
+                                                 root / f"stage{stage - 1}", save=True,
+                                                 per_sample=per_sample)
     diffs = [abs(a - b) for s in (1, 2)
              for a, b in zip(results[f"stage{s}_cached"]["losses"],
                              results[f"stage{s}_uncached"]["losses"], strict=True)]
     calls = [c for r in results.values() for c in r["text_calls_after_first"]]
     d = params.model.dino
     out: dict[str, Any] = {
-        "preset": preset,
+        "preset": preset, "loader": "per-sample" if per_sample else "packed",
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "dino": f"{d.name} img {d.img_size} patch {d.patch_size} dim {d.embed_dim} depth "
                 f"{d.depth}", "last_k_blocks": params.lora.dino.last_k_blocks,
         "images": images, "train_samples": results["stage1_cached"]["train_samples"],
-        "epochs": epochs,
+        "epochs": epochs, "batch_size": params.optim.batch_size,
+        "peak_tflops": peak_tflops or known_peak_tflops(),
         "stage1_epoch_speedup": results["stage1_uncached"]["epoch_s"]
         / results["stage1_cached"]["epoch_s"],
         "stage2_epoch_speedup": results["stage2_uncached"]["epoch_s"]
@@ -143,23 +219,40 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
     }
     for key, r in results.items():
         out[key] = {k: v for k, v in r.items() if k not in ("losses", "text_calls_after_first")}
+        row = out[key]
+        row["loader_share"] = row["images_s"] / row["loader_images_s"]
+        row["tflop_s"] = row["flop_per_image"] * row["images_s"] / 1e12
+        if out["peak_tflops"]:
+            row["mfu"] = row["tflop_s"] / out["peak_tflops"]
     return out
 
 
+RUNS = ("stage1_uncached", "stage1_cached", "stage2_uncached", "stage2_cached", "stage3",
+        "stage4")
+
+
 def table(r: dict[str, Any]) -> str:
-    lines = [f"cdsam.bench  preset={r['preset']}  device={r['device']}  DINO {r['dino']}, "
-             f"K={r['last_k_blocks']}, {r['images']} images ({r['train_samples']} train samples), "
-             f"{r['epochs']} epochs",
+    lines = [f"cdsam.bench  preset={r['preset']}  loader={r['loader']}  device={r['device']}  "
+             f"DINO {r['dino']}, K={r['last_k_blocks']}, {r['images']} images "
+             f"({r['train_samples']} train samples), {r['epochs']} epochs",
              f"{'run':<18}{'epoch s':>9}{'img/s':>9}{'setup s':>9}{'peak MB':>9}"
              f"{'cached imgs':>12}"]
-    for key in ("stage1_uncached", "stage1_cached", "stage2_uncached", "stage2_cached",
-                "stage3", "stage4"):
-        if key not in r:
-            continue
-        s = r[key]
+    runs = [(key, r[key]) for key in RUNS if key in r]
+    for key, s in runs:
         lines.append(f"{key:<18}{s['epoch_s']:>9.2f}{s['images_s']:>9.1f}{s['setup_s']:>9.2f}"
                      f"{s['peak_mem_mb']:>9.0f}{s['cache_images']:>12}")
-    lines += [f"stage1_epoch_speedup          {r['stage1_epoch_speedup']:.2f}x",
+    lines += ["", f"where a step goes (batch {r['batch_size']}; loader share = loader time per "
+              f"image / end-to-end time per image; peak {r['peak_tflops'] or '-'} TFLOP/s)",
+              f"{'run':<18}{'loader':>9}{'step':>9}{'e2e':>9}{'e2e/step':>9}{'loader':>8}"
+              f"{'GFLOP':>8}{'TFLOP/s':>9}{'MFU':>7}",
+              f"{'':<18}{'img/s':>9}{'img/s':>9}{'img/s':>9}{'':>9}{'share':>8}{'/img':>8}"]
+    for key, s in runs:
+        mfu = f"{100 * s['mfu']:.1f}%" if "mfu" in s else "-"
+        lines.append(f"{key:<18}{s['loader_images_s']:>9.1f}{s['step_images_s']:>9.1f}"
+                     f"{s['images_s']:>9.1f}{s['images_s'] / s['step_images_s']:>9.2f}"
+                     f"{100 * s['loader_share']:>7.1f}%{s['flop_per_image'] / 1e9:>8.2f}"
+                     f"{s['tflop_s']:>9.3f}{mfu:>7}")
+    lines += ["", f"stage1_epoch_speedup          {r['stage1_epoch_speedup']:.2f}x",
               f"stage2_epoch_speedup          {r['stage2_epoch_speedup']:.2f}x",
               f"max_loss_diff                 {r['max_loss_diff']:.2e}",
               f"text_encoder_calls_per_epoch  {r['text_encoder_calls_per_epoch']}",
@@ -179,13 +272,25 @@ def main(argv: list[str] | None = None) -> None:
                     help="set train.compile (the first epoch then includes compilation)")
     ap.add_argument("--all-stages", action="store_true",
                     help="also time stages 3 and 4 (images/s, peak memory)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="optim.batch_size for every stage (default: params.yaml's)")
+    ap.add_argument("--per-sample-loader", action="store_true",
+                    help="the per-sample DataLoader path (one fetch per sample, then collated), "
+                         "which augmentation uses and training used before the packed arrays")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's peak TFLOP/s for the MFU column (default: known for "
+                         "H100/H200/A100/L40S/A10G, none on the CPU)")
     args = ap.parse_args(argv)
     if args.epochs < 2:
         ap.error("--epochs must be >= 2 (the first epoch is not timed)")
+    if args.batch_size is not None and args.batch_size < 1:
+        ap.error("--batch-size must be >= 1")
     offline_defaults()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     result = run(args.params, args.images, args.epochs, args.preset, show=not args.json,
-                 all_stages=args.all_stages, compile_model=args.compile)
+                 all_stages=args.all_stages, compile_model=args.compile,
+                 batch_size=args.batch_size, peak_tflops=args.peak_tflops,
+                 per_sample=args.per_sample_loader)
     print(json.dumps(result, indent=2) if args.json else table(result))
 
 

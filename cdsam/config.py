@@ -149,7 +149,7 @@ class DataConfig:
     fit: str = "pad"  # crop: Resize(resize) → CenterCrop(crop); pad: longer side → crop, pad
     resize: int = 64  # crop fit: shorter side before the centre crop
     crop: int = 64  # square input fed to DINO; a multiple of the patch size
-    num_workers: int = -1  # -1 = auto (0: samples are decoded once and kept in memory)
+    memory_mb: int = 4096  # packed uint8 images + masks kept in RAM up to this; beyond, on disk
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -414,7 +414,7 @@ def validate(p: Params, errors: list[str]) -> None:
     if d.patch_size is not None and d.patch_size >= 1 and dc.crop % d.patch_size:
         errors.append(f"data.crop: {dc.crop} is not divisible by model.dino.patch_size "
                       f"({d.patch_size})")
-    _check(dc.num_workers >= -1, "data.num_workers", dc.num_workers, "must be >= 0, or -1 (auto)",
+    _check(dc.memory_mb >= 0, "data.memory_mb", dc.memory_mb, "must be >= 0 (MB)",
            errors)
     for key in ("point_prompts", "box_prompts"):
         v = getattr(p.train, key)

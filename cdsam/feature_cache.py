@@ -143,6 +143,22 @@ class FeatureCache:
                 flush()
         flush()
 
+    def fill_batches(self, batches: Iterable[tuple[list[str], torch.Tensor]],
+                     compute: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Like :meth:`fill`, for inputs already in chunks (the packed path's image rows,
+        ``chunk`` at a time, in the same order, so the cached values are the same)."""
+        for keys, images in batches:
+            if self.full:
+                break
+            out = compute(images)
+            for k, v in zip(keys, out, strict=True):
+                if k not in self.store:
+                    self.put(k, v.clone())
+
+    def covers(self, image_keys: Iterable[str]) -> bool:
+        """Whether every one of these images is cached (a step then needs no pixels)."""
+        return all(k in self.store for k in image_keys)
+
     def lookup(self, image_keys: list[str], images: torch.Tensor,
                compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Prefix tokens for a batch: cached rows read back, the rest computed now."""

@@ -37,6 +37,7 @@ from cdsam.checkpoint import (
 from cdsam.config import OptimConfig, Params, to_dict
 from cdsam.curriculum import apply_stage, component_counts, param_groups, policy
 from cdsam.data.dataset import EpochSampler, ManifestDataset, collate
+from cdsam.data.packed import PackedLoader, PackedSplit, normalize_batch, pack_split
 from cdsam.data.spatial import SpatialPolicy, batch_prompts
 from cdsam.errors import CheckpointError, UserError
 from cdsam.feature_cache import FeatureCache, plan_cache
@@ -75,19 +76,6 @@ def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
     return fn
 
 
-def loader_kwargs(num_workers: int, device: torch.device) -> dict[str, Any]:
-    """DataLoader settings from ``data.num_workers``. -1 (auto) means 0: every sample is
-    decoded once and kept in memory (and the frozen DINO prefix is cached), so workers would
-    only compete for cores; set N for large images that are slow to decode. Pinned memory on
-    CUDA; workers persistent and started with ``spawn`` (forked workers started after CUDA
-    came up hung on a GPU machine here)."""
-    workers = max(0, num_workers)
-    kw: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
-    if workers > 0:
-        kw.update(persistent_workers=True, multiprocessing_context="spawn")
-    return kw
-
-
 def compile_tensor_parts(model: CDSAM) -> None:
     """``torch.compile`` the parts that see only tensors: each DINO block, the heads and the
     SAM decoder. Not the whole model: its forward takes prompt strings and a Python-side text
@@ -113,6 +101,10 @@ class StagePaths:
 class StageTrainer:
     """One stage: ``setup()``, ``train()``, ``save()``; ``run()`` does all three."""
 
+    # Batches come from packed arrays (cdsam.data.packed); False keeps the per-sample
+    # DataLoader path (tests and the benchmark compare the two).
+    pack_batches: bool = True
+
     def __init__(self, params: Params, stage: int, paths: StagePaths,
                  show_progress: bool = True,
                  dist_info: distributed.DistInfo | None = None) -> None:
@@ -132,6 +124,7 @@ class StageTrainer:
         self.step_losses: list[list[float]] = []  # per epoch, per step (the benchmark reads it)
         self.epoch_times: list[float] = []
         self.cache: FeatureCache | None = None
+        self.packs: dict[str, PackedSplit] = {}  # split -> arrays, when batches are packed
         self.start_block = 0
         self.base: Base | None = None
 
@@ -190,6 +183,18 @@ class StageTrainer:
             self.paths.data, "train", p.data, augment=p.data.augment.enable, seed=p.seed,
             spatial=SpatialPolicy(point=p.train.point_prompts, box=p.train.box_prompts))
         self.val_set = ManifestDataset(self.paths.data, "val", p.data)
+        if self.pack_batches:
+            # Decode each image once, uint8, and assemble batches by indexing; augmentation
+            # (when on) then runs on the device on whole batches (cdsam.data.packed).
+            t0 = time.perf_counter()
+            self.packs = {ds.split: pack_split(ds, p.data.memory_mb, self.show_progress)
+                          for ds in (self.train_set, self.val_set)}
+            log.info("decoded %d images (%d samples) once into %.1f MB of uint8 arrays%s in "
+                     "%.1f s", sum(len(x.image_keys) for x in self.packs.values()),
+                     sum(len(x) for x in self.packs.values()),
+                     sum(x.nbytes for x in self.packs.values()) / 2**20,
+                     " (memory-mapped from disk)" if any(x.on_disk for x in self.packs.values())
+                     else "", time.perf_counter() - t0)
         # Named-model mismatches (crop vs patch, K vs depth, CLIP activation), before weights.
         check_model(p.model, p.data.crop, p.lora.dino if self.pol.dino == "lora" else None)
         model = self._load_model()
@@ -250,20 +255,33 @@ class StageTrainer:
 
     def _build_loaders(self) -> None:
         p, d = self.params, self.dist
-        kw = loader_kwargs(p.data.num_workers, self.device)
         # The same sampler for one process or many: a per-epoch seeded permutation, rank r
         # taking every world_size-th index, so a resumed epoch replays the same order.
-        self.train_sampler = EpochSampler(DistributedSampler(
-            self.train_set, num_replicas=d.world_size, rank=d.rank, shuffle=True,
-            seed=p.seed * 1000 + self.stage, drop_last=False))
+        sampler = DistributedSampler(self.train_set, num_replicas=d.world_size, rank=d.rank,
+                                     shuffle=True, seed=p.seed * 1000 + self.stage,
+                                     drop_last=False)
+        val_bs = max(self.optim_cfg.batch_size, 32)
+        if self.packs:
+            on_gpu = self.device.type == "cuda"
+            self.train_loader = PackedLoader(
+                self.packs["train"], self.optim_cfg.batch_size, self.device, sampler=sampler,
+                spatial=self.train_set.spatial, seed=p.seed, prefetch=on_gpu,
+                augment=p.data.augment)
+            self.train_sampler = self.train_loader
+            self.val_loader = PackedLoader(
+                self.packs["val"], val_bs, self.device, prefetch=on_gpu,
+                indices=range(d.rank, len(self.val_set), d.world_size))
+            return
+        # The per-sample path: one fetch per sample in this process (the benchmark's "before").
+        kw = {"pin_memory": self.device.type == "cuda"}
+        self.train_sampler = EpochSampler(sampler)
         self.train_loader = DataLoader(
             self.train_set, batch_size=self.optim_cfg.batch_size, sampler=self.train_sampler,
             collate_fn=collate, **kw)
         val = self.val_set if not d.enabled else \
             Subset(self.val_set, list(range(d.rank, len(self.val_set), d.world_size)))
-        self.val_loader = DataLoader(
-            val, batch_size=max(self.optim_cfg.batch_size, 32), shuffle=False,
-            collate_fn=collate, **kw)
+        self.val_loader = DataLoader(val, batch_size=val_bs, shuffle=False, collate_fn=collate,
+                                     **kw)
 
     def _setup_cache(self) -> None:
         p = self.params
@@ -275,18 +293,32 @@ class StageTrainer:
         self.cache = FeatureCache(p.train.feature_cache_mb)
         t0 = time.perf_counter()
         self.model.dino.eval()
+        compute = lambda x: self.model.dino_prefix(x, plan.end_block)  # noqa: E731
         with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype,
                                              enabled=self.use_amp):
             for ds in (self.train_set, self.val_set):
+                if self.packs:
+                    self.cache.fill_batches(self._image_chunks(self.packs[ds.split]), compute)
+                    continue
                 samples = (ds[i] for i in range(len(ds)))
                 items = ((s["image_key"], s["image"].to(self.device)) for s in samples)
-                self.cache.fill(items, lambda x: self.model.dino_prefix(x, plan.end_block))
+                self.cache.fill(items, compute)
+        if self.packs and self.objective.teacher is None:
+            # Only the SSL teacher reads pixels once the prefix is cached: skip the copy.
+            for loader, split in ((self.train_loader, "train"), (self.val_loader, "val")):
+                loader.pixels = not self.cache.covers(self.packs[split].image_keys)
         depth = self.model.depth
         log.info("feature cache: DINO blocks 0-%d of %d computed once for %d images (%.1f MB) "
                  "in %.1f s; each step runs %s", plan.end_block - 1, depth, len(self.cache),
                  self.cache.bytes / 2**20, time.perf_counter() - t0,
                  "only the heads and SAM decoder" if plan.end_block == depth
                  else f"DINO blocks {plan.end_block}-{depth - 1} onwards")
+
+    def _image_chunks(self, pack: PackedSplit, chunk: int = 64):
+        """(keys, normalised images on the device), ``chunk`` distinct images at a time."""
+        for i in range(0, len(pack.image_keys), chunk):
+            u8 = pack.images[i:i + chunk].to(self.device, non_blocking=True)
+            yield pack.image_keys[i:i + chunk], normalize_batch(u8)
 
     @property
     def trainable_params(self) -> int:
@@ -301,7 +333,8 @@ class StageTrainer:
                 if p.requires_grad}
 
     # ---- one step
-    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, batch: dict[str, Any]
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images = batch["image"].to(self.device, non_blocking=True)
         target = batch["mask"].to(self.device, non_blocking=True)
         valid = batch["valid"].to(self.device, non_blocking=True)
@@ -315,7 +348,8 @@ class StageTrainer:
             out = self.net(images, batch["prompt"], prefix=prefix, start_block=self.start_block,
                            **batch_prompts(batch, self.device))
             loss, parts = self.objective(out, images, target, valid, batch["prompt"])
-        return loss, {k: float(v.detach()) for k, v in parts.items()}
+        # Parts stay on the device: reading them back would make the host wait every step.
+        return loss, {k: v.detach() for k, v in parts.items()}
 
     def _set_train_mode(self) -> None:
         self.model.train()
@@ -323,6 +357,29 @@ class StageTrainer:
         for child in self.model.children():
             if not any(p.requires_grad for p in child.parameters()):
                 child.eval()
+
+    def train_step(self, batch: dict[str, Any], window: int = 1, boundary: bool = True
+                   ) -> torch.Tensor:
+        """Forward + backward of one batch (loss scaled by 1/``window``), then at an
+        accumulation ``boundary`` the optimizer step. Returns the loss, not yet read back to
+        the host (reading it waits for the device; the epoch loop reads it one step later)."""
+        # Between accumulation boundaries DDP need not all-reduce the gradients.
+        sync = contextlib.nullcontext() if boundary or not self.dist.enabled else \
+            self.net.no_sync()
+        with sync:
+            loss, _ = self.compute_loss(batch)
+            self.scaler.scale(loss / window).backward()
+        if boundary:
+            if self.optim_cfg.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad],
+                    self.optim_cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        return loss.detach()
 
     # ---- epochs
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -335,39 +392,35 @@ class StageTrainer:
                    leave=False, disable=not self.show_progress)
         n_batches = len(self.train_loader)
         self.optimizer.zero_grad(set_to_none=True)
+        pending: tuple[int, torch.Tensor, int] | None = None
+
+        def read(step: int, loss: torch.Tensor, bs: int) -> None:
+            nonlocal total, n_img, last_finite
+            value = float(loss)
+            if not math.isfinite(value):
+                raise UserError(
+                    f"stage{self.stage}: non-finite loss ({value}) at epoch {epoch + 1} step "
+                    f"{step + 1}; last finite loss {last_finite}; lower optim.lr / "
+                    f"optim.lora_lr or check the data. No checkpoint was written")
+            last_finite = value
+            total += value * bs
+            n_img += bs
+            losses.append(value)
+            bar.set_postfix(loss=f"{value:.4f}")
+
         for step, batch in enumerate(bar):
             boundary = (step + 1) % accum == 0 or step + 1 == n_batches
             # The last window of an epoch may hold fewer than `accum` batches: average over
             # the batches it has, so its step is not scaled down.
             window = min(accum, n_batches - (step // accum) * accum)
-            # Between accumulation boundaries DDP need not all-reduce the gradients.
-            sync = contextlib.nullcontext() if boundary or not self.dist.enabled else \
-                self.net.no_sync()
-            with sync:
-                loss, _ = self.compute_loss(batch)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise UserError(
-                        f"stage{self.stage}: non-finite loss ({value}) at epoch {epoch + 1} "
-                        f"step {step + 1}; last finite loss {last_finite}; lower optim.lr / "
-                        f"optim.lora_lr or check the data. No checkpoint was written")
-                last_finite = value
-                self.scaler.scale(loss / window).backward()
-            if boundary:
-                if self.optim_cfg.grad_clip > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for p in self.model.parameters() if p.requires_grad],
-                        self.optim_cfg.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-            bs = batch["image"].shape[0]
-            total += value * bs
-            n_img += bs
-            losses.append(value)
-            bar.set_postfix(loss=f"{value:.4f}")
+            loss = self.train_step(batch, window, boundary)
+            # The previous step's loss is read only now, after this step's work is queued: on
+            # a GPU the host never waits for the device between steps.
+            if pending is not None:
+                read(*pending)
+            pending = (step, loss, batch["image"].shape[0])
+        if pending is not None:
+            read(*pending)
         self.step_losses.append(losses)
         total, n_img = distributed.all_reduce_sum([total, float(n_img)], self.device)
         return {"loss": total / max(n_img, 1), "images": int(n_img)}

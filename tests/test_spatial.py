@@ -11,7 +11,17 @@ from safetensors.torch import load_file
 from cdsam.config import DataConfig
 from cdsam.data.dataset import ManifestDataset, collate
 from cdsam.data.manifest import FOREGROUND, IGNORE
-from cdsam.data.spatial import BOX, CLICK, POINT_SLOTS, SpatialPolicy, batch_prompts, sample_prompts
+from cdsam.data.spatial import (
+    BOX,
+    CLICK,
+    POINT_SLOTS,
+    MaskStats,
+    SpatialPolicy,
+    batch_prompts,
+    draw_prompts,
+    prompt_arrays,
+    sample_prompts,
+)
 from cdsam.models.model import build_model
 from tests.test_train import _ddp_worker, _free_port, _params, _trainer, data_dir  # noqa: F401
 
@@ -126,3 +136,49 @@ def test_ddp_ranks_agree_with_spatial_prompts(data_dir, tmp_path, stage):  # noq
     r0 = load_file(str(tmp_path / "rank0.safetensors"))
     r1 = load_file(str(tmp_path / "rank1.safetensors"))
     assert r0 and all(torch.equal(r0[k], r1[k]) for k in r0)
+
+
+def _nonzero_reference(m: np.ndarray, policy: SpatialPolicy, seed: int) -> dict[str, list]:
+    """The draw written the plain way (scan the whole mask for every pick): what the per-row
+    counts of MaskStats must reproduce exactly."""
+    out = {"points": [[0.0, 0.0], [0.0, 0.0]], "point_labels": [-1, -1],
+           "box": [0.0, 0.0, 0.0, 0.0], "has_box": False}
+    fy, fx = np.nonzero(m == FOREGROUND)
+    if len(fx) == 0:
+        return out
+    rng = np.random.default_rng([seed, 0x5A])
+    if rng.random() < policy.point:
+        i = int(rng.integers(len(fx)))
+        out["points"][0], out["point_labels"][0] = [float(fx[i]), float(fy[i])], 1
+        by, bx = np.nonzero(m == 0)
+        if len(bx) and rng.random() < policy.negative:
+            i = int(rng.integers(len(bx)))
+            out["points"][1], out["point_labels"][1] = [float(bx[i]), float(by[i])], 0
+    if rng.random() < policy.box:
+        box = np.array([fx.min(), fy.min(), fx.max(), fy.max()], dtype=np.float64)
+        side = np.array([box[2] - box[0] + 1, box[3] - box[1] + 1] * 2)
+        box = box + rng.normal(0.0, policy.jitter, 4) * side
+        box = np.clip(box, 0, [m.shape[1] - 1, m.shape[0] - 1] * 2)
+        x0, x1 = sorted(box[0::2])
+        y0, y1 = sorted(box[1::2])
+        out["box"], out["has_box"] = [x0, y0, x1, y1], True
+    return out
+
+
+def test_draws_from_row_counts_equal_a_full_mask_scan():
+    rng = np.random.default_rng(0)
+    policy = SpatialPolicy(point=0.7, negative=0.6, box=0.6)
+    masks = rng.choice([0, 1, 255], size=(60, 17, 23), p=[0.5, 0.3, 0.2]).astype(np.uint8)
+    masks[5] = 255  # nothing labelled
+    masks[6] = FOREGROUND  # no background for a negative click
+    stats = MaskStats.of(masks, chunk=7)  # chunks must not change the counts
+    for k in range(len(masks)):
+        for seed in range(4):
+            got = sample_prompts(torch.from_numpy(masks[k]), policy, 100 * k + seed)
+            arrays = prompt_arrays(1)
+            draw_prompts(stats, k, masks[k], policy, 100 * k + seed, arrays, 0)
+            want = _nonzero_reference(masks[k], policy, 100 * k + seed)
+            for name, value in want.items():
+                expected = torch.tensor(value, dtype=got[name].dtype)
+                assert torch.equal(got[name], expected), (k, seed, name)
+                assert torch.equal(torch.from_numpy(arrays[name])[0], expected), (k, name)

@@ -127,17 +127,6 @@ def test_stage4_disables_the_cache(data_dir, stage1_ckpt, tmp_path, caplog):
     assert s4.cache is None and "feature cache off" in caplog.text
 
 
-def test_loader_workers_spawned_give_the_same_losses(data_dir, tmp_path):
-    losses = {}
-    for workers in (0, 1):
-        p = _params(stage1={"epochs": 1}, data={"resize": 32, "crop": 32, "num_workers": workers})
-        t = _trainer(p, 1, data_dir, tmp_path / str(workers))
-        t.setup()
-        t.train()
-        losses[workers] = t.step_losses
-    assert losses[0] == losses[1]
-
-
 def test_non_finite_loss_names_stage_epoch_step(data_dir, tmp_path):
     t = _trainer(_params(optim={"batch_size": 4, "lr": 1e30, "lora_lr": 1e30, "grad_clip": 0,
                                 "warmup_steps": 0}), 1, data_dir, tmp_path)

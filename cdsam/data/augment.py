@@ -1,4 +1,7 @@
-"""Seeded train-time augmentation, applied to image and mask together.
+"""Seeded train-time augmentation of one sample, applied to image and mask together: the
+per-sample path (`ManifestDataset`); training applies the same augmentations to whole batches
+on the device (`cdsam.data.batch_augment`), and both seed a sample's draw with
+:func:`sample_seed`.
 
 Each sample's random draw is seeded by ``(seed, epoch, index)``, so the augmented stream is the
 same with 0 or N loader workers, after a resume, and on every rank. Geometric transforms move

@@ -1,6 +1,9 @@
-"""Training-time dataset over the manifest: fit → (seeded augmentation) → Normalize, plus the
+"""The per-sample dataset over the manifest: fit → (seeded augmentation) → Normalize, plus the
 sample's point/box prompt slots (`cdsam.data.spatial`).
 
+Evaluation reads splits through it, and training packs them from it (`cdsam.data.packed`
+decodes every image once via :meth:`ManifestDataset.fitted_group`); fetching training batches
+sample by sample through a DataLoader is the slower path the benchmark compares against.
 The fit (``data.fit``: crop or pad, see `cdsam.data.geometry`) is deterministic, so its uint8
 result is kept in memory: each image once (not once per prompt), each mask once. Augmentation
 (train split only) and normalisation run on every fetch.
@@ -42,6 +45,7 @@ class ManifestDataset(Dataset):
         self.df = read_manifest(self.root, split)
         self.split = split
         self.fit = fit_transform(data.fit, data.resize, data.crop)
+        self.crop = data.crop
         self.normalize = normalize_transform()
         self.augment = build_augment(data.augment, data.crop) if augment else None
         self.seed = seed
@@ -69,6 +73,28 @@ class ManifestDataset(Dataset):
     def prompts(self) -> list[str]:
         return sorted(self.df["prompt"].unique())
 
+    def _read_mask(self, idx: int, size: tuple[int, int]) -> tv_tensors.Mask:
+        """Row ``idx``'s mask as read, checked against its image's (W, H)."""
+        mpath = self.root / self._mask_of[idx]
+        mask = tv_tensors.Mask(torch.from_numpy(
+            np.asarray(read_image(mpath, "L", "mask")).copy()).unsqueeze(0))
+        if (mask.shape[-1], mask.shape[-2]) != size:
+            raise DataError(f"{mpath}: mask size {tuple(mask.shape[:0:-1])} differs from its "
+                            f"image {size}")
+        return mask
+
+    def fitted_group(self, rows: list[int]) -> tuple[tv_tensors.Image, list[tv_tensors.Mask],
+                                                     tuple[int, int]]:
+        """Rows that share one image → that image and their masks at the input size (uint8),
+        and the image's original (W, H); the image is decoded once and nothing is kept (the
+        packer, `cdsam.data.packed`, stores the result itself)."""
+        key = self._image_of[rows[0]]
+        image = read_image(self.root / key, "RGB")
+        image_t, first = self.fit(pil_to_tv_image(image), self._read_mask(rows[0], image.size))
+        # The fit depends on the size only: every mask of the image gets the same geometry.
+        return image_t, [first] + [self.fit(self._read_mask(i, image.size)) for i in rows[1:]], \
+            image.size
+
     def _fitted(self, idx: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
         """The uint8 image and mask at the model's input size (memoised; an image shared by
         several prompts is decoded and fitted once)."""
@@ -76,21 +102,21 @@ class ManifestDataset(Dataset):
         image_t, mask_t = self._images.get(key), self._masks.get(idx)
         if image_t is not None and mask_t is not None:
             return image_t, mask_t
-        mpath = self.root / self._mask_of[idx]
-        mask = tv_tensors.Mask(torch.from_numpy(
-            np.asarray(read_image(mpath, "L", "mask")).copy()).unsqueeze(0))
-        image = read_image(self.root / key, "RGB") if image_t is None else None
-        size = image.size if image is not None else self._sizes[key]
-        if (mask.shape[-1], mask.shape[-2]) != size:
-            raise DataError(f"{mpath}: mask size {tuple(mask.shape[:0:-1])} differs from its "
-                            f"image {size}")
-        if image is not None:
-            image_t, mask_t = self.fit(pil_to_tv_image(image), mask)
+        if image_t is not None:
+            mask_t = self.fit(self._read_mask(idx, self._sizes[key]))
+            size = self._sizes[key]
         else:
-            mask_t = self.fit(mask)  # the fit depends on the size only: the same geometry
+            image_t, (mask_t,), size = self.fitted_group([idx])
         if self.keep:
             self._images[key], self._sizes[key], self._masks[idx] = image_t, size, mask_t
         return image_t, mask_t
+
+    def image_groups(self) -> list[list[int]]:
+        """Row indices grouped by image, in order of each image's first row."""
+        groups: dict[str, list[int]] = {}
+        for idx, key in enumerate(self._image_of):
+            groups.setdefault(key, []).append(idx)
+        return list(groups.values())
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         epoch, idx = key if isinstance(key, tuple) else (0, key)

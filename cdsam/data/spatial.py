@@ -41,47 +41,94 @@ BOX = SpatialPolicy(box=1.0, jitter=0.0)  # evaluation: text + the tight box
 
 def empty_prompts() -> dict[str, torch.Tensor]:
     """The slots with nothing in them."""
-    return {"points": torch.zeros(POINT_SLOTS, 2),
-            "point_labels": torch.full((POINT_SLOTS,), -1, dtype=torch.int64),
-            "box": torch.zeros(4), "has_box": torch.tensor(False)}
+    return {k: torch.from_numpy(v)[0] for k, v in prompt_arrays(1).items()}
 
 
-def _pick(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray) -> list[float]:
-    i = int(rng.integers(len(xs)))
-    return [float(xs[i]), float(ys[i])]
+@dataclass(frozen=True)
+class MaskStats:
+    """Per-row pixel counts and foreground boxes of N masks: enough to draw any sample's
+    prompts with one short row scan instead of scanning the whole mask (the packed loader
+    computes them once per split; :func:`sample_prompts` for one mask)."""
+
+    fg_cum: np.ndarray  # N x H int64: foreground pixels in rows 0..y, cumulative
+    bg_cum: np.ndarray  # N x H int64: background pixels likewise
+    boxes: np.ndarray  # N x 4 int64: foreground x0, y0, x1, y1 (inclusive); -1 without any
+
+    @classmethod
+    def of(cls, masks: np.ndarray, chunk: int = 256) -> MaskStats:
+        """``masks``: NxHxW uint8 (a memory-mapped array is read ``chunk`` masks at a time)."""
+        n, h, w = masks.shape
+        fg_cum = np.empty((n, h), np.int64)
+        bg_cum = np.empty((n, h), np.int64)
+        boxes = np.full((n, 4), -1, np.int64)
+        for i in range(0, n, chunk):
+            m = np.asarray(masks[i:i + chunk])
+            fg = m == FOREGROUND
+            fg_cum[i:i + chunk] = np.cumsum(fg.sum(axis=2), axis=1)
+            bg_cum[i:i + chunk] = np.cumsum((m == BACKGROUND).sum(axis=2), axis=1)
+            rows, cols = fg.any(axis=2), fg.any(axis=1)
+            has = rows.any(axis=1)
+            idx = np.nonzero(has)[0]
+            boxes[i + idx, 0] = cols[idx].argmax(axis=1)
+            boxes[i + idx, 1] = rows[idx].argmax(axis=1)
+            boxes[i + idx, 2] = w - 1 - cols[idx][:, ::-1].argmax(axis=1)
+            boxes[i + idx, 3] = h - 1 - rows[idx][:, ::-1].argmax(axis=1)
+        return cls(fg_cum, bg_cum, boxes)
+
+
+def _pick(rng: np.random.Generator, cum: np.ndarray, mask: np.ndarray, value: int,
+          ) -> list[float]:
+    """A uniformly drawn pixel equal to ``value``: the i-th in row-major order, found from the
+    per-row counts and one row scan (the same pixel ``np.nonzero(mask == value)[i]`` gives)."""
+    i = int(rng.integers(int(cum[-1])))
+    y = int(np.searchsorted(cum, i, side="right"))
+    before = int(cum[y - 1]) if y else 0
+    x = int(np.flatnonzero(mask[y] == value)[i - before])
+    return [float(x), float(y)]
+
+
+def prompt_arrays(n: int) -> dict[str, np.ndarray]:
+    """Empty slots for ``n`` samples as numpy arrays (:func:`draw_prompts` fills rows)."""
+    return {"points": np.zeros((n, POINT_SLOTS, 2), np.float32),
+            "point_labels": np.full((n, POINT_SLOTS), -1, np.int64),
+            "box": np.zeros((n, 4), np.float32), "has_box": np.zeros(n, np.bool_)}
+
+
+def draw_prompts(stats: MaskStats, k: int, mask: np.ndarray, policy: SpatialPolicy, seed: int,
+                 out: dict[str, np.ndarray], j: int) -> None:
+    """Draw the spatial prompts of mask ``k`` of ``stats`` into row ``j`` of ``out``
+    (:func:`prompt_arrays`). ``mask``: that HxW mask (0 background, 1 target, 255 ignore);
+    pixel xy. Clicks land on labelled pixels only (never on ignore or padding)."""
+    fg_cum, bg_cum = stats.fg_cum[k], stats.bg_cum[k]
+    if fg_cum[-1] == 0 or not policy.enabled:
+        return
+    rng = np.random.default_rng([seed, _STREAM])
+    if rng.random() < policy.point:
+        out["points"][j, 0] = _pick(rng, fg_cum, mask, FOREGROUND)
+        out["point_labels"][j, 0] = 1
+        if bg_cum[-1] and rng.random() < policy.negative:
+            out["points"][j, 1] = _pick(rng, bg_cum, mask, BACKGROUND)
+            out["point_labels"][j, 1] = 0
+    if rng.random() < policy.box:
+        box = stats.boxes[k].astype(np.float64)
+        if policy.jitter > 0:
+            side = np.array([box[2] - box[0] + 1, box[3] - box[1] + 1] * 2)
+            box = box + rng.normal(0.0, policy.jitter, 4) * side
+        h, w = mask.shape
+        box = np.clip(box, 0, [w - 1, h - 1, w - 1, h - 1])
+        x0, x1 = sorted(box[0::2])
+        y0, y1 = sorted(box[1::2])
+        out["box"][j] = [x0, y0, x1, y1]
+        out["has_box"][j] = True
 
 
 def sample_prompts(mask: torch.Tensor, policy: SpatialPolicy, seed: int,
                    ) -> dict[str, torch.Tensor]:
-    """Spatial prompts for one HxW mask (0 background, 1 target, 255 ignore), pixel xy.
-
-    Clicks land on labelled pixels only (never on ignore or padding).
-    """
-    out = empty_prompts()
+    """Spatial prompts for one HxW mask (0 background, 1 target, 255 ignore), pixel xy."""
     m = mask.numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-    fy, fx = np.nonzero(m == FOREGROUND)
-    if len(fx) == 0 or not policy.enabled:
-        return out
-    rng = np.random.default_rng([seed, _STREAM])
-    if rng.random() < policy.point:
-        out["points"][0] = torch.tensor(_pick(rng, fy, fx))
-        out["point_labels"][0] = 1
-        by, bx = np.nonzero(m == BACKGROUND)
-        if len(bx) and rng.random() < policy.negative:
-            out["points"][1] = torch.tensor(_pick(rng, by, bx))
-            out["point_labels"][1] = 0
-    if rng.random() < policy.box:
-        box = np.array([fx.min(), fy.min(), fx.max(), fy.max()], dtype=np.float64)
-        if policy.jitter > 0:
-            side = np.array([box[2] - box[0] + 1, box[3] - box[1] + 1] * 2)
-            box = box + rng.normal(0.0, policy.jitter, 4) * side
-        h, w = m.shape
-        box = np.clip(box, 0, [w - 1, h - 1, w - 1, h - 1])
-        x0, x1 = sorted(box[0::2])
-        y0, y1 = sorted(box[1::2])
-        out["box"] = torch.tensor([x0, y0, x1, y1], dtype=torch.float32)
-        out["has_box"] = torch.tensor(True)
-    return out
+    out = prompt_arrays(1)
+    draw_prompts(MaskStats.of(m[None]), 0, m, policy, seed, out, 0)
+    return {k: torch.from_numpy(v)[0] for k, v in out.items()}
 
 
 def batch_prompts(batch: dict, device: torch.device) -> dict[str, object]:

@@ -1,0 +1,50 @@
+"""python -m cdsam.bench (the where-does-a-step-go split) and tools/loader_memory.py, on tiny
+inputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cdsam import bench
+from tests.conftest import TINY
+
+
+@pytest.mark.slow
+def test_bench_splits_loader_step_and_flops_for_both_loaders(tmp_path, monkeypatch):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({**TINY, "device": "cpu",
+                                      "prepare": {"synthetic": {"image_size": 32}}}))
+    monkeypatch.setattr(bench, "STAGED_BATCHES", 2)
+    runs = {}
+    for per_sample in (False, True):
+        r = bench.run(str(params), images=16, epochs=2, preset="default", show=False,
+                      batch_size=8, peak_tflops=1.0, per_sample=per_sample)
+        assert r["loader"] == ("per-sample" if per_sample else "packed")
+        assert r["batch_size"] == 8 and r["max_loss_diff"] == 0.0
+        for key in ("stage1_uncached", "stage1_cached", "stage2_uncached", "stage2_cached"):
+            row = r[key]
+            assert row["packed"] is not per_sample
+            assert row["loader_images_s"] > 0 and row["step_images_s"] > 0
+            assert 0 < row["loader_share"] < 1
+            assert row["flop_per_image"] > 0 and row["mfu"] == row["tflop_s"]  # peak 1 TFLOP/s
+        runs[per_sample] = r
+        text = bench.table(r)
+        assert "where a step goes" in text and "stage2_cached" in text
+    # The same batches either way: the same FLOPs per image.
+    for key in ("stage1_cached", "stage2_uncached"):
+        assert runs[False][key]["flop_per_image"] == runs[True][key]["flop_per_image"]
+
+
+@pytest.mark.slow
+def test_loader_memory_tool_measures_the_three_paths(tmp_path):
+    tool = Path(__file__).resolve().parents[1] / "tools" / "loader_memory.py"
+    out = subprocess.run([sys.executable, str(tool), "--images", "8", "--size", "32",
+                          "--work", str(tmp_path)], check=True, capture_output=True, text=True)
+    rows = [line.split() for line in out.stdout.splitlines()[1:]]
+    assert [r[1] for r in rows] == ["per-sample", "packed", "packed-on-disk"]
+    assert len({r[3] for r in rows}) == 1 and int(rows[0][3]) > 0  # the same samples each
