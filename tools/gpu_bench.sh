@@ -13,6 +13,11 @@
 set -euo pipefail
 images="${IMAGES:-1200}"
 out="${OUT:-gpu-bench}"
+if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "error: no CUDA device: tools/gpu_bench.sh takes the GPU table (on a CPU, run" \
+        "python -m cdsam.bench --all-stages)" >&2
+    exit 2
+fi
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
