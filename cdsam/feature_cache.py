@@ -13,7 +13,7 @@ step. Random augmentation turns it off (the input changes every epoch).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -118,35 +118,33 @@ class FeatureCache:
     def fill(self, items: Iterable[tuple[str, torch.Tensor]],
              compute: Callable[[torch.Tensor], torch.Tensor], chunk: int = 64) -> None:
         """Compute and store every image not yet cached, ``chunk`` images per forward."""
+        self.fill_batches(self._chunks(items, chunk), compute)
+
+    def _chunks(self, items: Iterable[tuple[str, torch.Tensor]], chunk: int
+                ) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """Uncached, distinct images stacked ``chunk`` at a time (lazily: stops once full)."""
         keys: list[str] = []
         images: list[torch.Tensor] = []
-
-        def flush() -> None:
-            if not keys:
-                return
-            out = compute(torch.stack(images))
-            for k, v in zip(keys, out, strict=True):
-                self.put(k, v.clone())
-            keys.clear()
-            images.clear()
-
         seen: set[str] = set()
         for key, image in items:
             if self.full:
-                break
+                return
             if key in self.store or key in seen:
                 continue
             seen.add(key)
             keys.append(key)
             images.append(image)
             if len(keys) == chunk:
-                flush()
-        flush()
+                yield keys, torch.stack(images)
+                keys, images = [], []
+        if keys:
+            yield keys, torch.stack(images)
 
     def fill_batches(self, batches: Iterable[tuple[list[str], torch.Tensor]],
                      compute: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Like :meth:`fill`, for inputs already in chunks (the packed path's image rows,
-        ``chunk`` at a time, in the same order, so the cached values are the same)."""
+        """Compute and store each chunk of (keys, stacked images) not yet cached; the packed
+        path passes its image rows, ``chunk`` at a time in dataset order, so the cached values
+        are the same as :meth:`fill`'s."""
         for keys, images in batches:
             if self.full:
                 break
