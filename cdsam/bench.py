@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cdsam.config import Params, load_params
+from cdsam.config import AUTO, Params, load_params
 from cdsam.data.prepare import prepare
 from cdsam.entry import offline_defaults
 from cdsam.runtime import peak_memory_mb
@@ -62,8 +62,17 @@ def known_peak_tflops() -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
+def batch_size_arg(text: str) -> int | str:
+    """``--batch-size``: a number >= 1 or auto."""
+    if text == AUTO:
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number >= 1 or auto")
+    return int(text)
+
+
 def bench_params(params: Params, images: int, epochs: int, preset: str,
-                 compile_model: bool = False, batch_size: int | None = None) -> Params:
+                 compile_model: bool = False, batch_size: int | str | None = None) -> Params:
     p = params
     pre = PRESETS[preset]
     syn = dataclasses.replace(p.prepare.synthetic, num_images=images, **pre.get("synthetic", {}))
@@ -160,7 +169,7 @@ def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path
     return {
         "setup_s": setup_s, "epoch_s": epoch_s,
         "images_s": len(trainer.train_set) / epoch_s, **split,
-        "packed": bool(trainer.packs),
+        "packed": bool(trainer.packs), "batch_size": trainer.optim_cfg.batch_size,
         "train_samples": len(trainer.train_set),
         "losses": [x for e in trainer.step_losses for x in e],
         "text_calls_after_first": calls[1:],
@@ -171,7 +180,8 @@ def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path
 
 
 def run(params_path: str, images: int, epochs: int, preset: str, show: bool = True,
-        all_stages: bool = False, compile_model: bool = False, batch_size: int | None = None,
+        all_stages: bool = False, compile_model: bool = False,
+        batch_size: int | str | None = None,
         peak_tflops: float | None = None, per_sample: bool = False) -> dict[str, Any]:
     params = bench_params(load_params(params_path), images, epochs, preset, compile_model,
                           batch_size)
@@ -196,7 +206,11 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
             results[f"stage{stage}"] = run_stage(params, stage, True, root,
                                                  root / f"stage{stage - 1}", save=True,
                                                  per_sample=per_sample)
-    diffs = [abs(a - b) for s in (1, 2)
+    # Cached and uncached runs train the same batches (same losses) unless batch_size auto
+    # gave them different batches (the cached step needs less memory).
+    same = [s for s in (1, 2) if results[f"stage{s}_cached"]["batch_size"]
+            == results[f"stage{s}_uncached"]["batch_size"]]
+    diffs = [abs(a - b) for s in same
              for a, b in zip(results[f"stage{s}_cached"]["losses"],
                              results[f"stage{s}_uncached"]["losses"], strict=True)]
     calls = [c for r in results.values() for c in r["text_calls_after_first"]]
@@ -213,7 +227,7 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
         / results["stage1_cached"]["epoch_s"],
         "stage2_epoch_speedup": results["stage2_uncached"]["epoch_s"]
         / results["stage2_cached"]["epoch_s"],
-        "max_loss_diff": max(diffs) if diffs else 0.0,
+        "max_loss_diff": max(diffs) if diffs else None,
         "text_encoder_calls_per_epoch": max(calls) if calls else 0,
         "total_s": time.perf_counter() - t_start,
     }
@@ -241,20 +255,25 @@ def table(r: dict[str, Any]) -> str:
     for key, s in runs:
         lines.append(f"{key:<18}{s['epoch_s']:>9.2f}{s['images_s']:>9.1f}{s['setup_s']:>9.2f}"
                      f"{s['peak_mem_mb']:>9.0f}{s['cache_images']:>12}")
-    lines += ["", f"where a step goes (batch {r['batch_size']}; loader share = loader time per "
-              f"image / end-to-end time per image; peak {r['peak_tflops'] or '-'} TFLOP/s)",
-              f"{'run':<18}{'loader':>9}{'step':>9}{'e2e':>9}{'e2e/step':>9}{'loader':>8}"
-              f"{'GFLOP':>8}{'TFLOP/s':>9}{'MFU':>7}",
-              f"{'':<18}{'img/s':>9}{'img/s':>9}{'img/s':>9}{'':>9}{'share':>8}{'/img':>8}"]
+    lines += ["", f"where a step goes (optim.batch_size {r['batch_size']}; loader share = loader "
+              f"time per image / end-to-end time per image; peak {r['peak_tflops'] or '-'} "
+              f"TFLOP/s)",
+              f"{'run':<18}{'batch':>6}{'loader':>9}{'step':>9}{'e2e':>9}{'e2e/step':>9}"
+              f"{'loader':>8}{'GFLOP':>8}{'TFLOP/s':>9}{'MFU':>7}",
+              f"{'':<18}{'':>6}{'img/s':>9}{'img/s':>9}{'img/s':>9}{'':>9}{'share':>8}"
+              f"{'/img':>8}"]
     for key, s in runs:
         mfu = f"{100 * s['mfu']:.1f}%" if "mfu" in s else "-"
-        lines.append(f"{key:<18}{s['loader_images_s']:>9.1f}{s['step_images_s']:>9.1f}"
+        lines.append(f"{key:<18}{s['batch_size']:>6}{s['loader_images_s']:>9.1f}"
+                     f"{s['step_images_s']:>9.1f}"
                      f"{s['images_s']:>9.1f}{s['images_s'] / s['step_images_s']:>9.2f}"
                      f"{100 * s['loader_share']:>7.1f}%{s['flop_per_image'] / 1e9:>8.2f}"
                      f"{s['tflop_s']:>9.3f}{mfu:>7}")
     lines += ["", f"stage1_epoch_speedup          {r['stage1_epoch_speedup']:.2f}x",
               f"stage2_epoch_speedup          {r['stage2_epoch_speedup']:.2f}x",
-              f"max_loss_diff                 {r['max_loss_diff']:.2e}",
+              "max_loss_diff                 " + (
+                  f"{r['max_loss_diff']:.2e}" if r["max_loss_diff"] is not None
+                  else "- (cached and uncached runs picked different batches)"),
               f"text_encoder_calls_per_epoch  {r['text_encoder_calls_per_epoch']}",
               f"total                         {r['total_s']:.0f} s"]
     return "\n".join(lines)
@@ -272,8 +291,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="set train.compile (the first epoch then includes compilation)")
     ap.add_argument("--all-stages", action="store_true",
                     help="also time stages 3 and 4 (images/s, peak memory)")
-    ap.add_argument("--batch-size", type=int, default=None,
-                    help="optim.batch_size for every stage (default: params.yaml's)")
+    ap.add_argument("--batch-size", type=batch_size_arg, default=None,
+                    help="optim.batch_size for every stage, a number or auto (default: "
+                         "params.yaml's)")
     ap.add_argument("--per-sample-loader", action="store_true",
                     help="the per-sample DataLoader path (one fetch per sample, then collated), "
                          "which augmentation uses and training used before the packed arrays")
@@ -283,8 +303,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.epochs < 2:
         ap.error("--epochs must be >= 2 (the first epoch is not timed)")
-    if args.batch_size is not None and args.batch_size < 1:
-        ap.error("--batch-size must be >= 1")
     offline_defaults()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     result = run(args.params, args.images, args.epochs, args.preset, show=not args.json,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -93,9 +95,15 @@ class LoraConfig:
     dino: DinoLoraConfig = field(default_factory=DinoLoraConfig)
 
 
+AUTO = "auto"
+LR_SCALINGS = ("linear", "sqrt", "none")
+
+
 @dataclass
 class OptimConfig:
-    batch_size: int = 16
+    # An integer, or auto: the largest power of two that fits the device (cdsam.batch_size;
+    # 16 on the CPU), the LRs below then scaled from batch 16 by `lr_scaling`.
+    batch_size: int | str = 16
     lr: float = 1e-3  # base group: heads (and DINO in stage 4)
     lora_lr: float = 1e-3  # LoRA group, weight decay 0
     wd: float = 0.01
@@ -103,6 +111,8 @@ class OptimConfig:
     grad_accum_steps: int = 1
     warmup_steps: int = 20  # linear warmup, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.05
+    lr_scaling: str = "linear"  # batch_size auto: LRs scale by chosen/16 (linear), its sqrt, or not
+    auto_batch_max: int = 256  # batch_size auto: the largest batch it may pick
 
 
 OPTIM_KEYS = tuple(f.name for f in dataclasses.fields(OptimConfig))
@@ -123,7 +133,7 @@ class StageConfig:
     sam_mode: str | None = None  # stage 4 only: lora | frozen | full
     select: str = "best"  # keep the best-val-mIoU epoch, or the last one
     # Per-stage overrides of `optim`; null keeps the `optim` value.
-    batch_size: int | None = None
+    batch_size: int | str | None = None
     lr: float | None = None
     lora_lr: float | None = None
     wd: float | None = None
@@ -131,6 +141,8 @@ class StageConfig:
     grad_accum_steps: int | None = None
     warmup_steps: int | None = None
     min_lr_ratio: float | None = None
+    lr_scaling: str | None = None
+    auto_batch_max: int | None = None
 
 
 @dataclass
@@ -253,9 +265,11 @@ def _is_dataclass_type(tp: Any) -> bool:
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        args = tuple(a for a in typing.get_args(tp) if a is not type(None))
+        optional = len(args) < len(typing.get_args(tp))
         if len(args) == 1:
-            return args[0], True
+            return args[0], optional
+        return functools.reduce(operator.or_, args), optional
     return tp, False
 
 
@@ -268,6 +282,18 @@ def _coerce(value: Any, tp: Any, key: str, errors: list[str], base: Any = None) 
         return None
     if _is_dataclass_type(inner):
         return _parse_section(inner, value, key, errors, base)
+    if typing.get_origin(inner) in (typing.Union, types.UnionType):
+        # `int | str` (a number or a word such as auto): the first type that takes the value;
+        # validation then checks the word.
+        for option in typing.get_args(inner):
+            trial: list[str] = []
+            parsed = _coerce(value, option, key, trial)
+            if not trial:
+                return parsed
+        names = " or ".join({int: "an integer", str: "a string", float: "a number"}.get(o, str(o))
+                            for o in typing.get_args(inner))
+        errors.append(f"{key}: expected {names}, got {value!r}")
+        return None
     if inner is bool:
         if isinstance(value, bool):
             return value
@@ -348,9 +374,17 @@ def _validate_optim(cfg: OptimConfig | StageConfig, prefix: str, errors: list[st
     for name in ("lr", "lora_lr", "wd", "grad_clip"):
         if val(name) is not None:
             _check(val(name) >= 0, f"{prefix}.{name}", val(name), "must be >= 0", errors)
-    for name in ("batch_size", "grad_accum_steps"):
+    bs = val("batch_size")
+    if isinstance(bs, str):
+        _check(bs == AUTO, f"{prefix}.batch_size", bs, "must be an integer >= 1 or auto", errors)
+    elif bs is not None:
+        _check(bs >= 1, f"{prefix}.batch_size", bs, "must be >= 1 or auto", errors)
+    for name in ("grad_accum_steps", "auto_batch_max"):
         if val(name) is not None:
             _check(val(name) >= 1, f"{prefix}.{name}", val(name), "must be >= 1", errors)
+    if val("lr_scaling") is not None:
+        _check(val("lr_scaling") in LR_SCALINGS, f"{prefix}.lr_scaling", val("lr_scaling"),
+               f"must be one of {', '.join(LR_SCALINGS)}", errors)
     if val("warmup_steps") is not None:
         w = val("warmup_steps")
         _check(w >= 0, f"{prefix}.warmup_steps", w, "must be >= 0", errors)

@@ -83,6 +83,15 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_min(value: int, device: torch.device) -> int:
+    """The smallest of one integer over ranks (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def relaunch_command(argv: list[str]) -> list[str] | None:
     """The torchrun command that ``CDSAM_NPROC`` / ``CDSAM_TORCHRUN`` ask for, if any.
 

@@ -28,13 +28,14 @@ from tqdm import tqdm
 import cdsam
 from cdsam import distributed
 from cdsam.base import Base
+from cdsam.batch_size import StepMemory, probe_step_memory, resolve_auto_batch
 from cdsam.checkpoint import (
     CheckpointMeta,
     load_checkpoint,
     parent_ref,
     save_checkpoint,
 )
-from cdsam.config import OptimConfig, Params, to_dict
+from cdsam.config import AUTO, OptimConfig, Params, to_dict
 from cdsam.curriculum import apply_stage, component_counts, param_groups, policy
 from cdsam.data.dataset import EpochSampler, ManifestDataset, collate
 from cdsam.data.packed import PackedLoader, PackedSplit, normalize_batch, pack_split
@@ -216,21 +217,22 @@ class StageTrainer:
             teacher = copy.deepcopy(self.model.dino).eval().requires_grad_(False)
         # One objective for train and val loss; CLIP text features once per run (frozen).
         self.objective = Objective.for_model(self.model, p.loss, self.vocab, teacher)
+        use_amp, self.amp_dtype, needs_scaler = amp_settings(self.device)
+        self.use_amp = use_amp
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_scaler)
+        self._setup_cache()
+        self.net: torch.nn.Module = self.model  # DDP-wrapped below when distributed
+        self._resolve_batch_size()
         groups = param_groups(self.model, self.optim_cfg)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(groups, fused=fused) if fused else \
             torch.optim.AdamW(groups)
-        use_amp, self.amp_dtype, needs_scaler = amp_settings(self.device)
-        self.use_amp = use_amp
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_scaler)
         self._build_loaders()
         steps_per_epoch = math.ceil(len(self.train_loader) / self.optim_cfg.grad_accum_steps)
         self.total_steps = steps_per_epoch * self.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.total_steps, self.optim_cfg.warmup_steps,
                                       self.optim_cfg.min_lr_ratio))
-        self._setup_cache()
-        self.net: torch.nn.Module = self.model
         if self.dist.enabled:
             # Only parameters with requires_grad are registered, so the frozen CLIP tower
             # and DINO prefix cost nothing. Every trainable parameter gets a gradient each
@@ -271,6 +273,8 @@ class StageTrainer:
             self.val_loader = PackedLoader(
                 self.packs["val"], val_bs, self.device, prefetch=on_gpu,
                 indices=range(d.rank, len(self.val_set), d.world_size))
+            for loader in (self.train_loader, self.val_loader):
+                loader.pixels = self._needs_pixels(loader.split)
             return
         # The per-sample path: one fetch per sample in this process (the benchmark's "before").
         kw = {"pin_memory": self.device.type == "cuda"}
@@ -282,6 +286,37 @@ class StageTrainer:
             Subset(self.val_set, list(range(d.rank, len(self.val_set), d.world_size)))
         self.val_loader = DataLoader(val, batch_size=val_bs, shuffle=False, collate_fn=collate,
                                      **kw)
+
+    def _needs_pixels(self, pack: PackedSplit) -> bool:
+        """Once the cache holds a split's DINO prefix, only the SSL teacher reads pixels."""
+        return self.cache is None or self.objective.teacher is not None or \
+            not self.cache.covers(pack.image_keys)
+
+    def _resolve_batch_size(self) -> None:
+        """``optim.batch_size: auto`` → a number for this stage and device (cdsam.batch_size);
+        on CUDA measured on the split's own first batches, with the cache in place."""
+        if self.optim_cfg.batch_size != AUTO:
+            return
+        n = len(self.train_set)
+
+        def make_batch(size: int) -> dict[str, Any]:
+            if not self.packs:
+                raise UserError("optim.batch_size: auto is measured on the packed data path")
+            pack = self.packs["train"]
+            loader = PackedLoader(pack, size, self.device, indices=[i % n for i in range(size)],
+                                  spatial=self.train_set.spatial, seed=self.params.seed,
+                                  augment=self.params.data.augment)
+            loader.pixels = self._needs_pixels(pack)
+            return next(iter(loader))
+
+        def probe() -> StepMemory:
+            self._set_train_mode()
+            return probe_step_memory(lambda b: self.compute_loss(b)[0], make_batch, self.model,
+                                     self.device)
+
+        self.optim_cfg = resolve_auto_batch(
+            self.optim_cfg, self.device, math.ceil(n / self.dist.world_size), probe, self.model,
+            agree=lambda b: distributed.all_reduce_min(b, self.device))
 
     def _setup_cache(self) -> None:
         p = self.params
@@ -303,10 +338,6 @@ class StageTrainer:
                 samples = (ds[i] for i in range(len(ds)))
                 items = ((s["image_key"], s["image"].to(self.device)) for s in samples)
                 self.cache.fill(items, compute)
-        if self.packs and self.objective.teacher is None:
-            # Only the SSL teacher reads pixels once the prefix is cached: skip the copy.
-            for loader, split in ((self.train_loader, "train"), (self.val_loader, "val")):
-                loader.pixels = not self.cache.covers(self.packs[split].image_keys)
         depth = self.model.depth
         log.info("feature cache: DINO blocks 0-%d of %d computed once for %d images (%.1f MB) "
                  "in %.1f s; each step runs %s", plan.end_block - 1, depth, len(self.cache),
@@ -538,6 +569,7 @@ class StageTrainer:
                         "throughput_img_s", "peak_mem_mb", "best_miou"):
                 live.summary[key] = summary[key]
             live.summary["world_size"] = self.dist.world_size
+            live.summary["batch_size"] = self.optim_cfg.batch_size  # a number, auto resolved
             live.summary["feature_cache_images"] = len(self.cache) if self.cache else 0
             live.summary["text_encoder_calls"] = self.model.clip_text.calls
             counts = {k: v["trainable"] for k, v in self.counts.items()}

@@ -51,8 +51,14 @@ def test_all_problems_listed_at_once():
 
 def test_types_are_checked_and_1e_strings_accepted():
     assert parse_params({"optim": {"lr": "1e-3"}}).optim.lr == pytest.approx(1e-3)
-    with pytest.raises(ConfigError, match="optim.batch_size: expected an integer"):
+    with pytest.raises(ConfigError, match="optim.batch_size: must be an integer >= 1 or auto"):
         parse_params({"optim": {"batch_size": "big"}})
+    with pytest.raises(ConfigError, match="stage4.batch_size: expected an integer or a string"):
+        parse_params({"stage4": {"batch_size": 1.5}})
+    with pytest.raises(ConfigError, match="optim.lr_scaling: must be one of linear, sqrt, none"):
+        parse_params({"optim": {"lr_scaling": "cubic"}})
+    p = parse_params({"stage4": {"batch_size": "auto"}})
+    assert p.optim_for(4).batch_size == "auto" and p.optim_for(3).batch_size == 16
 
 
 def test_crop_larger_than_resize():

@@ -4,6 +4,7 @@ per-sample path, on disk beyond the memory budget, and the same training run."""
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from torch.utils.data import DistributedSampler
 
 from cdsam.config import DataConfig, PrepareConfig, SyntheticConfig
 from cdsam.data.dataset import EpochSampler, ManifestDataset, collate
-from cdsam.data.packed import PackedLoader, pack_split, pixel_placeholder
+from cdsam.data.packed import PackedLoader, decode_workers, pack_split, pixel_placeholder
 from cdsam.data.prepare import prepare
 from cdsam.data.spatial import SpatialPolicy
 from tests.test_train import _params, _trainer, data_dir  # noqa: F401
@@ -88,6 +89,38 @@ def test_beyond_the_memory_budget_the_arrays_stream_from_a_scratch_file(mixed_di
     del on_disk
     gc.collect()
     assert not list((tmp_path / "scratch").rglob("*.npy"))  # the scratch copy goes with it
+
+
+def test_worker_processes_decode_the_same_arrays(mixed_dir, tmp_path):
+    ds = ManifestDataset(mixed_dir, "train", DataConfig(crop=32))
+    here = pack_split(ds, memory_mb=64, workers=0)
+    for packed in (pack_split(ds, memory_mb=64, workers=2),
+                   pack_split(ds, memory_mb=0, scratch=tmp_path, workers=2),
+                   pack_split(ds, memory_mb=64, workers=2, start_method="spawn")):
+        assert torch.equal(packed.images, here.images) and torch.equal(packed.masks, here.masks)
+        assert torch.equal(packed.image_row, here.image_row)
+        assert (packed.stats.boxes == here.stats.boxes).all()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_packing_leaves_the_global_rng_alone(mixed_dir, workers):
+    ds = ManifestDataset(mixed_dir, "val", DataConfig(crop=32))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    pack_split(ds, memory_mb=64, workers=workers)
+    assert torch.equal(torch.rand(3), expected)  # training's LoRA init and dropout draw next
+
+
+def test_decode_workers_only_for_splits_that_repay_them(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
+    assert decode_workers(100) == 0  # one worker's share: decoding here is cheaper
+    assert decode_workers(200) == 3
+    assert decode_workers(100_000) == 16
+    assert decode_workers(1_000, "spawn") == 0  # spawned workers import torch first
+    assert decode_workers(5_000, "spawn") == 5
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0}, raising=False)
+    assert decode_workers(100_000) == 0  # one core: nothing to split
 
 
 def test_a_fully_cached_step_copies_no_pixels(mixed_dir):

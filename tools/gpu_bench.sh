@@ -6,8 +6,8 @@
 #
 # DINO at ViT-B/14 size (768 wide, depth 12, patch 14) at 224², random init, bf16 autocast:
 # `python -m cdsam.bench --preset vitb14-224 --all-stages` at batch 16 and 256 on the packed
-# loader, at batch 256 on the per-sample DataLoader path (the "before"), and at batch 256 with
-# train.compile. Each prints, per stage: loader img/s alone, model step img/s alone (batches
+# loader, at batch 256 on the per-sample DataLoader path (the "before"), at batch 256 with
+# train.compile, and with `optim.batch_size: auto` (each stage measures its own batch). Each prints, per stage: loader img/s alone, model step img/s alone (batches
 # staged on the device), end to end img/s, the loader's share, GFLOP per image, TFLOP/s and MFU
 # against the device's bf16 peak. JSON for each run goes to $OUT (default: gpu-bench/).
 set -euo pipefail
@@ -34,3 +34,4 @@ run batch16 --batch-size 16
 run batch256 --batch-size 256
 run batch256-per-sample --batch-size 256 --per-sample-loader
 run batch256-compile --batch-size 256 --compile
+run auto --batch-size auto

@@ -1,6 +1,7 @@
 """Peak memory of the training data path, per-sample (DataLoader + collate, each image kept
 decoded after its first fetch) against packed uint8 arrays (`cdsam.data.packed`), in RAM and
-memory-mapped from disk (``data.memory_mb: 0``).
+memory-mapped from disk (``data.memory_mb: 0``), and packed in this one process (no decoding
+workers: the "before" of the decode time).
 
     python tools/loader_memory.py --images 2000 --size 224 --size 518 --work /tmp/loader-mem
 
@@ -10,8 +11,9 @@ measures each path in a fresh interpreter: the peak RSS over two epochs of train
 touched (torch and cdsam already imported), so the figure is what the data costs. ``anon MB``:
 anonymous (not file-backed) resident memory after the epochs, minus the same before; memory-
 mapped pages are file-backed (the kernel may drop them), so they count in RSS only.
-``decode s``: packing, every image decoded and fitted once; the per-sample
-path decodes during its first epoch instead. Torch ops on one thread, batch 16.
+``decode s``: packing, every image decoded and fitted once (by worker processes, one per
+core, unless the mode says otherwise; their memory is theirs and not in the figures); the
+per-sample path decodes during its first epoch instead. Torch ops on one thread, batch 16.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("per-sample", "packed", "packed-on-disk")
+MODES = ("per-sample", "packed-one-process", "packed", "packed-on-disk")
 
 
 def status_mb(field: str = "VmRSS") -> float:
@@ -57,7 +59,8 @@ def measure(mode: str, data: Path, size: int) -> dict:
         loader = DataLoader(ds, batch_size=16, sampler=EpochSampler(sampler), collate_fn=collate)
         pack_s = 0.0
     else:
-        pack = pack_split(ds, memory_mb=0 if mode == "packed-on-disk" else 1 << 20)
+        pack = pack_split(ds, memory_mb=0 if mode == "packed-on-disk" else 1 << 20,
+                          workers=0 if mode == "packed-one-process" else None)
         pack_s = time.perf_counter() - t0
         loader = PackedLoader(pack, 16, torch.device("cpu"), sampler=sampler, spatial=policy)
     n = sum(b["image"].shape[0] for b in loader)
@@ -103,12 +106,13 @@ def main() -> None:
                 env={**os.environ, "OMP_NUM_THREADS": "1"})
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(f"{'size':>6} {'path':<15}{'images':>8}{'samples':>9}{'data peak MB':>14}"
-          f"{'anon MB':>9}{'decode s':>10}{'1st epoch s':>13}{'epoch s':>9}")
+    print(f"{'size':>6} {'path':<19}{'images':>8}{'samples':>9}{'data peak MB':>14}"
+          f"{'anon MB':>9}{'decode s':>10}{'s/1000 img':>12}{'1st epoch s':>13}{'epoch s':>9}")
     for r in rows:
-        print(f"{r['size']:>6} {r['mode']:<15}{r['images']:>8}{r['samples']:>9}"
+        per_k = f"{1000 * r['decode_s'] / r['images']:.2f}" if r["decode_s"] else "-"
+        print(f"{r['size']:>6} {r['mode']:<19}{r['images']:>8}{r['samples']:>9}"
               f"{r['data_peak_mb']:>14.0f}{r['data_anon_mb']:>9.0f}{r['decode_s']:>10.1f}"
-              f"{r['first_epoch_s']:>13.1f}{r['epoch_s']:>9.1f}")
+              f"{per_k:>12}{r['first_epoch_s']:>13.1f}{r['epoch_s']:>9.1f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,133 @@
+"""``optim.batch_size: auto``: the batch a device can hold, and the LRs scaled to it.
+
+On CUDA a stage measures what one training step needs before it trains: forward + backward
+(no optimizer step, the RNG state restored, gradients dropped) at two small batches, on real
+batches of the split and with the stage's feature cache, so the figure is the stage's own
+(stage 1 with a cached DINO holds far larger batches than stage 4). Memory is close to linear
+in the batch: ``fixed + batch × per_sample``. The chosen batch is the largest power of two
+within ``AUTO_MEMORY_SHARE`` of the free memory, less the AdamW moments the first step will
+allocate, capped by ``optim.auto_batch_max`` and by the training split. Every DDP rank takes
+the smallest of the ranks' choices.
+
+On the CPU a bigger batch buys nothing (the cores are busy at 16), so auto is 16 there.
+
+The LRs in params.yaml are for batch ``REFERENCE_BATCH``; with auto they follow the chosen
+batch by ``optim.lr_scaling`` — linear, the seed's first approximation (warmup stays on), the
+square root, or none. The result is logged and recorded in the stage's metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cdsam.config import AUTO, OptimConfig
+from cdsam.errors import UserError
+
+log = logging.getLogger("cdsam.train")
+
+REFERENCE_BATCH = 16  # the batch params.yaml's LRs are written for; auto's CPU batch
+PROBE_BATCHES = (4, 8)  # the two measured steps
+AUTO_MEMORY_SHARE = 0.85  # of the free device memory; the rest is allocator slack
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """Bytes one training step allocates beyond what is already held, ``fixed + b × per_sample``."""
+
+    fixed: float
+    per_sample: float
+
+    @classmethod
+    def fit(cls, batches: tuple[int, int], peaks: tuple[float, float]) -> StepMemory:
+        (b0, b1), (m0, m1) = batches, peaks
+        per_sample = max((m1 - m0) / (b1 - b0), 1.0)
+        return cls(fixed=max(m0 - per_sample * b0, 0.0), per_sample=per_sample)
+
+    def need(self, batch: int) -> float:
+        return self.fixed + batch * self.per_sample
+
+
+def choose_batch(memory: StepMemory, budget: float, cap: int) -> int:
+    """The largest power of two ≤ ``cap`` whose step fits ``budget`` bytes (at least 1)."""
+    batch = 1
+    while batch * 2 <= cap and memory.need(batch * 2) <= budget:
+        batch *= 2
+    return batch
+
+
+def scale_lrs(optim: OptimConfig, batch: int) -> OptimConfig:
+    """``optim`` at ``batch``, its LRs (written for `REFERENCE_BATCH`) scaled by its rule."""
+    ratio = batch / REFERENCE_BATCH
+    factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[optim.lr_scaling]
+    return dataclasses.replace(optim, batch_size=batch, lr=optim.lr * factor,
+                               lora_lr=optim.lora_lr * factor)
+
+
+def adamw_state_bytes(model: torch.nn.Module) -> int:
+    """The two fp32 moments AdamW allocates at its first step, per trainable parameter."""
+    return sum(2 * 4 * p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def probe_step_memory(step: Callable[[dict[str, Any]], torch.Tensor],
+                      make_batch: Callable[[int], dict[str, Any]], model: torch.nn.Module,
+                      device: torch.device) -> StepMemory:
+    """Peak CUDA memory of forward + backward at `PROBE_BATCHES` (``step`` returns the loss;
+    nothing is updated: gradients are dropped, the RNG streams restored)."""
+    peaks = []
+    with torch.random.fork_rng(devices=[device]):
+        for batch_size in PROBE_BATCHES:
+            batch = make_batch(batch_size)
+            for p in model.parameters():
+                p.grad = None
+            torch.cuda.synchronize(device)
+            held = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            try:
+                step(batch).backward()
+            except torch.cuda.OutOfMemoryError as e:
+                raise UserError(f"optim.batch_size: auto: a batch of {batch_size} does not fit "
+                                f"on {device}; set a number (and lower data.crop or use "
+                                f"optim.grad_accum_steps)") from e
+            torch.cuda.synchronize(device)
+            peaks.append(float(torch.cuda.max_memory_allocated(device) - held))
+            del batch
+    for p in model.parameters():
+        p.grad = None
+    torch.cuda.empty_cache()
+    return StepMemory.fit(PROBE_BATCHES, (peaks[0], peaks[1]))
+
+
+def resolve_auto_batch(optim: OptimConfig, device: torch.device, train_samples: int,
+                       probe: Callable[[], StepMemory], model: torch.nn.Module,
+                       agree: Callable[[int], int] = lambda b: b) -> OptimConfig:
+    """``optim`` with ``batch_size: auto`` replaced by a number (unchanged when it is one).
+
+    ``probe`` measures the step on CUDA; ``agree`` makes the ranks of a DDP run settle on one
+    batch (the smallest)."""
+    if optim.batch_size != AUTO:
+        return optim
+    cap = max(1, min(optim.auto_batch_max, train_samples))
+    if device.type != "cuda":
+        batch = min(REFERENCE_BATCH, 2 ** int(math.log2(cap)))
+        why = f"{device.type}: the cores are busy at {REFERENCE_BATCH}"
+    else:
+        memory = probe()
+        free, total = torch.cuda.mem_get_info(device)
+        budget = AUTO_MEMORY_SHARE * free - adamw_state_bytes(model)
+        batch = choose_batch(memory, budget, cap)
+        why = (f"a step needs {memory.fixed / 2**20:.0f} MB + {memory.per_sample / 2**20:.1f} "
+               f"MB per sample; {free / 2**30:.1f} of {total / 2**30:.1f} GiB free, "
+               f"{AUTO_MEMORY_SHARE:.0%} of it usable, cap {cap}")
+    batch = agree(batch)
+    scaled = scale_lrs(optim, batch)
+    log.info("optim.batch_size auto -> %d (%s); lr %.3g, lora_lr %.3g (%s scaling from batch "
+             "%d, optim.lr_scaling)", batch, why, scaled.lr, scaled.lora_lr, optim.lr_scaling,
+             REFERENCE_BATCH)
+    return scaled

@@ -1,0 +1,107 @@
+"""``optim.batch_size: auto``: the choice from measured step memory, the LR scaling, the CPU
+resolution, and (on a CUDA machine) the measured choice in a real stage."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cdsam.batch_size import (
+    REFERENCE_BATCH,
+    StepMemory,
+    choose_batch,
+    resolve_auto_batch,
+    scale_lrs,
+)
+from cdsam.config import OptimConfig, PrepareConfig, SyntheticConfig
+from cdsam.data.prepare import prepare
+from cdsam.train import StagePaths, StageTrainer
+from tests.conftest import tiny_params
+
+MB = 2**20
+
+
+def test_step_memory_is_fitted_from_two_batches():
+    m = StepMemory.fit((4, 8), (140 * MB, 220 * MB))
+    assert m.per_sample == pytest.approx(20 * MB) and m.fixed == pytest.approx(60 * MB)
+    assert m.need(32) == pytest.approx(700 * MB)
+
+
+def test_choose_batch_is_the_largest_power_of_two_that_fits():
+    m = StepMemory(fixed=100 * MB, per_sample=10 * MB)
+    assert choose_batch(m, budget=100 * MB + 10 * MB * 64, cap=256) == 64  # exactly fits
+    assert choose_batch(m, budget=100 * MB + 10 * MB * 64 - 1, cap=256) == 32
+    assert choose_batch(m, budget=1e15, cap=256) == 256  # the cap
+    assert choose_batch(m, budget=1e15, cap=100) == 64  # a power of two under the cap
+    assert choose_batch(m, budget=0, cap=256) == 1  # never below one
+
+
+@pytest.mark.parametrize("rule, factor", [("linear", 8.0), ("sqrt", math.sqrt(8)), ("none", 1)])
+def test_lrs_scale_from_the_reference_batch(rule, factor):
+    optim = OptimConfig(batch_size="auto", lr=1e-3, lora_lr=2e-3, lr_scaling=rule)
+    scaled = scale_lrs(optim, 8 * REFERENCE_BATCH)
+    assert scaled.batch_size == 8 * REFERENCE_BATCH
+    assert scaled.lr == pytest.approx(1e-3 * factor)
+    assert scaled.lora_lr == pytest.approx(2e-3 * factor)
+    assert scaled.wd == optim.wd
+
+
+def _never(*_):
+    raise AssertionError("the CPU does not probe")
+
+
+def test_cpu_auto_is_the_reference_batch_and_numbers_pass_through(caplog):
+    model = torch.nn.Linear(2, 2)
+    cpu = torch.device("cpu")
+    fixed = OptimConfig(batch_size=12)
+    assert resolve_auto_batch(fixed, cpu, 1000, _never, model) is fixed
+    with caplog.at_level(logging.INFO, logger="cdsam"):
+        auto = resolve_auto_batch(OptimConfig(batch_size="auto", lr=1e-3), cpu, 1000, _never,
+                                  model)
+    assert auto.batch_size == REFERENCE_BATCH and auto.lr == pytest.approx(1e-3)
+    assert "optim.batch_size auto -> 16" in caplog.text
+    # A split smaller than that: a power of two that it fills; the ranks' agreement applies.
+    small = resolve_auto_batch(OptimConfig(batch_size="auto"), cpu, 11, _never, model)
+    assert small.batch_size == 8
+    agreed = resolve_auto_batch(OptimConfig(batch_size="auto"), cpu, 1000, _never, model,
+                                agree=lambda b: 4)
+    assert agreed.batch_size == 4
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    cfg = PrepareConfig(val_fraction=0.25, test_fraction=0.0, negatives="none",
+                        synthetic=SyntheticConfig(num_images=12, image_size=32))
+    prepare(cfg, seed=0, out=out, show_progress=False)
+    return out
+
+
+def _trained(device: str, data_dir: Path, tmp: Path) -> StageTrainer:
+    p = tiny_params(device=device, optim={"batch_size": "auto", "warmup_steps": 1},
+                    stage1={"epochs": 1})
+    paths = StagePaths(data=data_dir, out=tmp / "stage1", metrics=tmp / "metrics",
+                       parent=None, resume=tmp / "resume")
+    t = StageTrainer(p, 1, paths, show_progress=False)
+    t.setup()
+    t.train()
+    return t
+
+
+def test_a_stage_with_auto_trains_at_the_resolved_batch(data_dir, tmp_path):
+    t = _trained("cpu", data_dir, tmp_path)
+    n = len(t.train_set)
+    assert t.optim_cfg.batch_size == min(REFERENCE_BATCH, 2 ** int(math.log2(n)))
+    assert len(t.step_losses[0]) == math.ceil(n / t.optim_cfg.batch_size)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the memory probe needs CUDA")
+def test_cuda_auto_measures_a_batch_and_trains_at_it(data_dir, tmp_path):
+    t = _trained("cuda", data_dir, tmp_path)
+    n = len(t.train_set)
+    assert 1 <= t.optim_cfg.batch_size <= n
+    assert len(t.step_losses[0]) == math.ceil(n / t.optim_cfg.batch_size)
