@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
                          "params.yaml's)")
     ap.add_argument("--per-sample-loader", action="store_true",
                     help="the per-sample DataLoader path (one fetch per sample, then collated), "
-                         "which augmentation uses and training used before the packed arrays")
+                         "which training used before the packed arrays")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the device's peak TFLOP/s for the MFU column (default: known for "
                          "H100/H200/A100/L40S/A10G, none on the CPU)")

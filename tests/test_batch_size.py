@@ -17,10 +17,10 @@ from cdsam.batch_size import (
     resolve_auto_batch,
     scale_lrs,
 )
-from cdsam.config import OptimConfig, PrepareConfig, SyntheticConfig
-from cdsam.data.prepare import prepare
+from cdsam.config import OptimConfig
 from cdsam.train import StagePaths, StageTrainer
 from tests.conftest import tiny_params
+from tests.test_train import data_dir  # noqa: F401  (the small prepared set)
 
 MB = 2**20
 
@@ -72,19 +72,10 @@ def test_cpu_auto_is_the_reference_batch_and_numbers_pass_through(caplog):
     assert agreed.batch_size == 4
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "prepared"
-    cfg = PrepareConfig(val_fraction=0.25, test_fraction=0.0, negatives="none",
-                        synthetic=SyntheticConfig(num_images=12, image_size=32))
-    prepare(cfg, seed=0, out=out, show_progress=False)
-    return out
-
-
-def _trained(device: str, data_dir: Path, tmp: Path) -> StageTrainer:
+def _trained(device: str, data: Path, tmp: Path) -> StageTrainer:
     p = tiny_params(device=device, optim={"batch_size": "auto", "warmup_steps": 1},
                     stage1={"epochs": 1})
-    paths = StagePaths(data=data_dir, out=tmp / "stage1", metrics=tmp / "metrics",
+    paths = StagePaths(data=data, out=tmp / "stage1", metrics=tmp / "metrics",
                        parent=None, resume=tmp / "resume")
     t = StageTrainer(p, 1, paths, show_progress=False)
     t.setup()
@@ -92,7 +83,7 @@ def _trained(device: str, data_dir: Path, tmp: Path) -> StageTrainer:
     return t
 
 
-def test_a_stage_with_auto_trains_at_the_resolved_batch(data_dir, tmp_path):
+def test_a_stage_with_auto_trains_at_the_resolved_batch(data_dir, tmp_path):  # noqa: F811
     t = _trained("cpu", data_dir, tmp_path)
     n = len(t.train_set)
     assert t.optim_cfg.batch_size == min(REFERENCE_BATCH, 2 ** int(math.log2(n)))
@@ -100,7 +91,7 @@ def test_a_stage_with_auto_trains_at_the_resolved_batch(data_dir, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the memory probe needs CUDA")
-def test_cuda_auto_measures_a_batch_and_trains_at_it(data_dir, tmp_path):
+def test_cuda_auto_measures_a_batch_and_trains_at_it(data_dir, tmp_path):  # noqa: F811
     t = _trained("cuda", data_dir, tmp_path)
     n = len(t.train_set)
     assert 1 <= t.optim_cfg.batch_size <= n
