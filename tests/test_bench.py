@@ -41,10 +41,11 @@ def test_bench_splits_loader_step_and_flops_for_both_loaders(tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_loader_memory_tool_measures_the_three_paths(tmp_path):
+def test_loader_memory_tool_measures_the_four_paths(tmp_path):
     tool = Path(__file__).resolve().parents[1] / "tools" / "loader_memory.py"
     out = subprocess.run([sys.executable, str(tool), "--images", "8", "--size", "32",
                           "--work", str(tmp_path)], check=True, capture_output=True, text=True)
     rows = [line.split() for line in out.stdout.splitlines()[1:]]
-    assert [r[1] for r in rows] == ["per-sample", "packed", "packed-on-disk"]
+    assert [r[1] for r in rows] == ["per-sample", "packed-one-process", "packed",
+                                    "packed-on-disk"]
     assert len({r[3] for r in rows}) == 1 and int(rows[0][3]) > 0  # the same samples each
