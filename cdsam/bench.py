@@ -33,9 +33,10 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cdsam.config import AUTO, Params, load_params
+from cdsam.config import Params, load_params, parse_params
 from cdsam.data.prepare import prepare
 from cdsam.entry import offline_defaults
+from cdsam.errors import ConfigError
 from cdsam.runtime import peak_memory_mb
 from cdsam.train import StagePaths, StageTrainer
 
@@ -63,12 +64,12 @@ def known_peak_tflops() -> float | None:
 
 
 def batch_size_arg(text: str) -> int | str:
-    """``--batch-size``: a number >= 1 or auto."""
-    if text == AUTO:
-        return text
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: a number >= 1 or auto")
-    return int(text)
+    """``--batch-size``: read as ``optim.batch_size`` is, so the rule lives in cdsam.config."""
+    value = int(text) if text.lstrip("-").isdigit() else text
+    try:
+        return parse_params({"optim": {"batch_size": value}}).optim.batch_size
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc.problems[0]}") from None
 
 
 def bench_params(params: Params, images: int, epochs: int, preset: str,

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from cdsam.errors import UserError
+from cdsam.runtime import usable_cores
 
 log = logging.getLogger("cdsam.dist")
 
@@ -54,7 +55,7 @@ def init(info: DistInfo, device: torch.device) -> torch.device:
     if device.type == "cpu":
         # Ranks share the cores: each gets its share (torchrun's OMP_NUM_THREADS=1 default
         # would idle most cores; all threads per rank starve each other, 40x slower on 2 cores).
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
+        torch.set_num_threads(max(1, usable_cores() // info.local_world_size))
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)

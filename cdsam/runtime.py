@@ -5,6 +5,7 @@ Shared by training and evaluation (so evaluation does not import the training st
 
 from __future__ import annotations
 
+import os
 import random
 import resource
 import sys
@@ -21,6 +22,14 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device: {name!r} asked for, but CUDA is not available here")
     return torch.device(name)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS tells it, as under taskset
+    or a container's cpuset), not the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def seed_everything(seed: int) -> None:

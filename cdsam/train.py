@@ -35,7 +35,7 @@ from cdsam.checkpoint import (
     parent_ref,
     save_checkpoint,
 )
-from cdsam.config import AUTO, OptimConfig, Params, to_dict
+from cdsam.config import OptimConfig, Params, to_dict
 from cdsam.curriculum import apply_stage, component_counts, param_groups, policy
 from cdsam.data.dataset import EpochSampler, ManifestDataset, collate
 from cdsam.data.packed import PackedLoader, PackedSplit, normalize_batch, pack_split
@@ -295,8 +295,6 @@ class StageTrainer:
     def _resolve_batch_size(self) -> None:
         """``optim.batch_size: auto`` → a number for this stage and device (cdsam.batch_size);
         on CUDA measured on the split's own first batches, with the cache in place."""
-        if self.optim_cfg.batch_size != AUTO:
-            return
         n = len(self.train_set)
 
         def make_batch(size: int) -> dict[str, Any]:

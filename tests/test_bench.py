@@ -3,6 +3,7 @@ inputs."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,11 @@ def test_loader_memory_tool_measures_the_four_paths(tmp_path):
     assert [r[1] for r in rows] == ["per-sample", "packed-one-process", "packed",
                                     "packed-on-disk"]
     assert len({r[3] for r in rows}) == 1 and int(rows[0][3]) > 0  # the same samples each
+
+
+def test_batch_size_arg_reads_as_the_params_key_does():
+    assert bench.batch_size_arg("auto") == "auto"
+    assert bench.batch_size_arg("32") == 32
+    for bad in ("0", "-4", "big"):
+        with pytest.raises(argparse.ArgumentTypeError, match="optim.batch_size"):
+            bench.batch_size_arg(bad)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +44,7 @@ from cdsam.data.dataset import ManifestDataset
 from cdsam.data.geometry import normalize_transform
 from cdsam.data.manifest import FOREGROUND, IGNORE
 from cdsam.data.spatial import MaskStats, SpatialPolicy, draw_prompts, prompt_arrays
+from cdsam.runtime import usable_cores
 
 log = logging.getLogger("cdsam.data")
 
@@ -95,9 +95,7 @@ def decode_start_method() -> str:
 def decode_workers(n_images: int, start_method: str = "fork") -> int:
     """Processes that decode a split of ``n_images`` at setup: one per usable core (the main
     process only copies results), none for a split too small to repay their start-up."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-        (os.cpu_count() or 1)
-    n = min(cores, MAX_DECODE_WORKERS, n_images // MIN_IMAGES_PER_WORKER[start_method])
+    n = min(usable_cores(), MAX_DECODE_WORKERS, n_images // MIN_IMAGES_PER_WORKER[start_method])
     return n if n >= 2 else 0
 
 
