@@ -12,6 +12,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from cdsam.config import DinoConfig
@@ -64,8 +65,13 @@ def build_dino(cfg: DinoConfig, load_weights: bool = True) -> nn.Module:
         if "Unknown model" in str(exc):
             raise UserError(f"model.dino.name: timm has no model {cfg.name!r}") from None
         raise
-    if not all(hasattr(vit, a) for a in ("blocks", "patch_embed", "num_prefix_tokens", "norm")):
-        raise UserError(f"model.dino.name: {cfg.name!r} is not a timm Vision Transformer")
+    if not isinstance(vit, VisionTransformer):
+        # EVA-family models (timm's DINOv3 among them) have the same parts but pass rotary
+        # position tables from _pos_embed to every block: the block-range walk below does not.
+        kind = ("a RoPE ViT (EVA family, e.g. DINOv3), not supported yet"
+                if hasattr(vit, "rope") else "not a timm Vision Transformer")
+        raise UserError(f"model.dino.name: {cfg.name!r} is {kind}; use a ViT such as "
+                        f"vit_small_patch14_dinov2 or vit_small_patch16_224.dino")
     return vit
 
 
