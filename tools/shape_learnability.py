@@ -5,15 +5,18 @@ question before it: given direct supervision — every patch-grid cell labelled 
 the object covering it (background, circle, square, triangle) — how quickly does a backbone
 trained from random init learn to name the shape under each cell? The default's DINO ViT (from
 params.yaml, random init, trained whole with a linear head per token) is compared with a small
-CNN of similar cost that ends on the same grid. Accuracy is over object pixels of the val split
-(the token's prediction painted over its patch), printed after each epoch, with the wall time.
+CNN (half the parameters) that ends on the same grid. Accuracy is over object pixels of the val
+split (the token's prediction painted over its patch), printed after each epoch, with the wall
+time.
 
     python tools/shape_learnability.py                       # data/prepared, both backbones
-    python tools/shape_learnability.py --data /tmp/syn2400/prepared --epochs 6
+    python tools/shape_learnability.py --data ../bigger/data/prepared --epochs 6
     python tools/shape_learnability.py --backbone dino --set depth=4 embed_dim=64 num_heads=2
 
-If the DINO cannot learn the labels here, no loss on masks will teach it shape in the default's
-budget either (issue 16); if the CNN can, the scenes are not the obstacle.
+(A bigger set: a clone with ``prepare.synthetic.num_images: 2400`` in params.yaml, after
+``dvc repro prepare``.) If the DINO cannot learn the labels here, no loss on masks will teach
+it shape in the default's budget either (issue 16); if the CNN can, the scenes are not the
+obstacle.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from PIL import Image
 from torch import nn
 
 from cdsam.config import parse_params, read_params_file
+from cdsam.data.manifest import FOREGROUND
 from cdsam.data.packed import normalize_batch
 from cdsam.data.synthetic import SHAPES, attributes
 from cdsam.entry import run
@@ -51,8 +55,8 @@ def load_labels(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         image = np.asarray(Image.open(root / key).convert("RGB"))
         label = np.zeros(image.shape[:2], np.int64)
         for mask_path, prompt in zip(rows["mask"], rows["prompt"], strict=True):
-            label[np.asarray(Image.open(root / mask_path)) > 0] = 1 + SHAPES.index(
-                attributes(prompt)[1])
+            mask = np.asarray(Image.open(root / mask_path)) == FOREGROUND
+            label[mask] = 1 + SHAPES.index(attributes(prompt)[1])
         images.append(image)
         labels.append(label)
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()

@@ -8,7 +8,7 @@ next to the same probe on raw pixels (the 3 × 3 window of patches, flattened) a
 the most common class (chance).
 
     python tools/shape_probe.py models/stage1 models/stage4                  # data/prepared
-    python tools/shape_probe.py models/stage4 --data /tmp/syn2400/prepared   # more scenes
+    python tools/shape_probe.py models/stage4 --data ../bigger/data/prepared  # more scenes
 
 The checkpoints' DINO runs on the images as stored (their size must be the model's input).
 """
