@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from cdsam.config import Params, load_params, parse_params
@@ -65,9 +66,8 @@ def known_peak_tflops() -> float | None:
 
 def batch_size_arg(text: str) -> int | str:
     """``--batch-size``: read as ``optim.batch_size`` is, so the rule lives in cdsam.config."""
-    value = int(text) if text.lstrip("-").isdigit() else text
     try:
-        return parse_params({"optim": {"batch_size": value}}).optim.batch_size
+        return parse_params({"optim": {"batch_size": yaml.safe_load(text)}}).optim.batch_size
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc.problems[0]}") from None
 

@@ -22,7 +22,6 @@ obstacle.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 from torch import nn
 
@@ -140,15 +140,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     args = ap.parse_args()
     torch.manual_seed(0)
-    dino_cfg = parse_params(read_params_file(args.params)).model.dino
-    overrides = {}
+    # --set goes through cdsam.config like params.yaml does: typed, unknown keys named.
+    raw = read_params_file(args.params)
+    dino = raw.setdefault("model", {}).setdefault("dino", {})
     for item in args.set:
         key, _, value = item.partition("=")
-        if key not in {f.name for f in dataclasses.fields(dino_cfg)} or not value:
+        if not value:
             raise UserError(f"--set {item}: not a model.dino key=value")
-        current = getattr(dino_cfg, key)
-        overrides[key] = type(current)(value) if current is not None else int(value)
-    dino_cfg = dataclasses.replace(dino_cfg, pretrained=False, checkpoint=None, **overrides)
+        dino[key] = yaml.safe_load(value)
+    dino.update(pretrained=False, checkpoint=None)
+    dino_cfg = parse_params(raw).model.dino
     if not (args.data / "manifest.csv").is_file():
         raise UserError(f"--data {args.data}: no manifest.csv (a prepared synthetic set, as "
                         f"`dvc repro prepare` writes)")
