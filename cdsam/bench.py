@@ -190,7 +190,7 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="cdsam-bench-") as tmp:
         root = Path(tmp)
-        prepare(params.prepare, params.seed, root / "data", show_progress=False)
+        prepare(params.prepare, params.seed, root / "data", show_progress=False, data=params.data)
         for stage in (1, 2):
             parent = root / "stage1" if stage == 2 else None
             for cached in (False, True):

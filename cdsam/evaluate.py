@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
 from cdsam import io
 from cdsam.checkpoint import load_checkpoint
 from cdsam.config import LossConfig, Params
-from cdsam.data.dataset import ManifestDataset, collate
-from cdsam.data.manifest import read_manifest
+from cdsam.data.dataset import ManifestDataset
+from cdsam.data.packed import PackedLoader
+from cdsam.data.prepared import PreparedSplit, read_index
 from cdsam.data.spatial import BOX, CLICK
 from cdsam.data.synthetic import attributes
 from cdsam.metrics import per_prompt
@@ -35,7 +35,7 @@ log = logging.getLogger("cdsam.evaluate")
 
 def scored_split(data: Path) -> str:
     """``test`` when the prepared data has a test split, else ``val``."""
-    return "test" if (read_manifest(data)["split"] == "test").any() else "val"
+    return "test" if "test" in read_index(data)["splits"] else "val"
 
 
 def overlay_indices(ds: ManifestDataset, n: int) -> list[int]:
@@ -125,13 +125,13 @@ def evaluate_stages(params: Params, checkpoints: dict[str, Path], data: Path, ou
     device = resolve_device(params.device)
     configure_determinism(device)
     split = scored_split(data)
-    ds = ManifestDataset(data, split, params.data)
-    loader = DataLoader(ds, batch_size=ev.batch_size, shuffle=False, collate_fn=collate)
+    prepared = PreparedSplit.open(data, split, params.data)
+    ds = ManifestDataset(data, split, params.data, prepared=prepared)
+    loader = PackedLoader(prepared, ev.batch_size, device)
     # The same split with one positive click / the tight box next to each positive's text
     # (seeded, the same for every checkpoint).
-    spatial = {mode: DataLoader(ManifestDataset(data, split, params.data, seed=params.seed,
-                                                spatial=policy),
-                                batch_size=ev.batch_size, shuffle=False, collate_fn=collate)
+    spatial = {mode: PackedLoader(prepared, ev.batch_size, device, spatial=policy,
+                                  seed=params.seed)
                for mode, policy in (("click", CLICK), ("box", BOX))} if ev.spatial_prompts else {}
     indices = overlay_indices(ds, ev.num_overlays)
     pairs = pair_rows(ds)

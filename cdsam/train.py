@@ -38,7 +38,8 @@ from cdsam.checkpoint import (
 from cdsam.config import OptimConfig, Params, to_dict
 from cdsam.curriculum import apply_stage, component_counts, param_groups, policy
 from cdsam.data.dataset import EpochSampler, ManifestDataset, collate
-from cdsam.data.packed import PackedLoader, PackedSplit, normalize_batch, pack_split
+from cdsam.data.packed import PackedLoader, normalize_batch
+from cdsam.data.prepared import PreparedSplit, prepared_digest
 from cdsam.data.spatial import SpatialPolicy, batch_prompts
 from cdsam.errors import CheckpointError, UserError
 from cdsam.feature_cache import FeatureCache, plan_cache
@@ -49,7 +50,6 @@ from cdsam.resume import (
     Progress,
     ResumeStore,
     code_fingerprint,
-    files_fingerprint,
     fingerprint,
 )
 from cdsam.runtime import (
@@ -125,7 +125,7 @@ class StageTrainer:
         self.step_losses: list[list[float]] = []  # per epoch, per step (the benchmark reads it)
         self.epoch_times: list[float] = []
         self.cache: FeatureCache | None = None
-        self.packs: dict[str, PackedSplit] = {}  # split -> arrays, when batches are packed
+        self.packs: dict[str, PreparedSplit] = {}  # split -> its shards, when batches are packed
         self.start_block = 0
         self.base: Base | None = None
 
@@ -155,12 +155,10 @@ class StageTrainer:
     def _run_fingerprint(self) -> str:
         """What the stage's result depends on; a resume state from anything else is stale."""
         p = self.params
-        read = ["manifest.csv"]
-        for ds in (self.train_set, self.val_set):
-            read += ds.df["image"].tolist() + ds.df["mask"].tolist()
         parts: dict[str, Any] = {
             "version": cdsam.__version__, "code": code_fingerprint(),
-            "data_files": files_fingerprint(self.paths.data, read),
+            # prepare hashed every shard as it wrote it: nothing is read again here.
+            "data_files": prepared_digest(self.paths.data),
             "stage": self.stage, "seed": p.seed,
             "data": to_dict(p.data), "model": to_dict(p.model), "optim": to_dict(self.optim_cfg),
             "loss": to_dict(p.loss), "stage_cfg": to_dict(p.stage(self.stage)),
@@ -180,22 +178,23 @@ class StageTrainer:
         self.device = distributed.init(self.dist, self.device)
         configure_determinism(self.device)
         seed_everything(p.seed + self.stage)
+        # The prepared shards, opened (memory-mapped or read per batch): no decode here.
+        t0 = time.perf_counter()
+        splits = {name: PreparedSplit.open(self.paths.data, name, p.data)
+                  for name in ("train", "val")}
         self.train_set = ManifestDataset(
             self.paths.data, "train", p.data, augment=p.data.augment.enable, seed=p.seed,
-            spatial=SpatialPolicy(point=p.train.point_prompts, box=p.train.box_prompts))
-        self.val_set = ManifestDataset(self.paths.data, "val", p.data)
+            spatial=SpatialPolicy(point=p.train.point_prompts, box=p.train.box_prompts),
+            prepared=splits["train"])
+        self.val_set = ManifestDataset(self.paths.data, "val", p.data, prepared=splits["val"])
         if self.pack_batches:
-            # Decode each image once, uint8, and assemble batches by indexing; augmentation
-            # (when on) then runs on the device on whole batches (cdsam.data.packed).
-            t0 = time.perf_counter()
-            self.packs = {ds.split: pack_split(ds, p.data.memory_mb, self.show_progress)
-                          for ds in (self.train_set, self.val_set)}
-            log.info("decoded %d images (%d samples) once into %.1f MB of uint8 arrays%s in "
-                     "%.1f s", sum(len(x.image_keys) for x in self.packs.values()),
-                     sum(len(x) for x in self.packs.values()),
-                     sum(x.nbytes for x in self.packs.values()) / 2**20,
-                     " (memory-mapped from disk)" if any(x.on_disk for x in self.packs.values())
-                     else "", time.perf_counter() - t0)
+            self.packs = splits
+        log.info("opened %d images (%d samples, %.1f MB of prepared rows%s) in %.3f s",
+                 sum(len(x.image_keys) for x in splits.values()),
+                 sum(len(x) for x in splits.values()),
+                 sum(x.nbytes for x in splits.values()) / 2**20,
+                 ", read from disk per batch" if any(x.on_disk for x in splits.values())
+                 else ", memory-mapped", time.perf_counter() - t0)
         # Named-model mismatches (crop vs patch, K vs depth, CLIP activation), before weights.
         check_model(p.model, p.data.crop, p.lora.dino if self.pol.dino == "lora" else None)
         model = self._load_model()
@@ -287,7 +286,7 @@ class StageTrainer:
         self.val_loader = DataLoader(val, batch_size=val_bs, shuffle=False, collate_fn=collate,
                                      **kw)
 
-    def _needs_pixels(self, pack: PackedSplit) -> bool:
+    def _needs_pixels(self, pack: PreparedSplit) -> bool:
         """Once the cache holds a split's DINO prefix, only the SSL teacher reads pixels."""
         return self.cache is None or self.objective.teacher is not None or \
             not self.cache.covers(pack.image_keys)
@@ -343,10 +342,11 @@ class StageTrainer:
                  "only the heads and SAM decoder" if plan.end_block == depth
                  else f"DINO blocks {plan.end_block}-{depth - 1} onwards")
 
-    def _image_chunks(self, pack: PackedSplit, chunk: int = 64):
+    def _image_chunks(self, pack: PreparedSplit, chunk: int = 64):
         """(keys, normalised images on the device), ``chunk`` distinct images at a time."""
         for i in range(0, len(pack.image_keys), chunk):
-            u8 = pack.images[i:i + chunk].to(self.device, non_blocking=True)
+            rows = range(i, min(i + chunk, len(pack.image_keys)))
+            u8 = torch.from_numpy(pack.image_rows(rows)).to(self.device, non_blocking=True)
             yield pack.image_keys[i:i + chunk], normalize_batch(u8)
 
     @property

@@ -1,4 +1,5 @@
-"""DVC stage `prepare`: params `prepare`, `seed` → data/prepared/ and metrics/prepare.json."""
+"""DVC stage `prepare`: params `prepare`, `seed`, `data.fit` / `data.resize` / `data.crop` →
+data/prepared/ (the fitted shards every stage opens) and metrics/prepare.json."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def main() -> None:
     ap.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     args = ap.parse_args()
     params = load_stage_params("prepare", args.params)
-    summary = prepare(params.prepare, params.seed, args.out, show_progress=not args.no_progress)
+    summary = prepare(params.prepare, params.seed, args.out, show_progress=not args.no_progress,
+                      data=params.data)
     io.write_json(args.metrics, summary)
     logging.getLogger("cdsam").info("prepared %s", summary)
 

@@ -12,7 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("DVCLIVE_TEST", "true")
 
+import numpy as np  # noqa: E402
+
 from cdsam.config import ModelConfig, Params, parse_params  # noqa: E402
+from cdsam.data.geometry import Geometry  # noqa: E402
+from cdsam.data.prepared import PreparedSplit, read_images, read_index  # noqa: E402
 
 TINY = {
     "model": {"dino": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4,
@@ -52,3 +56,25 @@ def real_data(name: str) -> Path:
         pytest.skip(f"real data {path} not found (set CDSAM_REAL_DATA to the shared "
                     f"real-data folder)")
     return path
+
+
+def prepared_arrays(root: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(mask by sample id, image by stem) as the stages read them from a prepared folder;
+    under the pad fit cut to the image's own (resized) extent, so a folder prepared with
+    ``data.crop`` = the longer side shows each mask at its original pixels."""
+    index = read_index(root)
+    sizes = read_images(root).set_index("image")
+    masks, images = {}, {}
+    for split in index["splits"]:
+        p = PreparedSplit.open(root, split)
+        all_masks = p.masks(np.arange(len(p)))
+        all_images = p.image_rows(np.arange(len(p.image_keys)))
+        for key, image in zip(p.image_keys, all_images, strict=True):
+            h, w = int(sizes.loc[key, "height"]), int(sizes.loc[key, "width"])
+            rh, rw = Geometry.of(h, w, index["resize"], index["crop"], index["fit"]).resized \
+                if index["fit"] == "pad" else (index["crop"], index["crop"])
+            images[key] = image[:, :rh, :rw]
+        for i, sid in enumerate(p.ids):
+            key = p.image_keys[p.image_row[i]]
+            masks[sid] = all_masks[i][:images[key].shape[1], :images[key].shape[2]]
+    return masks, images

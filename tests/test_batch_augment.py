@@ -11,7 +11,7 @@ from cdsam.config import AugmentConfig, DataConfig
 from cdsam.data.batch_augment import augment_batch, draw_augment
 from cdsam.data.dataset import ManifestDataset
 from cdsam.data.manifest import FOREGROUND, IGNORE
-from cdsam.data.packed import PackedLoader, normalize_batch, pack_split
+from cdsam.data.packed import PackedLoader, normalize_batch
 from cdsam.data.spatial import SpatialPolicy
 from tests.test_packed import mixed_dir  # noqa: F401
 from tests.test_train import _params, _trainer, data_dir  # noqa: F401
@@ -63,7 +63,7 @@ def test_a_sample_gets_the_same_draw_in_any_batch(mixed_dir):  # noqa: F811
     cfg = AugmentConfig(enable=True)
     policy = SpatialPolicy(point=1.0, box=0.5)
     ds = ManifestDataset(mixed_dir, "train", DataConfig(crop=32), seed=4, spatial=policy)
-    pack = pack_split(ds, 64)
+    pack = ds.data
     got = {}
     for bs in (3, 5):
         sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=2)

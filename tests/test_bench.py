@@ -1,9 +1,10 @@
-"""python -m cdsam.bench (the where-does-a-step-go split) and tools/loader_memory.py, on tiny
+"""python -m cdsam.bench (the where-does-a-step-go split) and tools/scale_bench.py, on tiny
 inputs."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -42,14 +43,17 @@ def test_bench_splits_loader_step_and_flops_for_both_loaders(tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_loader_memory_tool_measures_the_four_paths(tmp_path):
-    tool = Path(__file__).resolve().parents[1] / "tools" / "loader_memory.py"
-    out = subprocess.run([sys.executable, str(tool), "--images", "8", "--size", "32",
-                          "--work", str(tmp_path)], check=True, capture_output=True, text=True)
-    rows = [line.split() for line in out.stdout.splitlines()[1:]]
-    assert [r[1] for r in rows] == ["per-sample", "packed-one-process", "packed",
-                                    "packed-on-disk"]
-    assert len({r[3] for r in rows}) == 1 and int(rows[0][3]) > 0  # the same samples each
+def test_scale_bench_measures_each_size_in_a_dvc_project(tmp_path):
+    tool = Path(__file__).resolve().parents[1] / "tools" / "scale_bench.py"
+    out = subprocess.run([sys.executable, str(tool), "--images", "12", "24", "--size", "32",
+                          "--batch", "4", "--epoch-steps", "2", "--work", str(tmp_path),
+                          "--json", str(tmp_path / "rows.json")],
+                         check=True, capture_output=True, text=True)
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["images"] for r in rows] == [12, 24] and "peak RSS MB" in out.stdout
+    assert rows[0]["files"] == rows[1]["files"]  # the shards: a few files, whatever the size
+    assert rows[1]["mb"] > rows[0]["mb"] and rows[1]["samples"] > rows[0]["samples"]
+    assert all(r["steps"] == 2 and r["rss_mb"] > 0 for r in rows)
 
 
 def test_batch_size_arg_reads_as_the_params_key_does():

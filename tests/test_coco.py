@@ -7,12 +7,15 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from cdsam.config import PrepareConfig
-from cdsam.data.manifest import FOREGROUND, IGNORE, read_manifest
+from cdsam.config import DataConfig, PrepareConfig
+from cdsam.data.manifest import FOREGROUND, IGNORE
 from cdsam.data.prepare import prepare
+from cdsam.data.prepared import read_samples
 from cdsam.data.voc import VOC_CLASSES
 from cdsam.errors import DataError
-from tests.conftest import real_data
+from tests.conftest import prepared_arrays, real_data
+
+WHOLE = DataConfig(fit="pad", crop=30)  # the tiny 30x20 images at their own pixels
 
 
 def _rle(binary: np.ndarray) -> dict:
@@ -46,15 +49,15 @@ def test_coco_from_voc_prepares_the_same_masks(tmp_path):
     prepare(PrepareConfig(source="voc", root=str(voc), **common), 0, tmp_path / "v", False)
     prepare(PrepareConfig(source="coco", annotations=str(tmp_path / "instances.json"),
                           images=str(voc / "JPEGImages"), **common), 0, tmp_path / "c", False)
-    a, b = read_manifest(tmp_path / "v"), read_manifest(tmp_path / "c")
+    a, b = read_samples(tmp_path / "v"), read_samples(tmp_path / "c")
     assert len(a) == len(b) > 14
     assert list(a["id"]) == list(b["id"]) and list(a["split"]) == list(b["split"])
-    for ma, mb in zip(a["mask"], b["mask"], strict=True):
-        va = np.asarray(Image.open(tmp_path / "v" / ma))
-        vb = np.asarray(Image.open(tmp_path / "c" / mb))
-        np.testing.assert_array_equal(va, vb)  # foreground, background and 255 borders
-    assert (tmp_path / "v" / a["image"][0]).read_bytes() == \
-        (tmp_path / "c" / b["image"][0]).read_bytes()
+    (ma, ia), (mb, ib) = prepared_arrays(tmp_path / "v"), prepared_arrays(tmp_path / "c")
+    assert any((m == IGNORE).any() for m in ma.values())  # the 255 borders are kept
+    for sid in a["id"]:
+        np.testing.assert_array_equal(ma[sid], mb[sid])  # foreground, background, borders
+    for stem in ia:
+        np.testing.assert_array_equal(ia[stem], ib[stem])
 
 
 def _tiny_coco(tmp_path, n=4, **image_over):
@@ -90,13 +93,14 @@ def test_coco_polygons_crowd_and_negatives(tmp_path):
     cfg, _ = _tiny_coco(tmp_path)
     cfg.negatives = "absent"
     cfg.negatives_per_image = 0
-    summary = prepare(cfg, 0, tmp_path / "p", show_progress=False)
-    df = read_manifest(tmp_path / "p").set_index("id")
-    box = np.asarray(Image.open(tmp_path / "p" / df.loc["000__a-box", "mask"]))
+    summary = prepare(cfg, 0, tmp_path / "p", show_progress=False, data=WHOLE)
+    df = read_samples(tmp_path / "p").set_index("id")
+    masks, _ = prepared_arrays(tmp_path / "p")
+    box = masks["000__a-box"]
     assert (box[3:12, 3:12] == FOREGROUND).all() and box[14:, :].max() == 0
     # image 000 has only a crowd of tins: neither a tin positive nor an absent-tin negative
     assert "000__a-tin" not in df.index and bool(df.loc["000__a-jar", "negative"])
-    tin = np.asarray(Image.open(tmp_path / "p" / df.loc["001__a-tin", "mask"]))
+    tin = masks["001__a-tin"]
     assert tin.sum() > 0 and not df.loc["001__a-tin", "negative"]
     # positives: 4 boxes + 1 tin; negatives: jar x4, tin in images 002 and 003
     assert summary["positive_samples"] == 5 and summary["negative_samples"] == 6
@@ -109,11 +113,12 @@ def test_coco_crowd_region_is_ignore_for_its_category(tmp_path):
     data["annotations"].append({"id": 97, "image_id": 2, "category_id": 2, "iscrowd": 1,
                                 "segmentation": _rle(extra), "area": 50, "bbox": [0, 15, 10, 5]})
     (tmp_path / "ann.json").write_text(json.dumps(data))
-    prepare(cfg, 0, tmp_path / "p", show_progress=False)
-    df = read_manifest(tmp_path / "p").set_index("id")
-    tin = np.asarray(Image.open(tmp_path / "p" / df.loc["001__a-tin", "mask"]))
+    prepare(cfg, 0, tmp_path / "p", show_progress=False, data=WHOLE)
+    masks, _ = prepared_arrays(tmp_path / "p")
+    tin = masks["001__a-tin"]
+    assert tin.shape == (20, 30)
     assert (tin[15:20, 0:10] == IGNORE).all() and (tin[10:18, 18:28] == FOREGROUND).all()
-    box = np.asarray(Image.open(tmp_path / "p" / df.loc["001__a-box", "mask"]))
+    box = masks["001__a-box"]
     assert IGNORE not in box  # another category's crowd is not ignore for boxes
 
 
@@ -129,9 +134,9 @@ def test_coco_classes_subset_and_split_files(tmp_path):
     cfg.classes = ["box"]
     cfg.test_fraction = 0.0
     prepare(cfg, 0, tmp_path / "p", show_progress=False)
-    df = read_manifest(tmp_path / "p")
+    df = read_samples(tmp_path / "p")
     assert set(df["prompt"]) == {"a box"}
-    assert set(df.loc[df["split"] == "val", "image"]) == {"images/000.png"}
+    assert set(df.loc[df["split"] == "val", "image"]) == {"000"}
     assert (df["split"] == "train").sum() == 3  # with a val file, the main file all trains
 
 

@@ -83,7 +83,9 @@ def test_every_stage_declares_what_it_needs():
         for k in ("seed", "device", "data", "model", "lora.sam", "optim", "loss", f"stage{n}"):
             assert k in keys, (n, k)
         assert ("lora.dino" in keys) == (n in (2, 3))
-    assert set(declared_keys("prepare", "dvc.yaml")) == {"seed", "prepare"}
+    # prepare fits the images once, so it reads the fit's keys of `data` (and no others)
+    assert set(declared_keys("prepare", "dvc.yaml")) == {"seed", "prepare", "data.fit",
+                                                          "data.resize", "data.crop"}
 
 
 def test_user_input_folders_are_dependencies():

@@ -7,36 +7,45 @@ from PIL import Image
 
 from cdsam.config import DataConfig, PrepareConfig, SyntheticConfig
 from cdsam.data.dataset import ManifestDataset
-from cdsam.data.manifest import FOREGROUND, IGNORE, read_manifest, slug
+from cdsam.data.manifest import FOREGROUND, IGNORE, slug
 from cdsam.data.prepare import prepare
+from cdsam.data.prepared import read_samples
+from cdsam.data.shards import SAMPLE_COLUMNS
 from cdsam.errors import DataError
+from tests.conftest import prepared_arrays
+
+
+def whole(side: int) -> DataConfig:
+    """The pad fit at an image's longer side: masks keep their original pixels."""
+    return DataConfig(fit="pad", crop=side)
 
 
 def test_synthetic_manifest(tmp_path):
     cfg = PrepareConfig(synthetic=SyntheticConfig(num_images=40, image_size=48),
                         test_fraction=0.0, negatives="none")
-    summary = prepare(cfg, seed=0, out=tmp_path / "p", show_progress=False)
-    df = read_manifest(tmp_path / "p")
-    assert list(df.columns) == ["id", "image", "mask", "prompt", "split", "negative"]
+    summary = prepare(cfg, seed=0, out=tmp_path / "p", show_progress=False, data=whole(48))
+    df = read_samples(tmp_path / "p")
+    assert list(df.columns) == SAMPLE_COLUMNS
     assert set(df["split"]) == {"train", "val"}
     assert df["prompt"].nunique() >= 4
     per_image = df.groupby("image")["prompt"].nunique()
     assert (per_image >= 2).all()
     assert not df["negative"].any()
-    for m in df["mask"].head(10):
-        values = set(np.unique(np.asarray(Image.open(tmp_path / "p" / m))))
+    masks, _ = prepared_arrays(tmp_path / "p")
+    for sid in df["id"].head(10):
+        values = set(np.unique(masks[sid]))
         assert values <= {0, FOREGROUND} and FOREGROUND in values
     assert summary["images"] == 40
-    # seeded: the same params give the same files
-    prepare(cfg, seed=0, out=tmp_path / "q", show_progress=False)
-    a = (tmp_path / "p" / df["image"][0]).read_bytes()
-    assert a == (tmp_path / "q" / df["image"][0]).read_bytes()
+    # seeded: the same params give the same files, byte for byte
+    prepare(cfg, seed=0, out=tmp_path / "q", show_progress=False, data=whole(48))
+    for f in (tmp_path / "p").iterdir():
+        assert f.read_bytes() == (tmp_path / "q" / f.name).read_bytes(), f.name
 
 
 def test_distractors_share_colour_or_shape(tmp_path):
     prepare(PrepareConfig(synthetic=SyntheticConfig(num_images=20)), 1, tmp_path / "p",
             show_progress=False)
-    df = read_manifest(tmp_path / "p")
+    df = read_samples(tmp_path / "p")
     for _, g in df.groupby("image"):
         words = [p.split()[1:] for p in g["prompt"]]
         colours = [w[0] for w in words]
@@ -50,7 +59,7 @@ def test_four_object_scenes_make_both_cues_ambiguous(tmp_path):
     prepare(PrepareConfig(synthetic=SyntheticConfig(num_images=30, min_objects=4,
                                                     max_objects=5)), 2, tmp_path / "p",
             show_progress=False)
-    df = read_manifest(tmp_path / "p")
+    df = read_samples(tmp_path / "p")
     def both_kinds(objects: list[tuple[str, str]], c: str, s: str) -> bool:
         return (any(o[0] == c and o[1] != s for o in objects)
                 and any(o[1] == s and o[0] != c for o in objects))
@@ -78,11 +87,11 @@ def _folders(tmp_path, n=6):
 
 def test_folders_source(tmp_path):
     cfg = _folders(tmp_path)
-    prepare(cfg, 0, tmp_path / "p", show_progress=False)
-    df = read_manifest(tmp_path / "p")
+    prepare(cfg, 0, tmp_path / "p", show_progress=False, data=whole(24))
+    df = read_samples(tmp_path / "p")
     assert len(df) == 6 and set(df["prompt"]) == {"a lesion"}
-    m = np.asarray(Image.open(tmp_path / "p" / df["mask"][0]))
-    assert set(np.unique(m)) == {0, 1}
+    m = prepared_arrays(tmp_path / "p")[0][df["id"][0]]
+    assert set(np.unique(m)) == {0, 1} and m.shape == (20, 24)
 
 
 def test_truncated_png_named_or_skipped(tmp_path):
@@ -117,11 +126,12 @@ def test_folders_bad_inputs(tmp_path, case, match):
 def test_existing_output_survives_a_failed_prepare(tmp_path):
     cfg = _folders(tmp_path)
     prepare(cfg, 0, tmp_path / "p", show_progress=False)
-    before = (tmp_path / "p" / "manifest.csv").read_bytes()
+    before = {f.name: f.read_bytes() for f in (tmp_path / "p").iterdir()}
     (tmp_path / "masks" / "im1.png").unlink()
     with pytest.raises(DataError):
         prepare(cfg, 0, tmp_path / "p", show_progress=False)
-    assert (tmp_path / "p" / "manifest.csv").read_bytes() == before
+    assert {f.name: f.read_bytes() for f in (tmp_path / "p").iterdir()} == before
+    assert [f.name for f in tmp_path.iterdir() if f.name.endswith(".tmp")] == []
 
 
 def test_source_and_split_errors(tmp_path):
@@ -165,15 +175,16 @@ def _voc(tmp_path, with_sets=True):
 
 def test_voc_per_class_prompts_and_ignore(tmp_path):
     root = _voc(tmp_path)
+    data = DataConfig(fit="crop", resize=16, crop=16)
     prepare(PrepareConfig(source="voc", root=str(root), negatives="none"), 0, tmp_path / "p",
-            False)
-    df = read_manifest(tmp_path / "p")
+            False, data=data)
+    df = read_samples(tmp_path / "p")
     assert set(df["prompt"]) == {"a photo of a person", "a photo of a dog"}
     assert (df["split"] == "val").sum() == 2 and (df["split"] == "train").sum() == 6
-    m = np.asarray(Image.open(tmp_path / "p" / df["mask"][0]))
+    m = prepared_arrays(tmp_path / "p")[0][df["id"][0]]
     assert set(np.unique(m)) == {0, FOREGROUND, IGNORE}
     assert (m[8, :] == IGNORE).all()
-    ds = ManifestDataset(tmp_path / "p", "val", DataConfig(fit="crop", resize=16, crop=16))
+    ds = ManifestDataset(tmp_path / "p", "val", data)
     s = ds[0]
     assert s["valid"][0, 8].sum() == 0 and s["mask"][0, 8].sum() == 0
 
@@ -183,7 +194,7 @@ def test_voc_binary_and_custom_classes(tmp_path):
     cfg = PrepareConfig(source="voc", root=str(root), binary=True, prompt="a lesion",
                         val_fraction=0.25)
     prepare(cfg, 0, tmp_path / "p", False)
-    df = read_manifest(tmp_path / "p")
+    df = read_samples(tmp_path / "p")
     assert set(df["prompt"]) == {"a lesion"} and len(df) == 4
     short = PrepareConfig(source="voc", root=str(root), classes=["a", "b"], val_fraction=0.25)
     with pytest.raises(DataError, match="label value 12 has no class name"):
@@ -191,16 +202,21 @@ def test_voc_binary_and_custom_classes(tmp_path):
 
 
 def test_dataset_transform_and_manifest_errors(tmp_path):
+    data = DataConfig(fit="crop", resize=36, crop=32)
     prepare(PrepareConfig(synthetic=SyntheticConfig(num_images=10, image_size=40),
-                          test_fraction=0.0), 0, tmp_path / "p", False)
-    ds = ManifestDataset(tmp_path / "p", "train", DataConfig(fit="crop", resize=36, crop=32))
+                          test_fraction=0.0), 0, tmp_path / "p", False, data=data)
+    ds = ManifestDataset(tmp_path / "p", "train", data)
     s = ds[0]
     assert s["image"].shape == (3, 32, 32) and s["mask"].shape == (1, 32, 32)
     assert set(s["mask"].unique().tolist()) <= {0.0, 1.0}
     with pytest.raises(DataError, match="split 'test' has no samples"):
-        ManifestDataset(tmp_path / "p", "test", DataConfig(crop=32))
-    with pytest.raises(DataError, match="manifest not found"):
-        read_manifest(tmp_path / "nothing")
+        ManifestDataset(tmp_path / "p", "test", data)
+    with pytest.raises(DataError, match=r"index.json: not found \(run the prepare stage"):
+        read_samples(tmp_path / "nothing")
+    # A stage fitted otherwise than prepare did: one line naming the keys.
+    with pytest.raises(DataError, match=r"data.resize: 40 \(prepared: 36\); rerun dvc repro "
+                                        r"prepare"):
+        ManifestDataset(tmp_path / "p", "train", DataConfig(fit="crop", resize=40, crop=32))
 
 
 def test_slug():
@@ -247,31 +263,32 @@ def test_missing_voc_root_and_empty_folder(tmp_path):
 def test_synthetic_negatives_name_absent_objects(tmp_path):
     cfg = PrepareConfig(negatives="absent", negatives_per_image=2,
                         synthetic=SyntheticConfig(num_images=12, image_size=32))
-    summary = prepare(cfg, 0, tmp_path / "p", show_progress=False)
-    df = read_manifest(tmp_path / "p")
+    summary = prepare(cfg, 0, tmp_path / "p", show_progress=False, data=whole(32))
+    df = read_samples(tmp_path / "p")
+    masks = prepared_arrays(tmp_path / "p")[0]
     assert summary["negative_samples"] == 24 == int(df["negative"].sum())
     assert summary["positive_samples"] + summary["negative_samples"] == len(df)
     for _, g in df.groupby("image"):
         present = set(g.loc[~g["negative"], "prompt"])
         absent = set(g.loc[g["negative"], "prompt"])
         assert len(absent) == 2 and not (absent & present)
-    for m in df.loc[df["negative"], "mask"]:
-        assert not (np.asarray(Image.open(tmp_path / "p" / m)) == FOREGROUND).any()
+    for sid in df.loc[df["negative"], "id"]:
+        assert not (masks[sid] == FOREGROUND).any()
     # the positives are the ones prepare.negatives: none gives, and the draw is seeded
     prepare(PrepareConfig(synthetic=cfg.synthetic, negatives="none"), 0, tmp_path / "q",
             show_progress=False)
-    plain = read_manifest(tmp_path / "q")
+    plain = read_samples(tmp_path / "q")
     assert list(plain["id"]) == list(df.loc[~df["negative"], "id"])
-    prepare(cfg, 0, tmp_path / "r", show_progress=False)
-    assert (tmp_path / "r" / "manifest.csv").read_bytes() == \
-        (tmp_path / "p" / "manifest.csv").read_bytes()
+    prepare(cfg, 0, tmp_path / "r", show_progress=False, data=whole(32))
+    assert (tmp_path / "r" / "samples.csv").read_bytes() == \
+        (tmp_path / "p" / "samples.csv").read_bytes()
 
 
 def test_folders_empty_mask_is_a_negative(tmp_path):
     cfg = _folders(tmp_path)
     Image.fromarray(np.zeros((20, 24), np.uint8)).save(tmp_path / "masks" / "im1.png")
     summary = prepare(cfg, 0, tmp_path / "p", show_progress=False)
-    df = read_manifest(tmp_path / "p").set_index("id")
+    df = read_samples(tmp_path / "p").set_index("id")
     assert summary["negative_samples"] == 1 and bool(df.loc["im1__a-lesion", "negative"])
 
 
@@ -295,15 +312,16 @@ def test_folders_class_indexed_masks_with_negatives(tmp_path):
     cfg = _indexed(tmp_path, [lab, lab, np.where(lab == 2, 0, lab)])
     cfg.negatives = "absent"
     cfg.negatives_per_image = 0  # every absent class
-    prepare(cfg, 0, tmp_path / "p", show_progress=False)
-    df = read_manifest(tmp_path / "p").set_index("id")
+    prepare(cfg, 0, tmp_path / "p", show_progress=False, data=whole(12))
+    df = read_samples(tmp_path / "p").set_index("id")
+    masks = prepared_arrays(tmp_path / "p")[0]
     assert set(df.index) == {f"im{i}__a-{c}" for i in range(3) for c in ("cell", "nucleus",
                                                                          "vesicle")}
     assert list(df.loc[["im2__a-nucleus", "im0__a-vesicle"], "negative"]) == [True, True]
-    m = np.asarray(Image.open(tmp_path / "p" / df.loc["im0__a-nucleus", "mask"]))
+    m = masks["im0__a-nucleus"]
     assert (m[6:9, 6:9] == FOREGROUND).all() and m[1:5, 1:5].max() == 0
     assert (m[11] == IGNORE).all()
-    neg = np.asarray(Image.open(tmp_path / "p" / df.loc["im0__a-vesicle", "mask"]))
+    neg = masks["im0__a-vesicle"]
     assert (neg[11] == IGNORE).all() and neg[:11].max() == 0  # ignore stays ignore
 
 
@@ -334,7 +352,7 @@ def test_folders_one_mask_folder_per_class(tmp_path):
                         mask_format="per_class", classes=["crack", "dent"],
                         prompt_template="a {}", negatives="absent", val_fraction=0.34)
     summary = prepare(cfg, 0, tmp_path / "p", show_progress=False)
-    df = read_manifest(tmp_path / "p").set_index("id")
+    df = read_samples(tmp_path / "p").set_index("id")
     assert summary["samples"] == 6 and summary["negative_samples"] == 2  # p0, p2 lack a dent
     assert not df.loc["p1__a-dent", "negative"] and df.loc["p2__a-dent", "negative"]
 
@@ -342,12 +360,12 @@ def test_folders_one_mask_folder_per_class(tmp_path):
 def test_voc_negatives_keep_borders_ignore(tmp_path):
     root = _voc(tmp_path)
     cfg = PrepareConfig(source="voc", root=str(root), negatives="absent", negatives_per_image=3)
-    summary = prepare(cfg, 0, tmp_path / "p", show_progress=False)
-    df = read_manifest(tmp_path / "p")
+    summary = prepare(cfg, 0, tmp_path / "p", show_progress=False, data=whole(16))
+    df = read_samples(tmp_path / "p")
     assert summary["negative_samples"] == 4 * 3 and summary["positive_samples"] == 8
     neg = df[df["negative"]]
     assert not set(neg["prompt"]) & {"a photo of a person", "a photo of a dog"}
-    m = np.asarray(Image.open(tmp_path / "p" / neg["mask"].iloc[0]))
+    m = prepared_arrays(tmp_path / "p")[0][neg["id"].iloc[0]]
     assert (m[8] == IGNORE).all() and set(np.unique(m)) == {0, IGNORE}
 
 

@@ -84,8 +84,8 @@ def test_augment_is_seeded_per_epoch_and_sample_and_moves_mask_with_image():
 
 
 def test_dataset_augments_train_only_and_same_with_any_order(tmp_path):
-    prepare(PrepareConfig(), 0, tmp_path / "p", show_progress=False)
     data = DataConfig(fit="pad", crop=48, augment=AugmentConfig(enable=True))
+    prepare(PrepareConfig(), 0, tmp_path / "p", show_progress=False, data=data)
     train = ManifestDataset(tmp_path / "p", "train", data, augment=True, seed=3)
     plain = ManifestDataset(tmp_path / "p", "train", data)
     assert not torch.equal(train[(0, 0)]["image"], plain[0]["image"])
@@ -94,11 +94,9 @@ def test_dataset_augments_train_only_and_same_with_any_order(tmp_path):
     again = ManifestDataset(tmp_path / "p", "train", data, augment=True, seed=3)[(1, 4)]
     assert torch.equal(first["image"], again["image"]) and torch.equal(first["mask"],
                                                                       again["mask"])
-    # one decoded uint8 image per image, however many prompts it has
-    for i in range(len(plain)):
-        plain[i]
-    assert len(plain._images) == plain.df["image"].nunique()
-    assert all(v.dtype == torch.uint8 for v in plain._images.values())
+    # one stored uint8 image per image, however many prompts it has
+    assert len(plain.data.image_keys) == plain.df["image"].nunique() < len(plain)
+    assert all(x.dtype == torch.uint8 for x in plain.fitted(0))
 
 
 def test_wide_image_pad_prediction_reaches_the_outer_thirds(tmp_path):

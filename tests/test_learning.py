@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cdsam.config import PrepareConfig, SyntheticConfig
-from cdsam.data.manifest import read_manifest
+from cdsam.config import DataConfig, PrepareConfig, SyntheticConfig
 from cdsam.data.prepare import prepare
+from cdsam.data.prepared import read_samples
 from cdsam.train import StagePaths, StageTrainer
 from tests.conftest import tiny_params
 
@@ -23,14 +23,14 @@ def _data(tmp: Path, shuffle: bool) -> Path:
     out = tmp / ("shuffled" if shuffle else "true")
     prepare(PrepareConfig(synthetic=SyntheticConfig(num_images=160, image_size=SIZE),
                           val_fraction=0.25, test_fraction=0.0, negatives="none"),
-            seed=0, out=out, show_progress=False)
+            seed=0, out=out, show_progress=False, data=DataConfig(fit="crop", resize=SIZE, crop=SIZE))
     if shuffle:
-        path = out / "manifest.csv"
-        df = read_manifest(out)
+        path = out / "samples.csv"
+        df = read_samples(out)
         train = df.index[df["split"] == "train"]
         df.loc[train, "prompt"] = np.random.default_rng(0).permutation(
             df.loc[train, "prompt"].to_numpy())
-        df.to_csv(path, index=False)
+        df.assign(negative=df["negative"].astype(int)).to_csv(path, index=False)
     return out
 
 

@@ -1,33 +1,39 @@
-"""Packed uint8 arrays and batches by indexing (cdsam.data.packed): the same samples as the
-per-sample path, on disk beyond the memory budget, and the same training run."""
+"""Batches straight from the prepared shards (cdsam.data.packed): the same samples as the
+per-sample path, rows read from disk beyond the memory budget, and the same training run."""
 
 from __future__ import annotations
 
-import gc
-import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
 from cdsam.config import DataConfig, PrepareConfig, SyntheticConfig
 from cdsam.data.dataset import EpochSampler, ManifestDataset, collate
-from cdsam.data.packed import PackedLoader, decode_workers, pack_split, pixel_placeholder
+from cdsam.data.packed import PackedLoader, pixel_placeholder
 from cdsam.data.prepare import prepare
+from cdsam.data.prepared import PreparedSplit
 from cdsam.data.spatial import SpatialPolicy
 from tests.test_train import _params, _trainer, data_dir  # noqa: F401
+
+MIXED = PrepareConfig(val_fraction=0.25, test_fraction=0.0, negatives="absent",
+                      negatives_per_image=1,
+                      synthetic=SyntheticConfig(num_images=10, image_size=40))
+
+
+def mixed(root: Path, data: DataConfig) -> Path:
+    """Several prompts per image and absent-object negatives, fitted as ``data`` says."""
+    out = root / f"{data.fit}-{data.resize}-{data.crop}"
+    if not out.is_dir():
+        prepare(MIXED, seed=1, out=out, show_progress=False, data=data)
+    return out
 
 
 @pytest.fixture(scope="module")
 def mixed_dir(tmp_path_factory) -> Path:
-    """Several prompts per image, absent-object negatives, non-square images."""
-    out = tmp_path_factory.mktemp("packed") / "prepared"
-    cfg = PrepareConfig(val_fraction=0.25, test_fraction=0.0, negatives="absent",
-                        negatives_per_image=1,
-                        synthetic=SyntheticConfig(num_images=10, image_size=40))
-    prepare(cfg, seed=1, out=out, show_progress=False)
-    return out
+    return mixed(tmp_path_factory.mktemp("packed"), DataConfig(crop=32))
 
 
 def _same_batches(ds: ManifestDataset, loader: PackedLoader, epochs: int = 2) -> int:
@@ -51,21 +57,21 @@ def _same_batches(ds: ManifestDataset, loader: PackedLoader, epochs: int = 2) ->
 
 
 @pytest.mark.parametrize("fit", ["pad", "crop"])
-def test_packed_batches_are_the_per_sample_batches(mixed_dir, fit):
+def test_packed_batches_are_the_per_sample_batches(tmp_path, fit):
     data = DataConfig(fit=fit, resize=40, crop=32)
+    root = mixed(tmp_path, data)
     policy = SpatialPolicy(point=0.6, negative=0.5, box=0.5)
-    ds = ManifestDataset(mixed_dir, "train", data, seed=5, spatial=policy)
-    pack = pack_split(ds, memory_mb=64)
+    ds = ManifestDataset(root, "train", data, seed=5, spatial=policy)
+    pack = ds.data
     assert len(pack.image_keys) < len(pack) == len(ds)  # images shared by several prompts
-    assert pack.images.dtype == pack.masks.dtype == torch.uint8 and not pack.on_disk
+    assert not pack.on_disk
     sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=7)
     loader = PackedLoader(pack, 3, torch.device("cpu"), sampler=sampler, spatial=policy,
                           seed=5)
     assert _same_batches(ds, loader) == 2 * len(ds)
     # In order, without prompts: the validation loader.
-    val = ManifestDataset(mixed_dir, "val", data)
-    assert _same_batches(val, PackedLoader(pack_split(val, 64), 4, torch.device("cpu")), 1) \
-        == len(val)
+    val = ManifestDataset(root, "val", data)
+    assert _same_batches(val, PackedLoader(val.data, 4, torch.device("cpu")), 1) == len(val)
 
 
 def test_prefetching_thread_gives_the_same_batches(mixed_dir):
@@ -73,59 +79,36 @@ def test_prefetching_thread_gives_the_same_batches(mixed_dir):
     policy = SpatialPolicy(point=1.0, box=0.5)
     ds = ManifestDataset(mixed_dir, "train", data, seed=2, spatial=policy)
     sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=1)
-    loader = PackedLoader(pack_split(ds, 64), 5, torch.device("cpu"), sampler=sampler,
+    loader = PackedLoader(ds.data, 5, torch.device("cpu"), sampler=sampler,
                           spatial=policy, seed=2, prefetch=True)
     assert _same_batches(ds, loader) == 2 * len(ds)
 
 
-def test_beyond_the_memory_budget_the_arrays_stream_from_a_scratch_file(mixed_dir, tmp_path):
-    ds = ManifestDataset(mixed_dir, "train", DataConfig(crop=32))
-    in_ram = pack_split(ds, memory_mb=64)
-    on_disk = pack_split(ds, memory_mb=0, scratch=tmp_path / "scratch")
-    assert on_disk.on_disk and torch.equal(on_disk.images, in_ram.images)
-    assert torch.equal(on_disk.masks, in_ram.masks)
-    files = sorted(p.name for p in (tmp_path / "scratch").rglob("*.npy"))
-    assert files == ["train-images.npy", "train-masks.npy"]
-    del on_disk
-    gc.collect()
-    assert not list((tmp_path / "scratch").rglob("*.npy"))  # the scratch copy goes with it
+def test_beyond_the_memory_budget_rows_are_read_from_disk(mixed_dir):
+    mapped = PreparedSplit.open(mixed_dir, "train", DataConfig(crop=32))
+    read = PreparedSplit.open(mixed_dir, "train", DataConfig(crop=32, memory_mb=0))
+    assert read.on_disk and not mapped.on_disk
+    rows = [3, 0, 3, len(mapped.image_keys) - 1]
+    assert np.array_equal(read.image_rows(rows), mapped.image_rows(rows))
+    idx = np.arange(len(mapped))[::-1]
+    assert np.array_equal(read.masks(idx), mapped.masks(idx))
+    sampler = DistributedSampler(range(len(read)), num_replicas=1, rank=0, shuffle=True, seed=3)
+    a = [b["mask"] for b in PackedLoader(read, 4, torch.device("cpu"), sampler=sampler)]
+    b = [b["mask"] for b in PackedLoader(mapped, 4, torch.device("cpu"), sampler=sampler)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def test_worker_processes_decode_the_same_arrays(mixed_dir, tmp_path):
-    ds = ManifestDataset(mixed_dir, "train", DataConfig(crop=32))
-    here = pack_split(ds, memory_mb=64, workers=0)
-    for packed in (pack_split(ds, memory_mb=64, workers=2),
-                   pack_split(ds, memory_mb=0, scratch=tmp_path, workers=2),
-                   pack_split(ds, memory_mb=64, workers=2, start_method="spawn")):
-        assert torch.equal(packed.images, here.images) and torch.equal(packed.masks, here.masks)
-        assert torch.equal(packed.image_row, here.image_row)
-        assert (packed.stats.boxes == here.stats.boxes).all()
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_packing_leaves_the_global_rng_alone(mixed_dir, workers):
-    ds = ManifestDataset(mixed_dir, "val", DataConfig(crop=32))
+def test_opening_a_split_leaves_the_global_rng_alone(mixed_dir):
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    pack_split(ds, memory_mb=64, workers=workers)
+    PreparedSplit.open(mixed_dir, "val", DataConfig(crop=32))
     assert torch.equal(torch.rand(3), expected)  # training's LoRA init and dropout draw next
-
-
-def test_decode_workers_only_for_splits_that_repay_them(monkeypatch):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
-    assert decode_workers(100) == 0  # one worker's share: decoding here is cheaper
-    assert decode_workers(200) == 3
-    assert decode_workers(100_000) == 16
-    assert decode_workers(1_000, "spawn") == 0  # spawned workers import torch first
-    assert decode_workers(5_000, "spawn") == 5
-    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0}, raising=False)
-    assert decode_workers(100_000) == 0  # one core: nothing to split
 
 
 def test_a_fully_cached_step_copies_no_pixels(mixed_dir):
     ds = ManifestDataset(mixed_dir, "val", DataConfig(crop=32))
-    loader = PackedLoader(pack_split(ds, 64), 4, torch.device("cpu"))
+    loader = PackedLoader(ds.data, 4, torch.device("cpu"))
     loader.pixels = False
     batch = next(iter(loader))
     assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].stride() == (0, 0, 0, 0)

@@ -7,25 +7,29 @@ import pytest
 import torch
 from PIL import Image
 
-from cdsam.config import PrepareConfig
+from cdsam.config import DataConfig, PrepareConfig
 from cdsam.data.geometry import BACKGROUND_LOGIT
-from cdsam.data.manifest import FOREGROUND, IGNORE, read_manifest
+from cdsam.data.manifest import FOREGROUND, IGNORE
 from cdsam.data.prepare import prepare
+from cdsam.data.prepared import read_samples
 from cdsam.predict import load_model
 from cdsam.train import StagePaths, StageTrainer
-from tests.conftest import real_data, tiny_params
+from tests.conftest import prepared_arrays, real_data, tiny_params
 
 
 def test_em_slices_prepare_as_binary_folders(tmp_path):
     em = real_data("isbi2012-em")
     cfg = PrepareConfig(source="folders", images=str(em / "images"), masks=str(em / "masks"),
                         prompt="a cell", val_fraction=0.2, test_fraction=0.2)
-    summary = prepare(cfg, 0, tmp_path / "p", show_progress=False)
+    summary = prepare(cfg, 0, tmp_path / "p", show_progress=False,
+                      data=DataConfig(fit="pad", crop=512))
     assert summary["images"] == 30 and summary["test_samples"] == 6
-    df = read_manifest(tmp_path / "p")
-    m = np.asarray(Image.open(tmp_path / "p" / df["mask"][0]))
+    df = read_samples(tmp_path / "p")
+    masks, images = prepared_arrays(tmp_path / "p")
+    m = masks[df["id"][0]]
     assert m.shape == (512, 512) and set(np.unique(m)) == {0, FOREGROUND}
-    assert Image.open(tmp_path / "p" / df["image"][0]).mode == "RGB"  # grey → RGB
+    image = images[df["image"][0]]
+    assert image.shape == (3, 512, 512) and (image[0] == image[2]).all()  # grey → RGB
 
 
 def test_voc_photos_with_negatives(tmp_path):
@@ -34,8 +38,8 @@ def test_voc_photos_with_negatives(tmp_path):
                         val_fraction=0.3)
     summary = prepare(cfg, 0, tmp_path / "p", show_progress=False)
     assert summary["images"] == 14 and summary["negative_samples"] == 28
-    df = read_manifest(tmp_path / "p")
-    neg = np.asarray(Image.open(tmp_path / "p" / df.loc[df["negative"], "mask"].iloc[0]))
+    df = read_samples(tmp_path / "p")
+    neg = prepared_arrays(tmp_path / "p")[0][df.loc[df["negative"], "id"].iloc[0]]
     assert IGNORE in neg and FOREGROUND not in neg  # borders stay ignore in a negative
 
 
@@ -46,10 +50,10 @@ def voc_pad_stage1(tmp_path_factory):
     root = tmp_path_factory.mktemp("voc")
     cfg = PrepareConfig(source="voc", root=str(voc), negatives="absent", val_fraction=0.25,
                         test_fraction=0.15)
-    prepare(cfg, 0, root / "prepared", show_progress=False)
     params = tiny_params(device="cpu", data={"fit": "pad", "resize": 32, "crop": 32,
                                              "augment": {"enable": True}},
                          optim={"batch_size": 4, "warmup_steps": 1}, stage1={"epochs": 2})
+    prepare(cfg, 0, root / "prepared", show_progress=False, data=params.data)
     paths = StagePaths(data=root / "prepared", out=root / "stage1", metrics=root / "metrics",
                        resume=root / "resume")
     trainer = StageTrainer(params, 1, paths, show_progress=False)

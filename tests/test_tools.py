@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import yaml
-from PIL import Image
 
+from cdsam.data.prepared import read_samples
 from cdsam.data.synthetic import SHAPES, attributes
-from tests.conftest import TINY
+from tests.conftest import TINY, prepared_arrays
 from tests.test_train import data_dir  # noqa: F401  (the small prepared set)
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
@@ -29,14 +28,14 @@ def _tool(name: str):
 def test_learnability_labels_each_object_pixel_with_its_shape(data_dir):  # noqa: F811
     tool = _tool("shape_learnability")
     images, labels = tool.load_labels(data_dir, "train")
-    df = pd.read_csv(data_dir / "manifest.csv")
-    df = df[df["split"] == "train"]
+    masks, _ = prepared_arrays(data_dir)
+    df = read_samples(data_dir, "train")
     assert images.shape[0] == labels.shape[0] == df["image"].nunique()
     assert images.dtype.is_floating_point and labels.shape[1:] == images.shape[2:]
-    for i, (_, rows) in enumerate(df.groupby("image", sort=True)):
+    for i, (_, rows) in enumerate(df.groupby("image_row", sort=True)):
         covered = np.zeros(labels.shape[1:], bool)
-        for mask_path, prompt in zip(rows["mask"], rows["prompt"], strict=True):
-            mask = np.asarray(Image.open(data_dir / mask_path)) > 0
+        for sid, prompt in zip(rows["id"], rows["prompt"], strict=True):
+            mask = masks[sid] > 0
             covered |= mask
             assert (labels[i].numpy()[mask] == 1 + SHAPES.index(attributes(prompt)[1])).all()
         assert (labels[i].numpy()[~covered] == 0).all()

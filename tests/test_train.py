@@ -27,7 +27,7 @@ def data_dir(tmp_path_factory) -> Path:
     # Positives only, no test split: the small set the loop tests below are sized for.
     cfg = PrepareConfig(val_fraction=0.25, test_fraction=0.0, negatives="none",
                         synthetic=SyntheticConfig(num_images=12, image_size=32))
-    prepare(cfg, seed=0, out=out, show_progress=False)
+    prepare(cfg, seed=0, out=out, show_progress=False, data=tiny_params().data)
     return out
 
 
@@ -381,12 +381,13 @@ def test_resume_state_is_stale_after_a_code_edit(data_dir, tmp_path, caplog, mon
 
 
 def test_resume_state_is_stale_when_the_data_content_changes(tmp_path, caplog):
-    """Same manifest (same ids, prompts, splits), other pixels: 32-px vs 40-px scenes."""
+    """Same sample index (same ids, prompts, splits), other pixels: 32-px vs 40-px scenes."""
     for size in (32, 40):
         prepare(PrepareConfig(val_fraction=0.25, synthetic=SyntheticConfig(
-            num_images=8, image_size=size)), 0, tmp_path / f"d{size}", show_progress=False)
-    assert (tmp_path / "d32" / "manifest.csv").read_bytes() == \
-        (tmp_path / "d40" / "manifest.csv").read_bytes()
+            num_images=8, image_size=size)), 0, tmp_path / f"d{size}", show_progress=False,
+            data=tiny_params().data)
+    assert (tmp_path / "d32" / "samples.csv").read_bytes() == \
+        (tmp_path / "d40" / "samples.csv").read_bytes()
     first = _trainer(_params(), 1, tmp_path / "d32", tmp_path)
     first.setup()
     first.train(stop_after=1)

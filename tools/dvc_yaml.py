@@ -98,7 +98,7 @@ def render() -> str:
     prepare, train, evaluate = (code_deps(f"stages/{s}.py")
                                 for s in ("prepare", "train", "evaluate"))
     parts = [stage_text("prepare", "python stages/prepare.py", prepare + [RAW_DATA],
-                        ["seed", "prepare"],
+                        ["seed", "prepare", "data.fit", "data.resize", "data.crop"],
                         ["data/prepared"], "metrics/prepare.json")]
     for n in (1, 2, 3, 4):
         parent = [WEIGHTS, "data/prepared"] + ([f"models/stage{n - 1}"] if n > 1 else [])

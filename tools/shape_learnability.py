@@ -27,16 +27,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 import yaml
-from PIL import Image
 from torch import nn
 
 from cdsam.config import parse_params, read_params_file
 from cdsam.data.manifest import FOREGROUND
 from cdsam.data.packed import normalize_batch
+from cdsam.data.prepared import PreparedSplit
 from cdsam.data.synthetic import SHAPES, attributes
 from cdsam.entry import run
 from cdsam.errors import UserError
@@ -48,19 +47,13 @@ BACKGROUND_WEIGHT = 0.2  # background covers most pixels; it must not drown the 
 
 def load_labels(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised images Bx3xHxW and per-pixel labels BxHxW (0 background, 1 + shape index)."""
-    df = pd.read_csv(root / "manifest.csv")
-    df = df[(df["split"] == split) & (df["negative"] == 0)]
-    images, labels = [], []
-    for key, rows in df.groupby("image", sort=True):
-        image = np.asarray(Image.open(root / key).convert("RGB"))
-        label = np.zeros(image.shape[:2], np.int64)
-        for mask_path, prompt in zip(rows["mask"], rows["prompt"], strict=True):
-            mask = np.asarray(Image.open(root / mask_path)) == FOREGROUND
-            label[mask] = 1 + SHAPES.index(attributes(prompt)[1])
-        images.append(image)
-        labels.append(label)
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return normalize_batch(x), torch.from_numpy(np.stack(labels))
+    p = PreparedSplit.open(root, split)
+    images = p.image_rows(np.arange(len(p.image_keys)))
+    labels = np.zeros((len(images), *images.shape[2:]), np.int64)
+    positive = np.flatnonzero(~p.df["negative"].to_numpy())
+    for i, mask in zip(positive, p.masks(positive), strict=True):
+        labels[p.image_row[i]][mask == FOREGROUND] = 1 + SHAPES.index(attributes(p.prompts[i])[1])
+    return normalize_batch(torch.from_numpy(images)), torch.from_numpy(labels)
 
 
 class TokenClassifier(nn.Module):
@@ -150,8 +143,8 @@ def main() -> None:
         dino[key] = yaml.safe_load(value)
     dino.update(pretrained=False, checkpoint=None)
     dino_cfg = parse_params(raw).model.dino
-    if not (args.data / "manifest.csv").is_file():
-        raise UserError(f"--data {args.data}: no manifest.csv (a prepared synthetic set, as "
+    if not (args.data / "samples.csv").is_file():
+        raise UserError(f"--data {args.data}: no samples.csv (a prepared synthetic set, as "
                         f"`dvc repro prepare` writes)")
     data = {s: load_labels(args.data, s) for s in ("train", "val")}
     print(f"{args.data}: {len(data['train'][0])} train / {len(data['val'][0])} val images")

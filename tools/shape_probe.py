@@ -19,12 +19,12 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
-from PIL import Image
 
 from cdsam.checkpoint import load_checkpoint
+from cdsam.data.manifest import FOREGROUND
 from cdsam.data.packed import normalize_batch
+from cdsam.data.prepared import PreparedSplit
 from cdsam.data.synthetic import COLOURS, SHAPES, attributes
 from cdsam.entry import offline_defaults
 
@@ -33,19 +33,19 @@ PROBE_STEPS = 400
 
 def load_split(root: Path, split: str, patch: int) -> dict[str, torch.Tensor]:
     """Images (B×H×W×3 uint8), per object: its image, centre patch (row, col), shape, colour."""
-    df = pd.read_csv(root / "manifest.csv")
-    df = df[(df["split"] == split) & (df["negative"] == 0)]
-    images, image_of, centre, shape, colour = [], [], [], [], []
-    for i, (key, rows) in enumerate(df.groupby("image", sort=True)):
-        images.append(np.asarray(Image.open(root / key).convert("RGB")))
-        for mask_path, prompt in zip(rows["mask"], rows["prompt"], strict=True):
-            ys, xs = np.nonzero(np.asarray(Image.open(root / mask_path)))
-            c, s = attributes(prompt)
-            image_of.append(i)
-            centre.append((int(ys.mean()) // patch, int(xs.mean()) // patch))
-            colour.append(list(COLOURS).index(c))
-            shape.append(SHAPES.index(s))
-    return {"images": torch.from_numpy(np.stack(images)), "image_of": torch.tensor(image_of),
+    p = PreparedSplit.open(root, split)
+    images = p.image_rows(np.arange(len(p.image_keys))).transpose(0, 2, 3, 1)
+    image_of, centre, shape, colour = [], [], [], []
+    positive = np.flatnonzero(~p.df["negative"].to_numpy())
+    for i, mask in zip(positive, p.masks(positive), strict=True):
+        ys, xs = np.nonzero(mask == FOREGROUND)
+        c, s = attributes(p.prompts[i])
+        image_of.append(int(p.image_row[i]))
+        centre.append((int(ys.mean()) // patch, int(xs.mean()) // patch))
+        colour.append(list(COLOURS).index(c))
+        shape.append(SHAPES.index(s))
+    return {"images": torch.from_numpy(np.ascontiguousarray(images)),
+            "image_of": torch.tensor(image_of),
             "centre": torch.tensor(centre), "shape": torch.tensor(shape),
             "colour": torch.tensor(colour)}
 

@@ -1,12 +1,9 @@
-"""The per-sample dataset over the manifest: fit → (seeded augmentation) → Normalize, plus the
-sample's point/box prompt slots (`cdsam.data.spatial`).
+"""The per-sample dataset over a prepared split: (augmentation) → Normalize, plus the sample's
+point/box prompt slots (`cdsam.data.spatial`).
 
-Evaluation reads splits through it, and training packs them from it (`cdsam.data.packed`
-decodes every image once via :meth:`ManifestDataset.fitted_group`); fetching training batches
-sample by sample through a DataLoader is the slower path the benchmark compares against.
-The fit (``data.fit``: crop or pad, see `cdsam.data.geometry`) is deterministic, so its uint8
-result is kept in memory: each image once (not once per prompt), each mask once. Augmentation
-(train split only) and normalisation run on every fetch.
+Training and evaluation take whole batches from the same shards (`cdsam.data.packed`); this
+one-sample-at-a-time view is what overlays, tests and the benchmark's per-sample "before" use.
+The images and masks it returns are the prepared, already fitted ones (`cdsam.data.shards`).
 """
 
 from __future__ import annotations
@@ -22,10 +19,10 @@ from torchvision import tv_tensors
 
 from cdsam.config import DataConfig
 from cdsam.data.augment import augment_pair, build_augment, sample_seed
-from cdsam.data.geometry import fit_transform, normalize_transform
-from cdsam.data.manifest import FOREGROUND, IGNORE, read_image, read_manifest
+from cdsam.data.geometry import normalize_transform
+from cdsam.data.manifest import FOREGROUND, IGNORE
+from cdsam.data.prepared import PreparedSplit
 from cdsam.data.spatial import SpatialPolicy, empty_prompts, sample_prompts
-from cdsam.errors import DataError
 
 
 class ManifestDataset(Dataset):
@@ -35,92 +32,43 @@ class ManifestDataset(Dataset):
     uncovered), which losses and metrics skip. ``augment``: apply ``data.augment`` (train only);
     an index may then be ``(epoch, i)`` (see :class:`EpochSampler`) to seed the draw.
     ``spatial``: draw point/box prompts from each (augmented) mask under the same seeding;
-    without it the slots are empty.
+    without it the slots are empty. ``prepared``: the split already opened (shared, not copied).
     """
 
     def __init__(self, root: str | Path, split: str, data: DataConfig, augment: bool = False,
-                 seed: int = 0, keep_in_memory: bool = True,
-                 spatial: SpatialPolicy | None = None) -> None:
+                 seed: int = 0, spatial: SpatialPolicy | None = None,
+                 prepared: PreparedSplit | None = None) -> None:
         self.root = Path(root)
-        self.df = read_manifest(self.root, split)
+        self.data = prepared if prepared is not None else \
+            PreparedSplit.open(self.root, split, data)
+        self.df = self.data.df
         self.split = split
-        self.fit = fit_transform(data.fit, data.resize, data.crop)
         self.crop = data.crop
         self.normalize = normalize_transform()
         self.augment = build_augment(data.augment, data.crop) if augment else None
         self.seed = seed
         self.spatial = spatial if spatial is not None and spatial.enabled else None
-        self.keep = keep_in_memory
-        self._images: dict[str, tv_tensors.Image] = {}
-        self._masks: dict[int, tv_tensors.Mask] = {}
-        self._sizes: dict[str, tuple[int, int]] = {}  # original (W, H) of each decoded image
-        # Plain lists: a pandas row lookup per fetch costs more than the rest of the fetch.
         self._image_of = self.df["image"].tolist()
-        self._mask_of = self.df["mask"].tolist()
-        self._prompt_of = self.df["prompt"].tolist()
-        self._id_of = self.df["id"].tolist()
+        self._prompt_of = self.data.prompts
+        self._id_of = self.data.ids
 
     def __len__(self) -> int:
         return len(self.df)
-
-    def __getstate__(self) -> dict:
-        # DataLoader workers get the manifest, not the main process's decoded arrays.
-        state = dict(self.__dict__)
-        state["_images"], state["_masks"], state["_sizes"] = {}, {}, {}
-        return state
 
     @property
     def prompts(self) -> list[str]:
         return sorted(self.df["prompt"].unique())
 
-    def _read_mask(self, idx: int, size: tuple[int, int]) -> tv_tensors.Mask:
-        """Row ``idx``'s mask as read, checked against its image's (W, H)."""
-        mpath = self.root / self._mask_of[idx]
-        mask = tv_tensors.Mask(torch.from_numpy(
-            np.asarray(read_image(mpath, "L", "mask")).copy()).unsqueeze(0))
-        if (mask.shape[-1], mask.shape[-2]) != size:
-            raise DataError(f"{mpath}: mask size {tuple(mask.shape[:0:-1])} differs from its "
-                            f"image {size}")
-        return mask
-
-    def fitted_group(self, rows: list[int]) -> tuple[tv_tensors.Image, list[tv_tensors.Mask],
-                                                     tuple[int, int]]:
-        """Rows that share one image → that image and their masks at the input size (uint8),
-        and the image's original (W, H); the image is decoded once and nothing is kept (the
-        packer, `cdsam.data.packed`, stores the result itself)."""
-        key = self._image_of[rows[0]]
-        image = read_image(self.root / key, "RGB")
-        image_t, first = self.fit(pil_to_tv_image(image), self._read_mask(rows[0], image.size))
-        # The fit depends on the size only: every mask of the image gets the same geometry.
-        return image_t, [first] + [self.fit(self._read_mask(i, image.size)) for i in rows[1:]], \
-            image.size
-
-    def _fitted(self, idx: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
-        """The uint8 image and mask at the model's input size (memoised; an image shared by
-        several prompts is decoded and fitted once)."""
-        key = self._image_of[idx]
-        image_t, mask_t = self._images.get(key), self._masks.get(idx)
-        if image_t is not None and mask_t is not None:
-            return image_t, mask_t
-        if image_t is not None:
-            mask_t = self.fit(self._read_mask(idx, self._sizes[key]))
-            size = self._sizes[key]
-        else:
-            image_t, (mask_t,), size = self.fitted_group([idx])
-        if self.keep:
-            self._images[key], self._sizes[key], self._masks[idx] = image_t, size, mask_t
-        return image_t, mask_t
-
-    def image_groups(self) -> list[list[int]]:
-        """Row indices grouped by image, in order of each image's first row."""
-        groups: dict[str, list[int]] = {}
-        for idx, key in enumerate(self._image_of):
-            groups.setdefault(key, []).append(idx)
-        return list(groups.values())
+    def fitted(self, idx: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        """Sample ``idx``'s uint8 image and mask at the model's input size."""
+        row = int(self.data.image_row[idx])
+        image = torch.from_numpy(self.data.image_rows([row])[0])
+        mask = torch.from_numpy(self.data.masks([idx])[0])[None]
+        return tv_tensors.Image(image), tv_tensors.Mask(mask)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         epoch, idx = key if isinstance(key, tuple) else (0, key)
-        img_t, mask_t = self._fitted(idx)
+        img_t, mask_t = self.fitted(idx)
         if self.augment is not None:
             img_t, mask_t = augment_pair(self.augment, img_t, mask_t,
                                          sample_seed(self.seed, epoch, idx))

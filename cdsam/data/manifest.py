@@ -1,34 +1,27 @@
-"""The prepared-data layout and its manifest.
+"""What the data sources hand to ``prepare``: samples, the mask encoding, splits, bad files.
 
-``data/prepared/`` holds ``images/*.png``, ``masks/*.png`` and ``manifest.csv`` with columns
-``id, image, mask, prompt, split, negative`` (paths relative to the folder), one row per
-(image, prompt, binary mask); ``negative`` is 1 when the mask has no foreground pixel (the
-prompt names something absent from the image).
-
-Mask encoding (8-bit PNG, one channel): 0 = background, 1 = foreground, 255 = ignore (VOC
-borders); ignore pixels count as neither foreground nor background in losses and metrics.
+A sample is (image, prompt, binary mask); ``negative`` when the mask has no foreground pixel
+(the prompt names something absent from the image). Mask encoding (uint8): 0 = background,
+1 = foreground, 255 = ignore (VOC borders, COCO crowd regions, padding); ignore pixels count as
+neither foreground nor background in losses and metrics. How ``prepare`` stores them:
+`cdsam.data.shards`.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
-from cdsam import io
 from cdsam.errors import DataError
 
 log = logging.getLogger(__name__)
 
 BACKGROUND, FOREGROUND, IGNORE = 0, 1, 255
-COLUMNS = ["id", "image", "mask", "prompt", "split", "negative"]
-MANIFEST = "manifest.csv"
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -104,58 +97,3 @@ def split_ids(ids: list[str], val_fraction: float, test_fraction: float, seed: i
     for i, key in enumerate(order):
         out[key] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
     return out
-
-
-class ManifestWriter:
-    """Writes images, masks and the manifest into a (temporary) prepared folder."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        (root / "images").mkdir(parents=True, exist_ok=True)
-        (root / "masks").mkdir(parents=True, exist_ok=True)
-        self.rows: list[dict[str, str]] = []
-
-    def add_image(self, stem: str, image: Image.Image, samples: Iterable[Sample],
-                  split: str) -> None:
-        image_rel = f"images/{stem}.png"
-        image.save(self.root / image_rel, optimize=False)
-        for s in samples:
-            sid = f"{stem}__{slug(s.prompt)}"
-            mask_rel = f"masks/{sid}.png"
-            Image.fromarray(s.mask.astype(np.uint8), mode="L").save(self.root / mask_rel)
-            self.rows.append({"id": sid, "image": image_rel, "mask": mask_rel,
-                              "prompt": s.prompt, "split": split,
-                              "negative": int(not (s.mask == FOREGROUND).any())})
-
-    def finish(self, required_splits: Iterable[str]) -> pd.DataFrame:
-        df = pd.DataFrame(self.rows, columns=COLUMNS)
-        for split in required_splits:
-            if not (df["split"] == split).any():
-                raise DataError(f"split {split!r} has no samples; check the source data and "
-                                f"prepare.val_fraction / prepare.test_fraction")
-        if df["id"].duplicated().any():
-            dup = df.loc[df["id"].duplicated(), "id"].iloc[0]
-            raise DataError(f"two samples share the id {dup!r} (same image stem and prompt)")
-        io.write_text(self.root / MANIFEST, df.to_csv(index=False, lineterminator="\n"))
-        return df.assign(negative=df["negative"].astype(bool))
-
-
-def read_manifest(root: str | Path, split: str | None = None) -> pd.DataFrame:
-    root = Path(root)
-    path = root / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{path}: manifest not found (run the prepare stage: dvc repro prepare)")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: unreadable manifest ({exc})") from None
-    missing = [c for c in COLUMNS if c not in df.columns]
-    if missing:
-        raise DataError(f"{path}: missing columns {missing} (prepared by an older cdsam: "
-                        f"rerun dvc repro prepare)")
-    df["negative"] = df["negative"] == "1"
-    if split is not None:
-        df = df[df["split"] == split].reset_index(drop=True)
-        if df.empty:
-            raise DataError(f"{path}: split {split!r} has no samples")
-    return df

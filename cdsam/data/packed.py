@@ -1,191 +1,45 @@
-"""Training-ready arrays: each split decoded and fitted once, uint8, batches by indexing.
+"""Training and evaluation batches straight from the prepared shards, by indexing.
 
-`ManifestDataset` fetches one sample at a time (decode → fit → augment → normalise) and a
-``DataLoader`` stacks them, a Python loop per sample. The fit is deterministic, so training
-packs each split once at a stage's setup instead:
-
-- ``images``: I×3×C×C uint8, one row per distinct image (an image with several prompts is
-  decoded and stored once), in order of first appearance in the manifest;
-- ``masks``: N×C×C uint8 (0 background, 1 target, 255 ignore), one row per manifest row;
-- ``image_row``: N int64, the image row of each sample.
-
-A batch is then ``images[image_row[idx]]`` and ``masks[idx]``: two index operations, copied to
-the device as uint8 (a quarter of float32), normalised there on the whole batch. Targets and
+A batch is ``images[image_row[idx]]`` and each sample's mask ``luts[lut][labels[label_row]]``
+(`cdsam.data.prepared`): a few index operations over memory-mapped uint8 rows, copied to the
+device as uint8 (a quarter of float32), normalised there on the whole batch. Targets and
 ignore maps are derived on the device too, and augmentation (when on) runs there on whole
-batches (`cdsam.data.batch_augment`). Arrays beyond ``data.memory_mb`` go to a memory-mapped
-scratch file and are read from disk as batches need them.
+batches (`cdsam.data.batch_augment`). Nothing is decoded at a stage's start: ``prepare`` wrote
+the fitted arrays once.
 
-Without augmentation the samples are exactly those `ManifestDataset` yields (same fit, same
+Without augmentation the samples are exactly those `ManifestDataset` yields (same arrays, same
 normalisation, same spatial prompts under the same seeds): tests compare the two paths value
-for value, and the default pipeline's losses are unchanged bit for bit.
+for value.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DistributedSampler
 from torchvision import tv_tensors
-from tqdm import tqdm
 
 from cdsam.config import AugmentConfig
 from cdsam.data.augment import sample_seed
 from cdsam.data.batch_augment import augment_batch, draw_augment
-from cdsam.data.dataset import ManifestDataset
 from cdsam.data.geometry import normalize_transform
 from cdsam.data.manifest import FOREGROUND, IGNORE
+from cdsam.data.prepared import PreparedSplit
 from cdsam.data.spatial import MaskStats, SpatialPolicy, draw_prompts, prompt_arrays
-from cdsam.runtime import usable_cores
-
-log = logging.getLogger("cdsam.data")
 
 _SLOTS = ("points", "point_labels", "box", "has_box")
-
-
-@dataclass
-class PackedSplit:
-    """One split as uint8 arrays (see the module docstring)."""
-
-    images: torch.Tensor  # I x 3 x C x C uint8
-    masks: torch.Tensor  # N x C x C uint8
-    image_row: torch.Tensor  # N int64
-    image_keys: list[str]  # I: the manifest's image path of each image row
-    prompts: list[str]  # N
-    ids: list[str]  # N
-    stats: MaskStats  # per-row counts and boxes: spatial prompts without scanning masks
-    on_disk: bool = False  # arrays memory-mapped from a scratch file
-    _scratch: Any = field(default=None, repr=False)  # keeps the scratch folder alive
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    @property
-    def nbytes(self) -> int:
-        return self.images.numel() + self.masks.numel()
-
-
-def _array(shape: tuple[int, ...], on_disk: Path | None, name: str) -> np.ndarray:
-    if on_disk is None:
-        return np.empty(shape, dtype=np.uint8)
-    return np.lib.format.open_memmap(on_disk / f"{name}.npy", mode="w+", dtype=np.uint8,
-                                     shape=shape)
-
-
-# Images per decoding worker below which its start-up costs more than it saves: a forked
-# worker starts in ~0.1 s, a spawned one imports torch first (~3 s on 2 cores).
-MIN_IMAGES_PER_WORKER = {"fork": 64, "spawn": 1000}
-MAX_DECODE_WORKERS = 16
-
-
-def decode_start_method() -> str:
-    """fork, unless this process has a CUDA context: a fork then risks hanging (an earlier
-    GPU run hung starting forked loader workers), so workers are spawned."""
-    return "spawn" if torch.cuda.is_initialized() else "fork"
-
-
-def decode_workers(n_images: int, start_method: str = "fork") -> int:
-    """Processes that decode a split of ``n_images`` at setup: one per usable core (the main
-    process only copies results), none for a split too small to repay their start-up."""
-    n = min(usable_cores(), MAX_DECODE_WORKERS, n_images // MIN_IMAGES_PER_WORKER[start_method])
-    return n if n >= 2 else 0
-
-
-class _Groups(Dataset):
-    """Image group g → (g, its fitted uint8 image, its masks): one decode per image."""
-
-    def __init__(self, ds: ManifestDataset, groups: list[list[int]]) -> None:
-        self.ds, self.groups = ds, groups
-
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def __getitem__(self, g: int) -> tuple[int, np.ndarray, np.ndarray]:
-        # numpy, not tensors: a tensor from a worker travels through a shared-memory file of
-        # its own, which cost more than the decode saved (2 cores, 224²); arrays are pickled.
-        image, masks, _ = self.ds.fitted_group(self.groups[g])
-        return g, image.numpy(), np.concatenate([m.numpy() for m in masks])
-
-
-def _as_is(item: Any) -> Any:
-    return item
-
-
-def pack_split(ds: ManifestDataset, memory_mb: float, show_progress: bool = False,
-               scratch: Path | None = None, workers: int | None = None,
-               start_method: str | None = None) -> PackedSplit:
-    """Decode and fit every row of ``ds`` once (each image once) into uint8 arrays.
-
-    Arrays larger than ``memory_mb`` together are written to a memory-mapped file in a
-    temporary folder (under ``scratch`` when given), deleted with the returned object.
-    ``workers``: decoding processes (default `decode_workers`; 0 decodes here), started by
-    ``start_method`` (default `decode_start_method`). The arrays are the same either way:
-    every image is decoded on its own, deterministically.
-    """
-    keys = ds.df["image"].tolist()
-    distinct = list(dict.fromkeys(keys))
-    row_of = {k: i for i, k in enumerate(distinct)}
-    c = ds.crop
-    need = (len(distinct) * 3 + len(keys)) * c * c
-    tmp = None
-    if need > memory_mb * 2**20:
-        if scratch is not None:
-            scratch.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.TemporaryDirectory(prefix="cdsam-packed-",
-                                          dir=str(scratch) if scratch else None)
-        log.info("%s split: %.0f MB of decoded data > data.memory_mb (%.0f): memory-mapped from "
-                 "%s", ds.split, need / 2**20, memory_mb, tmp.name)
-    folder = Path(tmp.name) if tmp else None
-    images = _array((len(distinct), 3, c, c), folder, f"{ds.split}-images")
-    masks = _array((len(keys), c, c), folder, f"{ds.split}-masks")
-    groups = ds.image_groups()
-    bar = tqdm(total=len(keys), desc=f"decode {ds.split}", leave=False,
-               disable=not show_progress)
-    start_method = start_method or decode_start_method()
-    workers = decode_workers(len(groups), start_method) if workers is None else workers
-    # Each image is decoded and fitted on its own; worker processes (a DataLoader over the
-    # image groups) do it in parallel.
-    # Its own generator: a DataLoader draws a seed for its workers on every iteration, which
-    # would otherwise shift the global RNG stream (LoRA init, dropout) of the training run.
-    decoded = DataLoader(_Groups(ds, groups), batch_size=None, num_workers=workers,
-                         collate_fn=_as_is, prefetch_factor=8 if workers else None,
-                         multiprocessing_context=start_method if workers else None,
-                         generator=torch.Generator())
-    for g, image, group_masks in decoded:
-        images[g] = image
-        for idx, m in zip(groups[g], group_masks, strict=True):
-            masks[idx] = m
-        bar.update(len(groups[g]))
-    bar.close()
-    if folder is not None:
-        images.flush()
-        masks.flush()
-    return PackedSplit(
-        images=torch.from_numpy(images), masks=torch.from_numpy(masks),
-        image_row=torch.tensor([row_of[k] for k in keys], dtype=torch.int64),
-        image_keys=distinct, prompts=ds.df["prompt"].tolist(), ids=ds.df["id"].tolist(),
-        stats=MaskStats.of(masks), on_disk=folder is not None, _scratch=tmp)
 
 
 _NORMALIZE = normalize_transform()
 
 
-def gather_rows(src: torch.Tensor, index: torch.Tensor, pin: bool = False) -> torch.Tensor:
-    """``src[index]`` along dim 0, the fast way: straight into pinned memory for a CUDA copy,
-    else numpy's ``take`` (a row memcpy; 2-6x faster than torch's advanced indexing on uint8
-    rows here)."""
-    if pin:
-        out = torch.empty((len(index), *src.shape[1:]), dtype=src.dtype, pin_memory=True)
-        return torch.index_select(src, 0, index, out=out)
-    return torch.from_numpy(np.take(src.numpy(), index.numpy(), axis=0))
+def host_buffer(shape: tuple[int, ...], pin: bool) -> torch.Tensor:
+    """An empty uint8 batch buffer, in pinned memory for a non-blocking CUDA copy."""
+    return torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
 
 
 def normalize_batch(images: torch.Tensor) -> torch.Tensor:
@@ -201,7 +55,7 @@ def pixel_placeholder(batch: int, size: int, device: torch.device) -> torch.Tens
 
 
 class PackedLoader:
-    """Batches of a :class:`PackedSplit`, on ``device``, in the order of ``sampler`` (a
+    """Batches of a :class:`PreparedSplit`, on ``device``, in the order of ``sampler`` (a
     seeded per-epoch permutation, as the DataLoader path uses) or of ``indices``.
 
     Each batch is the dict `cdsam.data.dataset.collate` builds, already on the device, plus
@@ -214,7 +68,7 @@ class PackedLoader:
     augmented masks.
     """
 
-    def __init__(self, split: PackedSplit, batch_size: int, device: torch.device,
+    def __init__(self, split: PreparedSplit, batch_size: int, device: torch.device,
                  sampler: DistributedSampler | None = None,
                  indices: Sequence[int] | None = None, spatial: SpatialPolicy | None = None,
                  seed: int = 0, prefetch: bool = False,
@@ -247,15 +101,19 @@ class PackedLoader:
         augmentation, the per-sample warp and colour draws), labels."""
         s = self.split
         index = torch.tensor(idx, dtype=torch.int64)
-        rows = s.image_row[index]
-        masks = gather_rows(s.masks, index, self.pin)
+        rows = s.image_row[idx]
+        c = s.crop
+        masks = host_buffer((len(idx), c, c), self.pin)
+        s.masks(idx, out=masks.numpy())
         out: dict[str, Any] = {
-            "mask_u8": masks, "index": index, "image_row": rows,
+            "mask_u8": masks, "index": index, "image_row": torch.from_numpy(rows),
             "prompt": [s.prompts[i] for i in idx], "id": [s.ids[i] for i in idx],
             "image_key": [s.image_keys[r] for r in rows.tolist()],
         }
         if self.pixels:
-            out["image_u8"] = gather_rows(s.images, rows, self.pin)
+            images = host_buffer((len(idx), 3, c, c), self.pin)
+            s.image_rows(rows, out=images.numpy())
+            out["image_u8"] = images
         slots = prompt_arrays(len(idx))
         seeds = [sample_seed(self.seed, epoch, i) for i in idx] \
             if self.augment is not None or self.spatial is not None else []
@@ -265,10 +123,12 @@ class PackedLoader:
             out["seeds"] = seeds  # the prompts are drawn after the warp (to_device)
         elif self.spatial is not None:
             # The one per-sample step: each draw is seeded by (seed, epoch, sample), as in
-            # ManifestDataset, so both paths give every sample the same prompts.
+            # ManifestDataset, so both paths give every sample the same prompts. The counts it
+            # draws from are the batch's own (nothing per sample is kept between batches).
             m = masks.numpy()
-            for j, i in enumerate(idx):
-                draw_prompts(s.stats, i, m[j], self.spatial, seeds[j], slots, j)
+            stats = MaskStats.of(m)
+            for j in range(len(idx)):
+                draw_prompts(stats, j, m[j], self.spatial, seeds[j], slots, j)
         out.update({k: torch.from_numpy(v) for k, v in slots.items()})
         if self.pin:
             for k in (*_SLOTS, "theta", "colour"):

@@ -1,8 +1,10 @@
-"""The prepare stage's work: read a source, write ``data/prepared/`` atomically."""
+"""The prepare stage's work: read a source, fit every image once, write the training-ready
+shards of ``data/prepared/`` (`cdsam.data.shards`) atomically."""
 
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,11 +13,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from cdsam import io
-from cdsam.config import PrepareConfig
+from cdsam.config import DataConfig, PrepareConfig
 from cdsam.data.coco import coco_files, coco_stems, iter_coco, load_coco
 from cdsam.data.folders import iter_folders
-from cdsam.data.manifest import BadFiles, ManifestWriter, Sample, split_ids
+from cdsam.data.manifest import BadFiles, Sample, split_ids
 from cdsam.data.negatives import absent_samples
+from cdsam.data.shards import ShardWriter
 from cdsam.data.synthetic import COMBOS, make_scene, prompt_for
 from cdsam.data.voc import iter_voc, list_voc, voc_splits
 from cdsam.errors import DataError
@@ -89,19 +92,32 @@ def _entries(cfg: PrepareConfig, seed: int, bad: BadFiles, required: list[str]
     raise DataError(f"prepare.source: unknown source {cfg.source!r}")
 
 
-def prepare(cfg: PrepareConfig, seed: int, out: str | Path, show_progress: bool = True
-            ) -> dict[str, Any]:
-    """Write images, masks and manifest for ``cfg.source`` into ``out``; return a summary.
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Temp siblings a killed ``prepare`` left behind (``.prepared.*.tmp``), removed."""
+    stale = sorted(out.parent.glob(f".{out.name}.*.tmp")) if out.parent.is_dir() else []
+    for path in stale:
+        log.info("removing %s (left by a prepare that did not finish)", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def prepare(cfg: PrepareConfig, seed: int, out: str | Path, show_progress: bool = True,
+            data: DataConfig | None = None) -> dict[str, Any]:
+    """Write the shards for ``cfg.source`` into ``out``, fitted as ``data`` says (``fit``,
+    ``resize``, ``crop``); return a summary.
 
     The folder is built in a temporary sibling and renamed into place at the end, so a
-    failure leaves any earlier ``out`` untouched.
+    failure or a kill leaves any earlier ``out`` untouched (a killed run's sibling is removed
+    by the next one).
     """
     out = Path(out)
+    data = data or DataConfig()
     bad = BadFiles(cfg.on_bad_file)
     required = ["train", "val"] + (["test"] if cfg.test_fraction > 0 else [])
     without = 0
+    remove_stale_temps(out)
     with io.atomic_dir(out) as tmp:
-        writer = ManifestWriter(tmp)
+        writer = ShardWriter(tmp, data)
         entries = _entries(cfg, seed, bad, required)
         for stem, image, samples, split in tqdm(entries, desc=f"prepare {cfg.source}",
                                                 disable=not show_progress):
@@ -112,8 +128,11 @@ def prepare(cfg: PrepareConfig, seed: int, out: str | Path, show_progress: bool 
         if not writer.rows:
             raise DataError(f"prepare.source: {cfg.source} produced no samples")
         df = writer.finish(required)
+    files = [f for f in out.iterdir() if f.is_file()]
     summary: dict[str, Any] = {
         "images": int(df["image"].nunique()),
+        "files": len(files),
+        "bytes": sum(f.stat().st_size for f in files),
         "samples": len(df),
         "positive_samples": int((~df["negative"]).sum()),
         "negative_samples": int(df["negative"].sum()),

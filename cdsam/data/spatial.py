@@ -48,19 +48,19 @@ def empty_prompts() -> dict[str, torch.Tensor]:
 class MaskStats:
     """Per-row pixel counts and foreground boxes of N masks: enough to draw any sample's
     prompts with one short row scan instead of scanning the whole mask (the packed loader
-    computes them once per split; :func:`sample_prompts` for one mask)."""
+    computes them per batch; :func:`sample_prompts` for one mask)."""
 
-    fg_cum: np.ndarray  # N x H int64: foreground pixels in rows 0..y, cumulative
-    bg_cum: np.ndarray  # N x H int64: background pixels likewise
-    boxes: np.ndarray  # N x 4 int64: foreground x0, y0, x1, y1 (inclusive); -1 without any
+    fg_cum: np.ndarray  # N x H int32: foreground pixels in rows 0..y, cumulative
+    bg_cum: np.ndarray  # N x H int32: background pixels likewise
+    boxes: np.ndarray  # N x 4 int32: foreground x0, y0, x1, y1 (inclusive); -1 without any
 
     @classmethod
     def of(cls, masks: np.ndarray, chunk: int = 256) -> MaskStats:
         """``masks``: NxHxW uint8 (a memory-mapped array is read ``chunk`` masks at a time)."""
         n, h, w = masks.shape
-        fg_cum = np.empty((n, h), np.int64)
-        bg_cum = np.empty((n, h), np.int64)
-        boxes = np.full((n, 4), -1, np.int64)
+        fg_cum = np.empty((n, h), np.int32)
+        bg_cum = np.empty((n, h), np.int32)
+        boxes = np.full((n, 4), -1, np.int32)
         for i in range(0, n, chunk):
             m = np.asarray(masks[i:i + chunk])
             fg = m == FOREGROUND

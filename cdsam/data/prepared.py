@@ -1,0 +1,229 @@
+"""Open the prepared shards (`cdsam.data.shards`) of one split: no decode, no copy.
+
+Every stage, ``evaluate`` and every DDP rank opens the same files. Up to ``data.memory_mb`` the
+image and label shards are memory-mapped (the page cache holds them once for all processes);
+beyond it each batch's rows are read from disk with ``pread`` into the batch's own buffer, so a
+stage's resident memory does not grow with the dataset. The look-up tables (256 bytes per
+distinct mask) and the sample index are read into memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cdsam.config import DataConfig
+from cdsam.data.shards import FORMAT, IMAGES, INDEX, SAMPLE_COLUMNS, SAMPLES, shard_name
+from cdsam.errors import DataError
+
+log = logging.getLogger("cdsam.data")
+
+
+def read_index(root: str | Path) -> dict[str, Any]:
+    """``index.json`` of a prepared folder, checked to be this cdsam's layout."""
+    path = Path(root) / INDEX
+    if not path.is_file():
+        raise DataError(f"{path}: not found (run the prepare stage: dvc repro prepare)")
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: unreadable ({exc})") from None
+    if index.get("format") != FORMAT:
+        raise DataError(f"{path}: prepared by another cdsam layout (format "
+                        f"{index.get('format')}, this cdsam reads {FORMAT}): rerun dvc repro "
+                        f"prepare")
+    return index
+
+
+def prepared_digest(root: str | Path) -> str:
+    """One sha256 over every prepared file, computed by ``prepare`` as it wrote them."""
+    return read_index(root)["digest"]
+
+
+def check_fit(root: str | Path, data: DataConfig) -> dict[str, Any]:
+    """The index, after checking that it was fitted as ``data`` says (else one line)."""
+    index = read_index(root)
+    have = {k: index[k] for k in ("fit", "resize", "crop")}
+    want = {"fit": data.fit, "resize": data.resize, "crop": data.crop}
+    if want["fit"] == "pad":  # resize plays no part in the pad fit
+        have.pop("resize")
+        want.pop("resize")
+    if have != want:
+        diff = ", ".join(f"data.{k}: {want[k]} (prepared: {have[k]})" for k in want
+                         if want[k] != have[k])
+        raise DataError(f"{Path(root) / INDEX}: {diff}; rerun dvc repro prepare (it fits the "
+                        f"images once, for every stage)")
+    return index
+
+
+def read_samples(root: str | Path, split: str | None = None) -> pd.DataFrame:
+    """The sample index (``samples.csv``), all splits or one, ``negative`` as bool."""
+    path = Path(root) / SAMPLES
+    read_index(root)
+    try:
+        df = pd.read_csv(path, dtype={"id": str, "split": str, "image": str, "prompt": str},
+                         keep_default_na=False)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: unreadable sample index ({exc})") from None
+    missing = [c for c in SAMPLE_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing columns {missing}: rerun dvc repro prepare")
+    df["negative"] = df["negative"].astype(int) == 1
+    if split is not None:
+        df = df[df["split"] == split].reset_index(drop=True)
+        if df.empty:
+            raise DataError(f"{path}: split {split!r} has no samples")
+    return df
+
+
+def read_images(root: str | Path) -> pd.DataFrame:
+    """``images.csv``: split, row, image (stem), original width and height."""
+    return pd.read_csv(Path(root) / IMAGES, dtype={"image": str, "split": str},
+                       keep_default_na=False)
+
+
+class Rows:
+    """A shard of fixed-size uint8 rows: memory-mapped, or read row by row with ``pread``."""
+
+    def __init__(self, path: Path, shape: Sequence[int], mapped: bool) -> None:
+        self._fd: int | None = None
+        self.path = path
+        self.row_shape = tuple(int(s) for s in shape[1:])
+        self.n = int(shape[0])
+        self.row_bytes = int(np.prod(self.row_shape)) if self.row_shape else 1
+        size = path.stat().st_size if path.is_file() else -1
+        if size != self.n * self.row_bytes:
+            raise DataError(f"{path}: {size} bytes, index.json says {self.n} rows of "
+                            f"{self.row_bytes}: rerun dvc repro prepare")
+        self.mapped = mapped
+        self._map = np.memmap(path, np.uint8, "r", shape=(self.n, *self.row_shape)) \
+            if mapped and self.n else None
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def nbytes(self) -> int:
+        return self.n * self.row_bytes
+
+    def __getstate__(self) -> dict:
+        # Worker processes reopen the file (a descriptor or a map does not travel).
+        return {"path": self.path, "shape": (self.n, *self.row_shape), "mapped": self.mapped}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["shape"], state["mapped"])
+
+    def take(self, rows: Sequence[int] | np.ndarray, out: np.ndarray | None = None
+             ) -> np.ndarray:
+        """Rows ``rows`` (in that order) as one array, into ``out`` when given."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if out is None:
+            out = np.empty((len(rows), *self.row_shape), np.uint8)
+        if self._map is not None:
+            return np.take(self._map, rows, axis=0, out=out)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        for j, r in enumerate(rows.tolist()):
+            view = memoryview(out[j]).cast("B")
+            if os.preadv(self._fd, [view], r * self.row_bytes) != self.row_bytes:
+                raise DataError(f"{self.path}: short read at row {r}")
+        return out
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+@dataclass
+class PreparedSplit:
+    """One split of the prepared folder, opened: rows of images, label maps and tables, and the
+    sample index as plain lists (a pandas lookup per sample costs more than the sample)."""
+
+    root: Path
+    split: str
+    crop: int
+    df: pd.DataFrame
+    images: Rows
+    labels: Rows
+    luts: np.ndarray  # T x 256
+    image_row: np.ndarray  # N int64
+    label_row: np.ndarray  # N int64
+    lut_row: np.ndarray  # N int64
+    image_keys: list[str]  # I: the stem of each image row
+    prompts: list[str]  # N
+    ids: list[str]  # N
+
+    @classmethod
+    def open(cls, root: str | Path, split: str, data: DataConfig | None = None
+             ) -> PreparedSplit:
+        """``data``: the stage's ``data`` params, checked against the prepared fit; None
+        takes the fit the folder was prepared with (tools, tests)."""
+        root = Path(root)
+        if data is None:
+            index = read_index(root)
+            data = DataConfig(fit=index["fit"], resize=index["resize"], crop=index["crop"])
+        index = check_fit(root, data)
+        df = read_samples(root, split)
+        counts = index["splits"][split]
+        shapes = index["row_shapes"]
+        need = counts["images"] * int(np.prod(shapes["images"])) + \
+            counts["labels"] * int(np.prod(shapes["labels"]))
+        mapped = need <= data.memory_mb * 2**20
+        if not mapped:
+            log.info("%s split: %.0f MB of prepared rows > data.memory_mb (%d): each batch reads "
+                     "its rows from disk", split, need / 2**20, data.memory_mb)
+        images = Rows(root / shard_name(split, "images"), [counts["images"], *shapes["images"]],
+                      mapped)
+        labels = Rows(root / shard_name(split, "labels"), [counts["labels"], *shapes["labels"]],
+                      mapped)
+        lut_shard = Rows(root / shard_name(split, "luts"), [counts["luts"], *shapes["luts"]],
+                         True)
+        luts = lut_shard.take(np.arange(len(lut_shard)))
+        keys = df.drop_duplicates("image_row").sort_values("image_row")
+        if keys["image_row"].tolist() != list(range(counts["images"])):
+            raise DataError(f"{root / SAMPLES}: {split} rows do not cover its {counts['images']}"
+                            f" images: rerun dvc repro prepare")
+        return cls(root, split, int(index["crop"]), df, images, labels, luts,
+                   df["image_row"].to_numpy(np.int64), df["label_row"].to_numpy(np.int64),
+                   df["lut"].to_numpy(np.int64), keys["image"].tolist(), df["prompt"].tolist(),
+                   df["id"].tolist())
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def on_disk(self) -> bool:
+        return not self.images.mapped
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.nbytes + self.labels.nbytes + self.luts.nbytes
+
+    def image_rows(self, rows: Sequence[int] | np.ndarray, out: np.ndarray | None = None
+                   ) -> np.ndarray:
+        """Bx3xCxC uint8 images of image rows ``rows``."""
+        return self.images.take(rows, out)
+
+    def masks(self, idx: Sequence[int] | np.ndarray, out: np.ndarray | None = None
+              ) -> np.ndarray:
+        """BxCxC uint8 masks (0 / 1 / 255) of samples ``idx``: each its label map through its
+        table."""
+        idx = np.asarray(idx, dtype=np.int64)
+        labels = self.labels.take(self.label_row[idx])
+        if out is None:
+            out = np.empty_like(labels)
+        for j, t in enumerate(self.lut_row[idx].tolist()):
+            np.take(self.luts[t], labels[j], out=out[j])
+        return out

@@ -1,0 +1,253 @@
+"""The prepared layout: training-ready shards that every stage opens instead of decoding.
+
+``prepare`` is the only step that decodes. It fits every image once (``data.fit`` / ``resize`` /
+``crop``, `cdsam.data.geometry`) and writes, per split:
+
+- ``{split}-images.u8``: I x 3 x C x C uint8, one row per image (fitted, CHW);
+- ``{split}-labels.u8``: L x C x C uint8 label maps, one per image (rarely more, see below);
+- ``{split}-luts.u8``: T x 256 uint8 look-up tables, label → mask value;
+
+and, for all splits, ``samples.csv`` (one row per (image, prompt): ``id, split, image, prompt,
+negative, image_row, label_row, lut``), ``images.csv`` (``split, row, image, width, height``:
+the original size) and ``index.json`` (fit, shapes, a sha256 of every file, one ``digest``).
+
+A sample's mask is ``luts[lut][labels[label_row]]``: value for value the fitted binary mask
+(0 background, 1 target, 255 ignore) of that prompt. The label of a pixel numbers the distinct
+combination of all the image's masks at that pixel, so overlapping objects, per-class ignore
+(COCO crowd regions, VOC borders) and padding are all kept exactly; a prompt's table says what
+each combination is for it. An image with more than 256 combinations (many overlapping classes)
+gets a second label map for the rest of its masks. Files and bytes grow with the images: a
+negative prompt is a row and a table entry it shares with the image's other negatives, no pixels.
+
+The shards are raw little-endian uint8 (shapes in ``index.json``), written by appending while
+the sha256 of each is computed, so nothing is read back to hash it; stages open them
+memory-mapped (`cdsam.data.prepared`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+
+from cdsam import io
+from cdsam.config import DataConfig
+from cdsam.data.geometry import fit_transform
+from cdsam.data.manifest import FOREGROUND, Sample, slug
+from cdsam.errors import DataError
+
+FORMAT = 2
+INDEX, SAMPLES, IMAGES = "index.json", "samples.csv", "images.csv"
+SAMPLE_COLUMNS = ["id", "split", "image", "prompt", "negative", "image_row", "label_row", "lut"]
+IMAGE_COLUMNS = ["split", "row", "image", "width", "height"]
+SHARDS = ("images", "labels", "luts")
+LUT_SIZE = 256  # uint8 labels
+_DIGIT = np.full(256, -1, np.int64)
+_DIGIT[[0, 1, 255]] = [0, 1, 2]  # mask value -> base-3 digit
+_VALUE = np.array([0, 1, 255], np.uint8)
+_MAX_COLUMNS = 39  # 3**39 < 2**63: a pixel's combination of up to 39 masks fits one int64 key
+
+
+def shard_name(split: str, kind: str) -> str:
+    return f"{split}-{kind}.u8"
+
+
+def _key(masks: list[np.ndarray]) -> np.ndarray:
+    """Each pixel's combination of the masks' values as one base-3 int64."""
+    key = np.zeros(masks[0].shape, np.int64)
+    for k, m in enumerate(masks):
+        d = _DIGIT[m]
+        if d.min() < 0:
+            raise DataError(f"mask value {np.unique(m[d < 0])[0]} is not 0, 1 or 255")
+        key += d * 3**k
+    return key
+
+
+def _codes(masks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct combinations in increasing order, each pixel's index among them)."""
+    key = _key(masks)
+    if len(masks) <= 12:  # at most 3**12 slots: a table instead of a sort
+        present = np.zeros(3**len(masks), bool)
+        present[key] = True
+        return np.flatnonzero(present), (np.cumsum(present) - 1)[key]
+    codes, label = np.unique(key, return_inverse=True)
+    return codes, label.reshape(key.shape)
+
+
+def _tables(codes: np.ndarray, columns: int) -> list[np.ndarray]:
+    """Per mask: combination index → that mask's value."""
+    luts = []
+    for k in range(columns):
+        lut = np.zeros(LUT_SIZE, np.uint8)
+        lut[:len(codes)] = _VALUE[(codes // 3**k) % 3]
+        luts.append(lut)
+    return luts
+
+
+def encode_masks(masks: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray],
+                                                     list[tuple[int, int]]]:
+    """Fitted binary masks of one image → (label maps, tables, per mask its (label map, table)
+    index). Identical masks (an image's negatives) share one table. Exact: ``tables[t][
+    labels[l]]`` is the mask, value for value."""
+    distinct: dict[bytes, int] = {}
+    order: list[np.ndarray] = []
+    of_mask = []
+    for m in masks:
+        k = distinct.setdefault(m.tobytes(), len(order))
+        if k == len(order):
+            order.append(m)
+        of_mask.append(k)
+
+    def coded(members: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The group's codes, or None when they do not fit a uint8 label."""
+        if len(members) > _MAX_COLUMNS:
+            return None
+        codes, label = _codes([order[i] for i in members])
+        return (codes, label) if len(codes) <= LUT_SIZE else None
+
+    everything = list(range(len(order)))
+    found = coded(everything)
+    groups = [(everything, found)]  # the usual case: one label map
+    if found is None:
+        # Greedy: masks join the current group while the combinations fit a uint8 label
+        # (one mask alone always does: three values).
+        groups = [([0], coded([0]))]
+        for k in everything[1:]:
+            trial = coded(groups[-1][0] + [k])
+            if trial is None:
+                groups.append(([k], coded([k])))
+            else:
+                groups[-1] = (groups[-1][0] + [k], trial)
+    labels, tables, where = [], [], {}
+    for g, (members, (codes, label)) in enumerate(groups):
+        labels.append(label.astype(np.uint8))
+        for i, lut in zip(members, _tables(codes, len(members)), strict=True):
+            where[i] = (g, len(tables))
+            tables.append(lut)
+    return labels, tables, [where[k] for k in of_mask]
+
+
+@dataclass
+class _Shard:
+    """One append-only shard file and the sha256 of what was appended."""
+
+    path: Path
+    rows: int = 0
+    sha: Any = field(default_factory=hashlib.sha256)
+    fh: Any = None
+
+    def append(self, array: np.ndarray) -> None:
+        data = np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+        if self.fh is None:
+            self.fh = open(self.path, "wb")  # noqa: SIM115 (closed by close())
+        self.fh.write(data)
+        self.sha.update(data)
+        self.rows += 1
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+
+
+class ShardWriter:
+    """Fits and encodes each image as it arrives and appends it to its split's shards."""
+
+    def __init__(self, root: Path, data: DataConfig) -> None:
+        self.root = root
+        self.data = data
+        self.fit = fit_transform(data.fit, data.resize, data.crop)
+        self.shards: dict[tuple[str, str], _Shard] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.images: list[dict[str, Any]] = []
+
+    def _shard(self, split: str, kind: str) -> _Shard:
+        key = (split, kind)
+        if key not in self.shards:
+            self.shards[key] = _Shard(self.root / shard_name(split, kind))
+        return self.shards[key]
+
+    def fitted(self, image: Image.Image, masks: list[np.ndarray]
+               ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The image (3xCxC) and its masks (CxC) at the model's input size, as training used
+        to fit them at every stage start (the same transform, masks nearest)."""
+        img = tv_tensors.Image(torch.from_numpy(np.asarray(image.convert("RGB")).copy())
+                               .permute(2, 0, 1))
+        out_image, first = self.fit(img, tv_tensors.Mask(torch.from_numpy(masks[0])[None]))
+        fitted = [first] + [self.fit(tv_tensors.Mask(torch.from_numpy(m)[None]))
+                            for m in masks[1:]]
+        return out_image.numpy(), [m.numpy()[0] for m in fitted]
+
+    def add_image(self, stem: str, image: Image.Image, samples: Iterable[Sample],
+                  split: str) -> None:
+        samples = list(samples)
+        w, h = image.size
+        for s in samples:
+            if s.mask.shape != (h, w):
+                raise DataError(f"{stem}: mask of {s.prompt!r} is {s.mask.shape[1]}x"
+                                f"{s.mask.shape[0]}, its image {w}x{h}")
+        # Fit each distinct mask once (an image's negatives share one).
+        distinct: dict[bytes, int] = {}
+        masks, of_sample = [], []
+        for s in samples:
+            m = np.ascontiguousarray(s.mask, dtype=np.uint8)
+            k = distinct.setdefault(m.tobytes(), len(masks))
+            if k == len(masks):
+                masks.append(m)
+            of_sample.append(k)
+        pixels, fitted = self.fitted(image, masks)
+        labels, tables, where = encode_masks(fitted)
+        images, label_shard, lut_shard = (self._shard(split, k) for k in SHARDS)
+        image_row, label_base, lut_base = images.rows, label_shard.rows, lut_shard.rows
+        images.append(pixels)
+        for label in labels:
+            label_shard.append(label)
+        for table in tables:
+            lut_shard.append(table)
+        self.images.append({"split": split, "row": image_row, "image": stem, "width": w,
+                            "height": h})
+        for s, k in zip(samples, of_sample, strict=True):
+            g, t = where[k]
+            self.rows.append({
+                "id": f"{stem}__{slug(s.prompt)}", "split": split, "image": stem,
+                "prompt": s.prompt, "negative": int(not (s.mask == FOREGROUND).any()),
+                "image_row": image_row, "label_row": label_base + g, "lut": lut_base + t})
+
+    def finish(self, required_splits: Iterable[str]) -> pd.DataFrame:
+        """Check the splits and ids, write the sample index and ``index.json``."""
+        for shard in self.shards.values():
+            shard.close()
+        df = pd.DataFrame(self.rows, columns=SAMPLE_COLUMNS)
+        for split in required_splits:
+            if not (df["split"] == split).any():
+                raise DataError(f"split {split!r} has no samples; check the source data and "
+                                f"prepare.val_fraction / prepare.test_fraction")
+        if df["id"].duplicated().any():
+            dup = df.loc[df["id"].duplicated(), "id"].iloc[0]
+            raise DataError(f"two samples share the id {dup!r} (same image stem and prompt)")
+        io.write_text(self.root / SAMPLES, df.to_csv(index=False, lineterminator="\n"))
+        io.write_text(self.root / IMAGES, pd.DataFrame(self.images, columns=IMAGE_COLUMNS)
+                      .to_csv(index=False, lineterminator="\n"))
+        c = self.data.crop
+        shapes = {"images": [3, c, c], "labels": [c, c], "luts": [LUT_SIZE]}
+        splits = {}
+        for split in dict.fromkeys(df["split"]):
+            splits[split] = {"samples": int((df["split"] == split).sum()),
+                             **{k: self._shard(split, k).rows for k in SHARDS}}
+        files = {shard.path.name: shard.sha.hexdigest() for shard in self.shards.values()}
+        for name in (SAMPLES, IMAGES):
+            files[name] = hashlib.sha256((self.root / name).read_bytes()).hexdigest()
+        files = dict(sorted(files.items()))
+        digest = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()
+        io.write_json(self.root / INDEX, {
+            "format": FORMAT, "fit": self.data.fit, "resize": self.data.resize, "crop": c,
+            "row_shapes": shapes, "splits": splits, "files": files, "digest": digest})
+        return df.assign(negative=df["negative"].astype(bool))
