@@ -161,7 +161,7 @@ class DataConfig:
     fit: str = "pad"  # crop: Resize(resize) → CenterCrop(crop); pad: longer side → crop, pad
     resize: int = 64  # crop fit: shorter side before the centre crop
     crop: int = 64  # square input fed to DINO; a multiple of the patch size
-    memory_mb: int = 4096  # packed uint8 images + masks kept in RAM up to this; beyond, on disk
+    memory_mb: int = 4096  # a split's prepared rows memory-mapped up to this; beyond, read per batch
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

@@ -51,7 +51,7 @@ def test_scale_bench_measures_each_size_in_a_dvc_project(tmp_path):
                          check=True, capture_output=True, text=True)
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [r["images"] for r in rows] == [12, 24] and "peak RSS MB" in out.stdout
-    assert rows[0]["files"] == rows[1]["files"]  # the shards: a few files, whatever the size
+    assert rows[0]["files"] < 12 + 12 and rows[1]["files"] < 12 + 24  # shards + test scenes
     assert rows[1]["mb"] > rows[0]["mb"] and rows[1]["samples"] > rows[0]["samples"]
     assert all(r["steps"] == 2 and r["rss_mb"] > 0 for r in rows)
 

@@ -114,7 +114,9 @@ def test_files_and_pixels_grow_with_images_not_prompts(tmp_path):
     one = _synthetic(tmp_path, "one", negatives_per_image=1)
     every = _synthetic(tmp_path, "every", negatives_per_image=0)  # every absent prompt
     assert every["negative_samples"] > 5 * one["negative_samples"]
-    assert every["files"] == one["files"] == 12  # 3 splits x 3 shards + 3 tables
+    scenes = len(list((tmp_path / "one" / "images").iterdir()))  # the test scenes, as PNG
+    assert scenes == one["test_negatives"] > 0  # one absent-object negative per image
+    assert every["files"] == one["files"] == 3 * 3 + 3 + scenes  # shards, tables, scenes
     for split in ("train", "val", "test"):
         for kind in ("images", "labels"):
             name = f"{split}-{kind}.u8"
@@ -144,7 +146,11 @@ def test_a_truncated_shard_is_one_line(tmp_path):
 
 def test_a_killed_prepare_leaves_the_previous_output_whole(tmp_path):
     _synthetic(tmp_path, "prepared")
-    before = {f.name: f.read_bytes() for f in (tmp_path / "prepared").iterdir()}
+    def files() -> dict[str, bytes]:
+        return {str(f): f.read_bytes() for f in (tmp_path / "prepared").rglob("*")
+                if f.is_file()}
+
+    before = files()
     script = ("from cdsam.config import DataConfig, PrepareConfig, SyntheticConfig\n"
               "from cdsam.data.prepare import prepare\n"
               "prepare(PrepareConfig(synthetic=SyntheticConfig(num_images=100000)), 0, "
@@ -156,7 +162,7 @@ def test_a_killed_prepare_leaves_the_previous_output_whole(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert list(tmp_path.glob(".prepared.*.tmp"))  # killed half-way, mid-write
-    assert {f.name: f.read_bytes() for f in (tmp_path / "prepared").iterdir()} == before
+    assert files() == before
     read_samples(tmp_path / "prepared")  # still opens
     _synthetic(tmp_path, "prepared")  # the next run clears what the killed one left
     assert not list(tmp_path.glob(".prepared.*.tmp"))

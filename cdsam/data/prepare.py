@@ -125,10 +125,15 @@ def prepare(cfg: PrepareConfig, seed: int, out: str | Path, show_progress: bool 
                 without += 1
                 continue
             writer.add_image(stem, image, samples, split)
+            if cfg.source == "synthetic" and split == "test":
+                # The generated scenes exist nowhere else: the held-out ones as PNG files, to
+                # predict on (`cdsam predict --input data/prepared/images`, the demo's examples).
+                (tmp / "images").mkdir(exist_ok=True)
+                image.save(tmp / "images" / f"{stem}.png", optimize=False)
         if not writer.rows:
             raise DataError(f"prepare.source: {cfg.source} produced no samples")
         df = writer.finish(required)
-    files = [f for f in out.iterdir() if f.is_file()]
+    files = [f for f in out.rglob("*") if f.is_file()]
     summary: dict[str, Any] = {
         "images": int(df["image"].nunique()),
         "files": len(files),
