@@ -7,9 +7,11 @@ its ``cdsam/``, ``stages/``, ``dvc.yaml``, ``data/raw``, ``weights``), sets synt
 - ``prepare s``: ``dvc repro prepare`` (the stage, and DVC hashing and caching its output);
 - ``files`` / ``MB``: what ``data/prepared`` holds;
 - ``setup s``: stage 1's data setup (opening, or decoding, train + val) in a fresh process;
-- ``epoch s``: its first epoch, ``--epoch-steps`` steps of batch ``--batch`` (a tiny model: the
-  step is the same at every size, so this shows what the data path adds as the set grows);
-- ``peak RSS MB`` of that process;
+- ``steps s``: the first ``--epoch-steps`` steps of its first epoch, batch ``--batch`` (a tiny
+  model: the step is the same at every size, so this shows what the data path adds as the set
+  grows);
+- ``peak RSS MB`` of that process (memory-mapped pages it touched count: up to
+  ``data.memory_mb`` a split is mapped; ``--memory-mb 0`` reads every row from disk);
 - ``status s`` / ``noop repro s``: ``dvc status`` and ``dvc repro prepare`` with nothing to do.
 
     python tools/scale_bench.py --images 2000 8000 32000                   # this checkout
@@ -84,7 +86,8 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - t
 
 
-def project(code: Path, work: Path, images: int, size: int, batch: int) -> Path:
+def project(code: Path, work: Path, images: int, size: int, batch: int,
+            memory_mb: int | None = None) -> Path:
     """A git + DVC project holding ``code``'s pipeline, set to ``images`` scenes."""
     repo = work / f"n{images}"
     shutil.rmtree(repo, ignore_errors=True)
@@ -103,6 +106,8 @@ def project(code: Path, work: Path, images: int, size: int, batch: int) -> Path:
     params["model"]["dino"].update(img_size=size, patch_size=16, embed_dim=32, depth=2,
                                    num_heads=2)
     params["optim"]["batch_size"] = batch
+    if memory_mb is not None:
+        params["data"]["memory_mb"] = memory_mb
     params["stage1"]["epochs"] = 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"],
@@ -112,9 +117,9 @@ def project(code: Path, work: Path, images: int, size: int, batch: int) -> Path:
     return repo
 
 
-def measure(code: Path, work: Path, images: int, size: int, batch: int, steps: int
-            ) -> dict[str, float]:
-    repo = project(code, work, images, size, batch)
+def measure(code: Path, work: Path, images: int, size: int, batch: int, steps: int,
+            memory_mb: int | None = None) -> dict[str, float]:
+    repo = project(code, work, images, size, batch, memory_mb)
     env = {**os.environ, "PYTHONPATH": str(repo), "DVC_NO_ANALYTICS": "1",
            "HF_HUB_OFFLINE": "1"}
     row: dict[str, float] = {"images": images}
@@ -138,18 +143,22 @@ def main() -> None:
     ap.add_argument("--code", type=Path, default=ROOT, help="the cdsam checkout to measure")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--epoch-steps", type=int, default=50)
+    ap.add_argument("--memory-mb", type=int, default=None,
+                    help="data.memory_mb (default: params.yaml's; 0 reads every row from disk)")
     ap.add_argument("--work", type=Path, default=None, help="scratch (default: a temp folder)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="cdsam-scale-"))
     rows = []
     print(f"code {args.code.resolve()} at {args.size}px, batch {args.batch}, "
-          f"{args.epoch_steps} steps")
+          f"{args.epoch_steps} steps, data.memory_mb "
+          f"{'as in params.yaml' if args.memory_mb is None else args.memory_mb}")
     print(f"{'images':>7} {'samples':>8} {'prepare s':>10} {'files':>7} {'MB':>8} "
-          f"{'setup s':>8} {'epoch s':>8} {'peak RSS MB':>12} {'status s':>9} "
+          f"{'setup s':>8} {'steps s':>8} {'peak RSS MB':>12} {'status s':>9} "
           f"{'noop repro s':>13}", flush=True)
     for n in args.images:
-        r = measure(args.code.resolve(), work, n, args.size, args.batch, args.epoch_steps)
+        r = measure(args.code.resolve(), work, n, args.size, args.batch, args.epoch_steps,
+                    args.memory_mb)
         rows.append(r)
         print(f"{n:>7} {r['samples']:>8} {r['prepare_s']:>10.1f} {r['files']:>7} "
               f"{r['mb']:>8.0f} {r['setup_s']:>8.2f} {r['epoch_s']:>8.1f} {r['rss_mb']:>12.0f} "
