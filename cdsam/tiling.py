@@ -6,7 +6,9 @@ pixels (the last window in each direction ends on the image's edge), each window
 the model at the training geometry, and the per-window logits are blended with weights that
 ramp down towards a window's edges, so seams between windows do not show. Where one window
 covers a pixel alone, its logit is used (up to float rounding); an image that fits in one tile
-is predicted exactly as without tiling.
+is predicted exactly as without tiling. Under the crop fit a window's model input is its centre
+crop: the window's other pixels were not seen by the model (their logit is the "background"
+fill), so they weigh nothing in the blend, and a pixel no window sees keeps that fill.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from cdsam.data.geometry import BACKGROUND_LOGIT, Geometry
 from cdsam.errors import UserError
 from cdsam.predict import Predictor
 
@@ -47,19 +50,33 @@ def ramp(length: int, overlap: int) -> torch.Tensor:
     return edge.clamp(max=1.0)
 
 
+def seen_pixels(height: int, width: int, resize: int, crop: int, fit: str) -> torch.Tensor:
+    """HxW bool: the pixels of a height×width window that the model's input covers (all under
+    the pad fit; under the crop fit those the centre crop maps back onto, untouched by the
+    background fill)."""
+    geo = Geometry.of(height, width, resize, crop, fit)
+    return geo.to_original(torch.zeros(1, crop, crop))[0] == 0
+
+
 def blend(parts: Sequence[tuple[tuple[int, int, int, int], torch.Tensor]], height: int,
-          width: int, overlap: int) -> torch.Tensor:
-    """Per-window PxhxW logits → PxHxW: weighted mean where windows overlap."""
+          width: int, overlap: int, seen: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """Per-window PxhxW logits → PxHxW: weighted mean where windows overlap. ``seen``: per
+    window, the hxW pixels its model input covered; the others weigh zero, and a pixel no
+    window saw gets ``BACKGROUND_LOGIT``."""
     if len(parts) == 1:
         return parts[0][1]
     n_prompts = parts[0][1].shape[0]
     acc = torch.zeros(n_prompts, height, width)
     weight = torch.zeros(height, width)
-    for (top, left, bottom, right), logits in parts:
+    for k, ((top, left, bottom, right), logits) in enumerate(parts):
         w = ramp(bottom - top, overlap)[:, None] * ramp(right - left, overlap)[None, :]
+        if seen is not None:
+            w = w * seen[k]
         acc[:, top:bottom, left:right] += logits * w
         weight[top:bottom, left:right] += w
-    return acc / weight
+    covered = weight > 0
+    return torch.where(covered, acc / weight.clamp(min=torch.finfo(weight.dtype).tiny),
+                       torch.tensor(BACKGROUND_LOGIT))
 
 
 def predict_tiled(predictor: Predictor, image: Image.Image, prompts: Sequence[str], tile: int,
@@ -72,4 +89,6 @@ def predict_tiled(predictor: Predictor, image: Image.Image, prompts: Sequence[st
         crops = [image.crop((left, top, right, bottom)) for top, left, bottom, right in chunk]
         parts += list(zip(chunk, predictor.image_logits(crops, prompts, batch_size),
                           strict=True))
-    return blend(parts, image.height, image.width, overlap)
+    seen = [seen_pixels(bottom - top, right - left, predictor.resize, predictor.crop,
+                        predictor.fit) for top, left, bottom, right in wins]
+    return blend(parts, image.height, image.width, overlap, seen)

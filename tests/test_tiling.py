@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+from cdsam.data.geometry import BACKGROUND_LOGIT, Geometry
 from cdsam.errors import UserError
 from cdsam.predict import load_model
-from cdsam.tiling import blend, predict_tiled, ramp, windows
+from cdsam.tiling import blend, predict_tiled, ramp, seen_pixels, windows
 from tests.test_predict import PROMPTS, ckpt  # noqa: F401  (the module-scoped checkpoint)
 
 
@@ -86,3 +87,33 @@ def test_cli_predict_tiles_large_images_only(ckpt, tmp_path):  # noqa: F811
     np.testing.assert_allclose(np.load(out / "wide__probs.npy"), wide.numpy(), atol=2e-3)
     small = predictor.predict(_photo(40, 40), PROMPTS[:1], return_logits=True).probs
     np.testing.assert_allclose(np.load(out / "small__probs.npy"), small, atol=2e-3)
+
+
+class ConstantModel:
+    """A predictor whose model answers +5 everywhere in its input: window logits come back
+    through the same geometry `Predictor.image_logits` uses (crop fit: the background fill
+    outside the centre crop)."""
+
+    resize, crop, fit = 256, 224, "crop"
+
+    def image_logits(self, images, prompts, batch_size=8):
+        out = []
+        for im in images:
+            geo = Geometry.of(im.height, im.width, self.resize, self.crop, self.fit)
+            out.append(geo.to_original(torch.full((len(prompts), self.crop, self.crop), 5.0)))
+        return out
+
+
+def test_pixels_a_window_does_not_see_weigh_nothing_in_the_blend():
+    """Crop fit with resize > crop: each window's border lies outside its centre crop. A
+    constant model must give a constant image where any window saw the pixel."""
+    image = Image.new("RGB", (1200, 600))
+    logits = predict_tiled(ConstantModel(), image, ["a thing"], tile=448, overlap=64)
+    assert logits.shape == (1, 600, 1200)
+    seen = torch.zeros(600, 1200, dtype=torch.bool)
+    for top, left, bottom, right in windows(600, 1200, 448, 64):
+        seen[top:bottom, left:right] |= seen_pixels(bottom - top, right - left, 256, 224,
+                                                    "crop")
+    assert seen.float().mean() > 0.8
+    torch.testing.assert_close(logits[0][seen], torch.full((int(seen.sum()),), 5.0))
+    assert (logits[0][~seen] == BACKGROUND_LOGIT).all()  # as untiled prediction leaves them
