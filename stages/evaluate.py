@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
+
+# Import this checkout's cdsam (the code DVC hashed for the stage), not an installed one.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cdsam.checkout import require_checkout
+
+require_checkout(__file__)
+
+import argparse
 
 from cdsam.entry import run
 from cdsam.evaluate import evaluate_stages

@@ -3,6 +3,15 @@ data/prepared/ (the fitted shards every stage opens) and metrics/prepare.json.""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Import this checkout's cdsam (the code DVC hashed for the stage), not an installed one.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cdsam.checkout import require_checkout
+
+require_checkout(__file__)
+
 import argparse
 import logging
 

@@ -6,11 +6,18 @@ script under torchrun) the stage trains with DistributedDataParallel; rank 0 wri
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Import this checkout's cdsam (the code DVC hashed for the stage), not an installed one.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cdsam.checkout import require_checkout
+
+require_checkout(__file__)
+
 import argparse
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 from cdsam import distributed
 from cdsam.entry import run
