@@ -2,6 +2,7 @@
 
 ``cdsam summary --stage N``   what a curriculum stage trains, per component
 ``cdsam init --preset …``     a real-size recipe (DINOv2/DINO, CLIP, SAM files) into params.yaml
+``cdsam init --default``      the embedded default params file (the toy run), e.g. to start over
 ``cdsam predict …``           masks for images and text prompts from a checkpoint
 ``cdsam demo …``              a local web page to try prompts on a checkpoint
 ``cdsam export …``            a merged, self-contained checkpoint, or an ONNX graph for fixed prompts
@@ -15,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from cdsam import __version__
 from cdsam.config import load_params
 from cdsam.curriculum import apply_stage, component_counts, policy
 from cdsam.entry import offline_defaults, run
@@ -121,8 +123,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> None:
-    from cdsam.presets import RECIPES, apply_preset, list_presets
+    from cdsam.presets import DEFAULT_PARAMS, RECIPES, apply_preset, list_presets, write_default
 
+    if args.default:
+        if args.preset is not None:
+            raise UserError("--default and --preset: pick one (a preset applies onto the "
+                            "default; run --default first)")
+        wrote = write_default(args.params, args.force)
+        print(f"{args.params}: {'wrote' if wrote else 'already is'} the embedded default "
+              f"({DEFAULT_PARAMS.name} of cdsam {__version__})")
+        return
     if args.preset is None:
         for name in list_presets():
             print(f"{name:<16} {(RECIPES / f'{name}.yaml').read_text().splitlines()[0][2:]}")
@@ -146,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("init", help="write a real-size recipe into params.yaml (no --preset: "
                                      "list them)")
     s.add_argument("--preset")
+    s.add_argument("--default", action="store_true",
+                   help="write the embedded default params file (the toy run on synthetic data)")
+    s.add_argument("--force", action="store_true", help="--default: overwrite a tuned file")
     s.add_argument("--params", default="params.yaml")
     s.set_defaults(func=cmd_init)
 

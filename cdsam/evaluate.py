@@ -18,15 +18,17 @@ import torch
 
 from cdsam import io
 from cdsam.checkpoint import load_checkpoint
+from cdsam.class_grid import ClassGrid, score_class_grid
 from cdsam.config import LossConfig, Params
 from cdsam.data.dataset import ManifestDataset
-from cdsam.data.packed import PackedLoader
+from cdsam.data.packed import PackedLoader, normalize_batch
 from cdsam.data.prepared import PreparedSplit, read_index
 from cdsam.data.spatial import BOX, CLICK
 from cdsam.data.synthetic import attributes
 from cdsam.metrics import per_prompt
 from cdsam.objective import Objective
 from cdsam.overlay import denormalize, grid, sample_panel
+from cdsam.predict import Predictor
 from cdsam.runtime import configure_determinism, resolve_device
 from cdsam.scoring import EvalResult, evaluate_model
 
@@ -115,6 +117,21 @@ def prompt_pairs(res: EvalResult, pairs: list[tuple[int, int]], prompts: list[st
     return out
 
 
+def class_grid(model, params: Params, prepared: PreparedSplit, device: torch.device
+               ) -> ClassGrid:
+    """VOC/COCO class IoU: every class of the split on every image (`cdsam.class_grid`)."""
+    ev, data = params.evaluate, params.data
+    vocab = sorted(set(prepared.prompts))
+    predictor = Predictor(model, data.resize, data.crop, vocab, device, data.fit)
+
+    def logits(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        x = normalize_batch(images.to(device))
+        return predictor.frame_logits(list(x), prompts, batch_size=ev.batch_size)
+
+    return score_class_grid(prepared, vocab, logits, pairs_per_call=ev.batch_size * 16,
+                            threshold=ev.threshold, show_progress=True)
+
+
 def evaluate_stages(params: Params, checkpoints: dict[str, Path], data: Path, out: Path,
                     metrics_path: Path) -> dict[str, Any]:
     """Write metrics JSON (per stage), per-stage and per-prompt CSVs and overlays.
@@ -149,14 +166,17 @@ def evaluate_stages(params: Params, checkpoints: dict[str, Path], data: Path, ou
         objective = Objective.for_model(model, loss_cfg, vocab)
         res = evaluate_model(model, loader, device, objective, ev.threshold, show_progress=True,
                              keep_masks=True)
-        metrics[name] = {**res.figures, **prompt_pairs(res, pairs, ds.df["prompt"].tolist())}
+        classes = class_grid(model, params, prepared, device)
+        metrics[name] = {**res.figures, "class_iou": classes.class_iou,
+                         **prompt_pairs(res, pairs, ds.df["prompt"].tolist())}
         for mode, mode_loader in spatial.items():
             metrics[name][f"miou_{mode}"] = evaluate_model(
                 model, mode_loader, device, objective, ev.threshold).miou
-        stage_rows.append({"stage": name, "miou": res.miou, "class_iou": res.class_iou,
-                           "fp_rate": res.fp_rate,
+        stage_rows.append({"stage": name, "miou": res.miou, "class_iou": classes.class_iou,
+                           "sampled_class_iou": res.sampled_class_iou, "fp_rate": res.fp_rate,
                            **{k: v for k, v in metrics[name].items() if k.startswith("miou_")}})
-        for row in per_prompt(res.scores).to_dict("records"):
+        by_prompt = per_prompt(res.scores).merge(classes.per_class(), on="prompt", how="left")
+        for row in by_prompt.to_dict("records"):
             prompt_rows.append({"stage": name, **row})
         if indices:
             img = stage_overlay(model, ds, indices, device, ev.threshold)
@@ -172,9 +192,10 @@ def evaluate_stages(params: Params, checkpoints: dict[str, Path], data: Path, ou
                       f"{split_text}") if m["pairs"] else ""
         spatial_text = "".join(f"; miou with text + {mode} {m[f'miou_{mode}']:.4f}"
                                for mode in spatial)
-        log.info("%s on %s: miou=%.4f (%d positives) class_iou=%.4f fp_rate=%.3f (%d "
-                 "negatives)%s%s", name, split, res.miou, res.positives, res.class_iou,
-                 res.fp_rate, res.negatives, pairs_text, spatial_text)
+        log.info("%s on %s: miou=%.4f (%d positives) class_iou=%.4f (%d classes x %d images; "
+                 "over the sampled rows %.4f) fp_rate=%.3f (%d negatives)%s%s", name, split,
+                 res.miou, res.positives, classes.class_iou, len(classes.vocab), classes.images,
+                 res.sampled_class_iou, res.fp_rate, res.negatives, pairs_text, spatial_text)
     io.write_text(out / "stages.csv",
                   pd.DataFrame(stage_rows).to_csv(index=False, lineterminator="\n"))
     io.write_text(out / "per_prompt.csv",

@@ -2,9 +2,11 @@
 
 - ``miou`` / ``dice``: the mean of per-sample IoU / Dice over **positive** samples (those whose
   target has foreground): "when the object is there, how well is it outlined".
-- ``class_iou``: per prompt, intersection and union summed over every sample of the split
-  (negatives add their predicted area to the union), then the mean over prompts — how PASCAL
-  VOC and COCO report IoU.
+- ``sampled_class_iou``: per prompt, intersection and union summed over the split's *rows*
+  (its positives and the negatives prepare drew), then the mean over prompts. Cheap enough for
+  every epoch, but not VOC/COCO's class IoU: with ``negatives_per_image: 1`` a class's false
+  positives count only on the images where it was drawn as the negative, so an over-firing model
+  scores high. The evaluate stage reports the real one, ``class_iou`` (`cdsam.class_grid`).
 - ``fp_rate`` / ``neg_area``: on **negative** samples (the prompt names something absent), the
   share whose predicted mask is non-empty, and the mean predicted share of the valid pixels.
 """
@@ -70,7 +72,8 @@ def summarize(sums: list[float], vocab: list[str]) -> dict[str, float]:
     return {
         "miou": iou / n_pos if n_pos else 0.0,
         "dice": dice / n_pos if n_pos else 0.0,
-        "class_iou": float((inter[seen] / union[seen]).mean()) if seen.any() else 0.0,
+        "sampled_class_iou": float((inter[seen] / union[seen]).mean()) if seen.any()
+        else 0.0,
         "fp_rate": fp / n_neg if n_neg else 0.0,
         "neg_area": area / n_neg if n_neg else 0.0,
         "positives": int(n_pos),
@@ -80,7 +83,8 @@ def summarize(sums: list[float], vocab: list[str]) -> dict[str, float]:
 
 
 def per_prompt(scores: SplitScores) -> pd.DataFrame:
-    """One row per prompt: positive-sample mIoU, class IoU, negatives' false-positive rate."""
+    """One row per prompt: positive-sample mIoU, sampled class IoU, negatives' false-positive
+    rate."""
     df = scores.frame()
     rows = []
     for prompt, g in df.groupby("prompt", sort=True):
@@ -90,7 +94,7 @@ def per_prompt(scores: SplitScores) -> pd.DataFrame:
             "prompt": prompt,
             "miou": pos["iou"].mean() if len(pos) else np.nan,
             "dice": pos["dice"].mean() if len(pos) else np.nan,
-            "class_iou": g["inter"].sum() / union if union > 0 else np.nan,
+            "sampled_class_iou": g["inter"].sum() / union if union > 0 else np.nan,
             "positives": len(pos), "negatives": len(neg),
             "fp_rate": (neg["pred"] > 0).mean() if len(neg) else np.nan,
         })

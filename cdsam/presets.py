@@ -1,5 +1,9 @@
 """Real-size recipes: ``cdsam init --preset NAME`` writes one into params.yaml.
 
+``cdsam init --default`` writes the embedded default itself (``cdsam/defaults/params.yaml``, the
+file a fresh clone's params.yaml starts as; the tests build their params from it, so a user's
+edits to params.yaml never break the suite).
+
 A recipe (``cdsam/recipes/<name>.yaml``) sets only the keys that differ from the embedded
 default (model names, local weight files, the input size). It is applied onto the existing
 params.yaml with ruamel.yaml's round-trip mode, so the file's comments and every other key stay
@@ -19,6 +23,7 @@ from cdsam.config import parse_params
 from cdsam.errors import UserError
 
 RECIPES = Path(__file__).parent / "recipes"
+DEFAULT_PARAMS = Path(__file__).parent / "defaults" / "params.yaml"
 
 
 def list_presets() -> list[str]:
@@ -66,3 +71,19 @@ def apply_preset(name: str, params_path: str | Path = "params.yaml") -> list[str
     check_model(params.model, params.data.crop)
     path.write_text(buf.getvalue())
     return changed
+
+
+def write_default(params_path: str | Path = "params.yaml", force: bool = False) -> bool:
+    """Write the embedded default params file; False when ``params_path`` already is it.
+
+    A different file there (a user's tuned params) is overwritten only with ``force``.
+    """
+    path, text = Path(params_path), DEFAULT_PARAMS.read_text()
+    if path.is_file():
+        if path.read_text() == text:
+            return False
+        if not force:
+            raise UserError(f"{path}: exists and differs from the embedded default; --force "
+                            f"overwrites it (git keeps the old one)")
+    path.write_text(text)
+    return True

@@ -28,7 +28,7 @@ class EvalResult:
     loss: float
     miou: float  # mean per-sample IoU over positive samples
     dice: float
-    class_iou: float = 0.0  # per-prompt summed intersection / union, mean over prompts
+    sampled_class_iou: float = 0.0  # per prompt over the sampled rows (see cdsam.metrics)
     fp_rate: float = 0.0  # negatives with a non-empty predicted mask
     neg_area: float = 0.0  # negatives' mean predicted share of the image
     positives: int = 0
@@ -40,8 +40,8 @@ class EvalResult:
 
     @property
     def figures(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in ("loss", "miou", "dice", "class_iou", "fp_rate",
-                                              "neg_area", "positives", "negatives")}
+        return {k: getattr(self, k) for k in ("loss", "miou", "dice", "sampled_class_iou",
+                                              "fp_rate", "neg_area", "positives", "negatives")}
 
 
 @torch.no_grad()

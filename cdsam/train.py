@@ -458,7 +458,7 @@ class StageTrainer:
         if live is None:
             return
         live.log_metric("train/loss", row["train_loss"])
-        for key in ("loss", "miou", "dice", "class_iou", "fp_rate"):
+        for key in ("loss", "miou", "dice", "sampled_class_iou", "fp_rate"):
             live.log_metric(f"val/{key}", row[key])
         live.log_metric("lr", row["lr"])
         live.next_step()
@@ -509,8 +509,8 @@ class StageTrainer:
             progress.history = self.history
             progress.epoch = epoch + 1
             log.info("epoch %d/%d train_loss=%.4f val_loss=%.4f miou=%.4f dice=%.4f "
-                     "class_iou=%.4f fp_rate=%.3f%s", epoch + 1, self.epochs, tr["loss"],
-                     val.loss, val.miou, val.dice, val.class_iou, val.fp_rate,
+                     "sampled_class_iou=%.4f fp_rate=%.3f%s", epoch + 1, self.epochs, tr["loss"],
+                     val.loss, val.miou, val.dice, val.sampled_class_iou, val.fp_rate,
                      " (best so far)" if progress.best_epoch == epoch + 1 else "")
             self._log_epoch(live, row)
             if self.dist.is_main:
@@ -529,7 +529,8 @@ class StageTrainer:
                  self.history[self.selected_epoch - 1]["miou"])
         chosen = self.history[self.selected_epoch - 1]
         return {
-            **{k: chosen[k] for k in ("loss", "miou", "dice", "class_iou", "fp_rate")},
+            **{k: chosen[k]
+               for k in ("loss", "miou", "dice", "sampled_class_iou", "fp_rate")},
             "best_miou": progress.best, "selected_epoch": self.selected_epoch,
             "epochs": self.epochs,
             "trainable_params": self.trainable_params, "total_params": self.total_params,

@@ -8,6 +8,7 @@ import yaml
 
 from cdsam.config import Params, load_params, parse_params
 from cdsam.errors import ConfigError, UserError
+from cdsam.presets import DEFAULT_PARAMS
 from cdsam.stage_params import check_inputs_tracked, declared_keys, restrict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,10 +18,11 @@ dvc_yaml = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(dvc_yaml)
 
 
-def test_repo_params_yaml_is_valid():
+def test_the_embedded_default_params_file_is_valid():
     """The shipped file parses and validates (values are tunable: `dvc exp run -S …` may change
-    any of them, so none is pinned here)."""
-    p = load_params("params.yaml")
+    any of them, so none is pinned here). The checkout's params.yaml is the user's: no test
+    reads it."""
+    p = load_params(DEFAULT_PARAMS)
     assert p.lora.dino.last_k_blocks <= (p.model.dino.depth or p.lora.dino.last_k_blocks)
 
 
@@ -69,7 +71,7 @@ def test_crop_larger_than_resize():
 def test_stage_view_blocks_undeclared_sections():
     keys = declared_keys("stage1", "dvc.yaml")
     assert "lora.sam" in keys and "lora.dino" not in keys
-    view = restrict(load_params("params.yaml"), keys, "stage1")
+    view = restrict(load_params(DEFAULT_PARAMS), keys, "stage1")
     assert view.lora.sam.rank >= 1
     with pytest.raises(RuntimeError, match="lora.dino"):
         _ = view.lora.dino.rank

@@ -32,7 +32,7 @@ def test_counts_skip_ignore_pixels():
     assert row["iou"] == pytest.approx(4 / 8) and row["dice"] == pytest.approx(8 / 12)
 
 
-def test_positive_miou_class_iou_and_negative_false_positives():
+def test_positive_miou_sampled_class_iou_and_negative_false_positives():
     s = SplitScores()
     ones = np.ones((4, 4))
     a = np.zeros((4, 4))
@@ -52,7 +52,7 @@ def test_positive_miou_class_iou_and_negative_false_positives():
     assert f["positives"] == 2 and f["negatives"] == 2
     assert f["miou"] == pytest.approx((1.0 + 0.5) / 2)
     # cat: I 8, U 8 + 4 (the negative's predicted pixels); dog: I 4, U 8
-    assert f["class_iou"] == pytest.approx((8 / 12 + 4 / 8) / 2)
+    assert f["sampled_class_iou"] == pytest.approx((8 / 12 + 4 / 8) / 2)
     assert f["fp_rate"] == pytest.approx(0.5)
     assert f["neg_area"] == pytest.approx((4 / 16 + 0) / 2)
     rows = per_prompt(s).set_index("prompt")

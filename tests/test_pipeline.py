@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cdsam.presets import DEFAULT_PARAMS
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -95,7 +97,7 @@ def pipeline_repo(tmp_path_factory) -> tuple[Path, dict[str, str], str]:
     tmp = tmp_path_factory.mktemp("pipe")
     repo = tmp / "repo"
     # The CLIP text tower comes from a weights file, tracked the way README says (dvc add).
-    full = _merge(yaml.safe_load((REPO / "params.yaml").read_text()),
+    full = _merge(yaml.safe_load(DEFAULT_PARAMS.read_text()),
                   _merge(TINY_PIPELINE, {"model": {"clip": {"pretrained": "weights/clip.pt"}}}))
     _project(repo, full)
     _tiny_clip_file(repo / "weights" / "clip.pt", seed=0)
@@ -121,12 +123,12 @@ def test_repro_runs_all_stages_and_writes_outputs(pipeline_repo):
         for key in ("epochs", "selected_epoch", "trainable_params", "total_params",
                     "throughput_img_s", "peak_mem_mb"):
             assert key in m
-        assert {"loss", "miou", "dice", "class_iou", "fp_rate"} <= set(m["val"])
+        assert {"loss", "miou", "dice", "sampled_class_iou", "fp_rate"} <= set(m["val"])
     ev = json.loads((repo / "metrics/evaluate.json").read_text())
     assert set(ev) == {"split", "stage1", "stage2", "stage3", "stage4"}
     assert ev["split"] == "test"  # the held-out split, not the one that chose the epochs
-    assert {"miou", "dice", "class_iou", "fp_rate", "neg_area", "negatives", "pairs",
-            "pairs_miou", "pairs_overlap"} <= set(ev["stage4"])
+    assert {"miou", "dice", "class_iou", "sampled_class_iou", "fp_rate", "neg_area", "negatives",
+            "pairs", "pairs_miou", "pairs_overlap"} <= set(ev["stage4"])
     assert ev["stage4"]["negatives"] > 0
     s2 = json.loads((repo / "metrics/stage2/metrics.json").read_text())
     assert s2["world_size"] == 1 and s2["feature_cache_images"] > 0
@@ -164,7 +166,7 @@ def test_a_raw_mask_replaced_at_the_same_path_reruns_prepare(tmp_path):
     from PIL import Image
 
     repo = tmp_path / "repo"
-    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), {"prepare": {
+    params = _merge(yaml.safe_load(DEFAULT_PARAMS.read_text()), {"prepare": {
         "source": "folders", "images": "data/raw/cells/images", "masks": "data/raw/cells/masks",
         "prompt": "a cell", "negatives": "none"}})
     _project(repo, params)

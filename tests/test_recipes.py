@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from cdsam.presets import DEFAULT_PARAMS
 from tests.test_pipeline import BIN, _env, _merge, _project, _run
 
 # (recipe, timm name of its DINO, weights file the recipe names, crop)
@@ -76,7 +77,7 @@ def test_recipe_trains_evaluates_and_predicts(recipe, dino_name, dino_file, crop
     from cdsam.checkpoint import load_checkpoint, read_meta, read_state
 
     repo = tmp_path / "repo"
-    base = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    base = yaml.safe_load(DEFAULT_PARAMS.read_text())
     _project(repo, _merge(base, _merge(SMALL_RUN, {"prepare": {"synthetic": {
         "image_size": crop}}})))
     torch.manual_seed(1)
