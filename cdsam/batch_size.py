@@ -5,15 +5,19 @@ On CUDA a stage measures what one training step needs before it trains: forward 
 batches of the split and with the stage's feature cache, so the figure is the stage's own
 (stage 1 with a cached DINO holds far larger batches than stage 4). Memory is close to linear
 in the batch: ``fixed + batch × per_sample``. The chosen batch is the largest power of two
-within ``AUTO_MEMORY_SHARE`` of the free memory, less the AdamW moments the first step will
-allocate, capped by ``optim.auto_batch_max`` and by the training split. Every DDP rank takes
-the smallest of the ranks' choices.
+within ``AUTO_MEMORY_SHARE`` of the free memory, less what the probe cannot see: the AdamW
+moments the first step will allocate and, under DDP, its gradient buckets (a second copy of every
+trainable gradient, allocated when the model is wrapped); capped by ``optim.auto_batch_max`` and
+by the training split. Every DDP rank takes the smallest of the ranks' choices. A resumed run
+takes the batch its resume state trained with instead of measuring again
+(`cdsam.resume.ResumeStore.saved_batch`): free memory may differ now, the run must not.
 
 On the CPU a bigger batch buys nothing (the cores are busy at 16), so auto is 16 there.
 
 The LRs in params.yaml are for batch ``REFERENCE_BATCH``; with auto they follow the chosen
-batch by ``optim.lr_scaling`` — linear, the seed's first approximation (warmup stays on), the
-square root, or none. The result is logged and recorded in the stage's metrics.
+batch by ``optim.lr_scaling``: ``sqrt`` (the default: the usual rule for Adam-type optimizers,
+×4 at batch 256), ``linear`` (SGD's rule, ×16 at 256: strong for AdamW, keep warmup on), or
+``none``. The result is logged and recorded in the stage's metrics.
 """
 
 from __future__ import annotations
@@ -75,6 +79,21 @@ def adamw_state_bytes(model: torch.nn.Module) -> int:
     return sum(2 * 4 * p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def ddp_bucket_bytes(model: torch.nn.Module, world_size: int) -> int:
+    """DistributedDataParallel's gradient buckets: one more copy of every trainable gradient
+    (the parameter's dtype), held for the whole run; nothing without DDP."""
+    if world_size <= 1:
+        return 0
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def auto_budget(free: int, model: torch.nn.Module, world_size: int = 1) -> float:
+    """Bytes one training step may take: the usable share of ``free``, less the memory the
+    probe's forward + backward does not allocate (AdamW moments, DDP buckets)."""
+    return AUTO_MEMORY_SHARE * free - adamw_state_bytes(model) - \
+        ddp_bucket_bytes(model, world_size)
+
+
 def probe_step_memory(step: Callable[[dict[str, Any]], torch.Tensor],
                       make_batch: Callable[[int], dict[str, Any]], model: torch.nn.Module,
                       device: torch.device) -> StepMemory:
@@ -106,7 +125,8 @@ def probe_step_memory(step: Callable[[dict[str, Any]], torch.Tensor],
 
 def resolve_auto_batch(optim: OptimConfig, device: torch.device, train_samples: int,
                        probe: Callable[[], StepMemory], model: torch.nn.Module,
-                       agree: Callable[[int], int] = lambda b: b) -> OptimConfig:
+                       agree: Callable[[int], int] = lambda b: b, world_size: int = 1
+                       ) -> OptimConfig:
     """``optim`` with ``batch_size: auto`` replaced by a number (unchanged when it is one).
 
     ``probe`` measures the step on CUDA; ``agree`` makes the ranks of a DDP run settle on one
@@ -120,7 +140,7 @@ def resolve_auto_batch(optim: OptimConfig, device: torch.device, train_samples: 
     else:
         memory = probe()
         free, total = torch.cuda.mem_get_info(device)
-        budget = AUTO_MEMORY_SHARE * free - adamw_state_bytes(model)
+        budget = auto_budget(free, model, world_size)
         batch = choose_batch(memory, budget, cap)
         why = (f"a step needs {memory.fixed / 2**20:.0f} MB + {memory.per_sample / 2**20:.1f} "
                f"MB per sample; {free / 2**30:.1f} of {total / 2**30:.1f} GiB free, "

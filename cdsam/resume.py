@@ -76,6 +76,7 @@ class Progress:
     best_epoch: int = 0
     train_time: float = 0.0
     train_images: int = 0
+    batch_size: int = 0  # the batch the state trained with (optim.batch_size auto resolves it)
 
 
 # --------------------------------------------------------------------------- RNG
@@ -165,12 +166,24 @@ class ResumeStore:
             "epoch": progress.epoch, "history": progress.history, "best": progress.best,
             "best_epoch": progress.best_epoch,
             "train_time": progress.train_time, "train_images": progress.train_images,
-            "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+            "batch_size": progress.batch_size, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng": rng_meta,
         }
         with io.atomic_dir(self.dir) as tmp:
             save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
             (tmp / META).write_text(json.dumps(meta, indent=1))
+
+    def saved_batch(self) -> int | None:
+        """The batch size of a state that belongs to this run (read from its JSON alone), so
+        ``optim.batch_size: auto`` resumes with it instead of measuring again; None without
+        one."""
+        try:
+            meta = json.loads((self.dir / META).read_text())
+        except (OSError, ValueError):
+            return None
+        if meta.get("format") != FORMAT or meta.get("fingerprint") != self.key:
+            return None
+        return int(meta.get("batch_size") or 0) or None
 
     def load(self) -> tuple[Progress, dict[str, torch.Tensor], dict[str, Any]] | None:
         """The saved state if it belongs to this exact run, else None (stale state removed)."""
@@ -191,8 +204,10 @@ class ResumeStore:
             return None
         progress = Progress(epoch=int(meta["epoch"]), history=list(meta["history"]),
                             best=float(meta["best"]),
-                            best_epoch=int(meta.get("best_epoch", 0)), train_time=float(meta["train_time"]),
-                            train_images=int(meta["train_images"]))
+                            best_epoch=int(meta.get("best_epoch", 0)),
+                            train_time=float(meta["train_time"]),
+                            train_images=int(meta["train_images"]),
+                            batch_size=int(meta.get("batch_size") or 0))
         return progress, tensors, meta
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],

@@ -28,14 +28,14 @@ from tqdm import tqdm
 import cdsam
 from cdsam import distributed
 from cdsam.base import Base
-from cdsam.batch_size import StepMemory, probe_step_memory, resolve_auto_batch
+from cdsam.batch_size import StepMemory, probe_step_memory, resolve_auto_batch, scale_lrs
 from cdsam.checkpoint import (
     CheckpointMeta,
     load_checkpoint,
     parent_ref,
     save_checkpoint,
 )
-from cdsam.config import OptimConfig, Params, to_dict
+from cdsam.config import AUTO, OptimConfig, Params, to_dict
 from cdsam.curriculum import apply_stage, component_counts, param_groups, policy
 from cdsam.data.dataset import EpochSampler, ManifestDataset, collate
 from cdsam.data.packed import PackedLoader, normalize_batch
@@ -160,7 +160,10 @@ class StageTrainer:
             # prepare hashed every shard as it wrote it: nothing is read again here.
             "data_files": prepared_digest(self.paths.data),
             "stage": self.stage, "seed": p.seed,
-            "data": to_dict(p.data), "model": to_dict(p.model), "optim": to_dict(self.optim_cfg),
+            # As written in params (auto stays auto): the batch auto resolves to depends on the
+            # device's free memory, and a resume reuses the state's own (saved_batch).
+            "data": to_dict(p.data), "model": to_dict(p.model),
+            "optim": to_dict(p.optim_for(self.stage)),
             "loss": to_dict(p.loss), "stage_cfg": to_dict(p.stage(self.stage)),
             "train": to_dict(p.train), "lora_sam": to_dict(p.lora.sam),
             "world_size": self.dist.world_size, "device": self.device.type,
@@ -221,6 +224,7 @@ class StageTrainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_scaler)
         self._setup_cache()
         self.net: torch.nn.Module = self.model  # DDP-wrapped below when distributed
+        self.store = ResumeStore(self.paths.resume, self.stage, self._run_fingerprint())
         self._resolve_batch_size()
         groups = param_groups(self.model, self.optim_cfg)
         fused = self.device.type == "cuda"
@@ -241,7 +245,6 @@ class StageTrainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if p.train.compile:
             compile_tensor_parts(self.model)
-        self.store = ResumeStore(self.paths.resume, self.stage, self._run_fingerprint())
         eff = self.optim_cfg.batch_size * self.optim_cfg.grad_accum_steps * self.dist.world_size
         log.info("stage%d on %s: %d train / %d val samples, %d prompts, %d epochs, effective "
                  "batch %d (batch %d x accumulation %d x world size %d), trainable %s of %s "
@@ -295,6 +298,15 @@ class StageTrainer:
         """``optim.batch_size: auto`` → a number for this stage and device (cdsam.batch_size);
         on CUDA measured on the split's own first batches, with the cache in place."""
         n = len(self.train_set)
+        saved = self.store.saved_batch() if self.optim_cfg.batch_size == AUTO else None
+        if saved is not None:
+            # Measuring again could pick another batch (less free memory now) and change the
+            # run; the state's own batch is what it resumes bit-exactly with.
+            self.optim_cfg = scale_lrs(self.optim_cfg, saved)
+            log.info("optim.batch_size auto -> %d, the batch of the resume state in %s (not "
+                     "measured again; remove that folder to measure anew); lr %.3g, lora_lr %.3g",
+                     saved, self.store.dir, self.optim_cfg.lr, self.optim_cfg.lora_lr)
+            return
 
         def make_batch(size: int) -> dict[str, Any]:
             if not self.packs:
@@ -313,7 +325,8 @@ class StageTrainer:
 
         self.optim_cfg = resolve_auto_batch(
             self.optim_cfg, self.device, math.ceil(n / self.dist.world_size), probe, self.model,
-            agree=lambda b: distributed.all_reduce_min(b, self.device))
+            agree=lambda b: distributed.all_reduce_min(b, self.device),
+            world_size=self.dist.world_size)
 
     def _setup_cache(self) -> None:
         p = self.params
@@ -466,7 +479,7 @@ class StageTrainer:
     def _resume(self, live) -> Progress:
         found = self.store.load()
         if found is None:
-            return Progress(epoch=0)
+            return Progress(epoch=0, batch_size=self.optim_cfg.batch_size)
         progress, tensors, meta = found
         self.store.restore(tensors, meta, self.model, self.optimizer, self.scheduler,
                            self.scaler, base=self.base)

@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from cdsam.batch_size import (
+    AUTO_MEMORY_SHARE,
     REFERENCE_BATCH,
     StepMemory,
+    adamw_state_bytes,
+    auto_budget,
     choose_batch,
     resolve_auto_batch,
     scale_lrs,
@@ -96,3 +99,50 @@ def test_cuda_auto_measures_a_batch_and_trains_at_it(data_dir, tmp_path):  # noq
     n = len(t.train_set)
     assert 1 <= t.optim_cfg.batch_size <= n
     assert len(t.step_losses[0]) == math.ceil(n / t.optim_cfg.batch_size)
+
+
+def test_the_budget_leaves_room_for_adamw_and_ddp_buckets():
+    model = torch.nn.Sequential(torch.nn.Linear(100, 100), torch.nn.Linear(100, 10))
+    model[1].requires_grad_(False)  # frozen: no moments, no bucket
+    trainable = 100 * 100 + 100
+    free = 10 * MB
+    assert adamw_state_bytes(model) == 8 * trainable
+    assert auto_budget(free, model) == pytest.approx(AUTO_MEMORY_SHARE * free - 8 * trainable)
+    # DDP keeps a bucket copy of every trainable gradient (fp32 here) on each rank
+    assert auto_budget(free, model, world_size=2) == pytest.approx(
+        AUTO_MEMORY_SHARE * free - 8 * trainable - 4 * trainable)
+
+
+def test_a_resumed_auto_stage_keeps_the_batch_its_state_trained_with(
+        data_dir, tmp_path, monkeypatch, caplog):  # noqa: F811
+    """A resume on a device where auto would now pick another batch continues the same run."""
+    import cdsam.train
+
+    def as_if_a_gpu_chose_8(optim, *args, **kwargs):
+        return scale_lrs(optim, 8)
+
+    p = tiny_params(device="cpu", optim={"batch_size": "auto", "warmup_steps": 1},
+                    stage1={"epochs": 2})
+
+    def trainer(root: Path) -> StageTrainer:
+        paths = StagePaths(data=data_dir, out=root / "stage1", metrics=root / "metrics",
+                           parent=None, resume=root / "resume")
+        return StageTrainer(p, 1, paths, show_progress=False)
+
+    with monkeypatch.context() as m:
+        m.setattr(cdsam.train, "resolve_auto_batch", as_if_a_gpu_chose_8)
+        straight = trainer(tmp_path / "a")
+        straight.setup()
+        straight.train()
+        first = trainer(tmp_path / "b")
+        first.setup()
+        first.train(stop_after=1)  # killed after epoch 1
+    resumed = trainer(tmp_path / "b")  # auto here (the CPU) would pick 16
+    with caplog.at_level(logging.INFO, logger="cdsam"):
+        resumed.setup()
+        resumed.train()
+    assert "resuming stage1 from epoch 1/2" in caplog.text
+    assert "optim.batch_size auto -> 8, the batch of the resume state" in caplog.text
+    assert resumed.optim_cfg == straight.optim_cfg
+    for a, b in zip(resumed.model.parameters(), straight.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
