@@ -9,7 +9,7 @@ own size. With the ``pad`` fit the whole image is seen and every pixel gets a pr
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,11 +141,18 @@ class Predictor:
                      batch_size: int = 8) -> list[torch.Tensor]:
         """Whole images (each through the training geometry, all in one model call) → one
         PxHxW logits tensor per image, at that image's size."""
+        return list(self.iter_image_logits(images, prompts, batch_size))
+
+    def iter_image_logits(self, images: Sequence[Image.Image], prompts: Sequence[str],
+                          batch_size: int = 8) -> Iterator[torch.Tensor]:
+        """:meth:`image_logits` one image at a time: the model runs on all of them at once
+        (small input-frame logits), and each image's full-size logits are made only when the
+        caller asks for them, so a batch of large images never holds them all."""
         prepared = [self.prepare(image) for image in images]
         frames = self.frame_logits([x for x, _, _ in prepared], list(prompts),
                                    batch_size=batch_size * len(prompts))
-        return [geo.to_original(frame)
-                for (_, geo, _), frame in zip(prepared, frames, strict=True)]
+        for (_, geo, _), frame in zip(prepared, frames, strict=True):
+            yield geo.to_original(frame)
 
     @torch.no_grad()
     def predict(self, image: ImageLike, prompts: str | Sequence[str],

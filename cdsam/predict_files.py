@@ -137,7 +137,8 @@ def _batch_logits(predictor: Predictor, batch: list[tuple[int, Image.Image]],
 
     whole = [(i, pil) for i, pil in batch if not big(pil)]
     if whole:
-        logits = predictor.image_logits([pil for _, pil in whole], prompts, opts.batch_size)
+        logits = predictor.iter_image_logits([pil for _, pil in whole], prompts,
+                                             opts.batch_size)
         for (i, pil), lg in zip(whole, logits, strict=True):
             yield i, pil, lg
     for i, pil in batch:
@@ -193,12 +194,14 @@ def predict_files(predictor: Predictor, images: Sequence[Path], prompts: list[st
     bar = tqdm(total=len(images), desc="predict", unit="image", disable=not opts.show_progress)
     for batch in _batches(_decoded(images, opts), opts.batch_size):
         for i, pil, logits in _batch_logits(predictor, batch, prompts, opts):
-            probs = torch.sigmoid(logits).numpy()
+            # In place: one full-size float copy per image, not two; thresholded right here.
+            probs = logits.sigmoid_().numpy()
             masks = _write_image_outputs(stems[i], pil, probs, prompts, opts)
             for prompt, mask, p in zip(prompts, masks, probs, strict=True):
                 rows.append({"image": str(images[i]), "prompt": prompt,
                              "area_px": int(mask.sum()), "area_fraction": float(mask.mean()),
                              "max_prob": float(p.max())})
+            del logits, probs, masks, p  # before the next image's full-size logits are made
         bar.update(len(batch))
     done = len(images) - len(opts.skipped)
     bar.update(len(opts.skipped))

@@ -58,37 +58,62 @@ def seen_pixels(height: int, width: int, resize: int, crop: int, fit: str) -> to
     return geo.to_original(torch.zeros(1, crop, crop))[0] == 0
 
 
+class Blender:
+    """Windows' logits blended as they arrive: one PxHxW sum and one HxW weight map, so a large
+    image costs its own logits once (not once per window, nor a second copy for the result)."""
+
+    def __init__(self, prompts: int, height: int, width: int, overlap: int) -> None:
+        self.acc = torch.zeros(prompts, height, width)
+        self.weight = torch.zeros(height, width)
+        self.overlap = overlap
+
+    def add(self, window: tuple[int, int, int, int], logits: torch.Tensor,
+            seen: torch.Tensor | None = None) -> None:
+        """One window's PxhxW logits; ``seen``: the hxW pixels its model input covered (the
+        others weigh zero)."""
+        top, left, bottom, right = window
+        w = ramp(bottom - top, self.overlap)[:, None] * ramp(right - left, self.overlap)[None, :]
+        if seen is not None:
+            w = w * seen
+        self.acc[:, top:bottom, left:right].addcmul_(logits, w)
+        self.weight[top:bottom, left:right] += w
+
+    def result(self) -> torch.Tensor:
+        """PxHxW: the weighted mean, in place of the sums; ``BACKGROUND_LOGIT`` where no window
+        saw a pixel."""
+        uncovered = self.weight <= 0
+        self.acc.div_(self.weight.clamp(min=torch.finfo(self.weight.dtype).tiny))
+        self.acc.masked_fill_(uncovered, BACKGROUND_LOGIT)
+        return self.acc
+
+
 def blend(parts: Sequence[tuple[tuple[int, int, int, int], torch.Tensor]], height: int,
           width: int, overlap: int, seen: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-    """Per-window PxhxW logits → PxHxW: weighted mean where windows overlap. ``seen``: per
-    window, the hxW pixels its model input covered; the others weigh zero, and a pixel no
-    window saw gets ``BACKGROUND_LOGIT``."""
+    """Per-window PxhxW logits → PxHxW: weighted mean where windows overlap (see `Blender`).
+    ``seen``: per window, the hxW pixels its model input covered."""
     if len(parts) == 1:
         return parts[0][1]
-    n_prompts = parts[0][1].shape[0]
-    acc = torch.zeros(n_prompts, height, width)
-    weight = torch.zeros(height, width)
-    for k, ((top, left, bottom, right), logits) in enumerate(parts):
-        w = ramp(bottom - top, overlap)[:, None] * ramp(right - left, overlap)[None, :]
-        if seen is not None:
-            w = w * seen[k]
-        acc[:, top:bottom, left:right] += logits * w
-        weight[top:bottom, left:right] += w
-    covered = weight > 0
-    return torch.where(covered, acc / weight.clamp(min=torch.finfo(weight.dtype).tiny),
-                       torch.tensor(BACKGROUND_LOGIT))
+    blender = Blender(parts[0][1].shape[0], height, width, overlap)
+    for k, (window, logits) in enumerate(parts):
+        blender.add(window, logits, None if seen is None else seen[k])
+    return blender.result()
 
 
 def predict_tiled(predictor: Predictor, image: Image.Image, prompts: Sequence[str], tile: int,
                   overlap: int, batch_size: int = 8) -> torch.Tensor:
-    """PxHxW logits for a whole image, window by window (``batch_size`` windows per call)."""
+    """PxHxW logits for a whole image, window by window (``batch_size`` windows per model
+    call), each window's full-size logits blended in as soon as it is made."""
     wins = windows(image.height, image.width, tile, overlap)
-    parts = []
+    if len(wins) == 1:  # the image fits one tile: exactly the untiled prediction
+        return predictor.image_logits([image], prompts, batch_size)[0]
+    blender = Blender(len(prompts), image.height, image.width, overlap)
     for i in range(0, len(wins), batch_size):
         chunk = wins[i:i + batch_size]
         crops = [image.crop((left, top, right, bottom)) for top, left, bottom, right in chunk]
-        parts += list(zip(chunk, predictor.image_logits(crops, prompts, batch_size),
-                          strict=True))
-    seen = [seen_pixels(bottom - top, right - left, predictor.resize, predictor.crop,
-                        predictor.fit) for top, left, bottom, right in wins]
-    return blend(parts, image.height, image.width, overlap, seen)
+        for window, logits in zip(chunk, predictor.iter_image_logits(crops, prompts,
+                                                                     batch_size), strict=True):
+            top, left, bottom, right = window
+            blender.add(window, logits, seen_pixels(bottom - top, right - left,
+                                                    predictor.resize, predictor.crop,
+                                                    predictor.fit))
+    return blender.result()

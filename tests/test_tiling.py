@@ -10,7 +10,7 @@ from PIL import Image
 from cdsam.data.geometry import BACKGROUND_LOGIT, Geometry
 from cdsam.errors import UserError
 from cdsam.predict import load_model
-from cdsam.tiling import blend, predict_tiled, ramp, seen_pixels, windows
+from cdsam.tiling import Blender, blend, predict_tiled, ramp, seen_pixels, windows
 from tests.test_predict import PROMPTS, ckpt  # noqa: F401  (the module-scoped checkpoint)
 
 
@@ -96,12 +96,13 @@ class ConstantModel:
 
     resize, crop, fit = 256, 224, "crop"
 
-    def image_logits(self, images, prompts, batch_size=8):
-        out = []
+    def iter_image_logits(self, images, prompts, batch_size=8):
         for im in images:
             geo = Geometry.of(im.height, im.width, self.resize, self.crop, self.fit)
-            out.append(geo.to_original(torch.full((len(prompts), self.crop, self.crop), 5.0)))
-        return out
+            yield geo.to_original(torch.full((len(prompts), self.crop, self.crop), 5.0))
+
+    def image_logits(self, images, prompts, batch_size=8):
+        return list(self.iter_image_logits(images, prompts, batch_size))
 
 
 def test_pixels_a_window_does_not_see_weigh_nothing_in_the_blend():
@@ -117,3 +118,27 @@ def test_pixels_a_window_does_not_see_weigh_nothing_in_the_blend():
     assert seen.float().mean() > 0.8
     torch.testing.assert_close(logits[0][seen], torch.full((int(seen.sum()),), 5.0))
     assert (logits[0][~seen] == BACKGROUND_LOGIT).all()  # as untiled prediction leaves them
+
+
+def test_windows_blended_as_they_arrive_equal_the_blend_of_all_of_them():
+    """`Blender` (what predict_tiled streams into) gives `blend`'s result in any window order,
+    holding one PxHxW sum instead of every window's logits."""
+    g = torch.Generator().manual_seed(0)
+    wins = windows(100, 170, 48, 12)
+    parts = [(w, torch.randn(3, w[2] - w[0], w[3] - w[1], generator=g)) for w in wins]
+    seen = [torch.rand(w[2] - w[0], w[3] - w[1], generator=g) > 0.2 for w in wins]
+    # the reference, written out: weighted mean of every window covering a pixel
+    num, den = torch.zeros(3, 100, 170, dtype=torch.float64), torch.zeros(100, 170,
+                                                                          dtype=torch.float64)
+    for (top, left, bottom, right), logits in parts:
+        k = wins.index((top, left, bottom, right))
+        w = (ramp(bottom - top, 12)[:, None] * ramp(right - left, 12)[None, :]) * seen[k]
+        num[:, top:bottom, left:right] += logits * w
+        den[top:bottom, left:right] += w
+    whole = torch.where(den > 0, num / den.clamp(min=1e-30), BACKGROUND_LOGIT).float()
+    assert (den == 0).any() and (den > 0).float().mean() > 0.9
+    torch.testing.assert_close(blend(parts, 100, 170, 12, seen), whole)
+    blender = Blender(3, 100, 170, 12)
+    for k in reversed(range(len(parts))):
+        blender.add(parts[k][0], parts[k][1], seen[k])
+    torch.testing.assert_close(blender.result(), whole)
