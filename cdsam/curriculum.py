@@ -6,6 +6,14 @@
 | 2     | frozen + LoRA on the last K blocks| frozen    | trainable | LoRA                     |
 | 3     | as 2 (from stage 2, lower LR)     | frozen    | trainable | LoRA                     |
 | 4     | DINO LoRA merged, all trainable   | frozen    | trainable | lora / frozen / full     |
+
+"heads" are cdsam's own modules (`HEAD_MODULES`) and SAM's mask head: the hypernetwork MLP
+that turns the decoder's mask token into the per-pixel weights of the one mask cdsam decodes
+(`SAM_MASK_HEAD`, ~140 k parameters at SAM's width). It is trained in full in every stage and SAM
+mode, as MedSAM and SAMed train SAM's decoder: behind a frozen MLP (random in the embedded
+default, SAM's own with real weights), with LoRA alone, stage 1's masks ignored the text (two
+prompts of one scene overlapped 0.93, every absent-object prompt got a mask); trained, the
+text steers them from stage 1 on (docs/default.md, "Stage 1 learns the text").
 """
 
 from __future__ import annotations
@@ -45,6 +53,8 @@ STAGE_TABLE: dict[int, StagePolicy] = {
 # SAM decodes one mask (token 0); the other hypernetwork MLPs never see a gradient, so they
 # get no adapters (they would only add dead trainable parameters and upset DDP).
 _SAM_UNUSED = re.compile(r"output_hypernetworks_mlps\.[1-9]")
+# Token 0's MLP is trained in full (see the module doc), so it needs no adapter either.
+SAM_MASK_HEAD = "mask_decoder.output_hypernetworks_mlps.0"
 
 
 def policy(stage: int) -> StagePolicy:
@@ -55,7 +65,8 @@ def policy(stage: int) -> StagePolicy:
 
 def sam_lora_targets(model: CDSAM, cfg: SamLoraConfig) -> list[str]:
     names = find_targets(model.sam.mask_decoder, cfg.targets, prefix="sam.mask_decoder.")
-    return [n for n in names if not _SAM_UNUSED.search(n)]
+    return [n for n in names
+            if not _SAM_UNUSED.search(n) and not n.startswith(f"sam.{SAM_MASK_HEAD}.")]
 
 
 def dino_lora_targets(model: CDSAM, cfg: DinoLoraConfig) -> list[str]:
@@ -121,6 +132,7 @@ def apply_stage(model: CDSAM, stage: int, sam_lora: SamLoraConfig,
 
     for name in HEAD_MODULES:
         getattr(model, name).requires_grad_(True)
+    model.sam.get_submodule(SAM_MASK_HEAD).requires_grad_(True)
     model.clip_text.requires_grad_(False)
     # Parameters of adapter-free unused SAM outputs stay frozen whatever the mode says.
     for name, p in model.sam.named_parameters():
@@ -156,12 +168,14 @@ def component_counts(model: CDSAM) -> dict[str, dict[str, int]]:
     def is_lora(p: torch.Tensor) -> bool:
         return id(p) in lora_ids
 
-    heads = [p for n in HEAD_MODULES for p in getattr(model, n).parameters()]
+    mask_head = list(model.sam.get_submodule(SAM_MASK_HEAD).parameters())
+    heads = [p for n in HEAD_MODULES for p in getattr(model, n).parameters()] + mask_head
+    head_ids = {id(p) for p in mask_head}
     return {
         "dino": count(model.dino.parameters(), not_lora),
         "dino_lora": count(model.dino.parameters(), is_lora),
         "clip_text": count(model.clip_text.parameters(), not_lora),
-        "heads": count(heads, not_lora),
-        "sam": count(model.sam.parameters(), not_lora),
+        "heads": count(heads, not_lora),  # cdsam's heads and SAM's mask head
+        "sam": count(model.sam.parameters(), lambda p: not_lora(p) and id(p) not in head_ids),
         "sam_lora": count(model.sam.parameters(), is_lora),
     }
