@@ -106,9 +106,11 @@ def apply_stage(model: CDSAM, stage: int, sam_lora: SamLoraConfig,
     elif sam_mode == "full":
         merge_lora(model.sam)
         model.sam.requires_grad_(True)
-        # Training feeds SAM text tokens only: the point/box embeddings and the mask-input
-        # encoder get no gradient, so they stay frozen (DDP stops on a trainable parameter
-        # that never gets a gradient, with find_unused_parameters off).
+        # SAM's prompt encoder stays as loaded, as SAMed and MedSAM keep it: its mask-input
+        # encoder gets no input, and the point/box embeddings see a gradient only in batches
+        # that draw a click or a box (DDP, with find_unused_parameters off, stops on a
+        # trainable parameter without one). Training them changed nothing on the default
+        # (text + click 0.419 vs 0.420 in stage 1: docs/default.md).
         pe = model.sam.prompt_encoder
         for unused in (pe.point_embeddings, pe.not_a_point_embed, pe.mask_downscaling):
             unused.requires_grad_(False)

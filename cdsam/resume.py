@@ -16,7 +16,6 @@ import logging
 import random
 import shutil
 import sys
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,19 +43,6 @@ def code_fingerprint(package: str = "cdsam") -> str:
         path = getattr(sys.modules[name], "__file__", None)
         if path and Path(path).is_file():
             h.update(name.encode() + b"\0" + Path(path).read_bytes())
-    return h.hexdigest()
-
-
-def files_fingerprint(root: Path, names: Iterable[str]) -> str:
-    """sha256 over the content of the files a stage reads (names relative to ``root``), so
-    data prepared again differently (64 px vs 96 px, same manifest) is not mistaken for the
-    data a resume state was trained on."""
-    h = hashlib.sha256()
-    for name in sorted(set(names)):
-        h.update(name.encode() + b"\0")
-        with open(root / name, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
     return h.hexdigest()
 
 
