@@ -58,18 +58,23 @@ def _env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def _project(repo: Path, params: dict) -> None:
-    """The pipeline's files in ``repo``: dvc.yaml, the scripts, the package, the input folders
-    (weights/, data/raw/ with their READMEs and .gitignore rules) and ``params``."""
-    repo.mkdir()
-    for item in ("dvc.yaml", "stages", "cdsam", ".gitignore", "weights/README.md",
-                 "weights/.gitignore", "data/raw/README.md", "data/raw/.gitignore"):
-        src, dst = REPO / item, repo / item
+def copy_checkout(dst_root: Path, items: tuple[str, ...]) -> None:
+    """Files and folders of this checkout (paths relative to it) into ``dst_root``."""
+    for item in items:
+        src, dst = REPO / item, dst_root / item
         dst.parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, dst)
+
+
+def _project(repo: Path, params: dict) -> None:
+    """The pipeline's files in ``repo``: dvc.yaml, the scripts, the package, the input folders
+    (weights/, data/raw/ with their READMEs and .gitignore rules) and ``params``."""
+    repo.mkdir()
+    copy_checkout(repo, ("dvc.yaml", "stages", "cdsam", ".gitignore", "weights/README.md",
+                         "weights/.gitignore", "data/raw/README.md", "data/raw/.gitignore"))
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 

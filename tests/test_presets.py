@@ -92,15 +92,10 @@ def test_a_users_own_params_yaml_never_breaks_the_suite(tmp_path):
     import subprocess
     import sys
 
-    for item in ("cdsam", "tests", "tools", "stages", "dvc.yaml", "pyproject.toml",
-                 "weights/README.md",
-                 "data/raw/README.md"):
-        src, dst = REPO / item, tmp_path / item
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, dst)
+    from tests.test_pipeline import copy_checkout
+
+    copy_checkout(tmp_path, ("cdsam", "tests", "tools", "stages", "dvc.yaml", "pyproject.toml",
+                             "weights/README.md", "data/raw/README.md"))
     tuned = yaml.safe_load(DEFAULT_PARAMS.read_text())
     tuned["lora"]["dino"]["last_k_blocks"] = 6
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tuned))
