@@ -128,7 +128,13 @@ def meta_from_dict(raw: dict[str, Any], where: str | Path) -> CheckpointMeta:
 
 def model_config_of(meta: CheckpointMeta, where: str) -> ModelConfig:
     errors: list[str] = []
-    cfg = _parse_section(ModelConfig, meta.model, "model", errors)
+    model = meta.model
+    sam = model.get("sam") if isinstance(model, dict) else None
+    if isinstance(sam, dict) and "prompt_map" not in sam:
+        # Written before clicks and boxes were drawn as a map: its mask-input encoder never
+        # trained, so it decodes as it was trained.
+        model = {**model, "sam": {**sam, "prompt_map": False}}
+    cfg = _parse_section(ModelConfig, model, "model", errors)
     if errors:
         raise CheckpointError(f"{where}: bad model config in meta.json ({errors[0]})")
     return cfg

@@ -59,6 +59,9 @@ class ClipConfig:
 class SamConfig:
     type: str = "vit_b"  # decoder layout of the official checkpoints
     checkpoint: str | None = None  # an official SAM .pth (or .safetensors) file
+    # Clicks and boxes also drawn as a map through SAM's mask-input encoder (trained in every
+    # stage): what makes them matter when the decoder is not SAM's own (docs/default.md).
+    prompt_map: bool = True
 
 
 @dataclass

@@ -14,6 +14,9 @@ mode, as MedSAM and SAMed train SAM's decoder: behind a frozen MLP (random in th
 default, SAM's own with real weights), with LoRA alone, stage 1's masks ignored the text (two
 prompts of one scene overlapped 0.93, every absent-object prompt got a mask); trained, the
 text steers them from stage 1 on (docs/default.md, "Stage 1 learns the text").
+With ``model.sam.prompt_map`` SAM's mask-input encoder (`SAM_PROMPT_MAP`, ~4.7 k parameters)
+counts as a head too: it reads the drawn click/box map (`cdsam.models.prompt_map`), which it
+was not made for, so it trains in every stage and mode.
 """
 
 from __future__ import annotations
@@ -55,6 +58,12 @@ STAGE_TABLE: dict[int, StagePolicy] = {
 _SAM_UNUSED = re.compile(r"output_hypernetworks_mlps\.[1-9]")
 # Token 0's MLP is trained in full (see the module doc), so it needs no adapter either.
 SAM_MASK_HEAD = "mask_decoder.output_hypernetworks_mlps.0"
+SAM_PROMPT_MAP = "prompt_encoder.mask_downscaling"
+
+
+def sam_heads(model: CDSAM) -> list[str]:
+    """The SAM modules trained in full in every stage (names under ``model.sam``)."""
+    return [SAM_MASK_HEAD] + ([SAM_PROMPT_MAP] if model.sam.prompt_map else [])
 
 
 def policy(stage: int) -> StagePolicy:
@@ -106,11 +115,11 @@ def apply_stage(model: CDSAM, stage: int, sam_lora: SamLoraConfig,
     elif sam_mode == "full":
         merge_lora(model.sam)
         model.sam.requires_grad_(True)
-        # SAM's prompt encoder stays as loaded, as SAMed and MedSAM keep it: its mask-input
-        # encoder gets no input, and the point/box embeddings see a gradient only in batches
-        # that draw a click or a box (DDP, with find_unused_parameters off, stops on a
-        # trainable parameter without one). Training them changed nothing on the default
-        # (text + click 0.419 vs 0.420 in stage 1: docs/default.md).
+        # SAM's sparse point/box embeddings stay as loaded, as SAMed and MedSAM keep them:
+        # they see a gradient only in batches that draw a click or a box (DDP, with
+        # find_unused_parameters off, stops on a trainable parameter without one), and
+        # training them changed nothing on the default (text + click 0.419 vs 0.420 in stage
+        # 1: docs/default.md). The mask-input encoder is a head (below) or unused.
         pe = model.sam.prompt_encoder
         for unused in (pe.point_embeddings, pe.not_a_point_embed, pe.mask_downscaling):
             unused.requires_grad_(False)
@@ -134,7 +143,8 @@ def apply_stage(model: CDSAM, stage: int, sam_lora: SamLoraConfig,
 
     for name in HEAD_MODULES:
         getattr(model, name).requires_grad_(True)
-    model.sam.get_submodule(SAM_MASK_HEAD).requires_grad_(True)
+    for name in sam_heads(model):
+        model.sam.get_submodule(name).requires_grad_(True)
     model.clip_text.requires_grad_(False)
     # Parameters of adapter-free unused SAM outputs stay frozen whatever the mode says.
     for name, p in model.sam.named_parameters():
@@ -170,14 +180,14 @@ def component_counts(model: CDSAM) -> dict[str, dict[str, int]]:
     def is_lora(p: torch.Tensor) -> bool:
         return id(p) in lora_ids
 
-    mask_head = list(model.sam.get_submodule(SAM_MASK_HEAD).parameters())
-    heads = [p for n in HEAD_MODULES for p in getattr(model, n).parameters()] + mask_head
-    head_ids = {id(p) for p in mask_head}
+    sam_head = [p for n in sam_heads(model) for p in model.sam.get_submodule(n).parameters()]
+    heads = [p for n in HEAD_MODULES for p in getattr(model, n).parameters()] + sam_head
+    head_ids = {id(p) for p in sam_head}
     return {
         "dino": count(model.dino.parameters(), not_lora),
         "dino_lora": count(model.dino.parameters(), is_lora),
         "clip_text": count(model.clip_text.parameters(), not_lora),
-        "heads": count(heads, not_lora),  # cdsam's heads and SAM's mask head
+        "heads": count(heads, not_lora),  # cdsam's heads and SAM's (sam_heads)
         "sam": count(model.sam.parameters(), lambda p: not_lora(p) and id(p) not in head_ids),
         "sam_lora": count(model.sam.parameters(), is_lora),
     }

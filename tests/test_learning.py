@@ -60,15 +60,14 @@ def test_text_prompts_are_learned(tmp_path):
     assert learned > shuffled + 0.15
 
 
-@pytest.mark.slow
-def test_stage_1_reads_the_text_under_the_default_sample_policy(tmp_path):
+@pytest.fixture(scope="module")
+def stage_1_default_policy(tmp_path_factory) -> dict[str, float]:
     """Stage 1 as the default trains it: absent-object negatives, clicks and boxes next to the
-    text, the default learning rates. Two prompts of one scene must get different masks and an
-    absent-object prompt must not always get one (before SAM's mask head trained, stage 1's
-    masks ignored the text: the two masks of a pair overlapped ~0.93, fp_rate 1.0)."""
+    text, the default learning rates; its test-split metrics."""
     from cdsam.evaluate import evaluate_stages
 
-    data = tmp_path / "data"
+    tmp = tmp_path_factory.mktemp("stage1")
+    data = tmp / "data"
     prepare(PrepareConfig(synthetic=SyntheticConfig(num_images=240, image_size=SIZE),
                           val_fraction=0.2, test_fraction=0.2),
             seed=0, out=data, show_progress=False,
@@ -78,14 +77,34 @@ def test_stage_1_reads_the_text_under_the_default_sample_policy(tmp_path):
                                     "depth": 4, "num_heads": 2}},
                     data={"fit": "crop", "resize": SIZE, "crop": SIZE},
                     stage1={"epochs": 6})
-    paths = StagePaths(data=data, out=tmp_path / "stage1", metrics=tmp_path / "metrics",
-                       resume=tmp_path / "resume")
+    paths = StagePaths(data=data, out=tmp / "stage1", metrics=tmp / "metrics",
+                       resume=tmp / "resume")
     trainer = StageTrainer(p, 1, paths, show_progress=False)
     trainer.setup()
     trainer.train()
     trainer.save()
-    m = evaluate_stages(p, {"stage1": paths.out}, data, tmp_path / "eval",
-                        tmp_path / "evaluate.json")["stage1"]
-    print({k: round(m[k], 3) for k in ("miou", "class_iou", "fp_rate", "pairs_overlap")})
+    m = evaluate_stages(p, {"stage1": paths.out}, data, tmp / "eval",
+                        tmp / "evaluate.json")["stage1"]
+    print({k: round(m[k], 3) for k in ("miou", "miou_click", "miou_box", "class_iou",
+                                       "fp_rate", "pairs_overlap")})
+    return m
+
+
+@pytest.mark.slow
+def test_stage_1_reads_the_text_under_the_default_sample_policy(stage_1_default_policy):
+    """Two prompts of one scene must get different masks and an absent-object prompt must not
+    always get one (before SAM's mask head trained, stage 1's masks ignored the text: the two
+    masks of a pair overlapped ~0.93, fp_rate 1.0)."""
+    m = stage_1_default_policy
     assert m["pairs"] > 20
     assert m["pairs_overlap"] < 0.7 and m["fp_rate"] < 0.95
+
+
+@pytest.mark.slow
+def test_a_click_or_a_box_next_to_the_text_lifts_the_mask(stage_1_default_policy):
+    """SAM's premise: a click inside the object, and more so a box around it, beat the text
+    alone. Measured when written (test mIoU text / click / box): 0.297 / 0.317 / 0.323 with
+    sparse tokens only, 0.301 / 0.429 / 0.624 with the drawn map (`cdsam.models.prompt_map`)."""
+    m = stage_1_default_policy
+    assert m["miou_click"] > m["miou"] + 0.06
+    assert m["miou_box"] > m["miou"] + 0.15

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from cdsam.curriculum import SAM_MASK_HEAD
+from cdsam.curriculum import SAM_MASK_HEAD, SAM_PROMPT_MAP
 from cdsam.presets import DEFAULT_PARAMS
 from tests.test_pipeline import BIN, _env, _merge, _project, _run
 
@@ -47,7 +47,7 @@ def shared_weights(tmp_path_factory) -> dict[str, Path]:
 
 def _frozen_equal_files(model, dino_file: Path, files: dict[str, Path], resampled: bool) -> None:
     """The stage-1 model's frozen DINO, CLIP text tower and SAM decoder are the files' tensors
-    (all but SAM's mask head, which stage 1 trained)."""
+    (all but SAM's mask head and mask-input encoder, which stage 1 trains)."""
     from cdsam.base import canonical_names
 
     names = canonical_names(model)
@@ -66,7 +66,9 @@ def _frozen_equal_files(model, dino_file: Path, files: dict[str, Path], resample
     trained_head = [k for k in sam if k.startswith(f"{SAM_MASK_HEAD}.")]
     assert trained_head  # SAM's mask head trains in full from stage 1 on (cdsam.curriculum)
     for k, v in sam.items():
-        if k.startswith("mask_decoder.") and k not in trained_head:
+        frozen = k.startswith(("mask_decoder.", "prompt_encoder.")) and \
+            not k.startswith(f"{SAM_PROMPT_MAP}.")
+        if frozen and k not in trained_head:
             torch.testing.assert_close(state[f"sam.{k}"], v, rtol=0, atol=0)
     assert any(not torch.equal(state[f"sam.{k}"], sam[k]) for k in trained_head)
 

@@ -54,3 +54,28 @@ def test_learnability_tool_trains_the_dino_and_the_cnn(data_dir, tmp_path):  # n
     scores = [float(line.split("val")[1].split()[0]) for line in out.stdout.splitlines()
               if line.strip().startswith("epoch")]
     assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)
+
+
+def test_spatial_split_groups_targets_by_a_same_colour_object_in_the_scene():
+    import pandas as pd
+    import torch
+
+    from cdsam.scoring import EvalResult
+
+    tool = _tool("spatial_split")
+    df = pd.DataFrame({"image": ["a", "a", "a", "b", "b"],
+                       "prompt": ["a red circle", "a red square", "a blue circle",
+                                  "a red circle", "a green square"],
+                       "negative": [False, False, False, False, True]})
+    res = {"text": EvalResult(0, 0, 0, ious=[0.2, 0.4, 0.9, 0.8, 0.0]),
+           "click": EvalResult(0, 0, 0, ious=[0.6, 0.6, 0.5, 0.7, 0.0])}
+    table = tool.split_table(df, res)
+    shared = table.loc["a same-colour object in the scene"]
+    alone = table.loc["the only object of its colour"]
+    assert shared["rows"] == 2 and abs(shared["text"] - 0.3) < 1e-9 and shared["click"] == 0.6
+    assert alone["rows"] == 2 and abs(alone["text"] - 0.85) < 1e-9 and alone["click"] == 0.6
+    assert table.loc["all positives", "rows"] == 4  # the negative row is left out
+    a = [torch.tensor([True, True, False, False]), torch.zeros(4, dtype=torch.bool)]
+    b = [torch.tensor([True, False, False, False]), torch.zeros(4, dtype=torch.bool)]
+    iou, ratio = tool.mask_agreement(a, b)
+    assert iou.tolist() == [0.5, 1.0] and ratio.tolist() == [0.5, 0.0]

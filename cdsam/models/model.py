@@ -20,6 +20,7 @@ from cdsam.models.dino import (
     dino_width,
 )
 from cdsam.models.heads import TextToPrompt, TokenProjection, TokenToMaskEmbedding
+from cdsam.models.prompt_map import draw_prompt_map, map_size
 from cdsam.models.sam import SamDecoder, build_sam_decoder
 
 # Top-level children by component, as `cdsam summary` and the curriculum name them.
@@ -39,7 +40,8 @@ class CDSAM(nn.Module):
     """Text-promptable segmentation.
 
     ``forward(images Bx3xHxW, prompts [B strings])`` → :class:`CDSAMOutput`. Optional point and
-    box prompts (in input pixel coordinates) join the text tokens.
+    box prompts (in input pixel coordinates) join the text tokens, and with
+    ``model.sam.prompt_map`` also enter as a drawn map (`cdsam.models.prompt_map`).
     """
 
     def __init__(self, dino: nn.Module, clip_text: ClipTextEncoder, token_proj: TokenProjection,
@@ -86,16 +88,43 @@ class CDSAM(nn.Module):
         embeddings = self.token_to_mask(tokens, grid)
         prompt_tokens = self.text_to_prompt(text)
         active = spatial_rows(points, boxes, box_valid, tokens.shape[0], tokens.device)
+        dense = self._dense_prompts(embeddings, image_size, active, points, boxes, box_valid)
         if active is None:
-            low, iou = self.sam(embeddings, prompt_tokens)
+            low, iou = self.sam(embeddings, prompt_tokens, dense)
         else:
-            low, iou = self._decode_mixed(embeddings, prompt_tokens, image_size, active,
+            low, iou = self._decode_mixed(embeddings, prompt_tokens, dense, image_size, active,
                                           points, boxes, box_valid)
         masks = F.interpolate(low, size=image_size, mode="bilinear", align_corners=False)
         return CDSAMOutput(masks=masks, low_res_masks=low, iou=iou, tokens=tokens, grid=grid)
 
+    def _dense_prompts(self, embeddings: torch.Tensor, image_size: tuple[int, int],
+                       active: torch.Tensor | None,
+                       points: tuple[torch.Tensor, torch.Tensor] | None,
+                       boxes: torch.Tensor | None, box_valid: torch.Tensor | None,
+                       ) -> torch.Tensor | None:
+        """Per-row dense embeddings: the encoded click/box map on ``active`` rows, SAM's "no
+        mask" embedding (the exact values a text-only batch adds) on the rest; None when no
+        row needs the map.
+
+        While the mask-input encoder trains, every training batch runs it, even one without a
+        click or box (their rows then select "no mask"): under DDP each trainable parameter
+        must be in every step's graph.
+        """
+        enc = self.sam.prompt_encoder.mask_downscaling
+        training_encoder = self.training and any(p.requires_grad for p in enc.parameters())
+        if not self.sam.prompt_map or (active is None and not training_encoder):
+            return None
+        b, _, h, w = embeddings.shape
+        drawn = draw_prompt_map(map_size((h, w)), image_size, points, boxes, box_valid, b,
+                                embeddings.device)
+        if active is None:
+            active = torch.zeros(b, dtype=torch.bool, device=embeddings.device)
+        encoded = self.sam.encode_map(drawn.to(embeddings.dtype))
+        return torch.where(active.view(-1, 1, 1, 1), encoded, self.sam.no_mask())
+
     def _decode_mixed(self, embeddings: torch.Tensor, prompt_tokens: torch.Tensor,
-                      image_size: tuple[int, int], active: torch.Tensor,
+                      dense: torch.Tensor | None, image_size: tuple[int, int],
+                      active: torch.Tensor,
                       points: tuple[torch.Tensor, torch.Tensor] | None,
                       boxes: torch.Tensor | None, box_valid: torch.Tensor | None,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,11 +137,11 @@ class CDSAM(nn.Module):
         extra = self.sam.encode_prompts(len(on), image_size, pts, rows(boxes, on),
                                         rows(box_valid, on))
         low_on, iou_on = self.sam(embeddings[on], torch.cat(
-            [prompt_tokens[on], extra.to(prompt_tokens.dtype)], dim=1))
+            [prompt_tokens[on], extra.to(prompt_tokens.dtype)], dim=1), rows(dense, on))
         if len(on) == active.numel():
             return low_on, iou_on
         off = (~active).nonzero().flatten()
-        low_off, iou_off = self.sam(embeddings[off], prompt_tokens[off])
+        low_off, iou_off = self.sam(embeddings[off], prompt_tokens[off], rows(dense, off))
         low = low_on.new_empty((active.numel(), *low_on.shape[1:]))
         iou = iou_on.new_empty((active.numel(), *iou_on.shape[1:]))
         low[on], low[off] = low_on, low_off.to(low.dtype)

@@ -35,12 +35,19 @@ SAM_DECODER_LAYOUTS = {"vit_b": _DECODER_LAYOUT, "vit_l": _DECODER_LAYOUT, "vit_
 
 
 class SamDecoder(nn.Module):
-    """Image embeddings + sparse prompt tokens → low-resolution mask logits."""
+    """Image embeddings + sparse prompt tokens (+ a dense prompt embedding) → low-resolution
+    mask logits.
 
-    def __init__(self, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder) -> None:
+    ``prompt_map``: clicks and boxes also enter as a drawn map through SAM's mask-input
+    encoder (`cdsam.models.prompt_map`; ``model.sam.prompt_map``).
+    """
+
+    def __init__(self, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder,
+                 prompt_map: bool = True) -> None:
         super().__init__()
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
+        self.prompt_map = prompt_map
 
     def encode_prompts(self, batch: int, image_size: tuple[int, int],
                        points: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -70,15 +77,25 @@ class SamDecoder(nn.Module):
             parts.append(corners)
         return torch.cat(parts, dim=1)
 
+    def no_mask(self) -> torch.Tensor:
+        """1x256x1x1: SAM's dense embedding for "no mask input"."""
+        return self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+
+    def encode_map(self, prompt_map: torch.Tensor) -> torch.Tensor:
+        """Bx1x4hx4w drawn map → Bx256xhxw dense embedding (SAM's mask-input encoder)."""
+        return self.prompt_encoder.mask_downscaling(prompt_map)
+
     def forward(self, image_embeddings: torch.Tensor, prompt_tokens: torch.Tensor,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bx256xhxw embeddings, BxKx256 prompt tokens → (Bx1x4hx4w logits, Bx1 IoU)."""
+                dense: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bx256xhxw embeddings, BxKx256 prompt tokens, Bx256xhxw dense embeddings (default:
+        SAM's "no mask" embedding) → (Bx1x4hx4w logits, Bx1 IoU)."""
         md = self.mask_decoder
         b, c, h, w = image_embeddings.shape
         if prompt_tokens.shape[0] != b:
             raise ValueError(f"{b} images but {prompt_tokens.shape[0]} prompt sets")
         pos = self.prompt_encoder.pe_layer((h, w)).unsqueeze(0).expand(b, -1, -1, -1)
-        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        if dense is None:
+            dense = self.no_mask()
         out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
         tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1), prompt_tokens], dim=1)
         src = image_embeddings + dense
@@ -112,7 +129,7 @@ def build_sam_decoder(cfg: SamConfig, grid: tuple[int, int], image_size: tuple[i
         iou_head_depth=lay["iou_head_depth"],
         iou_head_hidden_dim=lay["iou_head_hidden_dim"],
     )
-    decoder = SamDecoder(prompt_encoder, mask_decoder)
+    decoder = SamDecoder(prompt_encoder, mask_decoder, prompt_map=cfg.prompt_map)
     if load_weights and cfg.checkpoint:
         load_sam_checkpoint(decoder, cfg.checkpoint)
     return decoder
