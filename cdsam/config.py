@@ -62,6 +62,7 @@ class SamConfig:
     # Clicks and boxes also drawn as a map through SAM's mask-input encoder (trained in every
     # stage): what makes them matter when the decoder is not SAM's own (docs/default.md).
     prompt_map: bool = True
+    click_radius: float = 2.0  # a click's disk in that map, in DINO tokens (patches)
 
 
 @dataclass
@@ -407,6 +408,8 @@ def validate(p: Params, errors: list[str]) -> None:
            "must be in [0, 1)", errors)
     _check(p.model.sam.type in SAM_TYPES, "model.sam.type", p.model.sam.type,
            f"must be one of {', '.join(SAM_TYPES)}", errors)
+    _check(p.model.sam.click_radius > 0, "model.sam.click_radius", p.model.sam.click_radius,
+           "must be > 0", errors)
     _check(p.model.heads.num_text_tokens >= 1, "model.heads.num_text_tokens",
            p.model.heads.num_text_tokens, "must be >= 1", errors)
     _validate_lora(p.lora.sam, "lora.sam", errors)

@@ -8,7 +8,7 @@ from cdsam.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from cdsam.config import to_dict
 from cdsam.curriculum import SAM_PROMPT_MAP, apply_stage
 from cdsam.models.model import build_model
-from cdsam.models.prompt_map import CLICK_RADIUS, MAP_LOGIT, draw_prompt_map, map_size
+from cdsam.models.prompt_map import MAP_LOGIT, draw_prompt_map, map_size
 
 CPU = torch.device("cpu")
 
@@ -35,12 +35,13 @@ def test_a_box_fills_the_map_pixels_it_touches():
 
 def test_clicks_mark_disks_background_wins_and_empty_slots_mark_nothing():
     fg = draw_prompt_map((32, 32), (32, 32), _points([[10, 10], [0, 0]], [1, -1]), None, None,
-                         1, CPU)[0, 0]
+                         1, CPU, click_radius=0.75)[0, 0]
     ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
-    disk = (ys - 10) ** 2 + (xs - 10) ** 2 <= CLICK_RADIUS ** 2
+    disk = (ys - 10) ** 2 + (xs - 10) ** 2 <= 3 ** 2  # 0.75 cells = 3 map pixels
     assert torch.equal(fg == MAP_LOGIT, disk) and fg[~disk].eq(0).all()
     both = draw_prompt_map((32, 32), (32, 32), _points([[10, 10], [12, 10]], [1, 0]),
-                           torch.tensor([[0.0, 0.0, 31.0, 31.0]]), None, 1, CPU)[0, 0]
+                           torch.tensor([[0.0, 0.0, 31.0, 31.0]]), None, 1, CPU,
+                           click_radius=0.75)[0, 0]
     assert both[10, 12] == -MAP_LOGIT and both[10, 8] == MAP_LOGIT and both[30, 30] == MAP_LOGIT
     none = draw_prompt_map((32, 32), (32, 32), _points([[10, 10]], [-1]),
                            torch.tensor([[0.0, 0.0, 31.0, 31.0]]), torch.tensor([False]), 1, CPU)
@@ -49,7 +50,7 @@ def test_clicks_mark_disks_background_wins_and_empty_slots_mark_nothing():
 
 def test_rows_keep_their_own_prompts():
     points = (torch.tensor([[[4.0, 4.0]], [[28.0, 28.0]]]), torch.tensor([[1], [1]]))
-    m = draw_prompt_map((32, 32), (32, 32), points, None, None, 2, CPU)[:, 0]
+    m = draw_prompt_map((32, 32), (32, 32), points, None, None, 2, CPU, click_radius=0.75)[:, 0]
     assert m[0, 4, 4] == MAP_LOGIT and m[0, 28, 28] == 0
     assert m[1, 28, 28] == MAP_LOGIT and m[1, 4, 4] == 0
 
@@ -89,3 +90,22 @@ def test_a_checkpoint_from_before_the_map_decodes_without_it(tmp_path, params):
     save_checkpoint(tmp_path / "new", model, CheckpointMeta(stage=1, model=to_dict(params.model)))
     assert load_checkpoint(tmp_path / "old")[0].sam.prompt_map is False
     assert load_checkpoint(tmp_path / "new")[0].sam.prompt_map is True
+
+
+def test_the_click_radius_is_counted_in_embedding_cells(params):
+    click = _points([[16, 16]], [1])  # on a map pixel's centre: lattice points in a disk
+    small = draw_prompt_map((32, 32), (32, 32), click, None, None, 1, CPU, click_radius=0.75)
+    large = draw_prompt_map((32, 32), (32, 32), click, None, None, 1, CPU, click_radius=2.0)
+    assert int(small.sum()) == 29 and int(large.sum()) == 197  # r = 3 and 8 map pixels
+    model = build_model(params.model, seed=0)
+    assert model.sam.click_radius == params.model.sam.click_radius
+
+
+def test_a_radius_that_is_not_positive_names_its_key():
+    import pytest
+
+    from cdsam.config import parse_params
+    from cdsam.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.sam.click_radius"):
+        parse_params({"model": {"sam": {"click_radius": 0}}})

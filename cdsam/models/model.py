@@ -116,7 +116,7 @@ class CDSAM(nn.Module):
             return None
         b, _, h, w = embeddings.shape
         drawn = draw_prompt_map(map_size((h, w)), image_size, points, boxes, box_valid, b,
-                                embeddings.device)
+                                embeddings.device, click_radius=self.sam.click_radius)
         if active is None:
             active = torch.zeros(b, dtype=torch.bool, device=embeddings.device)
         encoded = self.sam.encode_map(drawn.to(embeddings.dtype))

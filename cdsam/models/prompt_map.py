@@ -13,32 +13,37 @@ The map has SAM's mask-input resolution, 4× the embedding grid in each directio
 like a coarse mask in logits: ``+MAP_LOGIT`` inside the box and on foreground clicks,
 ``-MAP_LOGIT`` on background clicks (drawn last: a "not here" click inside the box wins),
 0 (no opinion) elsewhere.
+
+A click is a disk of ``model.sam.click_radius`` embedding cells (DINO tokens; default 2). The
+encoder's two stride-2 convolutions give each cell one 4 × 4 block of the map, so the radius
+is counted in cells: on the default (stage 1 alone, test mIoU text → text + click) a radius of
+0.75 cells lifted 0.43 → 0.47, 1.25 cells 0.42 → 0.58, 2 cells 0.41 → 0.62; with the smaller
+disks the click shrank the mask of an object the text alone already picked
+(docs/spatial-prompts.md).
 """
 
 from __future__ import annotations
 
 import torch
 
-# A click marks a disk of this radius in map pixels: 3 = 0.75 of a DINO patch, 12 input pixels
-# of SAM's 1024² input. Radius 1.5 lifted the default's text + click by nothing, 3 by +0.05
-# (stage 1 prototype, docs/default.md): a disk the size of a single map pixel is too small for
-# the two stride-2 convolutions of the mask-input encoder to carry.
-CLICK_RADIUS = 3.0
 MAP_LOGIT = 1.0
+CELL = 4  # map pixels per embedding cell in each direction
 
 
 def map_size(grid: tuple[int, int]) -> tuple[int, int]:
     """The map SAM's mask-input encoder turns into an embedding of ``grid``."""
-    return 4 * grid[0], 4 * grid[1]
+    return CELL * grid[0], CELL * grid[1]
 
 
 def draw_prompt_map(size: tuple[int, int], image_size: tuple[int, int],
                     points: tuple[torch.Tensor, torch.Tensor] | None,
                     boxes: torch.Tensor | None, box_valid: torch.Tensor | None,
-                    batch: int, device: torch.device) -> torch.Tensor:
+                    batch: int, device: torch.device, click_radius: float = 2.0,
+                    ) -> torch.Tensor:
     """Bx1xHmxWm float32 map of each row's clicks (BxNx2 pixel xy, BxN labels 1 / 0 / -1
-    empty) and box (Bx4 xyxy, inclusive pixel indices; ``box_valid`` B bool, default all),
-    in input pixels of an ``image_size`` (H, W) image."""
+    empty; disks of ``click_radius`` embedding cells) and box (Bx4 xyxy, inclusive pixel
+    indices; ``box_valid`` B bool, default all), in input pixels of an ``image_size`` (H, W)
+    image."""
     hm, wm = size
     sy, sx = hm / image_size[0], wm / image_size[1]
     out = torch.zeros(batch, hm, wm, device=device)
@@ -61,7 +66,7 @@ def draw_prompt_map(size: tuple[int, int], image_size: tuple[int, int],
         cx = (coords[..., 0] + 0.5) * sx
         d2 = ((ys + 0.5)[None, None, :, None] - cy[..., None, None]) ** 2 + \
             ((xs + 0.5)[None, None, None, :] - cx[..., None, None]) ** 2  # B x N x Hm x Wm
-        disk = d2 <= CLICK_RADIUS ** 2
+        disk = d2 <= (click_radius * CELL) ** 2
         out[(disk & (labels == 1)[..., None, None]).any(dim=1)] = MAP_LOGIT
         out[(disk & (labels == 0)[..., None, None]).any(dim=1)] = -MAP_LOGIT
     return out.unsqueeze(1)

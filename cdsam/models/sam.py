@@ -39,15 +39,17 @@ class SamDecoder(nn.Module):
     mask logits.
 
     ``prompt_map``: clicks and boxes also enter as a drawn map through SAM's mask-input
-    encoder (`cdsam.models.prompt_map`; ``model.sam.prompt_map``).
+    encoder, a click as a disk of ``click_radius`` embedding cells (`cdsam.models.prompt_map`;
+    ``model.sam.prompt_map``, ``model.sam.click_radius``).
     """
 
     def __init__(self, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder,
-                 prompt_map: bool = True) -> None:
+                 prompt_map: bool = True, click_radius: float = 2.0) -> None:
         super().__init__()
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.prompt_map = prompt_map
+        self.click_radius = click_radius  # in embedding cells (DINO tokens)
 
     def encode_prompts(self, batch: int, image_size: tuple[int, int],
                        points: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -129,7 +131,8 @@ def build_sam_decoder(cfg: SamConfig, grid: tuple[int, int], image_size: tuple[i
         iou_head_depth=lay["iou_head_depth"],
         iou_head_hidden_dim=lay["iou_head_hidden_dim"],
     )
-    decoder = SamDecoder(prompt_encoder, mask_decoder, prompt_map=cfg.prompt_map)
+    decoder = SamDecoder(prompt_encoder, mask_decoder, prompt_map=cfg.prompt_map,
+                         click_radius=cfg.click_radius)
     if load_weights and cfg.checkpoint:
         load_sam_checkpoint(decoder, cfg.checkpoint)
     return decoder
