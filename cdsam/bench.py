@@ -13,6 +13,9 @@ For every run it also splits the time (the "where does a step go" table): the lo
 real epoch), the loader's share of an end-to-end step, and the model FLOPs per image
 (counted by ``torch.utils.flop_counter`` over one forward + backward) as FLOP/s end to end
 and, given a peak (``--peak-tflops``, or known for the GPU), the model FLOP utilisation.
+``--profile DIR`` also runs the staged steps under ``torch.profiler`` (`cdsam.profiling`):
+a Chrome trace per run in DIR and, per run, the ops that take most of a step and the kernel
+launches per step.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from cdsam.config import Params, load_params, parse_params
 from cdsam.data.prepare import prepare
 from cdsam.entry import offline_defaults
 from cdsam.errors import ConfigError
+from cdsam.profiling import profile_steps, profile_table
 from cdsam.runtime import peak_memory_mb
 from cdsam.train import StagePaths, StageTrainer
 
@@ -104,8 +108,9 @@ def _batches(trainer: StageTrainer) -> Iterator[dict[str, Any]]:
         yield _on_device(batch, trainer.device)
 
 
-def split_step_time(trainer: StageTrainer) -> dict[str, float]:
-    """Loader alone, model step alone and FLOPs per image for a trained-and-set-up stage."""
+def split_step_time(trainer: StageTrainer, trace: Path | None = None) -> dict[str, Any]:
+    """Loader alone, model step alone and FLOPs per image for a trained-and-set-up stage;
+    with ``trace``, also the staged steps under the profiler (after the timed ones)."""
     dev = trainer.device
     _sync(dev)
     t0 = time.perf_counter()
@@ -127,12 +132,17 @@ def split_step_time(trainer: StageTrainer) -> dict[str, float]:
             trainer.train_step(batch)
             m += batch["image"].shape[0]
     _sync(dev)
-    return {"loader_images_s": n / loader_s, "step_images_s": m / (time.perf_counter() - t0),
-            "flop_per_image": flop_per_image}
+    out: dict[str, Any] = {"loader_images_s": n / loader_s,
+                           "step_images_s": m / (time.perf_counter() - t0),
+                           "flop_per_image": flop_per_image}
+    if trace is not None:
+        out["profile"] = profile_steps(trainer.train_step, staged, dev, trace)
+    return out
 
 
 def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path | None,
-              save: bool, per_sample: bool = False) -> dict[str, Any]:
+              save: bool, per_sample: bool = False, profile_dir: Path | None = None,
+              ) -> dict[str, Any]:
     """One stage through the real trainer, feature cache on or off, batches packed or
     fetched per sample."""
     train_cfg = dataclasses.replace(params.train, feature_cache=cached)
@@ -166,7 +176,8 @@ def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path
         trainer.save()
     later = trainer.epoch_times[1:] or trainer.epoch_times
     epoch_s = sum(later) / len(later)
-    split = split_step_time(trainer)  # after save: it trains on, changing the weights
+    # After save: it trains on, changing the weights.
+    split = split_step_time(trainer, None if profile_dir is None else profile_dir / f"{tag}.json")
     return {
         "setup_s": setup_s, "epoch_s": epoch_s,
         "images_s": len(trainer.train_set) / epoch_s, **split,
@@ -183,7 +194,8 @@ def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path
 def run(params_path: str, images: int, epochs: int, preset: str, show: bool = True,
         all_stages: bool = False, compile_model: bool = False,
         batch_size: int | str | None = None,
-        peak_tflops: float | None = None, per_sample: bool = False) -> dict[str, Any]:
+        peak_tflops: float | None = None, per_sample: bool = False,
+        profile_dir: Path | None = None) -> dict[str, Any]:
     params = bench_params(load_params(params_path), images, epochs, preset, compile_model,
                           batch_size)
     t_start = time.perf_counter()
@@ -200,13 +212,13 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
                 # The cached stage-1 run writes the checkpoint stage 2 starts from.
                 results[key] = run_stage(params, stage, cached, root, parent,
                                          save=all_stages or (stage == 1 and cached),
-                                         per_sample=per_sample)
+                                         per_sample=per_sample, profile_dir=profile_dir)
         for stage in (3, 4) if all_stages else ():
             if show:
                 print(f"  stage{stage} ...", file=sys.stderr, flush=True)
             results[f"stage{stage}"] = run_stage(params, stage, True, root,
                                                  root / f"stage{stage - 1}", save=True,
-                                                 per_sample=per_sample)
+                                                 per_sample=per_sample, profile_dir=profile_dir)
     # Cached and uncached runs train the same batches (same losses) unless batch_size auto
     # gave them different batches (the cached step needs less memory).
     same = [s for s in (1, 2) if results[f"stage{s}_cached"]["batch_size"]
@@ -277,6 +289,11 @@ def table(r: dict[str, Any]) -> str:
                   else "- (cached and uncached runs picked different batches)"),
               f"text_encoder_calls_per_epoch  {r['text_encoder_calls_per_epoch']}",
               f"total                         {r['total_s']:.0f} s"]
+    profiled = [(key, s["profile"]) for key, s in runs if "profile" in s]
+    if profiled:
+        lines += ["", "profile of the staged steps (--profile; self time per op)"]
+        for key, prof in profiled:
+            lines += profile_table(key, prof)
     return "\n".join(lines)
 
 
@@ -301,6 +318,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the device's peak TFLOP/s for the MFU column (default: known for "
                          "H100/H200/A100/L40S/A10G, none on the CPU)")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                    help="also profile each run's staged steps: a Chrome trace per run in DIR, "
+                         "the top ops and kernel launches per step in the table")
     args = ap.parse_args(argv)
     if args.epochs < 2:
         ap.error("--epochs must be >= 2 (the first epoch is not timed)")
@@ -309,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args.params, args.images, args.epochs, args.preset, show=not args.json,
                  all_stages=args.all_stages, compile_model=args.compile,
                  batch_size=args.batch_size, peak_tflops=args.peak_tflops,
-                 per_sample=args.per_sample_loader)
+                 per_sample=args.per_sample_loader, profile_dir=args.profile)
     print(json.dumps(result, indent=2) if args.json else table(result))
 
 

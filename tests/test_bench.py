@@ -24,8 +24,9 @@ def test_bench_splits_loader_step_and_flops_for_both_loaders(tmp_path, monkeypat
     monkeypatch.setattr(bench, "STAGED_BATCHES", 2)
     runs = {}
     for per_sample in (False, True):
+        prof = None if per_sample else tmp_path / "profile"
         r = bench.run(str(params), images=16, epochs=2, preset="default", show=False,
-                      batch_size=8, peak_tflops=1.0, per_sample=per_sample)
+                      batch_size=8, peak_tflops=1.0, per_sample=per_sample, profile_dir=prof)
         assert r["loader"] == ("per-sample" if per_sample else "packed")
         assert r["batch_size"] == 8 and r["max_loss_diff"] == 0.0
         for key in ("stage1_uncached", "stage1_cached", "stage2_uncached", "stage2_cached"):
@@ -34,9 +35,15 @@ def test_bench_splits_loader_step_and_flops_for_both_loaders(tmp_path, monkeypat
             assert row["loader_images_s"] > 0 and row["step_images_s"] > 0
             assert 0 < row["loader_share"] < 1
             assert row["flop_per_image"] > 0 and row["mfu"] == row["tflop_s"]  # peak 1 TFLOP/s
+            if prof is not None:  # --profile: a trace per run and its top ops
+                assert Path(row["profile"]["trace"]) == prof / f"{key.replace('_', '-')}.json"
+                assert Path(row["profile"]["trace"]).is_file() and row["profile"]["top_ops"]
+            else:
+                assert "profile" not in row
         runs[per_sample] = r
         text = bench.table(r)
         assert "where a step goes" in text and "stage2_cached" in text
+        assert ("profile of the staged steps" in text) is (prof is not None)
     # The same batches either way: the same FLOPs per image.
     for key in ("stage1_cached", "stage2_uncached"):
         assert runs[False][key]["flop_per_image"] == runs[True][key]["flop_per_image"]

@@ -9,7 +9,9 @@
 # loader, at batch 256 on the per-sample DataLoader path (the "before"), at batch 256 with
 # train.compile, and with `optim.batch_size: auto` (each stage measures its own batch). Each prints, per stage: loader img/s alone, model step img/s alone (batches
 # staged on the device), end to end img/s, the loader's share, GFLOP per image, TFLOP/s and MFU
-# against the device's bf16 peak. JSON for each run goes to $OUT (default: gpu-bench/).
+# against the device's bf16 peak; the batch-256 run also profiles its staged steps (top ops,
+# kernel launches per step, Chrome traces in $OUT/profile-batch256). JSON for each run goes to
+# $OUT (default: gpu-bench/).
 set -euo pipefail
 images="${IMAGES:-1200}"
 out="${OUT:-gpu-bench}"
@@ -31,7 +33,7 @@ run() {
 print(table(json.load(open(sys.argv[1]))))" "$out/$name.json"
 }
 run batch16 --batch-size 16
-run batch256 --batch-size 256
+run batch256 --batch-size 256 --profile "$out/profile-batch256"
 run batch256-per-sample --batch-size 256 --per-sample-loader
 run batch256-compile --batch-size 256 --compile
 run auto --batch-size auto

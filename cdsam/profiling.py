@@ -1,0 +1,73 @@
+"""Where a training step's time goes, op by op: ``torch.profiler`` over staged steps.
+
+`cdsam.bench --profile DIR` calls :func:`profile_steps` for each run: a Chrome trace per run
+(open it in chrome://tracing or https://ui.perfetto.dev) and a summary — per step, the time
+and call count of the ops that take the most of it (device time on CUDA, CPU time otherwise),
+the kernel launches (CUDA), and the optimizer's share (torch labels ``Optimizer.step``).
+A launch-bound step shows many launches of kernels that each take microseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+TOP_OPS = 12
+# The runtime calls that put one kernel on the GPU (the names differ across CUDA versions).
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def profile_steps(step: Callable[[Any], object], batches: Sequence[Any], device: torch.device,
+                  trace: Path) -> dict[str, Any]:
+    """Run ``step`` once per batch under the profiler; write the trace to ``trace``."""
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for batch in batches:
+            step(batch)
+        if cuda:
+            torch.cuda.synchronize(device)
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace))
+    return summarize(prof.key_averages(), len(batches), cuda) | {"trace": str(trace)}
+
+
+def _time_us(event: Any, cuda: bool) -> float:
+    return float(event.self_device_time_total if cuda else event.self_cpu_time_total)
+
+
+def summarize(events: Sequence[Any], steps: int, cuda: bool) -> dict[str, Any]:
+    """Per-step figures from ``key_averages()`` rows (anything with ``key``, ``count`` and
+    the self-time totals in microseconds)."""
+    timed = [e for e in events if _time_us(e, cuda) > 0]
+    total_us = sum(_time_us(e, cuda) for e in timed)
+    top = sorted(timed, key=lambda e: _time_us(e, cuda), reverse=True)[:TOP_OPS]
+    optimizer = [e for e in events if e.key.startswith("Optimizer.step")]
+    return {
+        "clock": "device" if cuda else "cpu",
+        "steps": steps,
+        "ms_per_step": total_us / 1000 / steps,
+        "optimizer_ms_per_step": sum(e.cpu_time_total for e in optimizer) / 1000 / steps,
+        "launches_per_step": (sum(e.count for e in events if e.key in LAUNCH_CALLS) / steps
+                              if cuda else None),
+        "top_ops": [{"op": e.key, "ms_per_step": _time_us(e, cuda) / 1000 / steps,
+                     "calls_per_step": e.count / steps,
+                     "share": _time_us(e, cuda) / total_us if total_us else 0.0} for e in top],
+    }
+
+
+def profile_table(key: str, p: dict[str, Any]) -> list[str]:
+    """The summary as text lines, for `cdsam.bench`'s table."""
+    launches = "-" if p["launches_per_step"] is None else f"{p['launches_per_step']:.0f}"
+    lines = [f"{key}: {p['ms_per_step']:.2f} ms {p['clock']} time per step over {p['steps']} "
+             f"steps, optimizer {p['optimizer_ms_per_step']:.2f} ms (CPU), kernel launches "
+             f"{launches} per step; trace {p['trace']}",
+             f"  {'op':<48}{'ms/step':>9}{'calls':>7}{'share':>7}"]
+    for op in p["top_ops"]:
+        lines.append(f"  {op['op'][:47]:<48}{op['ms_per_step']:>9.3f}"
+                     f"{op['calls_per_step']:>7.0f}{100 * op['share']:>6.1f}%")
+    return lines
