@@ -41,8 +41,7 @@ def score(checkpoint: Path, prepared: PreparedSplit, device: torch.device, batch
     objective = Objective.for_model(model, LossConfig(**(meta.extra.get("loss") or {})), vocab)
     out = {}
     for mode, policy in MODES.items():
-        loader = PackedLoader(prepared, batch, device, spatial=policy, seed=seed) \
-            if policy is not None else PackedLoader(prepared, batch, device)
+        loader = PackedLoader(prepared, batch, device, spatial=policy, seed=seed)
         out[mode] = evaluate_model(model, loader, device, objective, threshold,
                                    keep_masks=True)
     return out
