@@ -4,6 +4,11 @@ We keep timm's own module (so official state dicts and timm's checkpoint filters
 walk its public pieces: ``patch_embed`` → ``_pos_embed`` → ``patch_drop`` → ``norm_pre`` →
 ``blocks`` → ``norm``. Splitting the block loop lets a caller reuse the output of frozen
 leading blocks (the feature cache) and run only the trainable tail.
+
+Two timm families run: ``VisionTransformer`` (DINO, DINOv2) and ``Eva`` (DINOv3, EVA-02), whose
+blocks also take a rotary position table. That table depends only on the token grid, so each
+block range rebuilds it from the grid (it is never cached with the tokens: the feature cache
+stores tokens only, and a grid change gives a new table).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -65,14 +71,34 @@ def build_dino(cfg: DinoConfig, load_weights: bool = True) -> nn.Module:
         if "Unknown model" in str(exc):
             raise UserError(f"model.dino.name: timm has no model {cfg.name!r}") from None
         raise
-    if not isinstance(vit, VisionTransformer):
-        # EVA-family models (timm's DINOv3 among them) have the same parts but pass rotary
-        # position tables from _pos_embed to every block: the block-range walk below does not.
-        kind = ("a RoPE ViT (EVA family, e.g. DINOv3), not supported yet"
-                if hasattr(vit, "rope") else "not a timm Vision Transformer")
-        raise UserError(f"model.dino.name: {cfg.name!r} is {kind}; use a ViT such as "
-                        f"vit_small_patch14_dinov2 or vit_small_patch16_224.dino")
+    if isinstance(vit, Eva):
+        _prepare_eva(vit, cfg.name)
+    elif not isinstance(vit, VisionTransformer):
+        raise UserError(f"model.dino.name: {cfg.name!r} is not a timm Vision Transformer or "
+                        f"EVA-family model; use e.g. vit_small_patch14_dinov2, "
+                        f"vit_small_patch16_224.dino or vit_small_patch16_dinov3")
     return vit
+
+
+def _prepare_eva(vit: Eva, name: str) -> None:
+    """Make a timm ``Eva`` walkable block by block and ready for LoRA on ``attn.qkv``."""
+    if vit.patch_drop is not None:
+        raise UserError(f"model.dino.name: {name!r} is built with patch dropout, which drops "
+                        f"tokens the decoder needs; build it without")
+    for block in vit.blocks:
+        attn = block.attn
+        if getattr(attn, "qkv", None) is not None and getattr(attn, "q_bias", None) is not None:
+            # With q/v biases timm calls F.linear(x, attn.qkv.weight, bias) and so would skip a
+            # LoRA wrapper on qkv; timm's own switch applies qkv(x) and then adds the bias.
+            attn.qkv_bias_separate = True
+
+
+def _rope_tables(vit: Eva, grid: tuple[int, int]) -> torch.Tensor | None:
+    if vit.rope is None:
+        return None
+    if vit.dynamic_img_size or not hasattr(vit.rope, "feat_shape"):
+        return vit.rope.get_embed(shape=list(grid))
+    return vit.rope.get_embed()
 
 
 def _first_line(exc: Exception) -> str:
@@ -97,18 +123,33 @@ def dino_width(vit: nn.Module) -> int:
     return int(vit.embed_dim)
 
 
+def dino_grid(vit: nn.Module, images: torch.Tensor) -> tuple[int, int]:
+    p = dino_patch_size(vit)
+    return images.shape[-2] // p, images.shape[-1] // p
+
+
 def dino_embed(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Bx3xHxW images → BxTxC tokens (prefix tokens included) before block 0."""
     x = vit.patch_embed(images)
-    x = vit._pos_embed(x)
-    x = vit.patch_drop(x)
+    if isinstance(vit, Eva):
+        x, _ = vit._pos_embed(x)  # rotary table rebuilt per block range (dino_blocks)
+    else:
+        x = vit._pos_embed(x)
+        x = vit.patch_drop(x)
     return vit.norm_pre(x)
 
 
-def dino_blocks(vit: nn.Module, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """Run blocks ``start … end-1`` on BxTxC tokens."""
-    for blk in vit.blocks[start:end]:
-        x = blk(x)
+def dino_blocks(vit: nn.Module, x: torch.Tensor, start: int, end: int,
+                grid: tuple[int, int]) -> torch.Tensor:
+    """Run blocks ``start … end-1`` on BxTxC tokens of an image with token ``grid`` (h, w)."""
+    if not isinstance(vit, Eva):
+        for blk in vit.blocks[start:end]:
+            x = blk(x)
+        return x
+    rope = _rope_tables(vit, grid)
+    mixed = getattr(vit, "rope_mixed", False) and rope is not None  # one table per block
+    for i in range(start, end):
+        x = vit.blocks[i](x, rope=rope[i] if mixed else rope)
     return x
 
 
@@ -119,6 +160,6 @@ def dino_finish(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def dino_patch_tokens(vit: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """Bx3xHxW → (BxNxC patch tokens, grid (h, w)) with N = h*w."""
-    x = dino_finish(vit, dino_blocks(vit, dino_embed(vit, images), 0, len(vit.blocks)))
-    p = dino_patch_size(vit)
-    return x, (images.shape[-2] // p, images.shape[-1] // p)
+    grid = dino_grid(vit, images)
+    x = dino_finish(vit, dino_blocks(vit, dino_embed(vit, images), 0, len(vit.blocks), grid))
+    return x, grid

@@ -16,6 +16,7 @@ from cdsam.models.dino import (
     dino_depth,
     dino_embed,
     dino_finish,
+    dino_grid,
     dino_patch_size,
     dino_width,
 )
@@ -65,14 +66,16 @@ class CDSAM(nn.Module):
 
     def dino_prefix(self, images: torch.Tensor, end_block: int) -> torch.Tensor:
         """Tokens after DINO blocks ``0 … end_block-1`` (prefix tokens kept): BxTxC."""
-        return dino_blocks(self.dino, dino_embed(self.dino, images), 0, end_block)
+        return dino_blocks(self.dino, dino_embed(self.dino, images), 0, end_block,
+                           dino_grid(self.dino, images))
 
-    def dino_tail(self, x: torch.Tensor, start_block: int) -> torch.Tensor:
-        """Finish DINO from block ``start_block``: BxTxC → BxNxC patch tokens."""
-        return dino_finish(self.dino, dino_blocks(self.dino, x, start_block, self.depth))
+    def dino_tail(self, x: torch.Tensor, start_block: int, grid: tuple[int, int]) -> torch.Tensor:
+        """Finish DINO from block ``start_block``: BxTxC → BxNxC patch tokens (token ``grid``
+        (h, w): the rotary table of a DINOv3 is rebuilt from it)."""
+        return dino_finish(self.dino, dino_blocks(self.dino, x, start_block, self.depth, grid))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.dino_tail(self.dino_prefix(images, 0), 0)
+        return self.dino_tail(self.dino_prefix(images, 0), 0, dino_grid(self.dino, images))
 
     def decode(self, tokens: torch.Tensor, grid: tuple[int, int], text: torch.Tensor,
                image_size: tuple[int, int],
@@ -158,12 +161,11 @@ class CDSAM(nn.Module):
         bool (default: every row has its box)."""
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
-        p = self.patch_size
-        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        grid = dino_grid(self.dino, images)
         if prefix is None:
             tokens = self.encode_image(images)
         else:
-            tokens = self.dino_tail(prefix, start_block)
+            tokens = self.dino_tail(prefix, start_block, grid)
         text = self.clip_text(prompts).to(tokens.dtype)
         return self.decode(tokens, grid, text, tuple(images.shape[-2:]), points, boxes,
                            box_valid)
