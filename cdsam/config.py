@@ -34,7 +34,7 @@ STAGES = (1, 2, 3, 4)
 
 @dataclass
 class DinoConfig:
-    name: str = "vit_small_patch16_224"  # any timm ViT; a tag (".dino") picks hub weights
+    name: str = "vit_small_patch16_224"  # any timm ViT or Eva (DINOv3); a tag (".dino") picks hub weights
     pretrained: bool = False  # fetch the named hub weights (needs network or HF cache)
     checkpoint: str | None = None  # a local weights file in timm's format; wins over the hub
     # Size overrides passed to timm.create_model; null (or absent) keeps the named model's own
@@ -52,7 +52,7 @@ class DinoConfig:
 @dataclass
 class ClipConfig:
     name: str = "cdsam-tiny-text"  # an open_clip model name; the default is our tiny tower
-    pretrained: str | None = None  # an open_clip tag ("openai") or a local weights file
+    pretrained: str | None = None  # an open_clip tag ("openai"), a weights file or a hub repo folder
 
 
 @dataclass
@@ -406,8 +406,10 @@ def validate(p: Params, errors: list[str]) -> None:
             _check(v >= 1, f"model.dino.{name}", v, "must be >= 1", errors)
     _check(0 <= d.drop_path_rate < 1, "model.dino.drop_path_rate", d.drop_path_rate,
            "must be in [0, 1)", errors)
+    sam2 = str(p.model.sam.type).startswith("sam2")  # SAM 2 / 2.1 (e.g. sam2.1_hiera_b+)
     _check(p.model.sam.type in SAM_TYPES, "model.sam.type", p.model.sam.type,
-           f"must be one of {', '.join(SAM_TYPES)}", errors)
+           f"must be one of {', '.join(SAM_TYPES)}"
+           + (" (SAM 2 decoders are not supported yet)" if sam2 else ""), errors)
     _check(p.model.sam.click_radius > 0, "model.sam.click_radius", p.model.sam.click_radius,
            "must be > 0", errors)
     _check(p.model.heads.num_text_tokens >= 1, "model.heads.num_text_tokens",

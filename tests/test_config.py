@@ -180,3 +180,10 @@ def test_named_dino_sizes_default_to_the_named_model():
     d = p.model.dino
     assert (d.patch_size, d.embed_dim, d.depth, d.num_heads) == (None,) * 4
     assert d.img_size == 224  # null img_size: built for data.crop
+
+
+def test_a_sam2_decoder_type_says_it_is_not_supported_yet():
+    with pytest.raises(ConfigError) as exc:
+        parse_params({"model": {"sam": {"type": "sam2.1_hiera_b+"}}})
+    assert exc.value.problems == ["model.sam.type: must be one of vit_b, vit_l, vit_h (SAM 2 "
+                                  "decoders are not supported yet), got 'sam2.1_hiera_b+'"]

@@ -1,5 +1,6 @@
 """Each shipped real-size recipe, end to end, as a user runs it: `cdsam init --preset`, weight
-files in the official formats at their real sizes (random values: hubs are unreachable here),
+files in the official formats at their real sizes (random values: hubs are unreachable here; the
+SigLIP 2 repo's tokenizer has a made-up vocabulary of the real size, `tests.hub_files`),
 `dvc repro` (prepare → stage1–4 → evaluate) and `cdsam predict`, on a few synthetic 224/448-px
 images with one epoch per stage."""
 
@@ -11,16 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from cdsam.curriculum import SAM_MASK_HEAD, SAM_PROMPT_MAP
 from cdsam.presets import DEFAULT_PARAMS
+from tests.hub_files import write_open_clip_repo
 from tests.test_pipeline import BIN, _env, _merge, _project, _run
 
-# (recipe, timm name of its DINO, weights file the recipe names, crop)
+# (recipe, timm name of its DINO, weights file the recipe names, crop, fixture of its text files)
 RECIPES = [
-    ("dinov2-s14-224", "vit_small_patch14_dinov2.lvd142m", "dinov2_vits14.pth", 224),
-    ("dino-s16-224", "vit_small_patch16_224.dino", "dino_vits16.pth", 224),
-    ("dinov2-b14-448", "vit_base_patch14_dinov2.lvd142m", "dinov2_vitb14.pth", 448),
+    ("dinov2-s14-224", "vit_small_patch14_dinov2.lvd142m", "dinov2_vits14.pth", 224, "clip_file"),
+    ("dino-s16-224", "vit_small_patch16_224.dino", "dino_vits16.pth", 224, "clip_file"),
+    ("dinov2-b14-448", "vit_base_patch14_dinov2.lvd142m", "dinov2_vitb14.pth", 448, "clip_file"),
+    ("dinov3-s16-224", "vit_small_patch16_dinov3.lvd1689m", "dinov3_vits16.safetensors", 224,
+     "siglip2_repo"),
 ]
 SMALL_RUN = {
     "prepare": {"synthetic": {"num_images": 5, "min_objects": 2, "max_objects": 2},
@@ -32,17 +37,47 @@ SMALL_RUN = {
 
 
 @pytest.fixture(scope="module")
-def shared_weights(tmp_path_factory) -> dict[str, Path]:
-    """CLIP and SAM files every recipe shares, written once."""
-    import open_clip
+def sam_file(tmp_path_factory) -> Path:
     from segment_anything import sam_model_registry
 
-    folder = tmp_path_factory.mktemp("weights")
+    path = tmp_path_factory.mktemp("sam") / "sam_vit_b_01ec64.pth"
     torch.manual_seed(0)
-    clip = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)
-    torch.save(clip.state_dict(), folder / "clip_vitb32_quickgelu.bin")
-    torch.save(sam_model_registry["vit_b"]().state_dict(), folder / "sam_vit_b_01ec64.pth")
-    return {"clip": folder / "clip_vitb32_quickgelu.bin", "sam": folder / "sam_vit_b_01ec64.pth"}
+    torch.save(sam_model_registry["vit_b"]().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory) -> Path:
+    """OpenAI CLIP ViT-B/32 as open_clip's state dict (the three older recipes share it)."""
+    import open_clip
+
+    path = tmp_path_factory.mktemp("clip") / "clip_vitb32_quickgelu.bin"
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def siglip2_repo(tmp_path_factory) -> Path:
+    """timm/ViT-B-16-SigLIP2 as `hf download` leaves it (1.5 GB of weights, 256k tokens)."""
+    return write_open_clip_repo(tmp_path_factory.mktemp("hub") / "ViT-B-16-SigLIP2",
+                                "ViT-B-16-SigLIP2")
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    return torch.load(path, weights_only=True)
+
+
+def _link(src: Path, weights: Path) -> None:
+    """File links only (DVC follows links to files, not to folders)."""
+    if src.is_dir():
+        (weights / src.name).mkdir()
+        for f in src.iterdir():
+            (weights / src.name / f.name).symlink_to(f)
+    else:
+        (weights / src.name).symlink_to(src)
 
 
 def _frozen_equal_files(model, dino_file: Path, files: dict[str, Path], resampled: bool) -> None:
@@ -52,12 +87,13 @@ def _frozen_equal_files(model, dino_file: Path, files: dict[str, Path], resample
 
     names = canonical_names(model)
     state = {names[k]: v for k, v in model.state_dict().items()}
-    dino = torch.load(dino_file, weights_only=True)
+    dino = _read(dino_file)
     for k, v in dino.items():
         if k == "pos_embed" and resampled:
             continue  # resampled from 518 to the crop's grid, by timm, on load
         torch.testing.assert_close(state[f"dino.{k}"], v, rtol=0, atol=0)
-    clip = torch.load(files["clip"], weights_only=True)
+    tower = files["clip"]  # a weights file, or a hub repo folder
+    clip = _read(tower / "open_clip_model.safetensors" if tower.is_dir() else tower)
     text = [k for k in model.clip_text.clip.state_dict()]
     assert len(text) > 10
     for k in text:
@@ -74,10 +110,10 @@ def _frozen_equal_files(model, dino_file: Path, files: dict[str, Path], resample
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe,dino_name,dino_file,crop", RECIPES,
+@pytest.mark.parametrize("recipe,dino_name,dino_file,crop,text", RECIPES,
                          ids=[r[0] for r in RECIPES])
-def test_recipe_trains_evaluates_and_predicts(recipe, dino_name, dino_file, crop,
-                                              shared_weights, tmp_path, monkeypatch):
+def test_recipe_trains_evaluates_and_predicts(recipe, dino_name, dino_file, crop, text,
+                                              sam_file, request, tmp_path, monkeypatch):
     import timm
     from PIL import Image
 
@@ -89,9 +125,14 @@ def test_recipe_trains_evaluates_and_predicts(recipe, dino_name, dino_file, crop
         "image_size": crop}}})))
     torch.manual_seed(1)
     dino = timm.create_model(dino_name, pretrained=False, num_classes=0)
-    torch.save(dino.state_dict(), repo / "weights" / dino_file)
+    if dino_file.endswith(".safetensors"):  # timm's hub format
+        save_file({k: v.contiguous() for k, v in dino.state_dict().items()},
+                  repo / "weights" / dino_file)
+    else:
+        torch.save(dino.state_dict(), repo / "weights" / dino_file)
+    shared_weights = {"clip": request.getfixturevalue(text), "sam": sam_file}
     for path in shared_weights.values():
-        (repo / "weights" / path.name).symlink_to(path)  # file links: DVC follows them
+        _link(path, repo / "weights")
     env = _env(tmp_path)
     out = _run([str(BIN / "cdsam"), "init", "--preset", recipe], repo, env)
     assert f"preset {recipe} set" in out

@@ -1,4 +1,10 @@
-"""The CLIP text encoder (open_clip), frozen, with its features cached per prompt string."""
+"""The CLIP text encoder (open_clip), frozen, with its features cached per prompt string.
+
+Any open_clip text tower works (OpenAI CLIP, EVA-CLIP, SigLIP / SigLIP 2): pooling, context
+length and output width are the tower's own, read from its open_clip config. Towers whose
+tokenizer lives on the Hugging Face hub (SigLIP 2's Gemma tokenizer) take it, offline, from the
+downloaded hub repo folder that ``model.clip.pretrained`` may name instead of a weights file.
+"""
 
 from __future__ import annotations
 
@@ -35,12 +41,17 @@ class ClipTextEncoder(nn.Module):
 
     @property
     def width(self) -> int:
-        proj = getattr(self.clip, "text_projection", None)
-        if isinstance(proj, nn.Parameter):
-            return int(proj.shape[1])
-        if isinstance(proj, nn.Linear):
-            return int(proj.out_features)
-        return int(self.clip.embed_dim if hasattr(self.clip, "embed_dim") else proj.shape[1])
+        # CLIP keeps the projection on the model, CustomTextCLIP (SigLIP 2) on its text tower.
+        for owner in (self.clip, getattr(self.clip, "text", None)):
+            proj = getattr(owner, "text_projection", None)
+            if isinstance(proj, nn.Parameter):
+                return int(proj.shape[1])
+            if isinstance(proj, nn.Linear):
+                return int(proj.out_features)
+        text = getattr(self.clip, "text", None)
+        if text is not None and getattr(text, "output_dim", None):
+            return int(text.output_dim)
+        return int(self.clip.embed_dim)
 
     def train(self, mode: bool = True) -> ClipTextEncoder:
         # Frozen means frozen: no dropout even when the composite model trains.
@@ -71,14 +82,62 @@ class ClipTextEncoder(nn.Module):
         return super()._apply(fn, recurse)
 
 
+# Weight files of a hub repo folder, in the order open_clip's own hub loader prefers them.
+FOLDER_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def folder_weights(folder: Path) -> Path:
+    """The open_clip weights file inside a downloaded hub repo folder."""
+    for name in FOLDER_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    raise UserError(f"model.clip.pretrained: {folder} has none of {', '.join(FOLDER_WEIGHTS)} "
+                    f"(a folder must be the model's hub repo, downloaded whole)")
+
+
+def build_tokenizer(name: str, folder: Path | None = None):
+    """open_clip's tokenizer for ``name``; a hub tokenizer from ``folder`` when given."""
+    text_cfg = (open_clip.get_model_config(name) or {}).get("text_cfg", {})
+    hub = text_cfg.get("hf_tokenizer_name")
+    if not hub:
+        return open_clip.get_tokenizer(name)  # CLIP's BPE and the SigLIP 1 files ship in it
+    if folder is None:
+        try:
+            return open_clip.get_tokenizer(name)
+        except (OSError, ImportError, ValueError) as exc:
+            raise UserError(
+                f"model.clip.pretrained: {name!r} needs the tokenizer {hub!r} from the Hugging "
+                f"Face hub ({type(exc).__name__}); download that repo where there is network "
+                f"(hf download {hub} --local-dir weights/{name}) and set model.clip.pretrained "
+                f"to the folder") from None
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"model.clip.pretrained: {folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)}) "
+                        f"for {name!r}; download its hub repo {hub!r} whole")
+    from open_clip.tokenizer import HFTokenizer
+
+    try:
+        return HFTokenizer(str(folder), context_length=text_cfg.get("context_length"),
+                           tokenizer_mode=text_cfg.get("tokenizer_mode"),
+                           **text_cfg.get("tokenizer_kwargs", {}))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.clip.pretrained: the tokenizer in {folder} does not load "
+                        f"({str(exc).splitlines()[0][:160]})") from None
+
+
 def build_clip_text(cfg: ClipConfig, load_weights: bool = True) -> ClipTextEncoder:
-    """open_clip model ``model.clip.name`` with weights ``model.clip.pretrained`` (tag or file)."""
+    """open_clip model ``model.clip.name`` with weights ``model.clip.pretrained`` (a tag, a
+    file, or a downloaded hub repo folder holding the weights and the tokenizer)."""
     if cfg.name not in open_clip.list_models():
         raise UserError(f"model.clip.name: open_clip has no model {cfg.name!r} "
                         f"(see open_clip.list_models())")
+    folder = Path(cfg.pretrained) if cfg.pretrained and Path(cfg.pretrained).is_dir() else None
     pretrained = cfg.pretrained if load_weights else None
-    if pretrained and looks_like_file(pretrained) and not Path(pretrained).is_file():
+    if pretrained and folder is not None:
+        pretrained = str(folder_weights(folder))
+    elif pretrained and looks_like_file(pretrained) and not Path(pretrained).is_file():
         raise UserError(f"model.clip.pretrained: file not found: {pretrained}")
+    tokenizer = build_tokenizer(cfg.name, folder)  # before the weights: a missing one fails fast
     root = logging.getLogger()
     level = root.level
     if not pretrained:
@@ -99,4 +158,4 @@ def build_clip_text(cfg: ClipConfig, load_weights: bool = True) -> ClipTextEncod
     # Only the text tower is used; dropping the image tower saves its memory.
     if hasattr(clip, "visual"):
         clip.visual = None
-    return ClipTextEncoder(clip, open_clip.get_tokenizer(cfg.name))
+    return ClipTextEncoder(clip, tokenizer)
