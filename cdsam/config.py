@@ -22,7 +22,10 @@ import yaml
 
 from cdsam.errors import ConfigError, UserError
 
-SAM_TYPES = ("vit_b", "vit_l", "vit_h")
+SAM1_TYPES = ("vit_b", "vit_l", "vit_h")
+# SAM 2 / 2.1 checkpoints by their config names in Meta's sam2 package (configs/sam2*/).
+SAM2_TYPES = tuple(f"{v}_hiera_{s}" for v in ("sam2", "sam2.1") for s in ("t", "s", "b+", "l"))
+SAM_TYPES = SAM1_TYPES + SAM2_TYPES
 SAM_MODES = ("lora", "frozen", "full")
 SOURCES = ("synthetic", "folders", "voc", "coco")
 NEGATIVES = ("none", "absent")
@@ -57,7 +60,7 @@ class ClipConfig:
 
 @dataclass
 class SamConfig:
-    type: str = "vit_b"  # decoder layout of the official checkpoints
+    type: str = "vit_b"  # SAM 1 vit_b/l/h, or SAM 2 / 2.1 (sam2.1_hiera_b+, …; needs sam2)
     checkpoint: str | None = None  # an official SAM .pth (or .safetensors) file
     # Clicks and boxes also drawn as a map through SAM's mask-input encoder (trained in every
     # stage): what makes them matter when the decoder is not SAM's own (docs/default.md).
@@ -406,10 +409,8 @@ def validate(p: Params, errors: list[str]) -> None:
             _check(v >= 1, f"model.dino.{name}", v, "must be >= 1", errors)
     _check(0 <= d.drop_path_rate < 1, "model.dino.drop_path_rate", d.drop_path_rate,
            "must be in [0, 1)", errors)
-    sam2 = str(p.model.sam.type).startswith("sam2")  # SAM 2 / 2.1 (e.g. sam2.1_hiera_b+)
     _check(p.model.sam.type in SAM_TYPES, "model.sam.type", p.model.sam.type,
-           f"must be one of {', '.join(SAM_TYPES)}"
-           + (" (SAM 2 decoders are not supported yet)" if sam2 else ""), errors)
+           f"must be one of {', '.join(SAM_TYPES)}", errors)
     _check(p.model.sam.click_radius > 0, "model.sam.click_radius", p.model.sam.click_radius,
            "must be > 0", errors)
     _check(p.model.heads.num_text_tokens >= 1, "model.heads.num_text_tokens",

@@ -54,8 +54,9 @@ STAGE_TABLE: dict[int, StagePolicy] = {
 }
 
 # SAM decodes one mask (token 0); the other hypernetwork MLPs never see a gradient, so they
-# get no adapters (they would only add dead trainable parameters and upset DDP).
-_SAM_UNUSED = re.compile(r"output_hypernetworks_mlps\.[1-9]")
+# get no adapters (they would only add dead trainable parameters and upset DDP). Nor does SAM 2's
+# object-score head (its token still attends with the others, so that token trains in full).
+_SAM_UNUSED = re.compile(r"output_hypernetworks_mlps\.[1-9]|pred_obj_score_head")
 # Token 0's MLP is trained in full (see the module doc), so it needs no adapter either.
 SAM_MASK_HEAD = "mask_decoder.output_hypernetworks_mlps.0"
 SAM_PROMPT_MAP = "prompt_encoder.mask_downscaling"

@@ -182,8 +182,11 @@ def test_named_dino_sizes_default_to_the_named_model():
     assert d.img_size == 224  # null img_size: built for data.crop
 
 
-def test_a_sam2_decoder_type_says_it_is_not_supported_yet():
+def test_sam_types_are_sam1_and_sam2_config_names():
+    assert parse_params({"model": {"sam": {"type": "sam2.1_hiera_b+"}}}).model.sam.type == \
+        "sam2.1_hiera_b+"
     with pytest.raises(ConfigError) as exc:
-        parse_params({"model": {"sam": {"type": "sam2.1_hiera_b+"}}})
-    assert exc.value.problems == ["model.sam.type: must be one of vit_b, vit_l, vit_h (SAM 2 "
-                                  "decoders are not supported yet), got 'sam2.1_hiera_b+'"]
+        parse_params({"model": {"sam": {"type": "sam3"}}})
+    assert len(exc.value.problems) == 1
+    assert exc.value.problems[0].startswith("model.sam.type: must be one of vit_b, vit_l, vit_h, "
+                                            "sam2_hiera_t, ")

@@ -19,13 +19,17 @@ from cdsam.presets import DEFAULT_PARAMS
 from tests.hub_files import write_open_clip_repo
 from tests.test_pipeline import BIN, _env, _merge, _project, _run
 
-# (recipe, timm name of its DINO, weights file the recipe names, crop, fixture of its text files)
+# (recipe, timm name of its DINO, weights file the recipe names, crop, fixtures of its text
+# and SAM files)
 RECIPES = [
-    ("dinov2-s14-224", "vit_small_patch14_dinov2.lvd142m", "dinov2_vits14.pth", 224, "clip_file"),
-    ("dino-s16-224", "vit_small_patch16_224.dino", "dino_vits16.pth", 224, "clip_file"),
-    ("dinov2-b14-448", "vit_base_patch14_dinov2.lvd142m", "dinov2_vitb14.pth", 448, "clip_file"),
+    ("dinov2-s14-224", "vit_small_patch14_dinov2.lvd142m", "dinov2_vits14.pth", 224,
+     "clip_file", "sam_file"),
+    ("dino-s16-224", "vit_small_patch16_224.dino", "dino_vits16.pth", 224, "clip_file",
+     "sam_file"),
+    ("dinov2-b14-448", "vit_base_patch14_dinov2.lvd142m", "dinov2_vitb14.pth", 448,
+     "clip_file", "sam_file"),
     ("dinov3-s16-224", "vit_small_patch16_dinov3.lvd1689m", "dinov3_vits16.safetensors", 224,
-     "siglip2_repo"),
+     "siglip2_repo", "sam2_file"),
 ]
 SMALL_RUN = {
     "prepare": {"synthetic": {"num_images": 5, "min_objects": 2, "max_objects": 2},
@@ -43,6 +47,19 @@ def sam_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("sam") / "sam_vit_b_01ec64.pth"
     torch.manual_seed(0)
     torch.save(sam_model_registry["vit_b"]().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sam2_file(tmp_path_factory) -> Path:
+    """sam2.1_hiera_base_plus.pt as Meta ships it: {"model": the whole SAM2Base's state dict}."""
+    pytest.importorskip("sam2")  # installed apart (README)
+    from sam2.build_sam import build_sam2
+
+    path = tmp_path_factory.mktemp("sam2") / "sam2.1_hiera_base_plus.pt"
+    torch.manual_seed(0)
+    sam = build_sam2("configs/sam2.1/sam2.1_hiera_b+.yaml", ckpt_path=None, device="cpu")
+    torch.save({"model": sam.state_dict()}, path)
     return path
 
 
@@ -99,6 +116,10 @@ def _frozen_equal_files(model, dino_file: Path, files: dict[str, Path], resample
     for k in text:
         torch.testing.assert_close(state[f"clip_text.clip.{k}"], clip[k], rtol=0, atol=0)
     sam = torch.load(files["sam"], weights_only=True)
+    if "model" in sam:  # SAM 2: its decoder's keys, less the high-resolution skips cdsam omits
+        sam = {k.removeprefix("sam_"): v for k, v in sam["model"].items()
+               if k.startswith(("sam_prompt_encoder.", "sam_mask_decoder."))
+               and ".conv_s" not in k}
     trained_head = [k for k in sam if k.startswith(f"{SAM_MASK_HEAD}.")]
     assert trained_head  # SAM's mask head trains in full from stage 1 on (cdsam.curriculum)
     for k, v in sam.items():
@@ -110,10 +131,10 @@ def _frozen_equal_files(model, dino_file: Path, files: dict[str, Path], resample
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe,dino_name,dino_file,crop,text", RECIPES,
+@pytest.mark.parametrize("recipe,dino_name,dino_file,crop,text,sam", RECIPES,
                          ids=[r[0] for r in RECIPES])
-def test_recipe_trains_evaluates_and_predicts(recipe, dino_name, dino_file, crop, text,
-                                              sam_file, request, tmp_path, monkeypatch):
+def test_recipe_trains_evaluates_and_predicts(recipe, dino_name, dino_file, crop, text, sam,
+                                              request, tmp_path, monkeypatch):
     import timm
     from PIL import Image
 
@@ -130,7 +151,8 @@ def test_recipe_trains_evaluates_and_predicts(recipe, dino_name, dino_file, crop
                   repo / "weights" / dino_file)
     else:
         torch.save(dino.state_dict(), repo / "weights" / dino_file)
-    shared_weights = {"clip": request.getfixturevalue(text), "sam": sam_file}
+    shared_weights = {"clip": request.getfixturevalue(text),
+                      "sam": request.getfixturevalue(sam)}
     for path in shared_weights.values():
         _link(path, repo / "weights")
     env = _env(tmp_path)

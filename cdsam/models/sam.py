@@ -1,22 +1,33 @@
-"""SAM's prompt encoder and mask decoder (segment-anything), batched over images.
+"""SAM's prompt encoder and mask decoder (segment-anything, or SAM 2's from Meta's sam2
+package), batched over images.
 
 ``MaskDecoder.predict_masks`` assumes one image and N prompt sets: it repeats the image
 embedding N times. With B images and B prompt sets that either fails or silently pairs every
 image with every prompt. :meth:`SamDecoder.forward` runs the same modules in the same order
 but keeps image i with prompt set i.
+
+SAM 2's decoder is SAM's plus an object-score token (an output token that attends like the
+others; its score head is unused here) and two high-resolution skips that add the Hiera
+encoder's stride-4 and stride-8 features during upscaling. cdsam builds it with the skips off:
+DINO gives one scale (stride 14/16), so there are no finer features to feed them, and upsampling
+DINO's own tokens into them would add a trained path, not information. Their two convs
+(``conv_s0``, ``conv_s1``) are left out of the loaded checkpoint, and said so.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
-from cdsam.config import SamConfig
+from cdsam.config import SAM2_TYPES, SamConfig
 from cdsam.errors import CheckpointError, UserError
 from cdsam.models.heads import SAM_DIM
+
+log = logging.getLogger("cdsam.sam")
 
 # The decoder half of SAM is the same for all three official checkpoints (segment-anything's
 # build_sam.py passes identical decoder settings for vit_b, vit_l and vit_h); the type still
@@ -31,7 +42,14 @@ _DECODER_LAYOUT = {
     "iou_head_depth": 3,
     "iou_head_hidden_dim": 256,
 }
-SAM_DECODER_LAYOUTS = {"vit_b": _DECODER_LAYOUT, "vit_l": _DECODER_LAYOUT, "vit_h": _DECODER_LAYOUT}
+SAM_DECODER_LAYOUTS = {"vit_b": _DECODER_LAYOUT, "vit_l": _DECODER_LAYOUT, "vit_h": _DECODER_LAYOUT,
+                       **{t: _DECODER_LAYOUT for t in SAM2_TYPES}}
+# Every SAM 2 / 2.1 config in sam2 1.1 sets these decoder options the same way.
+_SAM2_DECODER_OPTIONS = {"iou_prediction_use_sigmoid": True, "pred_obj_scores": True,
+                         "pred_obj_scores_mlp": True, "use_multimask_token_for_obj_ptr": True}
+# Official SAM 2 checkpoints ({"model": state_dict}) name the two parts cdsam reads so.
+_SAM2_PREFIXES = {"sam_prompt_encoder.": "prompt_encoder.", "sam_mask_decoder.": "mask_decoder."}
+SAM2_INSTALL = "SAM2_BUILD_CUDA=0 pip install --no-build-isolation 'sam2>=1.1'"
 
 
 class SamDecoder(nn.Module):
@@ -98,12 +116,15 @@ class SamDecoder(nn.Module):
         pos = self.prompt_encoder.pe_layer((h, w)).unsqueeze(0).expand(b, -1, -1, -1)
         if dense is None:
             dense = self.no_mask()
-        out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
+        # SAM 2 puts its object-score token first; its IoU and mask tokens follow.
+        first = [md.obj_score_token.weight] if getattr(md, "pred_obj_scores", False) else []
+        s = len(first)
+        out_tokens = torch.cat([*first, md.iou_token.weight, md.mask_tokens.weight], dim=0)
         tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1), prompt_tokens], dim=1)
         src = image_embeddings + dense
         hs, src = md.transformer(src, pos, tokens)
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1:1 + md.num_mask_tokens, :]
+        iou_token_out = hs[:, s, :]
+        mask_tokens_out = hs[:, s + 1:s + 1 + md.num_mask_tokens, :]
         upscaled = md.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
         # Single-mask output (token 0), as SAM does with multimask_output=False.
         hyper = md.output_hypernetworks_mlps[0](mask_tokens_out[:, 0, :])
@@ -115,27 +136,46 @@ class SamDecoder(nn.Module):
 
 def build_sam_decoder(cfg: SamConfig, grid: tuple[int, int], image_size: tuple[int, int],
                       load_weights: bool = True) -> SamDecoder:
-    """SAM prompt encoder + mask decoder; loads ``model.sam.checkpoint`` when given."""
+    """SAM (or SAM 2) prompt encoder + mask decoder; loads ``model.sam.checkpoint`` when
+    given."""
     if cfg.type not in SAM_DECODER_LAYOUTS:
         raise UserError(f"model.sam.type: unknown SAM type {cfg.type!r}")
     lay = SAM_DECODER_LAYOUTS[cfg.type]
     dim = lay["prompt_embed_dim"]
-    prompt_encoder = PromptEncoder(embed_dim=dim, image_embedding_size=tuple(grid),
-                                   input_image_size=tuple(image_size),
-                                   mask_in_chans=lay["mask_in_chans"])
-    mask_decoder = MaskDecoder(
+    encoder_cls, decoder_cls, transformer_cls, options = PromptEncoder, MaskDecoder, \
+        TwoWayTransformer, {}
+    if cfg.type in SAM2_TYPES:
+        encoder_cls, decoder_cls, transformer_cls = _sam2_classes(cfg.type)
+        options = {**_SAM2_DECODER_OPTIONS, "use_high_res_features": False}  # module doc
+    prompt_encoder = encoder_cls(embed_dim=dim, image_embedding_size=tuple(grid),
+                                 input_image_size=tuple(image_size),
+                                 mask_in_chans=lay["mask_in_chans"])
+    mask_decoder = decoder_cls(
         num_multimask_outputs=lay["num_multimask_outputs"],
-        transformer=TwoWayTransformer(depth=lay["transformer_depth"], embedding_dim=dim,
-                                      mlp_dim=lay["mlp_dim"], num_heads=lay["num_heads"]),
+        transformer=transformer_cls(depth=lay["transformer_depth"], embedding_dim=dim,
+                                    mlp_dim=lay["mlp_dim"], num_heads=lay["num_heads"]),
         transformer_dim=dim,
         iou_head_depth=lay["iou_head_depth"],
         iou_head_hidden_dim=lay["iou_head_hidden_dim"],
+        **options,
     )
     decoder = SamDecoder(prompt_encoder, mask_decoder, prompt_map=cfg.prompt_map,
                          click_radius=cfg.click_radius)
     if load_weights and cfg.checkpoint:
         load_sam_checkpoint(decoder, cfg.checkpoint)
     return decoder
+
+
+def _sam2_classes(sam_type: str) -> tuple[type, type, type]:
+    """SAM 2's prompt encoder, mask decoder and two-way transformer from Meta's sam2."""
+    try:
+        from sam2.modeling.sam.mask_decoder import MaskDecoder as Sam2MaskDecoder
+        from sam2.modeling.sam.prompt_encoder import PromptEncoder as Sam2PromptEncoder
+        from sam2.modeling.sam.transformer import TwoWayTransformer as Sam2TwoWayTransformer
+    except ImportError:
+        raise UserError(f"model.sam.type: {sam_type!r} needs Meta's sam2 package (a source "
+                        f"release; without its CUDA extension: {SAM2_INSTALL})") from None
+    return Sam2PromptEncoder, Sam2MaskDecoder, Sam2TwoWayTransformer
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -160,8 +200,15 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_sam_checkpoint(decoder: SamDecoder, path: str | Path) -> None:
-    """Load an official SAM checkpoint (keys ``prompt_encoder.*``, ``mask_decoder.*``)."""
+    """Load the prompt encoder and mask decoder from an official SAM checkpoint (keys
+    ``prompt_encoder.*``, ``mask_decoder.*``) or SAM 2 one (``sam_prompt_encoder.*``,
+    ``sam_mask_decoder.*`` inside ``{"model": …}``); every other tensor is ignored."""
     state = read_weights(path)
+    sam2 = any(k.startswith(tuple(_SAM2_PREFIXES)) for k in state)
+    if sam2:
+        state = {_SAM2_PREFIXES[p] + k[len(p):]: v for k, v in state.items()
+                 for p in _SAM2_PREFIXES if k.startswith(p)} | {
+            k: v for k, v in state.items() if not k.startswith(tuple(_SAM2_PREFIXES))}
     ours = decoder.state_dict()
     picked = {k: v for k, v in state.items()
               if k.startswith(("prompt_encoder.", "mask_decoder."))}
@@ -169,6 +216,13 @@ def load_sam_checkpoint(decoder: SamDecoder, path: str | Path) -> None:
     bad = [f"{k} {tuple(picked[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
            if k in picked and picked[k].shape != v.shape]
     if missing or bad:
+        kind = "SAM 2" if getattr(decoder.mask_decoder, "pred_obj_scores", False) else "SAM"
         detail = f"missing {missing[:5]}" if missing else f"shape mismatch {bad[:3]}"
-        raise CheckpointError(f"{path}: not a SAM checkpoint for this decoder ({detail})")
+        raise CheckpointError(f"{path}: not a {kind} checkpoint for this decoder ({detail})")
     decoder.load_state_dict({k: picked[k] for k in ours}, strict=True)
+    skips = [k for k in picked if k not in ours]
+    log.info("%s: read the prompt encoder and mask decoder (%d tensors); ignored %d others "
+             "(the image encoder%s)%s", path, len(ours), len(state) - len(ours),
+             ", memory and object-pointer modules" if sam2 else "",
+             f", among them SAM 2's high-resolution skip convs ({len(skips)} tensors: DINO "
+             f"gives one scale)" if skips else "")
