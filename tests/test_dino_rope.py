@@ -181,3 +181,10 @@ def test_stage2_with_cache_resumes_bit_exactly_and_matches_no_cache(data_dir, st
     a = [x for e in straight.step_losses for x in e]
     b = [x for e in uncached.step_losses for x in e]
     assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+
+
+def test_an_unknown_name_gives_the_timm_version():
+    cfg = dataclasses.replace(_params().model.dino, name="vit_small_patch16_dinov9")
+    with pytest.raises(UserError, match=rf"model\.dino\.name: timm {timm.__version__} has no "
+                                        r"model 'vit_small_patch16_dinov9'$"):
+        build_dino(cfg)

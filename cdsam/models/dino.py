@@ -46,7 +46,9 @@ def build_dino(cfg: DinoConfig, load_weights: bool = True) -> nn.Module:
                 overlay = {"file": str(path), "custom_load": path.suffix == ".npz"}
                 vit = timm.create_model(cfg.name, pretrained=True,
                                         pretrained_cfg_overlay=overlay, **kwargs)
-            except RuntimeError as exc:
+            except (RuntimeError, AttributeError, KeyError, ValueError) as exc:
+                # Another family's file fails in timm's checkpoint filter before the state dict
+                # check on some versions (timm 1.0.20's Eva filter: AttributeError).
                 if "Unknown model" in str(exc):
                     raise
                 raise UserError(f"model.dino.checkpoint: {path} does not fit {cfg.name!r} as "
@@ -69,7 +71,9 @@ def build_dino(cfg: DinoConfig, load_weights: bool = True) -> nn.Module:
             vit = timm.create_model(cfg.name, pretrained=False, **kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
-            raise UserError(f"model.dino.name: timm has no model {cfg.name!r}") from None
+            hint = " (DINOv3 needs timm >= 1.0.20)" if "dinov3" in cfg.name else ""
+            raise UserError(f"model.dino.name: timm {timm.__version__} has no model "
+                            f"{cfg.name!r}{hint}") from None
         raise
     if isinstance(vit, Eva):
         _prepare_eva(vit, cfg.name)
