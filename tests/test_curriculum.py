@@ -98,25 +98,30 @@ def test_stage4_sam_modes(params):
         assert all(p.requires_grad == sam_trainable for p in used), mode
 
 
-@pytest.mark.parametrize("stage,sam_mode", [(1, "lora"), (2, "lora"), (3, "lora"), (4, "lora"),
-                                            (4, "frozen"), (4, "full")])
-def test_every_trainable_parameter_gets_a_gradient(params, stage, sam_mode):
-    """DDP runs with find_unused_parameters off: a trainable parameter without a gradient
-    stops it. One step of the real objective (Dice + BCE + CLIP alignment) reaches them all."""
+def missing_gradients(model, loss_cfg) -> list[str]:
+    """Trainable parameters one step of the real objective (Dice + BCE + CLIP alignment) on
+    two 32-px images leaves without a gradient."""
     from cdsam.objective import Objective
 
-    model = build_model(params.model, seed=0)
-    apply_stage(model, stage, params.lora.sam, params.lora.dino if stage in (2, 3) else None,
-                sam_mode)
     prompts = ["a red circle", "a blue square"]
-    objective = Objective.for_model(model, params.loss, prompts)
+    objective = Objective.for_model(model, loss_cfg, prompts)
     images = torch.randn(2, 3, 32, 32)
     target = torch.zeros(2, 1, 32, 32)
     target[:, :, 8:20, 8:20] = 1
     out = model(images, prompts)
     loss, _ = objective(out, images, target, torch.ones_like(target), prompts)
     loss.backward()
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert any(p.requires_grad for p in model.parameters())
+    return [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+@pytest.mark.parametrize("stage,sam_mode", [(1, "lora"), (2, "lora"), (3, "lora"), (4, "lora"),
+                                            (4, "frozen"), (4, "full")])
+def test_every_trainable_parameter_gets_a_gradient(params, stage, sam_mode):
+    """DDP runs with find_unused_parameters off: a trainable parameter without a gradient
+    stops it. One step of the real objective reaches them all."""
+    model = build_model(params.model, seed=0)
+    apply_stage(model, stage, params.lora.sam, params.lora.dino if stage in (2, 3) else None,
+                sam_mode)
+    missing = missing_gradients(model, params.loss)
     assert not missing, missing

@@ -11,16 +11,16 @@ import pytest
 import timm
 import torch
 
-from cdsam.config import PrepareConfig, SyntheticConfig
 from cdsam.curriculum import apply_stage
-from cdsam.data.prepare import prepare
 from cdsam.errors import UserError
 from cdsam.feature_cache import plan_cache
 from cdsam.lora import LoRALinear, lora_modules
 from cdsam.models.dino import build_dino, dino_blocks, dino_embed, dino_finish, dino_patch_tokens
 from cdsam.models.model import build_model
 from cdsam.models.preflight import dino_shape
+from tests import test_train
 from tests.conftest import tiny_params
+from tests.test_curriculum import missing_gradients
 from tests.test_train import _train_and_save, _trainer
 
 SIZES = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2}
@@ -105,20 +105,11 @@ def test_rotary_coordinate_augmentation_turns_the_cache_off():
 
 @pytest.mark.parametrize("stage", [2, 4])
 def test_every_trainable_parameter_gets_a_gradient(stage):
-    from cdsam.objective import Objective
-
     p = _params()
     model = build_model(p.model, seed=0)
     apply_stage(model, 1, p.lora.sam)
     apply_stage(model, stage, p.lora.sam, p.lora.dino if stage in (2, 3) else None)
-    prompts = ["a red circle", "a blue square"]
-    objective = Objective.for_model(model, p.loss, prompts)
-    images = torch.randn(2, 3, 32, 32)
-    target = torch.zeros(2, 1, 32, 32)
-    target[:, :, 8:20, 8:20] = 1
-    loss, _ = objective(model(images, prompts), images, target, torch.ones_like(target), prompts)
-    loss.backward()
-    missing = [n for n, q in model.named_parameters() if q.requires_grad and q.grad is None]
+    missing = missing_gradients(model, p.loss)
     assert not missing, missing
     if stage == 4:
         assert all(q.requires_grad for q in model.dino.parameters())
@@ -142,13 +133,7 @@ def test_timm_weights_file_loads_exactly_and_a_wrong_one_is_named(tmp_path):
     assert "\n" not in str(err.value)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "prepared"
-    cfg = PrepareConfig(val_fraction=0.25, test_fraction=0.0, negatives="none",
-                        synthetic=SyntheticConfig(num_images=12, image_size=32))
-    prepare(cfg, seed=0, out=out, show_progress=False, data=tiny_params().data)
-    return out
+data_dir = test_train.data_dir  # the loop tests' small prepared set (a module fixture)
 
 
 @pytest.fixture(scope="module")

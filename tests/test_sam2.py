@@ -19,6 +19,7 @@ from cdsam.errors import CheckpointError, UserError
 from cdsam.models.model import build_model
 from cdsam.models.sam import build_sam_decoder, load_sam_checkpoint
 from tests.conftest import tiny_params
+from tests.test_curriculum import missing_gradients
 
 SAM2 = "sam2.1_hiera_b+"
 
@@ -81,22 +82,13 @@ def test_a_sam1_file_for_a_sam2_type_is_one_line(tmp_path):
 @pytest.mark.parametrize("stage,sam_mode", [(1, "lora"), (2, "lora"), (4, "lora"), (4, "full")])
 def test_every_trainable_parameter_gets_a_gradient(stage, sam_mode):
     pytest.importorskip("sam2")
-    from cdsam.objective import Objective
-
     p = tiny_params(model={"sam": {"type": SAM2}})
     model = build_model(p.model, seed=0)
     targets = sam_lora_targets(model, p.lora.sam)
     assert targets and not any("pred_obj_score_head" in t for t in targets)
     apply_stage(model, 1, p.lora.sam)
     apply_stage(model, stage, p.lora.sam, p.lora.dino if stage in (2, 3) else None, sam_mode)
-    prompts = ["a red circle", "a blue square"]
-    objective = Objective.for_model(model, p.loss, prompts)
-    images = torch.randn(2, 3, 32, 32)
-    target = torch.zeros(2, 1, 32, 32)
-    target[:, :, 8:20, 8:20] = 1
-    loss, _ = objective(model(images, prompts), images, target, torch.ones_like(target), prompts)
-    loss.backward()
-    missing = [n for n, q in model.named_parameters() if q.requires_grad and q.grad is None]
+    missing = missing_gradients(model, p.loss)
     assert not missing, missing
     obj_token = model.sam.mask_decoder.obj_score_token.weight
     assert obj_token.requires_grad == (sam_mode == "full")
