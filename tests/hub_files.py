@@ -43,3 +43,17 @@ def write_open_clip_repo(folder: Path, name: str, seed: int = 0) -> Path:
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}, indent=2))
     write_hub_tokenizer(folder, model_cfg["text_cfg"]["vocab_size"])
     return folder
+
+
+def write_sam2_checkpoint(path: Path, config: str = "sam2.1_hiera_b+",
+                          seed: int = 0) -> dict[str, torch.Tensor]:
+    """A SAM 2 checkpoint as Meta ships it: ``{"model": state_dict}`` of the whole SAM2Base
+    (Hiera encoder and memory modules included), random values; returns that state dict.
+    Needs Meta's sam2 package (installed apart: README)."""
+    from sam2.build_sam import build_sam2
+
+    torch.manual_seed(seed)
+    version = "sam2.1" if config.startswith("sam2.1") else "sam2"
+    sam = build_sam2(f"configs/{version}/{config}.yaml", ckpt_path=None, device="cpu")
+    torch.save({"model": sam.state_dict()}, path)
+    return sam.state_dict()

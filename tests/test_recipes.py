@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from cdsam.curriculum import SAM_MASK_HEAD, SAM_PROMPT_MAP
 from cdsam.presets import DEFAULT_PARAMS
-from tests.hub_files import write_open_clip_repo
+from tests.hub_files import write_open_clip_repo, write_sam2_checkpoint
 from tests.test_pipeline import BIN, _env, _merge, _project, _run
 
 # (recipe, timm name of its DINO, weights file the recipe names, crop, fixtures of its text
@@ -54,12 +54,8 @@ def sam_file(tmp_path_factory) -> Path:
 def sam2_file(tmp_path_factory) -> Path:
     """sam2.1_hiera_base_plus.pt as Meta ships it: {"model": the whole SAM2Base's state dict}."""
     pytest.importorskip("sam2")  # installed apart (README)
-    from sam2.build_sam import build_sam2
-
     path = tmp_path_factory.mktemp("sam2") / "sam2.1_hiera_base_plus.pt"
-    torch.manual_seed(0)
-    sam = build_sam2("configs/sam2.1/sam2.1_hiera_b+.yaml", ckpt_path=None, device="cpu")
-    torch.save({"model": sam.state_dict()}, path)
+    write_sam2_checkpoint(path)
     return path
 
 

@@ -19,6 +19,7 @@ from cdsam.errors import CheckpointError, UserError
 from cdsam.models.model import build_model
 from cdsam.models.sam import build_sam_decoder, load_sam_checkpoint
 from tests.conftest import tiny_params
+from tests.hub_files import write_sam2_checkpoint
 from tests.test_curriculum import missing_gradients
 
 SAM2 = "sam2.1_hiera_b+"
@@ -26,16 +27,10 @@ SAM2 = "sam2.1_hiera_b+"
 
 @pytest.fixture(scope="module")
 def official_sam2_file(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
-    """sam2.1_hiera_base_plus.pt as Meta ships it ({"model": state_dict} of the whole SAM2Base,
-    Hiera encoder and memory modules included), random values."""
+    """sam2.1_hiera_base_plus.pt as Meta ships it, random values."""
     pytest.importorskip("sam2")
-    from sam2.build_sam import build_sam2
-
-    torch.manual_seed(0)
-    sam = build_sam2(f"configs/sam2.1/{SAM2}.yaml", ckpt_path=None, device="cpu")
     path = tmp_path_factory.mktemp("sam2") / "sam2.1_hiera_base_plus.pt"
-    torch.save({"model": sam.state_dict()}, path)
-    return path, sam.state_dict()
+    return path, write_sam2_checkpoint(path, SAM2)
 
 
 def test_official_checkpoint_gives_its_decoder_tensors_and_says_what_it_ignores(
