@@ -14,8 +14,13 @@ real epoch), the loader's share of an end-to-end step, and the model FLOPs per i
 (counted by ``torch.utils.flop_counter`` over one forward + backward) as FLOP/s end to end
 and, given a peak (``--peak-tflops``, or known for the GPU), the model FLOP utilisation.
 ``--profile DIR`` also runs the staged steps under ``torch.profiler`` (`cdsam.profiling`):
-a Chrome trace per run in DIR and, per run, the ops that take most of a step and the kernel
-launches per step.
+a Chrome trace per run in DIR and, per run, the ops that take most of a step, the kernel
+launches and host waits per step and the forward / backward / optimizer host time.
+
+``--steps N`` sizes the timing for a GPU: the step alone is timed over N steps after a warm-up
+step, and each run trains as many epochs as it takes for the timed epochs (all but the first)
+to hold N steps. With ``--compile`` the step alone is timed compiled and eager in the same run
+(a compiler failure falls back to eager, and the run says so).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -37,11 +43,12 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
+from cdsam.compiling import is_compiled, uncompile_parts
 from cdsam.config import Params, load_params, parse_params
 from cdsam.data.prepare import prepare
 from cdsam.entry import offline_defaults
 from cdsam.errors import ConfigError
-from cdsam.profiling import profile_steps, profile_table
+from cdsam.profiling import profile_steps, profile_table, syncs_per_step
 from cdsam.runtime import peak_memory_mb
 from cdsam.train import StagePaths, StageTrainer
 
@@ -59,6 +66,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # Dense bf16 matrix peak (TFLOP/s) by device name, from the vendors' data sheets (SXM parts).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
 STAGED_BATCHES = 8  # batches pre-staged on the device for the model-step-alone figure
+STEP_PASSES = 2  # without --steps: the staged batches this many times for the step alone
 
 
 def known_peak_tflops() -> float | None:
@@ -108,9 +116,25 @@ def _batches(trainer: StageTrainer) -> Iterator[dict[str, Any]]:
         yield _on_device(batch, trainer.device)
 
 
-def split_step_time(trainer: StageTrainer, trace: Path | None = None) -> dict[str, Any]:
+def _time_steps(trainer: StageTrainer, staged: list[dict[str, Any]], steps: int) -> float:
+    """Images/s of ``steps`` steps over the staged batches (cycled), CUDA-synchronised."""
+    dev = trainer.device
+    _sync(dev)
+    t0 = time.perf_counter()
+    m = 0
+    for i in range(steps):
+        batch = staged[i % len(staged)]
+        trainer.train_step(batch)
+        m += batch["image"].shape[0]
+    _sync(dev)
+    return m / (time.perf_counter() - t0)
+
+
+def split_step_time(trainer: StageTrainer, trace: Path | None = None,
+                    steps: int | None = None) -> dict[str, Any]:
     """Loader alone, model step alone and FLOPs per image for a trained-and-set-up stage;
-    with ``trace``, also the staged steps under the profiler (after the timed ones)."""
+    with ``trace``, also the staged steps under the profiler (after the timed ones). A
+    compiled trainer's step is timed compiled and then eager."""
     dev = trainer.device
     _sync(dev)
     t0 = time.perf_counter()
@@ -124,25 +148,24 @@ def split_step_time(trainer: StageTrainer, trace: Path | None = None) -> dict[st
     with FlopCounterMode(display=False) as flops:
         trainer.train_step(staged[0])  # also the warm-up step
     flop_per_image = flops.get_total_flops() / staged[0]["image"].shape[0]
-    _sync(dev)
-    t0 = time.perf_counter()
-    m = 0
-    for _ in range(2):
-        for batch in staged:
-            trainer.train_step(batch)
-            m += batch["image"].shape[0]
-    _sync(dev)
+    timed = steps or STEP_PASSES * len(staged)
     out: dict[str, Any] = {"loader_images_s": n / loader_s,
-                           "step_images_s": m / (time.perf_counter() - t0),
-                           "flop_per_image": flop_per_image}
+                           "step_images_s": _time_steps(trainer, staged, timed),
+                           "timed_steps": timed, "flop_per_image": flop_per_image,
+                           "syncs_per_step": syncs_per_step(trainer.train_step, staged, dev)}
     if trace is not None:
         out["profile"] = profile_steps(trainer.train_step, staged, dev, trace)
+        out["profile"]["syncs_per_step"] = out["syncs_per_step"]
+    if is_compiled(trainer.model):
+        uncompile_parts(trainer.model)
+        trainer.train_step(staged[0])  # warm-up, eager
+        out["eager_step_images_s"] = _time_steps(trainer, staged, timed)
     return out
 
 
 def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path | None,
               save: bool, per_sample: bool = False, profile_dir: Path | None = None,
-              ) -> dict[str, Any]:
+              steps: int | None = None) -> dict[str, Any]:
     """One stage through the real trainer, feature cache on or off, batches packed or
     fetched per sample."""
     train_cfg = dataclasses.replace(params.train, feature_cache=cached)
@@ -160,6 +183,9 @@ def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path
     t0 = time.perf_counter()
     trainer.setup()
     setup_s = time.perf_counter() - t0
+    per_epoch = len(trainer.train_loader)
+    if steps:  # enough epochs after the first (untimed) one to hold `steps` steps
+        trainer.set_epochs(max(trainer.epochs, 1 + math.ceil(steps / per_epoch)))
     clip = trainer.model.clip_text
     calls: list[int] = []
     plain_epoch = trainer.train_epoch
@@ -177,9 +203,12 @@ def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path
     later = trainer.epoch_times[1:] or trainer.epoch_times
     epoch_s = sum(later) / len(later)
     # After save: it trains on, changing the weights.
-    split = split_step_time(trainer, None if profile_dir is None else profile_dir / f"{tag}.json")
+    compiled = is_compiled(trainer.model)  # train.compile may have fallen back
+    split = split_step_time(trainer, None if profile_dir is None else profile_dir / f"{tag}.json",
+                            steps)
     return {
-        "setup_s": setup_s, "epoch_s": epoch_s,
+        "setup_s": setup_s, "epoch_s": epoch_s, "steps_per_epoch": per_epoch,
+        "epochs": trainer.epochs, "compiled": compiled,
         "images_s": len(trainer.train_set) / epoch_s, **split,
         "packed": bool(trainer.packs), "batch_size": trainer.optim_cfg.batch_size,
         "train_samples": len(trainer.train_set),
@@ -195,7 +224,7 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
         all_stages: bool = False, compile_model: bool = False,
         batch_size: int | str | None = None,
         peak_tflops: float | None = None, per_sample: bool = False,
-        profile_dir: Path | None = None) -> dict[str, Any]:
+        profile_dir: Path | None = None, steps: int | None = None) -> dict[str, Any]:
     params = bench_params(load_params(params_path), images, epochs, preset, compile_model,
                           batch_size)
     t_start = time.perf_counter()
@@ -212,13 +241,15 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
                 # The cached stage-1 run writes the checkpoint stage 2 starts from.
                 results[key] = run_stage(params, stage, cached, root, parent,
                                          save=all_stages or (stage == 1 and cached),
-                                         per_sample=per_sample, profile_dir=profile_dir)
+                                         per_sample=per_sample, profile_dir=profile_dir,
+                                         steps=steps)
         for stage in (3, 4) if all_stages else ():
             if show:
                 print(f"  stage{stage} ...", file=sys.stderr, flush=True)
             results[f"stage{stage}"] = run_stage(params, stage, True, root,
                                                  root / f"stage{stage - 1}", save=True,
-                                                 per_sample=per_sample, profile_dir=profile_dir)
+                                                 per_sample=per_sample, profile_dir=profile_dir,
+                                                 steps=steps)
     # Cached and uncached runs train the same batches (same losses) unless batch_size auto
     # gave them different batches (the cached step needs less memory).
     same = [s for s in (1, 2) if results[f"stage{s}_cached"]["batch_size"]
@@ -234,7 +265,8 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
         "dino": f"{d.name} img {d.img_size} patch {d.patch_size} dim {d.embed_dim} depth "
                 f"{d.depth}", "last_k_blocks": params.lora.dino.last_k_blocks,
         "images": images, "train_samples": results["stage1_cached"]["train_samples"],
-        "epochs": epochs, "batch_size": params.optim.batch_size,
+        "epochs": epochs, "batch_size": params.optim.batch_size, "steps": steps,
+        "compile": params.train.compile,
         "peak_tflops": peak_tflops or known_peak_tflops(),
         "stage1_epoch_speedup": results["stage1_uncached"]["epoch_s"]
         / results["stage1_cached"]["epoch_s"],
@@ -263,25 +295,40 @@ def table(r: dict[str, Any]) -> str:
              f"DINO {r['dino']}, K={r['last_k_blocks']}, {r['images']} images "
              f"({r['train_samples']} train samples), {r['epochs']} epochs",
              f"{'run':<18}{'epoch s':>9}{'img/s':>9}{'setup s':>9}{'peak MB':>9}"
-             f"{'cached imgs':>12}"]
+             f"{'cached imgs':>12}{'steps/epoch':>12}{'epochs':>7}"]
     runs = [(key, r[key]) for key in RUNS if key in r]
     for key, s in runs:
         lines.append(f"{key:<18}{s['epoch_s']:>9.2f}{s['images_s']:>9.1f}{s['setup_s']:>9.2f}"
-                     f"{s['peak_mem_mb']:>9.0f}{s['cache_images']:>12}")
+                     f"{s['peak_mem_mb']:>9.0f}{s['cache_images']:>12}"
+                     f"{s.get('steps_per_epoch', '-'):>12}{s.get('epochs', r['epochs']):>7}")
     lines += ["", f"where a step goes (optim.batch_size {r['batch_size']}; loader share = loader "
               f"time per image / end-to-end time per image; peak {r['peak_tflops'] or '-'} "
               f"TFLOP/s)",
               f"{'run':<18}{'batch':>6}{'loader':>9}{'step':>9}{'e2e':>9}{'e2e/step':>9}"
-              f"{'loader':>8}{'GFLOP':>8}{'TFLOP/s':>9}{'MFU':>7}",
+              f"{'loader':>8}{'GFLOP':>8}{'TFLOP/s':>9}{'MFU':>7}{'waits':>7}",
               f"{'':<18}{'':>6}{'img/s':>9}{'img/s':>9}{'img/s':>9}{'':>9}{'share':>8}"
-              f"{'/img':>8}"]
+              f"{'/img':>8}{'':>9}{'':>7}{'/step':>7}"]
     for key, s in runs:
         mfu = f"{100 * s['mfu']:.1f}%" if "mfu" in s else "-"
+        waits = "-" if s.get("syncs_per_step") is None else f"{s['syncs_per_step']:.1f}"
         lines.append(f"{key:<18}{s['batch_size']:>6}{s['loader_images_s']:>9.1f}"
                      f"{s['step_images_s']:>9.1f}"
                      f"{s['images_s']:>9.1f}{s['images_s'] / s['step_images_s']:>9.2f}"
                      f"{100 * s['loader_share']:>7.1f}%{s['flop_per_image'] / 1e9:>8.2f}"
-                     f"{s['tflop_s']:>9.3f}{mfu:>7}")
+                     f"{s['tflop_s']:>9.3f}{mfu:>7}{waits:>7}")
+    timed = next((s.get("timed_steps") for _, s in runs), None)
+    if timed:
+        lines.append(f"(step alone timed over {timed} steps after a warm-up step; waits: host "
+                     f"waits for the device per step, CUDA only)")
+    if r.get("compile"):
+        lines += ["", "train.compile: the step alone compiled and eager, same run",
+                  f"{'run':<18}{'compiled':>9}{'eager':>9}{'ratio':>7}"]
+        for key, s in runs:
+            if "eager_step_images_s" not in s:
+                lines.append(f"{key:<18}  fell back to eager (see the log line above)")
+                continue
+            lines.append(f"{key:<18}{s['step_images_s']:>9.1f}{s['eager_step_images_s']:>9.1f}"
+                         f"{s['step_images_s'] / s['eager_step_images_s']:>6.2f}x")
     lines += ["", f"stage1_epoch_speedup          {r['stage1_epoch_speedup']:.2f}x",
               f"stage2_epoch_speedup          {r['stage2_epoch_speedup']:.2f}x",
               "max_loss_diff                 " + (
@@ -306,7 +353,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=2, help="epochs per run (>= 2; default 2)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
     ap.add_argument("--compile", action="store_true",
-                    help="set train.compile (the first epoch then includes compilation)")
+                    help="set train.compile (the first epoch then includes compilation); the "
+                         "step alone is then timed compiled and eager")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="time the step alone over this many steps, and train enough epochs "
+                         "that the timed ones (all but the first) hold as many (GPU runs: 100 "
+                         "or more; default: 2 passes over 8 staged batches, the epochs given)")
     ap.add_argument("--all-stages", action="store_true",
                     help="also time stages 3 and 4 (images/s, peak memory)")
     ap.add_argument("--batch-size", type=batch_size_arg, default=None,
@@ -324,12 +376,15 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.epochs < 2:
         ap.error("--epochs must be >= 2 (the first epoch is not timed)")
+    if args.steps is not None and args.steps < 1:
+        ap.error("--steps must be >= 1")
     offline_defaults()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     result = run(args.params, args.images, args.epochs, args.preset, show=not args.json,
                  all_stages=args.all_stages, compile_model=args.compile,
                  batch_size=args.batch_size, peak_tflops=args.peak_tflops,
-                 per_sample=args.per_sample_loader, profile_dir=args.profile)
+                 per_sample=args.per_sample_loader, profile_dir=args.profile,
+                 steps=args.steps)
     print(json.dumps(result, indent=2) if args.json else table(result))
 
 

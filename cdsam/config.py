@@ -119,7 +119,7 @@ class OptimConfig:
     warmup_steps: int = 20  # linear warmup, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.05
     lr_scaling: str = "sqrt"  # batch_size auto: LRs scale by sqrt(chosen/16), chosen/16 (linear), or not
-    auto_batch_max: int = 256  # batch_size auto: the largest batch it may pick
+    auto_batch_max: int = 1024  # batch_size auto: the largest batch it may pick
 
 
 OPTIM_KEYS = tuple(f.name for f in dataclasses.fields(OptimConfig))

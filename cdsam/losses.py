@@ -31,18 +31,19 @@ def clip_align_loss(projected: torch.Tensor, grid: tuple[int, int], target: torc
     """Contrastive alignment of mask-pooled image tokens with the prompt vocabulary.
 
     projected: BxNxD tokens in CLIP space; target/valid: Bx1xHxW; text_vocab: VxD (normalised);
-    labels: B indices into the vocabulary. Samples whose mask is empty on the grid are skipped.
+    labels: B indices into the vocabulary. Samples whose mask is empty on the grid are skipped
+    (weighted out rather than indexed out: how many there are is never read back from the
+    device, so the step does not wait; a batch with none left gives 0 and keeps the graph).
     """
     h, w = grid
     weights = F.adaptive_avg_pool2d(target * valid, (h, w)).flatten(1)  # BxN
     mass = weights.sum(1)
-    keep = mass > 1e-6
-    if not keep.any():
-        return projected.sum() * 0.0  # nothing to align in this batch; keeps the graph
+    keep = (mass > 1e-6).to(projected.dtype)
     pooled = (weights.unsqueeze(-1) * projected).sum(1) / mass.clamp_min(1e-6).unsqueeze(-1)
     pooled = F.normalize(pooled, dim=-1)
     logits = pooled @ text_vocab.t() / temperature
-    return F.cross_entropy(logits[keep], labels[keep])
+    per_sample = F.cross_entropy(logits, labels, reduction="none")
+    return (per_sample * keep).sum() / keep.sum().clamp_min(1.0)
 
 
 def feature_distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
@@ -35,6 +36,7 @@ from cdsam.checkpoint import (
     parent_ref,
     save_checkpoint,
 )
+from cdsam.compiling import compile_or_fall_back
 from cdsam.config import AUTO, OptimConfig, Params, to_dict
 from cdsam.curriculum import apply_stage, component_counts, param_groups, policy
 from cdsam.data.dataset import EpochSampler, ManifestDataset, collate
@@ -46,6 +48,7 @@ from cdsam.feature_cache import FeatureCache, plan_cache
 from cdsam.models.model import CDSAM, build_model
 from cdsam.models.preflight import check_model
 from cdsam.objective import Objective
+from cdsam.profiling import PHASES
 from cdsam.resume import (
     Progress,
     ResumeStore,
@@ -63,6 +66,8 @@ from cdsam.scoring import evaluate_model
 
 log = logging.getLogger("cdsam.train")
 
+BAR_READ_S = 1.0  # the progress bar's loss is read back from the device at most this often
+
 
 def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
     """Linear warmup, then cosine decay to ``min_ratio`` of the base LR."""
@@ -75,16 +80,6 @@ def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return fn
-
-
-def compile_tensor_parts(model: CDSAM) -> None:
-    """``torch.compile`` the parts that see only tensors: each DINO block, the heads and the
-    SAM decoder. Not the whole model: its forward takes prompt strings and a Python-side text
-    cache, which made dynamo recompile per prompt batch and give up after 8 tries."""
-    for block in model.dino.blocks:
-        block.compile()
-    for part in (model.token_to_mask, model.text_to_prompt, model.sam):
-        part.compile()
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -105,6 +100,8 @@ class StageTrainer:
     # Batches come from packed arrays (cdsam.data.packed); False keeps the per-sample
     # DataLoader path (tests and the benchmark compare the two).
     pack_batches: bool = True
+    # train.compile's torch.compile backend (tests pass dynamo's "eager" or a failing one).
+    compile_backend: Any = "inductor"
 
     def __init__(self, params: Params, stage: int, paths: StagePaths,
                  show_progress: bool = True,
@@ -231,11 +228,7 @@ class StageTrainer:
         self.optimizer = torch.optim.AdamW(groups, fused=fused) if fused else \
             torch.optim.AdamW(groups)
         self._build_loaders()
-        steps_per_epoch = math.ceil(len(self.train_loader) / self.optim_cfg.grad_accum_steps)
-        self.total_steps = steps_per_epoch * self.epochs
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(self.total_steps, self.optim_cfg.warmup_steps,
-                                      self.optim_cfg.min_lr_ratio))
+        self.set_epochs(self.epochs)
         if self.dist.enabled:
             # Only parameters with requires_grad are registered, so the frozen CLIP tower
             # and DINO prefix cost nothing. Every trainable parameter gets a gradient each
@@ -243,8 +236,8 @@ class StageTrainer:
             # find_unused_parameters stays off.
             self.net = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if p.train.compile:
-            compile_tensor_parts(self.model)
+        self.compiled = p.train.compile and compile_or_fall_back(
+            self.model, self._step_probe, self.compile_backend)
         eff = self.optim_cfg.batch_size * self.optim_cfg.grad_accum_steps * self.dist.world_size
         log.info("stage%d on %s: %d train / %d val samples, %d prompts, %d epochs, effective "
                  "batch %d (batch %d x accumulation %d x world size %d), trainable %s of %s "
@@ -256,6 +249,16 @@ class StageTrainer:
             log.info("spatial prompts next to the text: a click on %.0f %% of samples, a box on "
                      "%.0f %% (train.point_prompts / train.box_prompts)",
                      100 * p.train.point_prompts, 100 * p.train.box_prompts)
+
+    def set_epochs(self, epochs: int) -> None:
+        """The run's length and the LR schedule over it (the benchmark lengthens its runs
+        after setup, once the batch and so the steps per epoch are known)."""
+        self.epochs = epochs
+        steps_per_epoch = math.ceil(len(self.train_loader) / self.optim_cfg.grad_accum_steps)
+        self.total_steps = steps_per_epoch * epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.total_steps, self.optim_cfg.warmup_steps,
+                                      self.optim_cfg.min_lr_ratio))
 
     def _build_loaders(self) -> None:
         p, d = self.params, self.dist
@@ -374,6 +377,15 @@ class StageTrainer:
         return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()
                 if p.requires_grad}
 
+    def _step_probe(self) -> None:
+        """Forward + backward of the first training batch, changing nothing: gradients are
+        dropped and the RNG streams restored (`cdsam.compiling` compiles on this call)."""
+        batch = next(iter(self.train_loader))
+        self._set_train_mode()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            self.compute_loss(batch)[0].backward()
+        self.optimizer.zero_grad(set_to_none=True)
+
     # ---- one step
     def compute_loss(self, batch: dict[str, Any]
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -409,8 +421,10 @@ class StageTrainer:
         sync = contextlib.nullcontext() if boundary or not self.dist.enabled else \
             self.net.no_sync()
         with sync:
-            loss, _ = self.compute_loss(batch)
-            self.scaler.scale(loss / window).backward()
+            with record_function(PHASES["forward"]):
+                loss, _ = self.compute_loss(batch)
+            with record_function(PHASES["backward"]):
+                self.scaler.scale(loss / window).backward()
         if boundary:
             if self.optim_cfg.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
@@ -428,44 +442,46 @@ class StageTrainer:
         self._set_train_mode()
         self.train_sampler.set_epoch(epoch)
         accum = self.optim_cfg.grad_accum_steps
-        total, n_img, last_finite = 0.0, 0, None
-        losses: list[float] = []
         bar = tqdm(self.train_loader, desc=f"stage{self.stage} epoch {epoch + 1}/{self.epochs}",
                    leave=False, disable=not self.show_progress)
         n_batches = len(self.train_loader)
         self.optimizer.zero_grad(set_to_none=True)
-        pending: tuple[int, torch.Tensor, int] | None = None
-
-        def read(step: int, loss: torch.Tensor, bs: int) -> None:
-            nonlocal total, n_img, last_finite
-            value = float(loss)
-            if not math.isfinite(value):
-                raise UserError(
-                    f"stage{self.stage}: non-finite loss ({value}) at epoch {epoch + 1} step "
-                    f"{step + 1}; last finite loss {last_finite}; lower optim.lr / "
-                    f"optim.lora_lr or check the data. No checkpoint was written")
-            last_finite = value
-            total += value * bs
-            n_img += bs
-            losses.append(value)
-            bar.set_postfix(loss=f"{value:.4f}")
-
+        # Per-step losses stay on the device: reading one back makes the host wait for the
+        # device, which on a GPU empties its queue of work. The bar shows the previous step's
+        # loss at most every BAR_READ_S; every loss is read (and checked) once, at the end.
+        step_losses: list[torch.Tensor] = []
+        sizes: list[int] = []
+        last_read = time.monotonic()
         for step, batch in enumerate(bar):
             boundary = (step + 1) % accum == 0 or step + 1 == n_batches
             # The last window of an epoch may hold fewer than `accum` batches: average over
             # the batches it has, so its step is not scaled down.
             window = min(accum, n_batches - (step // accum) * accum)
             loss = self.train_step(batch, window, boundary)
-            # The previous step's loss is read only now, after this step's work is queued: on
-            # a GPU the host never waits for the device between steps.
-            if pending is not None:
-                read(*pending)
-            pending = (step, loss, batch["image"].shape[0])
-        if pending is not None:
-            read(*pending)
+            if self.show_progress and step_losses and \
+                    time.monotonic() - last_read >= BAR_READ_S:
+                last_read = time.monotonic()
+                bar.set_postfix(loss=f"{float(step_losses[-1]):.4f}")
+            step_losses.append(loss)
+            sizes.append(batch["image"].shape[0])
+        losses = torch.stack(step_losses).float().cpu().tolist() if step_losses else []
+        self._check_finite(losses, epoch)
         self.step_losses.append(losses)
-        total, n_img = distributed.all_reduce_sum([total, float(n_img)], self.device)
+        total = 0.0
+        for value, bs in zip(losses, sizes, strict=True):  # in order (sum() would compensate)
+            total += value * bs
+        total, n_img = distributed.all_reduce_sum([total, float(sum(sizes))], self.device)
         return {"loss": total / max(n_img, 1), "images": int(n_img)}
+
+    def _check_finite(self, losses: list[float], epoch: int) -> None:
+        bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+        if bad is None:
+            return
+        last_finite = losses[bad - 1] if bad else None
+        raise UserError(
+            f"stage{self.stage}: non-finite loss ({losses[bad]}) at epoch {epoch + 1} step "
+            f"{bad + 1}; last finite loss {last_finite}; lower optim.lr / optim.lora_lr or "
+            f"check the data. No checkpoint was written")
 
     def _log_epoch(self, live, row: dict[str, float]) -> None:
         if live is None:

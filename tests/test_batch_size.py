@@ -66,10 +66,13 @@ def test_cpu_auto_is_the_reference_batch_and_numbers_pass_through(caplog):
         auto = resolve_auto_batch(OptimConfig(batch_size="auto", lr=1e-3), cpu, 1000, _never,
                                   model)
     assert auto.batch_size == REFERENCE_BATCH and auto.lr == pytest.approx(1e-3)
-    assert "optim.batch_size auto -> 16" in caplog.text
+    assert "optim.batch_size auto -> 16" in caplog.text and "63 steps an epoch" in caplog.text
+    assert "lower optim.auto_batch_max" not in caplog.text
     # A split smaller than that: a power of two that it fills; the ranks' agreement applies.
-    small = resolve_auto_batch(OptimConfig(batch_size="auto"), cpu, 11, _never, model)
+    with caplog.at_level(logging.INFO, logger="cdsam"):
+        small = resolve_auto_batch(OptimConfig(batch_size="auto"), cpu, 11, _never, model)
     assert small.batch_size == 8
+    assert "leaves 2 steps an epoch (11 samples): lower optim.auto_batch_max" in caplog.text
     agreed = resolve_auto_batch(OptimConfig(batch_size="auto"), cpu, 1000, _never, model,
                                 agree=lambda b: 4)
     assert agreed.batch_size == 4

@@ -25,8 +25,10 @@ def test_bench_splits_loader_step_and_flops_for_both_loaders(tmp_path, monkeypat
     runs = {}
     for per_sample in (False, True):
         prof = None if per_sample else tmp_path / "profile"
+        steps = None if per_sample else 5  # --steps: timed over 5, epochs lengthened to hold 5
         r = bench.run(str(params), images=16, epochs=2, preset="default", show=False,
-                      batch_size=8, peak_tflops=1.0, per_sample=per_sample, profile_dir=prof)
+                      batch_size=8, peak_tflops=1.0, per_sample=per_sample, profile_dir=prof,
+                      steps=steps)
         assert r["loader"] == ("per-sample" if per_sample else "packed")
         assert r["batch_size"] == 8 and r["max_loss_diff"] == 0.0
         for key in ("stage1_uncached", "stage1_cached", "stage2_uncached", "stage2_cached"):
@@ -35,6 +37,12 @@ def test_bench_splits_loader_step_and_flops_for_both_loaders(tmp_path, monkeypat
             assert row["loader_images_s"] > 0 and row["step_images_s"] > 0
             assert 0 < row["loader_share"] < 1
             assert row["flop_per_image"] > 0 and row["mfu"] == row["tflop_s"]  # peak 1 TFLOP/s
+            assert row["syncs_per_step"] is None and not row["compiled"]  # CUDA only; eager
+            if steps:
+                assert row["timed_steps"] == steps
+                assert (row["epochs"] - 1) * row["steps_per_epoch"] >= steps
+            else:
+                assert row["timed_steps"] == 2 * bench.STAGED_BATCHES and row["epochs"] == 2
             if prof is not None:  # --profile: a trace per run and its top ops
                 assert Path(row["profile"]["trace"]) == prof / f"{key.replace('_', '-')}.json"
                 assert Path(row["profile"]["trace"]).is_file() and row["profile"]["top_ops"]
@@ -44,6 +52,7 @@ def test_bench_splits_loader_step_and_flops_for_both_loaders(tmp_path, monkeypat
         text = bench.table(r)
         assert "where a step goes" in text and "stage2_cached" in text
         assert ("profile of the staged steps" in text) is (prof is not None)
+        assert ("timed over 5 steps" in text) is (steps == 5)
     # The same batches either way: the same FLOPs per image.
     for key in ("stage1_cached", "stage2_uncached"):
         assert runs[False][key]["flop_per_image"] == runs[True][key]["flop_per_image"]

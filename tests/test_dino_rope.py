@@ -52,6 +52,29 @@ def test_tokens_equal_timm_forward_features_at_any_multiple_of_the_patch(name):
     torch.testing.assert_close(split, ref, rtol=0, atol=0)
 
 
+def test_the_rotary_table_is_built_once_per_grid():
+    """A step asks for the table twice (prefix and tail); it is kept while the grid, the rope's
+    buffers and the autocast state stay the same, and built anew otherwise."""
+    from cdsam.models.dino import _rope_tables
+
+    vit = build_dino(_params().model.dino, load_weights=False).eval()
+    first = _rope_tables(vit, (4, 4))
+    assert _rope_tables(vit, (4, 4)) is first
+    other = _rope_tables(vit, (5, 3))
+    assert other is not first and other.shape[0] == 15
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _rope_tables(vit, (5, 3)) is not other
+    with torch.no_grad():
+        for b in vit.rope.buffers():
+            b.mul_(1.0)  # an in-place write (as a weight load does) bumps the buffer version
+    assert _rope_tables(vit, (5, 3)) is not other
+    torch.testing.assert_close(_rope_tables(vit, (4, 4)), vit.rope.get_embed(shape=[4, 4]),
+                               rtol=0, atol=0)
+    vit.rope.train()
+    vit.rope.aug_active = True  # coordinate augmentation: a fresh table on every call
+    assert _rope_tables(vit, (4, 4)) is not _rope_tables(vit, (4, 4))
+
+
 def test_preflight_reads_patch_and_depth_without_weights():
     assert dino_shape(_params().model) == (8, 4)
 

@@ -121,3 +121,37 @@ def test_prompt_pairs_split_overlap_by_what_the_prompts_share():
     assert out["pairs_overlap_same_colour"] == 1.0  # identical masks for two colours' words
     assert out["pairs_overlap_same_shape"] == 0.0
     assert abs(out["pairs_overlap"] - 1 / 3) < 1e-9
+
+
+def test_clip_align_loss_skips_empty_masks_without_indexing():
+    """Rows whose mask is empty on the grid are weighted out: the value and the gradients are
+    the cross-entropy over the other rows alone; a batch with none left gives 0."""
+    import torch.nn.functional as F
+
+    from cdsam.losses import clip_align_loss
+
+    g = torch.Generator().manual_seed(0)
+    projected = torch.randn(3, 4, 8, generator=g, requires_grad=True)  # B x (2x2 grid) x D
+    vocab = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    labels = torch.tensor([1, 3, 4])
+    target = torch.zeros(3, 1, 8, 8)
+    target[0, :, :4, :4] = 1
+    target[2, :, 4:, :] = 1  # row 1 stays empty
+    valid = torch.ones_like(target)
+    loss = clip_align_loss(projected, (2, 2), target, valid, vocab, labels, 0.07)
+    loss.backward()
+    weights = F.adaptive_avg_pool2d(target, (2, 2)).flatten(1)
+    ref_in = projected.detach().clone().requires_grad_(True)
+    pooled = F.normalize((weights.unsqueeze(-1) * ref_in).sum(1) / weights.sum(1, keepdim=True)
+                         .clamp_min(1e-6), dim=-1)
+    keep = torch.tensor([0, 2])
+    ref = F.cross_entropy(pooled[keep] @ vocab.t() / 0.07, labels[keep])
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.allclose(projected.grad, ref_in.grad, atol=1e-6)
+    assert projected.grad[1].abs().max() == 0
+
+    none_left = clip_align_loss(projected, (2, 2), torch.zeros_like(target), valid, vocab,
+                                labels, 0.07)
+    none_left.backward()  # still part of the graph
+    assert none_left.item() == 0.0

@@ -11,7 +11,7 @@ from cdsam.errors import CheckpointError, UserError
 from cdsam.models.clip_text import build_clip_text
 from cdsam.models.dino import build_dino, dino_patch_tokens
 from cdsam.models.model import build_model
-from cdsam.models.sam import build_sam_decoder, load_sam_checkpoint, read_weights
+from cdsam.models.sam import build_sam_decoder, embed_points, load_sam_checkpoint, read_weights
 
 
 def test_dino_tokens_drop_prefix(model_cfg):
@@ -137,3 +137,21 @@ def test_pickle_payload_is_refused(tmp_path):
     torch.save({"x": _Boom()}, path)
     with pytest.raises(CheckpointError, match="evil.pth: cannot read weights"):
         read_weights(path)
+
+
+def test_point_embedding_equals_sams_own_without_mask_indexing(model_cfg):
+    """cdsam embeds clicks with torch.where (no host read-back); values and gradients are SAM
+    1's ``_embed_points`` bit for bit, for every label."""
+    pe = build_sam_decoder(model_cfg.sam, (4, 4), (32, 32), load_weights=False).prompt_encoder
+    pe.input_image_size = (32, 32)
+    coords = torch.rand(4, 2, 2) * 32
+    labels = torch.tensor([[1, 0], [1, -1], [-1, -1], [0, 1]])
+    ours = embed_points(pe, coords, labels)
+    ours.square().sum().backward()
+    mine = [p.grad.clone() for p in pe.parameters() if p.grad is not None]
+    pe.zero_grad(set_to_none=True)
+    theirs = pe._embed_points(coords, labels, pad=False)
+    theirs.square().sum().backward()
+    assert torch.equal(ours, theirs)
+    assert all(torch.equal(a, p.grad) for a, p in
+               zip(mine, [p for p in pe.parameters() if p.grad is not None], strict=True))

@@ -5,9 +5,18 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
 import torch
+from torch.profiler import record_function
 
-from cdsam.profiling import TOP_OPS, profile_steps, profile_table, summarize
+from cdsam.profiling import (
+    PHASES,
+    TOP_OPS,
+    profile_steps,
+    profile_table,
+    summarize,
+    syncs_per_step,
+)
 
 
 def test_a_real_step_is_profiled_into_a_trace_and_a_per_step_summary(tmp_path):
@@ -17,7 +26,10 @@ def test_a_real_step_is_profiled_into_a_trace_and_a_per_step_summary(tmp_path):
 
     def step(x: torch.Tensor) -> None:
         opt.zero_grad()
-        net(x).square().mean().backward()
+        with record_function(PHASES["forward"]):
+            loss = net(x).square().mean()
+        with record_function(PHASES["backward"]):
+            loss.backward()
         opt.step()
 
     batches = [torch.randn(32, 64) for _ in range(3)]
@@ -26,6 +38,8 @@ def test_a_real_step_is_profiled_into_a_trace_and_a_per_step_summary(tmp_path):
     assert trace["traceEvents"]
     assert p["clock"] == "cpu" and p["steps"] == 3 and p["launches_per_step"] is None
     assert p["ms_per_step"] > 0 and p["optimizer_ms_per_step"] > 0
+    assert p["forward_ms_per_step"] > 0 and p["backward_ms_per_step"] > 0
+    assert syncs_per_step(step, batches, torch.device("cpu")) is None  # CUDA only
     ops = [o["op"] for o in p["top_ops"]]
     assert "aten::addmm" in ops or "aten::linear" in ops
     assert 0 < len(ops) <= TOP_OPS
@@ -39,10 +53,20 @@ def test_summary_counts_per_step_and_kernel_launches_on_cuda():
                                self_cpu_time_total=0.0, cpu_time_total=total_us)
 
     events = [ev("gemm_kernel", 20, 3000.0), ev("elementwise", 200, 1000.0),
-              ev("cudaLaunchKernel", 220, 0.0), ev("Optimizer.step#AdamW.step", 2, 0.0, 800.0)]
+              ev("cudaLaunchKernel", 220, 0.0), ev("Optimizer.step#AdamW.step", 2, 0.0, 800.0),
+              ev("cdsam.forward", 2, 0.0, 3000.0), ev("cdsam.backward", 2, 0.0, 5000.0)]
     p = summarize(events, steps=2, cuda=True)
     assert p["clock"] == "device" and p["ms_per_step"] == 2.0
     assert p["launches_per_step"] == 110 and p["optimizer_ms_per_step"] == 0.4
+    assert p["forward_ms_per_step"] == 1.5 and p["backward_ms_per_step"] == 2.5
     assert [o["op"] for o in p["top_ops"]] == ["gemm_kernel", "elementwise"]
     assert p["top_ops"][0] == {"op": "gemm_kernel", "ms_per_step": 1.5, "calls_per_step": 10,
                                "share": 0.75}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_read_back_counts_as_a_host_wait_on_cuda():
+    dev = torch.device("cuda")
+    x = torch.ones(8, device=dev)
+    assert syncs_per_step(lambda b: (x * b).sum(), [1.0, 2.0], dev) == 0
+    assert syncs_per_step(lambda b: float((x * b).sum()), [1.0, 2.0], dev) >= 1

@@ -203,18 +203,6 @@ def test_ddp_two_ranks_match_each_other_and_one_process(data_dir, tmp_path):
     assert math.isfinite(worst) and worst < 1e-4, worst
 
 
-def test_compile_wraps_tensor_parts_and_keeps_checkpoint_keys(params):
-    from cdsam.models.model import build_model
-    from cdsam.train import compile_tensor_parts
-
-    model = build_model(params.model, seed=0)
-    keys = list(model.state_dict())
-    compile_tensor_parts(model)  # lazy: compiles on first call, so this test stays fast
-    assert list(model.state_dict()) == keys
-    assert model.sam._compiled_call_impl is not None
-    assert all(b._compiled_call_impl is not None for b in model.dino.blocks)
-
-
 # --------------------------------------------------------------------------- real-data knobs
 
 

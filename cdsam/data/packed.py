@@ -29,7 +29,13 @@ from cdsam.data.batch_augment import augment_batch, draw_augment
 from cdsam.data.geometry import normalize_transform
 from cdsam.data.manifest import FOREGROUND, IGNORE
 from cdsam.data.prepared import PreparedSplit
-from cdsam.data.spatial import MaskStats, SpatialPolicy, draw_prompts, prompt_arrays
+from cdsam.data.spatial import (
+    MaskStats,
+    SpatialPolicy,
+    draw_prompts,
+    prompt_arrays,
+    prompted_rows,
+)
 
 _SLOTS = ("points", "point_labels", "box", "has_box")
 
@@ -158,8 +164,11 @@ class PackedLoader:
                     draw_prompts(stats, j, warped[j], self.spatial, seed, slots, j)
         else:
             image = normalize_batch(u8.to(dev, non_blocking=True))
+        # Which rows carry a click or box, from the host arrays: the model splits the batch
+        # by it without reading anything back from the device.
+        rows = prompted_rows(host["point_labels"].numpy(), host["has_box"].numpy())
         return {**host, "image": image, "mask": (m == FOREGROUND).float(),
-                "valid": (m != IGNORE).float(),
+                "valid": (m != IGNORE).float(), "spatial_rows": rows,
                 **{k: host[k].to(dev, non_blocking=True) for k in _SLOTS}}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -131,13 +131,24 @@ def sample_prompts(mask: torch.Tensor, policy: SpatialPolicy, seed: int,
     return {k: torch.from_numpy(v)[0] for k, v in out.items()}
 
 
+def prompted_rows(point_labels: np.ndarray, has_box: np.ndarray) -> np.ndarray:
+    """B bool: the rows of a batch's slots with at least one click or a box."""
+    return (point_labels >= 0).any(axis=1) | has_box
+
+
 def batch_prompts(batch: dict, device: torch.device) -> dict[str, object]:
-    """A collated batch's slots as the model's ``points`` / ``boxes`` / ``box_valid``
-    arguments; empty when no row has a point or box (the text-only path)."""
-    labels, has_box = batch["point_labels"], batch["has_box"]
-    if not bool((labels >= 0).any()) and not bool(has_box.any()):
+    """A collated batch's slots as the model's ``points`` / ``boxes`` / ``box_valid`` / ``rows``
+    arguments; empty when no row has a point or box (the text-only path).
+
+    The packed loader puts the prompted rows (``spatial_rows``) in the batch from the host
+    arrays before the slots go to the device, so nothing here waits for the device; a batch
+    without them (collated on the host) gets them from its slots."""
+    rows = batch.get("spatial_rows")
+    if rows is None:
+        rows = prompted_rows(batch["point_labels"].cpu().numpy(), batch["has_box"].cpu().numpy())
+    if not rows.any():
         return {}
     return {"points": (batch["points"].to(device, non_blocking=True),
-                       labels.to(device, non_blocking=True)),
+                       batch["point_labels"].to(device, non_blocking=True)),
             "boxes": batch["box"].to(device, non_blocking=True),
-            "box_valid": has_box.to(device, non_blocking=True)}
+            "box_valid": batch["has_box"].to(device, non_blocking=True), "rows": rows}

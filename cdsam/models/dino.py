@@ -98,11 +98,26 @@ def _prepare_eva(vit: Eva, name: str) -> None:
 
 
 def _rope_tables(vit: Eva, grid: tuple[int, int]) -> torch.Tensor | None:
-    if vit.rope is None:
+    rope = vit.rope
+    if rope is None:
         return None
-    if vit.dynamic_img_size or not hasattr(vit.rope, "feat_shape"):
-        return vit.rope.get_embed(shape=list(grid))
-    return vit.rope.get_embed()
+    if not vit.dynamic_img_size and hasattr(rope, "feat_shape"):
+        return rope.get_embed()  # the model's own grid: timm keeps this table
+    # Building a table is a chain of small kernels, once or twice a step (prefix and tail):
+    # keep the last one while the grid, the rope's buffers and the autocast state are the
+    # same. Not with learnt frequencies (parameters) or coordinate augmentation, which give a
+    # new table each call.
+    if any(True for _ in rope.parameters()) or (rope.training and getattr(rope, "aug_active",
+                                                                          False)):
+        return rope.get_embed(shape=list(grid))
+    kind = next(rope.buffers()).device.type if any(True for _ in rope.buffers()) else "cpu"
+    key = (tuple(grid), tuple((b.device, b.dtype, b._version) for b in rope.buffers()),
+           torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+    kept = getattr(rope, "_cdsam_table", None)
+    if kept is None or kept[0] != key:
+        kept = (key, rope.get_embed(shape=list(grid)))
+        rope._cdsam_table = kept
+    return kept[1]
 
 
 def _first_line(exc: Exception) -> str:

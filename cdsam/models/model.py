@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,16 +82,23 @@ class CDSAM(nn.Module):
                image_size: tuple[int, int],
                points: tuple[torch.Tensor, torch.Tensor] | None = None,
                boxes: torch.Tensor | None = None,
-               box_valid: torch.Tensor | None = None) -> CDSAMOutput:
+               box_valid: torch.Tensor | None = None,
+               rows: np.ndarray | None = None) -> CDSAMOutput:
         """Patch tokens BxNxC + text features BxD (+ optional point/box prompts) → masks.
 
         Rows whose point and box slots are all empty are decoded from the text tokens alone,
         exactly as in a batch without spatial prompts: a text-only sample gets the same mask
         whatever its batch-mates carry (training mixes both, see `cdsam.data.spatial`).
+        ``rows``: those rows as a B bool array on the host, when the caller knows them (a
+        training batch does, `cdsam.data.spatial.batch_prompts`): splitting the batch then
+        never waits for the device. Without it they are read back from the slots (a wait).
         """
         embeddings = self.token_to_mask(tokens, grid)
         prompt_tokens = self.text_to_prompt(text)
-        active = spatial_rows(points, boxes, box_valid, tokens.shape[0], tokens.device)
+        if rows is None and (points is not None or boxes is not None):
+            rows = spatial_rows(points, boxes, box_valid, tokens.shape[0],
+                                torch.device("cpu")).numpy()
+        active = rows if rows is not None and rows.any() else None
         dense = self._dense_prompts(embeddings, image_size, active, points, boxes, box_valid)
         if active is None:
             low, iou = self.sam(embeddings, prompt_tokens, dense)
@@ -101,7 +109,7 @@ class CDSAM(nn.Module):
         return CDSAMOutput(masks=masks, low_res_masks=low, iou=iou, tokens=tokens, grid=grid)
 
     def _dense_prompts(self, embeddings: torch.Tensor, image_size: tuple[int, int],
-                       active: torch.Tensor | None,
+                       active: np.ndarray | None,
                        points: tuple[torch.Tensor, torch.Tensor] | None,
                        boxes: torch.Tensor | None, box_valid: torch.Tensor | None,
                        ) -> torch.Tensor | None:
@@ -120,33 +128,38 @@ class CDSAM(nn.Module):
         b, _, h, w = embeddings.shape
         drawn = draw_prompt_map(map_size((h, w)), image_size, points, boxes, box_valid, b,
                                 embeddings.device, click_radius=self.sam.click_radius)
-        if active is None:
-            active = torch.zeros(b, dtype=torch.bool, device=embeddings.device)
+        on = torch.zeros(b, dtype=torch.bool) if active is None else torch.from_numpy(active)
         encoded = self.sam.encode_map(drawn.to(embeddings.dtype))
-        return torch.where(active.view(-1, 1, 1, 1), encoded, self.sam.no_mask())
+        on = on.to(embeddings.device, non_blocking=True).view(-1, 1, 1, 1)
+        return torch.where(on, encoded, self.sam.no_mask())
 
     def _decode_mixed(self, embeddings: torch.Tensor, prompt_tokens: torch.Tensor,
                       dense: torch.Tensor | None, image_size: tuple[int, int],
-                      active: torch.Tensor,
+                      active: np.ndarray,
                       points: tuple[torch.Tensor, torch.Tensor] | None,
                       boxes: torch.Tensor | None, box_valid: torch.Tensor | None,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text + spatial tokens for the ``active`` rows, text alone for the rest."""
+        """Text + spatial tokens for the ``active`` rows (a host bool array: the split is
+        planned on the host, the indices follow to the device without a wait), text alone for
+        the rest."""
         def rows(x: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
             return None if x is None else x[idx]
 
-        on = active.nonzero().flatten()
+        dev = embeddings.device
+        on_rows = np.flatnonzero(active)
+        n_on = len(on_rows)
+        on = torch.from_numpy(on_rows).to(dev, non_blocking=True)
         pts = None if points is None else (points[0][on], points[1][on])
-        extra = self.sam.encode_prompts(len(on), image_size, pts, rows(boxes, on),
+        extra = self.sam.encode_prompts(n_on, image_size, pts, rows(boxes, on),
                                         rows(box_valid, on))
         low_on, iou_on = self.sam(embeddings[on], torch.cat(
             [prompt_tokens[on], extra.to(prompt_tokens.dtype)], dim=1), rows(dense, on))
-        if len(on) == active.numel():
+        if n_on == len(active):
             return low_on, iou_on
-        off = (~active).nonzero().flatten()
+        off = torch.from_numpy(np.flatnonzero(~active)).to(dev, non_blocking=True)
         low_off, iou_off = self.sam(embeddings[off], prompt_tokens[off], rows(dense, off))
-        low = low_on.new_empty((active.numel(), *low_on.shape[1:]))
-        iou = iou_on.new_empty((active.numel(), *iou_on.shape[1:]))
+        low = low_on.new_empty((len(active), *low_on.shape[1:]))
+        iou = iou_on.new_empty((len(active), *iou_on.shape[1:]))
         low[on], low[off] = low_on, low_off.to(low.dtype)
         iou[on], iou[off] = iou_on, iou_off.to(iou.dtype)
         return low, iou
@@ -154,11 +167,12 @@ class CDSAM(nn.Module):
     def forward(self, images: torch.Tensor, prompts: list[str],
                 points: tuple[torch.Tensor, torch.Tensor] | None = None,
                 boxes: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
-                start_block: int = 0, box_valid: torch.Tensor | None = None) -> CDSAMOutput:
+                start_block: int = 0, box_valid: torch.Tensor | None = None,
+                rows: np.ndarray | None = None) -> CDSAMOutput:
         """``prefix``: DINO tokens after blocks ``0 … start_block-1`` for these images (the
         feature cache's output); DINO then runs only from ``start_block``. ``points``: (BxNx2
         pixel xy, BxN labels 1/0/-1), ``boxes``: Bx4 xyxy in input pixels, ``box_valid``: B
-        bool (default: every row has its box)."""
+        bool (default: every row has its box); ``rows``: see `decode`."""
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
         grid = dino_grid(self.dino, images)
@@ -168,19 +182,19 @@ class CDSAM(nn.Module):
             tokens = self.dino_tail(prefix, start_block, grid)
         text = self.clip_text(prompts).to(tokens.dtype)
         return self.decode(tokens, grid, text, tuple(images.shape[-2:]), points, boxes,
-                           box_valid)
+                           box_valid, rows)
 
 
 def spatial_rows(points: tuple[torch.Tensor, torch.Tensor] | None, boxes: torch.Tensor | None,
                  box_valid: torch.Tensor | None, batch: int, device: torch.device,
-                 ) -> torch.Tensor | None:
-    """B bool: rows with at least one point or box, or None when no row has one."""
+                 ) -> torch.Tensor:
+    """B bool on ``device``: rows with at least one point or box."""
     active = torch.zeros(batch, dtype=torch.bool, device=device)
     if points is not None:
         active |= (points[1] >= 0).any(dim=1).to(device)
     if boxes is not None:
         active |= box_valid.to(device) if box_valid is not None else True
-    return active if bool(active.any()) else None
+    return active
 
 
 def build_model(cfg: ModelConfig, load_weights: bool = True, seed: int | None = None) -> CDSAM:

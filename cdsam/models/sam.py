@@ -52,6 +52,19 @@ _SAM2_PREFIXES = {"sam_prompt_encoder.": "prompt_encoder.", "sam_mask_decoder.":
 SAM2_INSTALL = "SAM2_BUILD_CUDA=0 pip install --no-build-isolation 'sam2>=1.1'"
 
 
+def embed_points(pe: nn.Module, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """SAM's point embedding (``PromptEncoder._embed_points`` without padding), the same values
+    for SAM 1 and SAM 2: positional encoding of the pixel centre, then "not a point" for label
+    -1 and the foreground / background embedding added for 1 / 0. Written with ``torch.where``
+    as SAM 2 does, because SAM 1's boolean-mask indexing reads the mask back to the host: a
+    device sync inside every training step with clicks."""
+    e = pe.pe_layer.forward_with_coords(coords + 0.5, pe.input_image_size)
+    lab = labels.unsqueeze(-1)
+    e = torch.where(lab == -1, torch.zeros_like(e) + pe.not_a_point_embed.weight, e)
+    e = torch.where(lab == 0, e + pe.point_embeddings[0].weight, e)
+    return torch.where(lab == 1, e + pe.point_embeddings[1].weight, e)
+
+
 class SamDecoder(nn.Module):
     """Image embeddings + sparse prompt tokens (+ a dense prompt embedding) → low-resolution
     mask logits.
@@ -88,7 +101,7 @@ class SamDecoder(nn.Module):
         parts = []
         if points is not None:
             coords, labels = points
-            parts.append(pe._embed_points(coords.float(), labels, pad=False))
+            parts.append(embed_points(pe, coords.float(), labels))
         if boxes is not None:
             corners = pe._embed_boxes(boxes.float())
             if box_valid is not None:
