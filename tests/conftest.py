@@ -34,6 +34,18 @@ def tiny_params(**overrides) -> Params:
     return parse_params(data)
 
 
+def prepare_tiny(out: Path, num_images: int = 12) -> Path:
+    """A small prepared set the loop tests are sized for: positives only, a quarter val, no
+    test split, 32² synthetic shapes."""
+    from cdsam.config import PrepareConfig, SyntheticConfig
+    from cdsam.data.prepare import prepare
+
+    cfg = PrepareConfig(val_fraction=0.25, test_fraction=0.0, negatives="none",
+                        synthetic=SyntheticConfig(num_images=num_images, image_size=32))
+    prepare(cfg, seed=0, out=out, show_progress=False, data=tiny_params().data)
+    return out
+
+
 @pytest.fixture
 def params() -> Params:
     return tiny_params()

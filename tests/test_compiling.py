@@ -11,11 +11,9 @@ import torch
 
 from cdsam.bench import split_step_time
 from cdsam.compiling import compile_parts, is_compiled, uncompile_parts
-from cdsam.config import PrepareConfig, SyntheticConfig
-from cdsam.data.prepare import prepare
 from cdsam.models.model import build_model
 from cdsam.train import StagePaths, StageTrainer
-from tests.conftest import tiny_params
+from tests.conftest import prepare_tiny, tiny_params
 
 
 def failing_backend(gm, example_inputs):
@@ -25,11 +23,7 @@ def failing_backend(gm, example_inputs):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "prepared"
-    cfg = PrepareConfig(val_fraction=0.25, test_fraction=0.0, negatives="none",
-                        synthetic=SyntheticConfig(num_images=8, image_size=32))
-    prepare(cfg, seed=0, out=out, show_progress=False, data=tiny_params().data)
-    return out
+    return prepare_tiny(tmp_path_factory.mktemp("data") / "prepared", num_images=8)
 
 
 def _losses(data_dir: Path, tmp: Path, compile_on: bool, backend
@@ -60,7 +54,8 @@ def test_compile_keeps_checkpoint_keys_and_can_be_undone(params):
     assert not is_compiled(model)
 
 
-def test_a_failing_compiler_falls_back_to_eager_in_one_line(data_dir, eager, tmp_path, caplog):
+def test_a_failing_compiler_falls_back_to_eager_in_one_line(data_dir, eager, tmp_path,
+                                                            caplog):
     with caplog.at_level(logging.WARNING, logger="cdsam"):
         trainer, fell_back = _losses(data_dir, tmp_path / "failed", True, failing_backend)
     lines = [r.getMessage() for r in caplog.records if "train.compile" in r.getMessage()]

@@ -16,10 +16,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cdsam.config import PrepareConfig, SyntheticConfig
-from cdsam.data.prepare import prepare
 from cdsam.train import StagePaths, StageTrainer
-from tests.conftest import tiny_params
+from tests.conftest import prepare_tiny, tiny_params
 
 aten = torch.ops.aten
 # Ops whose result depends on tensor values the host must read (a device sync on CUDA).
@@ -46,11 +44,7 @@ class HostReads(TorchDispatchMode):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "prepared"
-    cfg = PrepareConfig(val_fraction=0.25, test_fraction=0.0,
-                        synthetic=SyntheticConfig(num_images=12, image_size=32))
-    prepare(cfg, seed=0, out=out, show_progress=False, data=tiny_params().data)
-    return out
+    return prepare_tiny(tmp_path_factory.mktemp("data") / "prepared")
 
 
 def _trainer(data_dir: Path, tmp: Path, feature_cache: bool) -> StageTrainer:

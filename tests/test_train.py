@@ -18,17 +18,12 @@ from cdsam.data.prepare import prepare
 from cdsam.distributed import DistInfo, relaunch_command
 from cdsam.errors import UserError
 from cdsam.train import StagePaths, StageTrainer
-from tests.conftest import tiny_params
+from tests.conftest import prepare_tiny, tiny_params
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "prepared"
-    # Positives only, no test split: the small set the loop tests below are sized for.
-    cfg = PrepareConfig(val_fraction=0.25, test_fraction=0.0, negatives="none",
-                        synthetic=SyntheticConfig(num_images=12, image_size=32))
-    prepare(cfg, seed=0, out=out, show_progress=False, data=tiny_params().data)
-    return out
+    return prepare_tiny(tmp_path_factory.mktemp("data") / "prepared")
 
 
 def _params(**over):
