@@ -17,6 +17,12 @@ text steers them from stage 1 on (docs/default.md, "Stage 1 learns the text").
 With ``model.sam.prompt_map`` SAM's mask-input encoder (`SAM_PROMPT_MAP`, ~4.7 k parameters)
 counts as a head too: it reads the drawn click/box map (`cdsam.models.prompt_map`), which it
 was not made for, so it trains in every stage and mode.
+
+The LoRA targets are module-name substrings (``lora.sam.targets``, ``lora.dino.targets``) and
+fit every supported family: in SAM 1 and SAM 2 / 2.1 decoders ``q/k/v/out_proj`` and the MLPs
+(SAM 2's ``mlp.layers.N`` too; 32 adapters either way), never the unused hypernetwork MLPs, IoU
+head or SAM 2's object-score head (`_SAM_UNUSED`); in DINO / DINOv2 (timm ViT) and DINOv3
+(timm Eva) ``attn.qkv`` (fused), ``attn.proj`` and ``mlp.fc1/fc2`` of the last K blocks.
 """
 
 from __future__ import annotations

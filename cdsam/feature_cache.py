@@ -77,9 +77,10 @@ def plan_cache(model: CDSAM, enabled: bool, augment: bool = False) -> CachePlan:
     prefix = [dino.patch_embed, *list(dino.blocks)[:end]]
     prefix += [getattr(dino, n) for n in ("pos_drop", "patch_drop", "norm_pre")
                if getattr(dino, n, None) is not None]  # an Eva's patch_drop is None
-    noisy = _active_noise(prefix)
     if getattr(getattr(dino, "rope", None), "aug_active", False):
-        noisy.append("rope (shift/jitter/rescale of the rotary coordinates)")
+        return CachePlan(0, "rotary coordinate augmentation (shift/jitter/rescale of the rope "
+                            "coordinates) changes the prefix every step")
+    noisy = _active_noise(prefix)
     if noisy:
         return CachePlan(0, f"dropout/drop-path in the frozen prefix: {', '.join(noisy[:3])}")
     return CachePlan(end)

@@ -100,12 +100,13 @@ def build_tokenizer(name: str, folder: Path | None = None):
     """open_clip's tokenizer for ``name``; a hub tokenizer from ``folder`` when given."""
     text_cfg = (open_clip.get_model_config(name) or {}).get("text_cfg", {})
     hub = text_cfg.get("hf_tokenizer_name")
-    if not hub:
-        return open_clip.get_tokenizer(name)  # CLIP's BPE and the SigLIP 1 files ship in it
-    if folder is None:
+    if not hub or folder is None:
+        # CLIP's BPE and the SigLIP 1 files ship in open_clip; a hub tokenizer is fetched.
         try:
             return open_clip.get_tokenizer(name)
         except (OSError, ImportError, ValueError) as exc:
+            if not hub:
+                raise
             raise UserError(
                 f"model.clip.pretrained: {name!r} needs the tokenizer {hub!r} from the Hugging "
                 f"Face hub ({type(exc).__name__}); download that repo where there is network "

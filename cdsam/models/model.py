@@ -118,16 +118,19 @@ class CDSAM(nn.Module):
         row needs the map.
 
         While the mask-input encoder trains, every training batch runs it, even one without a
-        click or box (their rows then select "no mask"): under DDP each trainable parameter
-        must be in every step's graph.
+        click or box (its rows then all select "no mask"; one empty map is encoded, not one per
+        row): under DDP each trainable parameter must be in every step's graph.
         """
         enc = self.sam.prompt_encoder.mask_downscaling
         training_encoder = self.training and any(p.requires_grad for p in enc.parameters())
         if not self.sam.prompt_map or (active is None and not training_encoder):
             return None
         b, _, h, w = embeddings.shape
-        drawn = draw_prompt_map(map_size((h, w)), image_size, points, boxes, box_valid, b,
-                                embeddings.device, click_radius=self.sam.click_radius)
+        if active is None:
+            points = boxes = box_valid = None
+        drawn = draw_prompt_map(map_size((h, w)), image_size, points, boxes, box_valid,
+                                b if active is not None else 1, embeddings.device,
+                                click_radius=self.sam.click_radius)
         on = torch.zeros(b, dtype=torch.bool) if active is None else torch.from_numpy(active)
         encoded = self.sam.encode_map(drawn.to(embeddings.dtype))
         on = on.to(embeddings.device, non_blocking=True).view(-1, 1, 1, 1)

@@ -218,13 +218,11 @@ def load_sam_checkpoint(decoder: SamDecoder, path: str | Path) -> None:
     ``sam_mask_decoder.*`` inside ``{"model": …}``); every other tensor is ignored."""
     state = read_weights(path)
     sam2 = any(k.startswith(tuple(_SAM2_PREFIXES)) for k in state)
-    if sam2:
-        state = {_SAM2_PREFIXES[p] + k[len(p):]: v for k, v in state.items()
-                 for p in _SAM2_PREFIXES if k.startswith(p)} | {
-            k: v for k, v in state.items() if not k.startswith(tuple(_SAM2_PREFIXES))}
+    # The file's prefix → ours, for the two parts cdsam reads; everything else is ignored.
+    prefixes = _SAM2_PREFIXES if sam2 else {p: p for p in _SAM2_PREFIXES.values()}
     ours = decoder.state_dict()
-    picked = {k: v for k, v in state.items()
-              if k.startswith(("prompt_encoder.", "mask_decoder."))}
+    picked = {mine + k[len(theirs):]: v for k, v in state.items()
+              for theirs, mine in prefixes.items() if k.startswith(theirs)}
     missing = [k for k in ours if k not in picked]
     bad = [f"{k} {tuple(picked[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
            if k in picked and picked[k].shape != v.shape]
