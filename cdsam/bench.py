@@ -324,7 +324,7 @@ def table(r: dict[str, Any]) -> str:
         lines += ["", "train.compile: the step alone compiled and eager, same run",
                   f"{'run':<18}{'compiled':>9}{'eager':>9}{'ratio':>7}"]
         for key, s in runs:
-            if "eager_step_images_s" not in s:
+            if not s["compiled"]:
                 lines.append(f"{key:<18}  fell back to eager (see the log line above)")
                 continue
             lines.append(f"{key:<18}{s['step_images_s']:>9.1f}{s['eager_step_images_s']:>9.1f}"
