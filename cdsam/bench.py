@@ -155,7 +155,6 @@ def split_step_time(trainer: StageTrainer, trace: Path | None = None,
                            "syncs_per_step": syncs_per_step(trainer.train_step, staged, dev)}
     if trace is not None:
         out["profile"] = profile_steps(trainer.train_step, staged, dev, trace)
-        out["profile"]["syncs_per_step"] = out["syncs_per_step"]
     if is_compiled(trainer.model):
         uncompile_parts(trainer.model)
         trainer.train_step(staged[0])  # warm-up, eager
@@ -336,11 +335,11 @@ def table(r: dict[str, Any]) -> str:
                   else "- (cached and uncached runs picked different batches)"),
               f"text_encoder_calls_per_epoch  {r['text_encoder_calls_per_epoch']}",
               f"total                         {r['total_s']:.0f} s"]
-    profiled = [(key, s["profile"]) for key, s in runs if "profile" in s]
+    profiled = [(key, s) for key, s in runs if "profile" in s]
     if profiled:
         lines += ["", "profile of the staged steps (--profile; self time per op)"]
-        for key, prof in profiled:
-            lines += profile_table(key, prof)
+        for key, s in profiled:
+            lines += profile_table(key, s["profile"], s.get("syncs_per_step"))
     return "\n".join(lines)
 
 

@@ -80,7 +80,8 @@ class Predictor:
     def _spatial(self, geo: Geometry, points: Sequence[tuple[float, float]] | None,
                  box: tuple[float, float, float, float] | None, n: int) -> dict:
         """Clicks and box in the slot layout training uses (`cdsam.data.spatial`): at least
-        two point slots (unused ones empty) and a box slot, empty when no box is given."""
+        two point slots (unused ones empty) and a box slot, empty when no box is given. Every
+        row carries them, which ``rows`` tells the model (it need not read the slots back)."""
         if not points and box is None:
             return {}
         xy = [geo.to_crop(px, py) for px, py in points or []]
@@ -96,7 +97,8 @@ class Predictor:
         return {"points": (torch.tensor(xy, dtype=torch.float32, device=dev).expand(n, -1, -1),
                            torch.tensor(labels, device=dev).expand(n, -1)),
                 "boxes": torch.tensor(corners, device=dev).expand(n, -1),
-                "box_valid": torch.full((n,), box is not None, device=dev)}
+                "box_valid": torch.full((n,), box is not None, device=dev),
+                "rows": np.ones(n, dtype=bool)}
 
     def prepare(self, image: ImageLike) -> tuple[torch.Tensor, Geometry, Image.Image]:
         """An image → (normalised 3xCxC model input, its geometry, the RGB PIL image)."""

@@ -68,10 +68,12 @@ def summarize(events: Sequence[Any], steps: int, cuda: bool) -> dict[str, Any]:
     }
 
 
-def profile_table(key: str, p: dict[str, Any]) -> list[str]:
-    """The summary as text lines, for `cdsam.bench`'s table."""
+def profile_table(key: str, p: dict[str, Any], syncs_per_step: float | None = None
+                  ) -> list[str]:
+    """The summary as text lines, for `cdsam.bench`'s table (``syncs_per_step``: the run's
+    host waits, CUDA only)."""
     launches = "-" if p["launches_per_step"] is None else f"{p['launches_per_step']:.0f}"
-    syncs = "-" if p.get("syncs_per_step") is None else f"{p['syncs_per_step']:.1f}"
+    syncs = "-" if syncs_per_step is None else f"{syncs_per_step:.1f}"
     lines = [f"{key}: {p['ms_per_step']:.2f} ms {p['clock']} time per step over {p['steps']} "
              f"steps; host ms per step: forward {p['forward_ms_per_step']:.2f}, backward "
              f"{p['backward_ms_per_step']:.2f}, optimizer {p['optimizer_ms_per_step']:.2f}; "

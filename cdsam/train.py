@@ -2,7 +2,9 @@
 
 Stage N ≥ 2 starts from stage N−1's checkpoint; the stage table (`cdsam.curriculum`) decides
 what trains. CUDA gets AMP (bf16 where supported, fp16 + GradScaler otherwise), TF32, pinned
-memory, fused AdamW and optionally ``torch.compile``; the CPU runs the same code in fp32,
+memory, fused AdamW, frozen linear/conv weights held in the autocast dtype
+(`cdsam.frozen_weights`) and optionally ``torch.compile`` (or one line saying why not, then
+eager); the CPU runs the same code in fp32,
 bit-reproducibly for a given seed and thread count. Under torchrun the trainable model is
 wrapped in DDP (see `cdsam.distributed`). Frozen work is done once: CLIP text features per
 prompt, the frozen DINO prefix per image (`cdsam.feature_cache`). After every epoch the full
@@ -45,6 +47,7 @@ from cdsam.data.prepared import PreparedSplit, prepared_digest
 from cdsam.data.spatial import SpatialPolicy, batch_prompts
 from cdsam.errors import CheckpointError, UserError
 from cdsam.feature_cache import FeatureCache, plan_cache
+from cdsam.frozen_weights import FrozenHold, hold_frozen
 from cdsam.models.model import CDSAM, build_model
 from cdsam.models.preflight import check_model
 from cdsam.objective import Objective
@@ -102,6 +105,9 @@ class StageTrainer:
     pack_batches: bool = True
     # train.compile's torch.compile backend (tests pass dynamo's "eager" or a failing one).
     compile_backend: Any = "inductor"
+    # Under autocast, frozen linear/conv weights held in its dtype (`cdsam.frozen_weights`);
+    # False casts them each step as autocast does by itself (the benchmark compares the two).
+    frozen_in_amp_dtype: bool = True
 
     def __init__(self, params: Params, stage: int, paths: StagePaths,
                  show_progress: bool = True,
@@ -220,6 +226,7 @@ class StageTrainer:
         self.use_amp = use_amp
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_scaler)
         self._setup_cache()
+        self.frozen = self._hold_frozen_weights()
         self.net: torch.nn.Module = self.model  # DDP-wrapped below when distributed
         self.store = ResumeStore(self.paths.resume, self.stage, self._run_fingerprint())
         self._resolve_batch_size()
@@ -357,6 +364,21 @@ class StageTrainer:
                  self.cache.bytes / 2**20, time.perf_counter() - t0,
                  "only the heads and SAM decoder" if plan.end_block == depth
                  else f"DINO blocks {plan.end_block}-{depth - 1} onwards")
+
+    def _hold_frozen_weights(self) -> FrozenHold:
+        """Under autocast, the frozen weights of the parts a step runs in its dtype (the
+        objective's teacher included; not the CLIP text tower, which runs once per prompt and
+        in which open_clip picks its compute dtype from its weights')."""
+        if not (self.use_amp and self.frozen_in_amp_dtype):
+            return FrozenHold()
+        parts = [m for name, m in self.model.named_children() if name != "clip_text"]
+        if self.objective.teacher is not None:
+            parts.append(self.objective.teacher)
+        hold = hold_frozen(parts, self.amp_dtype)
+        log.info("%d frozen weight tensors held in %s on %s (%.0f MB less than fp32)",
+                 len(hold.held), str(self.amp_dtype).removeprefix("torch."), self.device,
+                 hold.nbytes_saved / 2**20)
+        return hold
 
     def _image_chunks(self, pack: PreparedSplit, chunk: int = 64):
         """(keys, normalised images on the device), ``chunk`` distinct images at a time."""
@@ -544,8 +566,9 @@ class StageTrainer:
             self._log_epoch(live, row)
             if self.dist.is_main:
                 best = {f"best/{k}": v for k, v in (self.best_state or {}).items()}
-                self.store.save(progress, self.model, self.optimizer, self.scheduler,
-                                self.scaler, extra=best, base=self.base)
+                with self.frozen.full_precision():  # the saved deltas are over fp32 bases
+                    self.store.save(progress, self.model, self.optimizer, self.scheduler,
+                                    self.scaler, extra=best, base=self.base)
             distributed.barrier()
         self.selected_epoch = progress.best_epoch if self.select == "best" else self.epochs
         if self.best_state is not None and self.selected_epoch != self.epochs:
@@ -578,7 +601,8 @@ class StageTrainer:
         }
         meta = CheckpointMeta(stage=self.stage, model=self.model_cfg, prompts=self.vocab,
                               parent=parent, extra=extra)
-        save_checkpoint(self.paths.out, self.model.cpu(), meta, self.base)
+        with self.frozen.full_precision():
+            save_checkpoint(self.paths.out, self.model.cpu(), meta, self.base)
         self.model.to(self.device)
 
     def run(self) -> dict[str, float]:

@@ -107,11 +107,12 @@ def _rope_tables(vit: Eva, grid: tuple[int, int]) -> torch.Tensor | None:
     # keep the last one while the grid, the rope's buffers and the autocast state are the
     # same. Not with learnt frequencies (parameters) or coordinate augmentation, which give a
     # new table each call.
-    if any(True for _ in rope.parameters()) or (rope.training and getattr(rope, "aug_active",
-                                                                          False)):
+    if next(rope.parameters(), None) is not None or (rope.training and getattr(
+            rope, "aug_active", False)):
         return rope.get_embed(shape=list(grid))
-    kind = next(rope.buffers()).device.type if any(True for _ in rope.buffers()) else "cpu"
-    key = (tuple(grid), tuple((b.device, b.dtype, b._version) for b in rope.buffers()),
+    buffers = list(rope.buffers())
+    kind = buffers[0].device.type if buffers else "cpu"
+    key = (tuple(grid), tuple((b.device, b.dtype, b._version) for b in buffers),
            torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
     kept = getattr(rope, "_cdsam_table", None)
     if kept is None or kept[0] != key:

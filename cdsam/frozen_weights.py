@@ -1,0 +1,77 @@
+"""Frozen matmul weights held in the autocast dtype on the device (issue 28).
+
+Under autocast every linear / convolution casts its fp32 weight to bf16 (or fp16) on each use:
+one cast kernel per frozen weight per forward, every step, and a second one wherever a layer runs
+twice (a mixed click/text batch decodes twice). Autocast keeps its casts only for weights that
+train; the frozen ones (DINO before stage 4, SAM's LoRA bases, the SSL teacher) are cast again
+each time. Holding them in the autocast dtype removes those kernels and half their memory, and
+changes no value: autocast's cast and this one round the same fp32 numbers to the same bf16
+numbers.
+
+Only weights whose every use is a matmul or convolution (`LOW_PRECISION_LAYERS`) are held:
+norms and embeddings run in fp32 under autocast and would lose bits. The fp32 originals stay on
+the host, and `FrozenHold.full_precision` puts them back while a checkpoint is written, so the
+saved bytes (and the delta over the base) are the ones the stage started from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+# Layers whose weight and bias only enter ops that autocast runs in its lower precision.
+LOW_PRECISION_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+@dataclass
+class FrozenHold:
+    """The parameters held in ``dtype``, each with its fp32 original on the host."""
+
+    dtype: torch.dtype | None = None
+    held: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def nbytes_saved(self) -> int:
+        """Device bytes the held copies free, next to fp32 weights."""
+        return sum(p.numel() * (orig.element_size() - p.element_size()) for p, orig in self.held)
+
+    @contextmanager
+    def full_precision(self) -> Iterator[None]:
+        """The fp32 originals in place, on the host, for the block: to write a checkpoint or a
+        resume state from, not to run the model with."""
+        devices = [param.device for param, _ in self.held]
+        for param, original in self.held:
+            param.data = original
+        try:
+            yield
+        finally:
+            for (param, original), device in zip(self.held, devices, strict=True):
+                param.data = original.to(device=device, dtype=self.dtype)
+
+
+def hold_frozen(modules: Iterable[nn.Module], dtype: torch.dtype) -> FrozenHold:
+    """Cast the frozen weights of ``modules``' linears and convolutions to ``dtype`` in place.
+
+    Parameters that train, are already in ``dtype``, or are shared with a layer of another
+    kind are left alone (a tied weight may also feed an fp32 op)."""
+    layer_params: dict[int, nn.Parameter] = {}
+    other_params: set[int] = set()
+    for module in modules:
+        for layer in module.modules():
+            own = layer.parameters(recurse=False)
+            if isinstance(layer, LOW_PRECISION_LAYERS):
+                layer_params.update((id(p), p) for p in own)
+            else:
+                other_params.update(id(p) for p in own)
+    hold = FrozenHold(dtype)
+    for key, param in layer_params.items():
+        if param.requires_grad or key in other_params or param.dtype == dtype \
+                or not param.is_floating_point():
+            continue
+        hold.held.append((param, param.detach().to("cpu", copy=True)))
+        param.data = param.data.to(dtype)
+    return hold
