@@ -20,7 +20,9 @@ launches and host waits per step and the forward / backward / optimizer host tim
 ``--steps N`` sizes the timing for a GPU: the step alone is timed over N steps after a warm-up
 step, and each run trains as many epochs as it takes for the timed epochs (all but the first)
 to hold N steps. With ``--compile`` the step alone is timed compiled and eager in the same run
-(a compiler failure falls back to eager, and the run says so).
+(a compiler failure falls back to eager, and the run says so). With ``--cast-frozen`` it is also
+timed with the frozen weights back in fp32, cast by autocast on every use, as before they were
+held in bf16 (`cdsam.frozen_weights`; GPU runs, nothing is held without autocast).
 """
 
 from __future__ import annotations
@@ -131,10 +133,11 @@ def _time_steps(trainer: StageTrainer, staged: list[dict[str, Any]], steps: int)
 
 
 def split_step_time(trainer: StageTrainer, trace: Path | None = None,
-                    steps: int | None = None) -> dict[str, Any]:
+                    steps: int | None = None, cast_frozen: bool = False) -> dict[str, Any]:
     """Loader alone, model step alone and FLOPs per image for a trained-and-set-up stage;
     with ``trace``, also the staged steps under the profiler (after the timed ones). A
-    compiled trainer's step is timed compiled and then eager."""
+    compiled trainer's step is timed compiled and then eager; with ``cast_frozen``, last,
+    with the held frozen weights released to fp32."""
     dev = trainer.device
     _sync(dev)
     t0 = time.perf_counter()
@@ -159,12 +162,18 @@ def split_step_time(trainer: StageTrainer, trace: Path | None = None,
         uncompile_parts(trainer.model)
         trainer.train_step(staged[0])  # warm-up, eager
         out["eager_step_images_s"] = _time_steps(trainer, staged, timed)
+    if cast_frozen:
+        out["frozen_held"] = len(trainer.frozen.held)
+        if trainer.frozen.held:
+            trainer.frozen.release()
+            trainer.train_step(staged[0])  # warm-up with the fp32 weights
+            out["cast_frozen_step_images_s"] = _time_steps(trainer, staged, timed)
     return out
 
 
 def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path | None,
               save: bool, per_sample: bool = False, profile_dir: Path | None = None,
-              steps: int | None = None) -> dict[str, Any]:
+              steps: int | None = None, cast_frozen: bool = False) -> dict[str, Any]:
     """One stage through the real trainer, feature cache on or off, batches packed or
     fetched per sample."""
     train_cfg = dataclasses.replace(params.train, feature_cache=cached)
@@ -204,7 +213,7 @@ def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path
     # After save: it trains on, changing the weights.
     compiled = is_compiled(trainer.model)  # train.compile may have fallen back
     split = split_step_time(trainer, None if profile_dir is None else profile_dir / f"{tag}.json",
-                            steps)
+                            steps, cast_frozen)
     return {
         "setup_s": setup_s, "epoch_s": epoch_s, "steps_per_epoch": per_epoch,
         "epochs": trainer.epochs, "compiled": compiled,
@@ -223,7 +232,8 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
         all_stages: bool = False, compile_model: bool = False,
         batch_size: int | str | None = None,
         peak_tflops: float | None = None, per_sample: bool = False,
-        profile_dir: Path | None = None, steps: int | None = None) -> dict[str, Any]:
+        profile_dir: Path | None = None, steps: int | None = None,
+        cast_frozen: bool = False) -> dict[str, Any]:
     params = bench_params(load_params(params_path), images, epochs, preset, compile_model,
                           batch_size)
     t_start = time.perf_counter()
@@ -241,14 +251,14 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
                 results[key] = run_stage(params, stage, cached, root, parent,
                                          save=all_stages or (stage == 1 and cached),
                                          per_sample=per_sample, profile_dir=profile_dir,
-                                         steps=steps)
+                                         steps=steps, cast_frozen=cast_frozen)
         for stage in (3, 4) if all_stages else ():
             if show:
                 print(f"  stage{stage} ...", file=sys.stderr, flush=True)
             results[f"stage{stage}"] = run_stage(params, stage, True, root,
                                                  root / f"stage{stage - 1}", save=True,
                                                  per_sample=per_sample, profile_dir=profile_dir,
-                                                 steps=steps)
+                                                 steps=steps, cast_frozen=cast_frozen)
     # Cached and uncached runs train the same batches (same losses) unless batch_size auto
     # gave them different batches (the cached step needs less memory).
     same = [s for s in (1, 2) if results[f"stage{s}_cached"]["batch_size"]
@@ -328,6 +338,19 @@ def table(r: dict[str, Any]) -> str:
                 continue
             lines.append(f"{key:<18}{s['step_images_s']:>9.1f}{s['eager_step_images_s']:>9.1f}"
                          f"{s['step_images_s'] / s['eager_step_images_s']:>6.2f}x")
+    if any("frozen_held" in s for _, s in runs):
+        lines += ["", "frozen weights (--cast-frozen): the step alone held in bf16 and cast each "
+                  "step, same run", f"{'run':<18}{'tensors':>8}{'held img/s':>11}{'cast img/s':>11}{'ratio':>7}"]
+        for key, s in runs:
+            if not s.get("frozen_held"):
+                lines.append(f"{key:<18}  none held (no autocast on this device, or none "
+                             "frozen)")
+                continue
+            # A compiled run's fp32 timing is eager: compare it with the eager bf16 one.
+            held = s.get("eager_step_images_s", s["step_images_s"])
+            cast = s["cast_frozen_step_images_s"]
+            lines.append(f"{key:<18}{s['frozen_held']:>8}{held:>11.1f}{cast:>11.1f}"
+                         f"{held / cast:>6.2f}x")
     lines += ["", f"stage1_epoch_speedup          {r['stage1_epoch_speedup']:.2f}x",
               f"stage2_epoch_speedup          {r['stage2_epoch_speedup']:.2f}x",
               "max_loss_diff                 " + (
@@ -354,6 +377,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compile", action="store_true",
                     help="set train.compile (the first epoch then includes compilation); the "
                          "step alone is then timed compiled and eager")
+    ap.add_argument("--cast-frozen", action="store_true",
+                    help="also time the step alone with the frozen weights in fp32, cast by "
+                         "autocast each step, against their bf16 copies (GPU)")
     ap.add_argument("--steps", type=int, default=None,
                     help="time the step alone over this many steps, and train enough epochs "
                          "that the timed ones (all but the first) hold as many (GPU runs: 100 "
@@ -383,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
                  all_stages=args.all_stages, compile_model=args.compile,
                  batch_size=args.batch_size, peak_tflops=args.peak_tflops,
                  per_sample=args.per_sample_loader, profile_dir=args.profile,
-                 steps=args.steps)
+                 steps=args.steps, cast_frozen=args.cast_frozen)
     print(json.dumps(result, indent=2) if args.json else table(result))
 
 

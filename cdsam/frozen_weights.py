@@ -52,6 +52,13 @@ class FrozenHold:
             for (param, original), device in zip(self.held, devices, strict=True):
                 param.data = original.to(device=device, dtype=self.dtype)
 
+    def release(self) -> None:
+        """Back to the fp32 weights on the device for good (the benchmark then times the step
+        as autocast runs it by itself)."""
+        for param, original in self.held:
+            param.data = original.to(param.device)
+        self.held = []
+
 
 def hold_frozen(modules: Iterable[nn.Module], dtype: torch.dtype) -> FrozenHold:
     """Cast the frozen weights of ``modules``' linears and convolutions to ``dtype`` in place.

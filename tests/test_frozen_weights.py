@@ -173,3 +173,31 @@ def test_a_stage_trains_and_saves_the_same_with_frozen_weights_in_bf16(data_dir,
              for hold in (False, True)]
     assert saved[0] == saved[1]
     assert trainer.model.dino.patch_embed.proj.weight.dtype == BF16  # held again after saving
+
+
+def test_the_bench_times_the_step_held_and_cast_in_one_run(data_dir, tmp_path, monkeypatch):
+    from cdsam.bench import split_step_time, table
+
+    trainer = _trainer(data_dir, tmp_path, True, monkeypatch)
+    held = len(trainer.frozen.held)
+    out = split_step_time(trainer, steps=2, cast_frozen=True)
+    assert out["frozen_held"] == held > 0 and out["cast_frozen_step_images_s"] > 0
+    # Released for good: the weights the step ran with last are fp32 again.
+    assert trainer.frozen.held == []
+    assert trainer.model.dino.patch_embed.proj.weight.dtype == torch.float32
+    with Casts() as casts:
+        trainer.train_step(next(iter(trainer.train_loader)))
+    assert casts.count > 0
+    row = {"epoch_s": 1.0, "images_s": 1.0, "setup_s": 1.0, "peak_mem_mb": 1.0,
+           "cache_images": 0, "steps_per_epoch": 1, "epochs": 2, "loader_images_s": 1.0,
+           "loader_share": 1.0, "flop_per_image": 1.0, "tflop_s": 1.0, "compiled": False,
+           "batch_size": 4, **out}
+    assert f"{'stage1_cached':<18}{held:>8}" in table(_bench_result(row))
+
+
+def _bench_result(row: dict) -> dict:
+    return {"preset": "default", "loader": "packed", "device": "cpu", "dino": "tiny",
+            "last_k_blocks": 2, "images": 12, "train_samples": 40, "epochs": 2, "batch_size": 4,
+            "peak_tflops": None,
+            "stage1_cached": row, "stage1_epoch_speedup": 1.0, "stage2_epoch_speedup": 1.0,
+            "max_loss_diff": 0.0, "text_encoder_calls_per_epoch": 0, "total_s": 1.0}

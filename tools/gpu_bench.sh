@@ -11,7 +11,8 @@
 #   batch256  batch 256, the step alone over 100 steps, epochs lengthened to 100 timed steps,
 #             profiled (top ops, kernel launches, host waits and forward/backward/optimizer
 #             host time per step; Chrome traces in $OUT/profile-batch256)
-#   batch16   batch 16, the same
+#   batch16   batch 16, the same, and the step alone again with the frozen weights in fp32
+#             (cast by autocast each step) against their bf16 copies (--cast-frozen)
 #   compile   batch 256 with train.compile: the step alone compiled and eager in one run (a
 #             compiler failure falls back to eager in one log line)
 #   auto      optim.batch_size: auto (each stage measures its batch; the cap is
@@ -50,7 +51,7 @@ run() {
 print(table(json.load(open(sys.argv[1]))))" "$out/$name.json"
 }
 run batch256 170 --batch-size 256 --steps 100 --profile "$out/profile-batch256"
-run batch16 100 --batch-size 16 --steps 100
+run batch16 100 --batch-size 16 --steps 100 --cast-frozen
 run compile 120 --batch-size 256 --steps 30 --compile
 run auto 80 --batch-size auto --steps 20
 echo "gpu_bench.sh: $((SECONDS - start)) s"
