@@ -69,7 +69,13 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from cdsam.predict import load_model
-    from cdsam.predict_files import PredictOptions, collect_images, predict_files, read_prompts
+    from cdsam.predict_files import (
+        PredictOptions,
+        collect_images,
+        predict_files,
+        read_prompts,
+        read_spatial,
+    )
     from cdsam.runtime import resolve_device
 
     if not 0 < args.threshold < 1:
@@ -78,11 +84,12 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise UserError("predict: give --input (files, folders or glob patterns)")
     prompts = read_prompts(args.prompt, args.prompts_file)
     images = collect_images(args.inputs)  # fail before any weight loads, naming the input
+    points, box = read_spatial(args.points, args.box, images, args.tile)
     opts = PredictOptions(out=Path(args.out), threshold=args.threshold,
                           batch_size=args.batch_size, semantic=args.semantic,
                           save_probs=args.save_probs, overlay=not args.no_overlay,
                           on_bad_file=args.on_bad_file, show_progress=not args.no_progress,
-                          tile=args.tile, overlap=args.overlap)
+                          tile=args.tile, overlap=args.overlap, points=points, box=box)
     predictor = load_model(args.checkpoint, resolve_device(args.device))
     unknown = [p for p in prompts if p not in predictor.known_prompts]
     if unknown and predictor.known_prompts:
@@ -170,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image", dest="inputs", action="append", help="same as --input, one path")
     s.add_argument("--prompt", action="append", help="repeat for more prompts")
     s.add_argument("--prompts-file", help="more prompts, one per line (# comments)")
+    s.add_argument("--point", dest="points", action="append", metavar="X,Y",
+                   help="a click on the object, in the image's pixels, joining every prompt "
+                        "(repeatable; one image at a time)")
+    s.add_argument("--box", metavar="X0,Y0,X1,Y1",
+                   help="a box around the object, in the image's pixels, joining every prompt "
+                        "(one image at a time)")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--threshold", type=float, default=0.5)
     s.add_argument("--batch-size", type=int, default=8, help="images per model call")

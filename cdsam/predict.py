@@ -157,6 +157,16 @@ class Predictor:
             yield geo.to_original(frame)
 
     @torch.no_grad()
+    def one_image_logits(self, image: ImageLike, prompts: Sequence[str],
+                         points: Sequence[tuple[float, float]] | None = None,
+                         boxes: tuple[float, float, float, float] | None = None,
+                         batch_size: int = 16) -> torch.Tensor:
+        """PxHxW logits at the image's size; ``points`` / ``boxes`` as in :meth:`predict`."""
+        x, geo, _ = self.prepare(image)
+        return geo.to_original(self.frame_logits([x], prompts, [geo], points, boxes,
+                                                 batch_size)[0])
+
+    @torch.no_grad()
     def predict(self, image: ImageLike, prompts: str | Sequence[str],
                 points: Sequence[tuple[float, float]] | None = None,
                 boxes: tuple[float, float, float, float] | None = None,
@@ -170,9 +180,7 @@ class Predictor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise UserError("predict: give at least one prompt")
-        x, geo, _ = self.prepare(image)
-        frame = self.frame_logits([x], prompts, [geo], points, boxes, batch_size)[0]
-        logits = geo.to_original(frame)
+        logits = self.one_image_logits(image, prompts, points, boxes, batch_size)
         masks = (torch.sigmoid(logits) > threshold).numpy()
         return Prediction(prompts, masks, logits.numpy() if return_logits else None)
 
@@ -202,8 +210,11 @@ def semantic_labels(probs: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def legend_overlay(image: Image.Image, masks: np.ndarray, prompts: list[str],
-                   palette: Sequence[tuple[int, int, int]], alpha: float = 0.5) -> Image.Image:
-    """Every prompt's mask tinted in its colour, with a legend strip underneath."""
+                   palette: Sequence[tuple[int, int, int]], alpha: float = 0.5,
+                   points: Sequence[tuple[float, float]] | None = None,
+                   box: tuple[float, float, float, float] | None = None) -> Image.Image:
+    """Every prompt's mask tinted in its colour, with a legend strip underneath; the clicks
+    (white dots) and box (white outline) the masks were asked with, when given."""
     from PIL import ImageDraw
 
     rgb = np.asarray(image.convert("RGB")).astype(np.float32)
@@ -219,6 +230,12 @@ def legend_overlay(image: Image.Image, masks: np.ndarray, prompts: list[str],
     canvas = Image.new("RGB", (width, out.height + row * len(prompts) + 4), (255, 255, 255))
     canvas.paste(out, (0, 0))
     draw = ImageDraw.Draw(canvas)
+    if box is not None:
+        draw.rectangle([c * scale for c in box], outline=(255, 255, 255), width=2)
+    for x, y in points or []:
+        r = 4
+        draw.ellipse([x * scale - r, y * scale - r, x * scale + r, y * scale + r],
+                     fill=(255, 255, 255), outline=(0, 0, 0))
     for i, prompt in enumerate(prompts):
         y = out.height + 2 + i * row
         draw.rectangle([2, y + 2, 12, y + 11], fill=tuple(palette[i % len(palette)]))

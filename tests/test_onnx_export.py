@@ -10,10 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cdsam import cli
+from cdsam.base import Base
+from cdsam.checkpoint import CheckpointMeta, save_checkpoint
+from cdsam.config import to_dict
+from cdsam.curriculum import apply_stage
+from cdsam.lora import lora_modules
+from cdsam.models.model import build_model
 from cdsam.predict import load_model
+from tests.conftest import tiny_params
 from tests.test_predict import PROMPTS, ckpt  # noqa: F401  (the module-scoped checkpoint)
 
 ort = pytest.importorskip("onnxruntime")
@@ -104,6 +112,32 @@ def test_chosen_prompts_are_baked_in(ckpt, tmp_path):  # noqa: F811
     crop = sidecar["input"]["crop"]
     got = session.run(["logits"], {"images": np.zeros((1, 3, crop, crop), np.float32)})[0]
     assert got.shape == (1, 1, crop, crop)
+
+
+FAMILIES = {"dinov3": {"dino": {"name": "vit_small_patch16_dinov3_qkvb"}},
+            "sam2": {"sam": {"type": "sam2.1_hiera_b+"}}}
+
+
+@pytest.mark.slow  # an export takes ~15 s
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_dinov3_and_sam2_checkpoints_export_with_parity(family, tmp_path):
+    """The rotary DINOv3 and the SAM 2 decoder trace and match in onnxruntime too."""
+    if family == "sam2":
+        pytest.importorskip("sam2")
+    p = tiny_params(model=FAMILIES[family])
+    model = build_model(p.model, seed=p.seed)
+    base = Base.of(model, p.seed)
+    apply_stage(model, 1, p.lora.sam)
+    apply_stage(model, 3, p.lora.sam, p.lora.dino)
+    with torch.no_grad():  # trained-looking adapters, so the merge is checked too
+        for _, m in lora_modules(model):
+            m.lora_B.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    meta = CheckpointMeta(stage=3, model=to_dict(p.model), prompts=PROMPTS,
+                          extra={"seed": p.seed, "data": to_dict(p.data)})
+    save_checkpoint(tmp_path / "ckpt", model, meta, base)
+    sidecar = _export(tmp_path / "ckpt", tmp_path / "onnx")
+    assert sidecar["parity"]["max_abs_diff"] < 1e-3
+    assert sidecar["parity"]["mask_agreement"] > 0.999
 
 
 def test_missing_base_weights_are_one_line_and_nothing_is_written(ckpt, tmp_path, capsys):  # noqa: F811

@@ -137,6 +137,52 @@ def test_cli_predict_bad_image_is_one_line(ckpt, tmp_path, capsys):
     assert "broken.png: unreadable image" in capsys.readouterr().err
 
 
+def test_cli_predict_clicks_and_a_box_give_the_masks_predict_gives(ckpt, tmp_path):
+    import json
+
+    img_path = tmp_path / "cells.png"
+    Image.fromarray(_image(36, 50)).save(img_path)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["predict", "--checkpoint", str(ckpt), "--image", str(img_path),
+                  "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--point", "10,12",
+                  "--point", "20.5,30", "--box", "5,5,30,30", "--out", str(out),
+                  "--save-probs", "npy", "--no-progress"])
+    assert exc.value.code == 0
+    want = load_model(ckpt).predict(img_path, PROMPTS, points=[(10, 12), (20.5, 30)],
+                                    boxes=(5, 5, 30, 30), return_logits=True)
+    plain = load_model(ckpt).predict(img_path, PROMPTS, return_logits=True)
+    probs = np.load(out / "cells__probs.npy")
+    np.testing.assert_allclose(probs, want.probs, atol=2e-3)  # float16 on disk
+    assert np.abs(probs - plain.probs).max() > 1e-2  # the clicks and box changed the masks
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["points"] == [[10, 12], [20.5, 30]] and summary["box"] == [5, 5, 30, 30]
+    overlay = np.asarray(Image.open(out / "cells__overlay.png"))  # 50 px wide: drawn 6x
+    assert (overlay[12 * 6, 10 * 6] == 255).all()  # the first click, a white dot
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--point", "12"], "error: --point: '12' is not X,Y (2 numbers, image pixels)"),
+    (["--box", "30,5,5,30"], "error: --box: '30,5,5,30' needs X0 < X1 and Y0 < Y1"),
+    (["--point", "60,3"], "error: --point: (60, 3) is outside {img} (50x36 pixels)"),
+    (["--point", "1,2", "--image", "{img2}"],
+     "error: --point: for one image at a time (2 inputs given)"),
+    (["--box", "1,2,3,4", "--tile", "32"],
+     "error: --box: not with --tile (a click would fall in some windows only)"),
+])
+def test_cli_predict_bad_clicks_are_one_line(ckpt, tmp_path, capsys, extra, message):
+    img, img2 = tmp_path / "a.png", tmp_path / "b.png"
+    for path in (img, img2):
+        Image.fromarray(_image(36, 50)).save(path)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["predict", "--checkpoint", str(ckpt), "--image", str(img), "--prompt",
+                  PROMPTS[0], "--out", str(tmp_path / "o"), "--no-progress",
+                  *[e.format(img2=img2) for e in extra]])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [message.format(img=img)]
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.png"))
+
+
 def _folder(tmp_path, n=5):
     folder = tmp_path / "imgs"
     folder.mkdir()
