@@ -340,7 +340,8 @@ def table(r: dict[str, Any]) -> str:
                          f"{s['step_images_s'] / s['eager_step_images_s']:>6.2f}x")
     if any("frozen_held" in s for _, s in runs):
         lines += ["", "frozen weights (--cast-frozen): the step alone held in bf16 and cast each "
-                  "step, same run", f"{'run':<18}{'tensors':>8}{'held img/s':>11}{'cast img/s':>11}{'ratio':>7}"]
+                  "step, same run",
+                  f"{'run':<18}{'tensors':>8}{'held img/s':>11}{'cast img/s':>11}{'ratio':>7}"]
         for key, s in runs:
             if not s.get("frozen_held"):
                 lines.append(f"{key:<18}  none held (no autocast on this device, or none "

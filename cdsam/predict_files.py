@@ -182,7 +182,7 @@ def _batch_logits(predictor: Predictor, batch: list[tuple[int, Image.Image]],
     if opts.points or opts.box is not None:  # one image (read_spatial)
         for i, pil in batch:
             yield i, pil, predictor.one_image_logits(pil, prompts, opts.points, opts.box,
-                                                     opts.batch_size)
+                                                     opts.batch_size * len(prompts))
         return
     whole = [(i, pil) for i, pil in batch if not big(pil)]
     if whole:

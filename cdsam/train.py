@@ -4,11 +4,11 @@ Stage N ≥ 2 starts from stage N−1's checkpoint; the stage table (`cdsam.curr
 what trains. CUDA gets AMP (bf16 where supported, fp16 + GradScaler otherwise), TF32, pinned
 memory, fused AdamW, frozen linear/conv weights held in the autocast dtype
 (`cdsam.frozen_weights`) and optionally ``torch.compile`` (or one line saying why not, then
-eager); the CPU runs the same code in fp32,
-bit-reproducibly for a given seed and thread count. Under torchrun the trainable model is
-wrapped in DDP (see `cdsam.distributed`). Frozen work is done once: CLIP text features per
-prompt, the frozen DINO prefix per image (`cdsam.feature_cache`). After every epoch the full
-state goes to a resume folder (`cdsam.resume`), so a killed run continues where it stopped.
+eager); the CPU runs the same code in fp32, bit-reproducibly for a given seed and thread
+count. Under torchrun the trainable model is wrapped in DDP (see `cdsam.distributed`). Frozen
+work is done once: CLIP text features per prompt, the frozen DINO prefix per image
+(`cdsam.feature_cache`). After every epoch the full state goes to a resume folder
+(`cdsam.resume`), so a killed run continues where it stopped.
 """
 
 from __future__ import annotations
