@@ -6,7 +6,8 @@ and call count of the ops that take the most of it (device time on CUDA, CPU tim
 the kernel launches (CUDA), and the host time of each phase: forward and backward (the
 trainer labels them, `PHASES`) and the optimizer (torch labels ``Optimizer.step``). A
 launch-bound step shows many launches of kernels that each take microseconds, and phases whose
-host time is as long as the step. :func:`syncs_per_step` counts the step's host waits on CUDA.
+host time is as long as the step. :func:`syncs_per_step` counts the step's host waits on CUDA;
+:class:`CastCounter` the casts autocast makes (each a kernel on a GPU), on any device.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 TOP_OPS = 12
 # The runtime calls that put one kernel on the GPU (the names differ across CUDA versions).
@@ -102,3 +104,20 @@ def syncs_per_step(step: Callable[[Any], object], batches: Sequence[Any],
             torch.cuda.set_sync_debug_mode("default")
     waits = [w for w in caught if "synchroniz" in str(w.message)]
     return len(waits) / len(batches)
+
+
+class CastCounter(TorchDispatchMode):
+    """Counts the copies that cast a tensor to ``dtype`` while active: under autocast, its
+    weight and input casts. CPU autocast casts by the same rule as CUDA's, so the count taken on
+    a CPU is the GPU's cast kernels (`cdsam.frozen_weights`, ``tools/cast_count.py``)."""
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == self.dtype:
+            self.count += 1
+        return func(*args, **kwargs)

@@ -13,31 +13,17 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import cdsam.train
 from cdsam.curriculum import apply_stage
 from cdsam.frozen_weights import hold_frozen
 from cdsam.lora import LoRALinear
 from cdsam.models.model import build_model
+from cdsam.profiling import CastCounter
 from cdsam.train import StagePaths, StageTrainer
 from tests.conftest import prepare_tiny, tiny_params
 
 BF16 = torch.bfloat16
-
-
-class Casts(TorchDispatchMode):
-    """Counts the copies that cast a tensor to bf16 (autocast's weight casts among them)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == BF16:
-            self.count += 1
-        return func(*args, **kwargs)
 
 
 def _net() -> nn.Module:
@@ -52,7 +38,7 @@ def _net() -> nn.Module:
 
 
 def _step(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], int]:
-    with Casts() as casts, torch.autocast("cpu", dtype=BF16):
+    with CastCounter(BF16) as casts, torch.autocast("cpu", dtype=BF16):
         out = net(x)
         out.float().square().mean().backward()
     grads = [p.grad.clone() for p in net.parameters() if p.requires_grad]
@@ -160,7 +146,7 @@ def test_a_stage_trains_and_saves_the_same_with_frozen_weights_in_bf16(data_dir,
         trainer._set_train_mode()
         losses, casts = [], []
         for batch in trainer.train_loader:
-            with Casts() as counted:
+            with CastCounter(BF16) as counted:
                 losses.append(trainer.train_step(batch).detach())
             casts.append(counted.count)
         trainer.save()
@@ -185,7 +171,7 @@ def test_the_bench_times_the_step_held_and_cast_in_one_run(data_dir, tmp_path, m
     # Released for good: the weights the step ran with last are fp32 again.
     assert trainer.frozen.held == []
     assert trainer.model.dino.patch_embed.proj.weight.dtype == torch.float32
-    with Casts() as casts:
+    with CastCounter(BF16) as casts:
         trainer.train_step(next(iter(trainer.train_loader)))
     assert casts.count > 0
     row = {"epoch_s": 1.0, "images_s": 1.0, "setup_s": 1.0, "peak_mem_mb": 1.0,

@@ -56,6 +56,18 @@ def test_learnability_tool_trains_the_dino_and_the_cnn(data_dir, tmp_path):  # n
     assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)
 
 
+def test_cast_count_shows_fewer_casts_with_frozen_weights_held(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"model": TINY["model"], "data": TINY["data"]}))
+    out = subprocess.run([sys.executable, str(TOOLS / "cast_count.py"), "--params", str(params),
+                          "--preset", "default", "--stages", "1", "4"],
+                         check=True, capture_output=True, text=True)
+    rows = [line.strip("|").split("|") for line in out.stdout.splitlines()
+            if line.startswith("| 1 ") or line.startswith("| 4 ")]
+    for stage, plain, held, tensors, _ in rows:
+        assert int(held) < int(plain) and int(tensors) > 0, (stage, plain, held)
+
+
 def test_spatial_split_groups_targets_by_a_same_colour_object_in_the_scene():
     import pandas as pd
     import torch
