@@ -15,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from cdsam.config import Params, to_dict
+from cdsam.config.parse import to_dict
+from cdsam.config.schema import Params
 from cdsam.presets import DEFAULT_PARAMS
 
 MISSING = object()

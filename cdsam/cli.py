@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 
 from cdsam import __version__
-from cdsam.config import load_params
-from cdsam.curriculum import apply_stage, component_counts, policy
+from cdsam.config.parse import load_params
 from cdsam.entry import offline_defaults, run
 from cdsam.errors import UserError
 from cdsam.models.model import build_model
 from cdsam.models.preflight import check_model
+from cdsam.training.curriculum import apply_stage, component_counts, policy
 
 log = logging.getLogger("cdsam.cli")
 
@@ -68,14 +68,14 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from cdsam.predict import load_model
-    from cdsam.predict_files import (
+    from cdsam.inference.files import (
         PredictOptions,
         collect_images,
         predict_files,
         read_prompts,
         read_spatial,
     )
+    from cdsam.inference.predictor import load_model
     from cdsam.runtime import resolve_device
 
     if not 0 < args.threshold < 1:
@@ -102,11 +102,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from cdsam.export import export
+    from cdsam.inference.export import export
 
     prompts = None
     if args.prompt or args.prompts_file:
-        from cdsam.predict_files import read_prompts
+        from cdsam.inference.files import read_prompts
 
         prompts = read_prompts(args.prompt, args.prompts_file)
     info = export(args.checkpoint, args.out, args.mode, prompts, check=not args.no_check)
@@ -124,7 +124,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from cdsam.demo import serve
+    from cdsam.inference.demo import serve
 
     serve(args.checkpoint, args.host, args.port, args.device, args.examples)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from cdsam.config import parse_params
+from cdsam.config.parse import parse_params
 from cdsam.errors import UserError
 
 RECIPES = Path(__file__).parent / "recipes"

@@ -13,9 +13,9 @@ require_checkout(__file__)
 
 import argparse
 
+from cdsam.config.stage_view import load_stage_params
 from cdsam.entry import run
-from cdsam.evaluate import evaluate_stages
-from cdsam.stage_params import load_stage_params
+from cdsam.evaluation.report import evaluate_stages
 
 
 def main() -> None:

@@ -16,9 +16,9 @@ import argparse
 import logging
 
 from cdsam import io
+from cdsam.config.stage_view import load_stage_params
 from cdsam.data.prepare import prepare
 from cdsam.entry import run
-from cdsam.stage_params import load_stage_params
 
 
 def main() -> None:

@@ -20,10 +20,10 @@ import os
 import subprocess
 
 from cdsam import distributed
+from cdsam.config.stage_view import load_stage_params
 from cdsam.entry import run
 from cdsam.errors import UserError
-from cdsam.stage_params import load_stage_params
-from cdsam.train import StagePaths, StageTrainer
+from cdsam.training.trainer import StagePaths, StageTrainer
 
 
 def main() -> int | None:

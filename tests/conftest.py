@@ -14,7 +14,8 @@ os.environ.setdefault("DVCLIVE_TEST", "true")
 
 import numpy as np  # noqa: E402
 
-from cdsam.config import ModelConfig, Params, parse_params  # noqa: E402
+from cdsam.config.parse import parse_params
+from cdsam.config.schema import ModelConfig, Params  # noqa: E402
 from cdsam.data.geometry import Geometry  # noqa: E402
 from cdsam.data.prepared import PreparedSplit, read_images, read_index  # noqa: E402
 
@@ -37,7 +38,7 @@ def tiny_params(**overrides) -> Params:
 def prepare_tiny(out: Path, num_images: int = 12) -> Path:
     """A small prepared set the loop tests are sized for: positives only, a quarter val, no
     test split, 32² synthetic shapes."""
-    from cdsam.config import PrepareConfig, SyntheticConfig
+    from cdsam.config.schema import PrepareConfig, SyntheticConfig
     from cdsam.data.prepare import prepare
 
     cfg = PrepareConfig(val_fraction=0.25, test_fraction=0.0, negatives="none",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DistributedSampler
 
-from cdsam.config import AugmentConfig, DataConfig
+from cdsam.config.schema import AugmentConfig, DataConfig
 from cdsam.data.batch_augment import augment_batch, draw_augment
 from cdsam.data.dataset import ManifestDataset
 from cdsam.data.manifest import FOREGROUND, IGNORE

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdsam.batch_size import (
+from cdsam.config.schema import OptimConfig
+from cdsam.training.batch_size import (
     AUTO_MEMORY_SHARE,
     REFERENCE_BATCH,
     StepMemory,
@@ -20,8 +21,7 @@ from cdsam.batch_size import (
     resolve_auto_batch,
     scale_lrs,
 )
-from cdsam.config import OptimConfig
-from cdsam.train import StagePaths, StageTrainer
+from cdsam.training.trainer import StagePaths, StageTrainer
 from tests.conftest import tiny_params
 from tests.test_train import data_dir  # noqa: F401  (the small prepared set)
 
@@ -119,7 +119,7 @@ def test_the_budget_leaves_room_for_adamw_and_ddp_buckets():
 def test_a_resumed_auto_stage_keeps_the_batch_its_state_trained_with(
         data_dir, tmp_path, monkeypatch, caplog):  # noqa: F811
     """A resume on a device where auto would now pick another batch continues the same run."""
-    import cdsam.train
+    import cdsam.training.trainer
 
     def as_if_a_gpu_chose_8(optim, *args, **kwargs):
         return scale_lrs(optim, 8)
@@ -133,7 +133,7 @@ def test_a_resumed_auto_stage_keeps_the_batch_its_state_trained_with(
         return StageTrainer(p, 1, paths, show_progress=False)
 
     with monkeypatch.context() as m:
-        m.setattr(cdsam.train, "resolve_auto_batch", as_if_a_gpu_chose_8)
+        m.setattr(cdsam.training.trainer, "resolve_auto_batch", as_if_a_gpu_chose_8)
         straight = trainer(tmp_path / "a")
         straight.setup()
         straight.train()

@@ -1,4 +1,4 @@
-"""python -m cdsam.bench (the where-does-a-step-go split) and tools/scale_bench.py, on tiny
+"""python -m cdsam.training.bench (the where-does-a-step-go split) and tools/scale_bench.py, on tiny
 inputs."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cdsam import bench
+from cdsam.training import bench
 from tests.conftest import TINY
 
 

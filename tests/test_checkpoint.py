@@ -3,8 +3,9 @@ import dataclasses
 import pytest
 import torch
 
-from cdsam.base import Base, tensor_digest
-from cdsam.checkpoint import (
+from cdsam.config.parse import to_dict
+from cdsam.errors import CheckpointError
+from cdsam.models.checkpoint import (
     WEIGHTS,
     CheckpointMeta,
     load_checkpoint,
@@ -12,11 +13,10 @@ from cdsam.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from cdsam.config import to_dict
-from cdsam.curriculum import apply_stage
-from cdsam.errors import CheckpointError
-from cdsam.lora import lora_parameters, merge_lora
+from cdsam.models.delta_base import Base, tensor_digest
+from cdsam.models.lora import lora_parameters, merge_lora
 from cdsam.models.model import build_model
+from cdsam.training.curriculum import apply_stage
 
 
 def _ckpt(tmp_path, params, stage=2):

@@ -1,4 +1,4 @@
-"""VOC/COCO class IoU (cdsam.class_grid): every class on every image, so a model that fires on
+"""VOC/COCO class IoU (cdsam.evaluation.class_grid): every class on every image, so a model that fires on
 every prompt is scored for it, where the figure over the sampled rows is not."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from cdsam.class_grid import image_truths, score_class_grid
-from cdsam.config import DataConfig, PrepareConfig, SyntheticConfig
+from cdsam.config.schema import DataConfig, PrepareConfig, SyntheticConfig
 from cdsam.data.manifest import IGNORE
 from cdsam.data.prepare import prepare
 from cdsam.data.prepared import PreparedSplit
-from cdsam.metrics import SplitScores, pixel_counts, summarize
+from cdsam.evaluation.class_grid import image_truths, score_class_grid
+from cdsam.evaluation.metrics import SplitScores, pixel_counts, summarize
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from cdsam.config import DataConfig, PrepareConfig
+from cdsam.config.schema import DataConfig, PrepareConfig
 from cdsam.data.manifest import FOREGROUND, IGNORE
 from cdsam.data.prepare import prepare
 from cdsam.data.prepared import read_samples

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdsam.bench import split_step_time
-from cdsam.compiling import compile_parts, is_compiled, uncompile_parts
 from cdsam.models.model import build_model
-from cdsam.train import StagePaths, StageTrainer
+from cdsam.training.bench import split_step_time
+from cdsam.training.compiling import compile_parts, is_compiled, uncompile_parts
+from cdsam.training.trainer import StagePaths, StageTrainer
 from tests.conftest import prepare_tiny, tiny_params
 
 

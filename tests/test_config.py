@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cdsam.config import Params, load_params, parse_params
+from cdsam.config.parse import load_params, parse_params
+from cdsam.config.schema import Params
+from cdsam.config.stage_view import check_inputs_tracked, declared_keys, restrict
 from cdsam.errors import ConfigError, UserError
 from cdsam.presets import DEFAULT_PARAMS
-from cdsam.stage_params import check_inputs_tracked, declared_keys, restrict
 
 REPO = Path(__file__).resolve().parents[1]
 # tools/ is a script folder, not a package: load the dvc.yaml writer from its file.

@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from cdsam.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from cdsam.cli import summarize_stage
-from cdsam.config import to_dict
-from cdsam.curriculum import apply_stage, param_groups
-from cdsam.lora import lora_parameters, lora_specs
+from cdsam.config.parse import to_dict
+from cdsam.models.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from cdsam.models.lora import lora_parameters, lora_specs
 from cdsam.models.model import build_model
+from cdsam.training.curriculum import apply_stage, param_groups
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def test_stage4_sam_modes(params):
 def missing_gradients(model, loss_cfg) -> list[str]:
     """Trainable parameters one step of the real objective (Dice + BCE + CLIP alignment) on
     two 32-px images leaves without a gradient."""
-    from cdsam.objective import Objective
+    from cdsam.models.objective import Objective
 
     prompts = ["a red circle", "a blue square"]
     objective = Objective.for_model(model, loss_cfg, prompts)

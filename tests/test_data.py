@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cdsam.config import DataConfig, PrepareConfig, SyntheticConfig
+from cdsam.config.schema import DataConfig, PrepareConfig, SyntheticConfig
 from cdsam.data.dataset import ManifestDataset
 from cdsam.data.manifest import FOREGROUND, IGNORE, slug
 from cdsam.data.prepare import prepare
@@ -239,7 +239,7 @@ def test_prepare_cli_one_line_error(tmp_path):
 
 @pytest.mark.parametrize("value", [0.0, 1.0, 1.5])
 def test_val_fraction_outside_range_names_key(value):
-    from cdsam.config import parse_params
+    from cdsam.config.parse import parse_params
     from cdsam.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"prepare.val_fraction: must be in \(0, 1\)"):

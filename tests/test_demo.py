@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from cdsam import cli
-from cdsam.demo import parse_prompts, segment
 from cdsam.errors import UserError
-from cdsam.predict import load_model
+from cdsam.inference.demo import parse_prompts, segment
+from cdsam.inference.predictor import load_model
 from tests.test_predict import _image, ckpt  # noqa: F401  (the module-scoped checkpoint)
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -76,7 +76,7 @@ def test_demo_page_in_a_headless_browser_matches_cdsam_predict(ckpt, browser, tm
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from cdsam.demo import serve
+    from cdsam.inference.demo import serve
 
     path = tmp_path / "upload.png"
     Image.fromarray(_image(40, 56)).save(path)

@@ -11,13 +11,13 @@ import pytest
 import timm
 import torch
 
-from cdsam.curriculum import apply_stage
 from cdsam.errors import UserError
-from cdsam.feature_cache import plan_cache
-from cdsam.lora import LoRALinear, lora_modules
 from cdsam.models.dino import build_dino, dino_blocks, dino_embed, dino_finish, dino_patch_tokens
+from cdsam.models.lora import LoRALinear, lora_modules
 from cdsam.models.model import build_model
 from cdsam.models.preflight import dino_shape
+from cdsam.training.curriculum import apply_stage
+from cdsam.training.feature_cache import plan_cache
 from tests import test_train
 from tests.conftest import tiny_params
 from tests.test_curriculum import missing_gradients

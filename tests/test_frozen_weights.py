@@ -14,13 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-import cdsam.train
-from cdsam.curriculum import apply_stage
-from cdsam.frozen_weights import hold_frozen
-from cdsam.lora import LoRALinear
+import cdsam.training.trainer
+from cdsam.models.lora import LoRALinear
 from cdsam.models.model import build_model
-from cdsam.profiling import CastCounter
-from cdsam.train import StagePaths, StageTrainer
+from cdsam.training.curriculum import apply_stage
+from cdsam.training.frozen_weights import hold_frozen
+from cdsam.training.profiling import CastCounter
+from cdsam.training.trainer import StagePaths, StageTrainer
 from tests.conftest import prepare_tiny, tiny_params
 
 BF16 = torch.bfloat16
@@ -124,7 +124,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 def _trainer(data_dir: Path, tmp: Path, hold: bool, monkeypatch) -> StageTrainer:
     # Autocast on the CPU, as `amp_settings` turns it on for a bf16 GPU.
-    monkeypatch.setattr(cdsam.train, "amp_settings", lambda device: (True, BF16, False))
+    monkeypatch.setattr(cdsam.training.trainer, "amp_settings", lambda device: (True, BF16, False))
     monkeypatch.setattr(StageTrainer, "frozen_in_amp_dtype", hold)
     params = tiny_params(device="cpu", optim={"batch_size": 4},
                          train={"point_prompts": 0.5, "box_prompts": 0.5,
@@ -162,7 +162,7 @@ def test_a_stage_trains_and_saves_the_same_with_frozen_weights_in_bf16(data_dir,
 
 
 def test_the_bench_times_the_step_held_and_cast_in_one_run(data_dir, tmp_path, monkeypatch):
-    from cdsam.bench import split_step_time, table
+    from cdsam.training.bench import split_step_time, table
 
     trainer = _trainer(data_dir, tmp_path, True, monkeypatch)
     held = len(trainer.frozen.held)

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from cdsam.config import AugmentConfig, DataConfig, PrepareConfig
+from cdsam.config.schema import AugmentConfig, DataConfig, PrepareConfig
 from cdsam.data.augment import augment_pair, build_augment, sample_seed
 from cdsam.data.dataset import ManifestDataset
 from cdsam.data.geometry import BACKGROUND_LOGIT, PAD_RGB, Geometry, fit_transform

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cdsam.config import DataConfig, PrepareConfig, SyntheticConfig
+from cdsam.config.schema import DataConfig, PrepareConfig, SyntheticConfig
 from cdsam.data.prepare import prepare
 from cdsam.data.prepared import read_samples
-from cdsam.train import StagePaths, StageTrainer
+from cdsam.training.trainer import StagePaths, StageTrainer
 from tests.conftest import tiny_params
 
 SIZE = 48
@@ -64,7 +64,7 @@ def test_text_prompts_are_learned(tmp_path):
 def stage_1_default_policy(tmp_path_factory) -> dict[str, float]:
     """Stage 1 as the default trains it: absent-object negatives, clicks and boxes next to the
     text, the default learning rates; its test-split metrics."""
-    from cdsam.evaluate import evaluate_stages
+    from cdsam.evaluation.report import evaluate_stages
 
     tmp = tmp_path_factory.mktemp("stage1")
     data = tmp / "data"

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from cdsam.lora import (
+from cdsam.models.lora import (
     LoRALinear,
     find_targets,
     inject_lora,

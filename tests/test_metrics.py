@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cdsam.metrics import SplitScores, per_prompt, pixel_counts, summarize
+from cdsam.evaluation.metrics import SplitScores, per_prompt, pixel_counts, summarize
 
 BIG = 20.0  # a logit that thresholds to certainly-on (or, negated, off)
 
@@ -77,7 +77,7 @@ def test_sums_add_over_ranks():
 
 
 def test_lr_schedule_warmup_then_cosine_to_the_floor():
-    from cdsam.train import lr_lambda
+    from cdsam.training.trainer import lr_lambda
 
     fn = lr_lambda(total_steps=110, warmup=10, min_ratio=0.05)
     assert fn(0) == pytest.approx(0.1) and fn(9) == pytest.approx(1.0)  # linear warmup
@@ -87,7 +87,7 @@ def test_lr_schedule_warmup_then_cosine_to_the_floor():
 
 
 def test_dice_and_bce_values():
-    from cdsam.losses import bce_loss, dice_loss
+    from cdsam.models.losses import bce_loss, dice_loss
 
     target = torch.tensor([[[[1.0, 0.0]]]])
     valid = torch.ones_like(target)
@@ -103,8 +103,8 @@ def test_dice_and_bce_values():
 def test_prompt_pairs_split_overlap_by_what_the_prompts_share():
     import torch
 
-    from cdsam.evaluate import pair_relation, prompt_pairs
-    from cdsam.scoring import EvalResult
+    from cdsam.evaluation.report import pair_relation, prompt_pairs
+    from cdsam.evaluation.scoring import EvalResult
 
     assert pair_relation("a red circle", "a red square") == "same_colour"
     assert pair_relation("a red circle", "a blue circle") == "same_shape"
@@ -128,7 +128,7 @@ def test_clip_align_loss_skips_empty_masks_without_indexing():
     the cross-entropy over the other rows alone; a batch with none left gives 0."""
     import torch.nn.functional as F
 
-    from cdsam.losses import clip_align_loss
+    from cdsam.models.losses import clip_align_loss
 
     g = torch.Generator().manual_seed(0)
     projected = torch.randn(3, 4, 8, generator=g, requires_grad=True)  # B x (2x2 grid) x D

@@ -6,7 +6,7 @@ import timm
 import torch
 from segment_anything import sam_model_registry
 
-from cdsam.config import ClipConfig
+from cdsam.config.schema import ClipConfig
 from cdsam.errors import CheckpointError, UserError
 from cdsam.models.clip_text import build_clip_text
 from cdsam.models.dino import build_dino, dino_patch_tokens

@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 from cdsam import cli
-from cdsam.base import Base
-from cdsam.checkpoint import CheckpointMeta, save_checkpoint
-from cdsam.config import to_dict
-from cdsam.curriculum import apply_stage
-from cdsam.lora import lora_modules
+from cdsam.config.parse import to_dict
+from cdsam.inference.predictor import load_model
+from cdsam.models.checkpoint import CheckpointMeta, save_checkpoint
+from cdsam.models.delta_base import Base
+from cdsam.models.lora import lora_modules
 from cdsam.models.model import build_model
-from cdsam.predict import load_model
+from cdsam.training.curriculum import apply_stage
 from tests.conftest import tiny_params
 from tests.test_predict import PROMPTS, ckpt  # noqa: F401  (the module-scoped checkpoint)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from cdsam.config import DataConfig, PrepareConfig, SyntheticConfig
+from cdsam.config.schema import DataConfig, PrepareConfig, SyntheticConfig
 from cdsam.data.dataset import EpochSampler, ManifestDataset, collate
 from cdsam.data.packed import PackedLoader, pixel_placeholder
 from cdsam.data.prepare import prepare

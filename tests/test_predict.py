@@ -9,15 +9,15 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from cdsam import cli
-from cdsam.base import Base
-from cdsam.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
-from cdsam.config import to_dict
-from cdsam.curriculum import apply_stage
+from cdsam.config.parse import to_dict
 from cdsam.data.geometry import Geometry
-from cdsam.export import export
-from cdsam.lora import lora_modules
+from cdsam.inference.export import export
+from cdsam.inference.predictor import load_model, semantic_labels
+from cdsam.models.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from cdsam.models.delta_base import Base
+from cdsam.models.lora import lora_modules
 from cdsam.models.model import build_model
-from cdsam.predict import load_model, semantic_labels
+from cdsam.training.curriculum import apply_stage
 from tests.conftest import tiny_params
 
 PROMPTS = ["a red circle", "a blue square"]

@@ -9,7 +9,7 @@ import timm
 import torch
 
 from cdsam.cli import main
-from cdsam.config import parse_params
+from cdsam.config.parse import parse_params
 from cdsam.errors import ConfigError, UserError
 from cdsam.models.dino import build_dino
 from cdsam.models.preflight import check_model, dino_shape

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from cdsam.cli import main
-from cdsam.config import load_params
+from cdsam.config.parse import load_params
 from cdsam.models.preflight import dino_shape
 from cdsam.presets import DEFAULT_PARAMS, list_presets
 

@@ -1,4 +1,4 @@
-"""cdsam.profiling: torch.profiler over steps, summarised per step."""
+"""cdsam.training.profiling: torch.profiler over steps, summarised per step."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.profiler import record_function
 
-from cdsam.profiling import (
+from cdsam.training.profiling import (
     PHASES,
     TOP_OPS,
     profile_steps,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from cdsam.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
-from cdsam.config import to_dict
-from cdsam.curriculum import SAM_PROMPT_MAP, apply_stage
+from cdsam.config.parse import to_dict
+from cdsam.models.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from cdsam.models.model import build_model
 from cdsam.models.prompt_map import MAP_LOGIT, draw_prompt_map, map_size
+from cdsam.training.curriculum import SAM_PROMPT_MAP, apply_stage
 
 CPU = torch.device("cpu")
 
@@ -104,7 +104,7 @@ def test_the_click_radius_is_counted_in_embedding_cells(params):
 def test_a_radius_that_is_not_positive_names_its_key():
     import pytest
 
-    from cdsam.config import parse_params
+    from cdsam.config.parse import parse_params
     from cdsam.errors import ConfigError
 
     with pytest.raises(ConfigError, match="model.sam.click_radius"):

@@ -7,13 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from cdsam.config import DataConfig, PrepareConfig
+from cdsam.config.schema import DataConfig, PrepareConfig
 from cdsam.data.geometry import BACKGROUND_LOGIT
 from cdsam.data.manifest import FOREGROUND, IGNORE
 from cdsam.data.prepare import prepare
 from cdsam.data.prepared import read_samples
-from cdsam.predict import load_model
-from cdsam.train import StagePaths, StageTrainer
+from cdsam.inference.predictor import load_model
+from cdsam.training.trainer import StagePaths, StageTrainer
 from tests.conftest import prepared_arrays, real_data, tiny_params
 
 

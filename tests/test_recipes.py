@@ -14,8 +14,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from cdsam.curriculum import SAM_MASK_HEAD, SAM_PROMPT_MAP
 from cdsam.presets import DEFAULT_PARAMS
+from cdsam.training.curriculum import SAM_MASK_HEAD, SAM_PROMPT_MAP
 from tests.hub_files import write_open_clip_repo, write_sam2_checkpoint
 from tests.test_pipeline import BIN, _env, _merge, _project, _run
 
@@ -96,7 +96,7 @@ def _link(src: Path, weights: Path) -> None:
 def _frozen_equal_files(model, dino_file: Path, files: dict[str, Path], resampled: bool) -> None:
     """The stage-1 model's frozen DINO, CLIP text tower and SAM decoder are the files' tensors
     (all but SAM's mask head and mask-input encoder, which stage 1 trains)."""
-    from cdsam.base import canonical_names
+    from cdsam.models.delta_base import canonical_names
 
     names = canonical_names(model)
     state = {names[k]: v for k, v in model.state_dict().items()}
@@ -117,7 +117,7 @@ def _frozen_equal_files(model, dino_file: Path, files: dict[str, Path], resample
                if k.startswith(("sam_prompt_encoder.", "sam_mask_decoder."))
                and ".conv_s" not in k}
     trained_head = [k for k in sam if k.startswith(f"{SAM_MASK_HEAD}.")]
-    assert trained_head  # SAM's mask head trains in full from stage 1 on (cdsam.curriculum)
+    assert trained_head  # SAM's mask head trains in full from stage 1 on (cdsam.training.curriculum)
     for k, v in sam.items():
         frozen = k.startswith(("mask_decoder.", "prompt_encoder.")) and \
             not k.startswith(f"{SAM_PROMPT_MAP}.")
@@ -134,7 +134,7 @@ def test_recipe_trains_evaluates_and_predicts(recipe, dino_name, dino_file, crop
     import timm
     from PIL import Image
 
-    from cdsam.checkpoint import load_checkpoint, read_meta, read_state
+    from cdsam.models.checkpoint import load_checkpoint, read_meta, read_state
 
     repo = tmp_path / "repo"
     base = yaml.safe_load(DEFAULT_PARAMS.read_text())

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdsam.config import SamConfig
-from cdsam.curriculum import apply_stage, sam_lora_targets
+from cdsam.config.schema import SamConfig
 from cdsam.errors import CheckpointError, UserError
 from cdsam.models.model import build_model
 from cdsam.models.sam import build_sam_decoder, load_sam_checkpoint
+from cdsam.training.curriculum import apply_stage, sam_lora_targets
 from tests.conftest import tiny_params
 from tests.hub_files import write_sam2_checkpoint
 from tests.test_curriculum import missing_gradients

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from cdsam.config import DataConfig, PrepareConfig, SyntheticConfig
+from cdsam.config.schema import DataConfig, PrepareConfig, SyntheticConfig
 from cdsam.data.geometry import fit_transform
 from cdsam.data.manifest import IGNORE
 from cdsam.data.prepare import prepare
@@ -151,7 +151,7 @@ def test_a_killed_prepare_leaves_the_previous_output_whole(tmp_path):
                 if f.is_file()}
 
     before = files()
-    script = ("from cdsam.config import DataConfig, PrepareConfig, SyntheticConfig\n"
+    script = ("from cdsam.config.schema import DataConfig, PrepareConfig, SyntheticConfig\n"
               "from cdsam.data.prepare import prepare\n"
               "prepare(PrepareConfig(synthetic=SyntheticConfig(num_images=100000)), 0, "
               f"{str(tmp_path / 'prepared')!r}, show_progress=False, data=DataConfig())\n")

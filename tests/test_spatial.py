@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from cdsam.config import DataConfig
+from cdsam.config.schema import DataConfig
 from cdsam.data.dataset import ManifestDataset, collate
 from cdsam.data.manifest import FOREGROUND, IGNORE
 from cdsam.data.spatial import (

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cdsam.train import StagePaths, StageTrainer
+from cdsam.training.trainer import StagePaths, StageTrainer
 from tests.conftest import prepare_tiny, tiny_params
 
 aten = torch.ops.aten

@@ -10,7 +10,7 @@ import open_clip
 import pytest
 import torch
 
-from cdsam.config import ClipConfig
+from cdsam.config.schema import ClipConfig
 from cdsam.errors import UserError
 from cdsam.models.clip_text import build_clip_text
 from cdsam.models.model import build_model

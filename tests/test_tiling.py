@@ -9,8 +9,8 @@ from PIL import Image
 
 from cdsam.data.geometry import BACKGROUND_LOGIT, Geometry
 from cdsam.errors import UserError
-from cdsam.predict import load_model
-from cdsam.tiling import Blender, blend, predict_tiled, ramp, seen_pixels, windows
+from cdsam.inference.predictor import load_model
+from cdsam.inference.tiling import Blender, blend, predict_tiled, ramp, seen_pixels, windows
 from tests.test_predict import PROMPTS, ckpt  # noqa: F401  (the module-scoped checkpoint)
 
 

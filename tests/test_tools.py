@@ -72,7 +72,7 @@ def test_spatial_split_groups_targets_by_a_same_colour_object_in_the_scene():
     import pandas as pd
     import torch
 
-    from cdsam.scoring import EvalResult
+    from cdsam.evaluation.scoring import EvalResult
 
     tool = _tool("spatial_split")
     df = pd.DataFrame({"image": ["a", "a", "a", "b", "b"],

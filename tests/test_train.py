@@ -13,11 +13,11 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from cdsam.config import PrepareConfig, SyntheticConfig
+from cdsam.config.schema import PrepareConfig, SyntheticConfig
 from cdsam.data.prepare import prepare
 from cdsam.distributed import DistInfo, relaunch_command
 from cdsam.errors import UserError
-from cdsam.train import StagePaths, StageTrainer
+from cdsam.training.trainer import StagePaths, StageTrainer
 from tests.conftest import prepare_tiny, tiny_params
 
 
@@ -217,8 +217,8 @@ def test_augmentation_turns_the_feature_cache_off(data_dir, tmp_path, caplog):
 
 @pytest.mark.parametrize("select,expected", [("best", 2), ("last", 3)])
 def test_stage_keeps_the_selected_epoch(data_dir, tmp_path, monkeypatch, select, expected):
-    import cdsam.train as train_mod
-    from cdsam.checkpoint import load_checkpoint
+    import cdsam.training.trainer as train_mod
+    from cdsam.models.checkpoint import load_checkpoint
 
     scripted = iter([0.2, 0.9, 0.1])  # val mIoU per epoch: epoch 2 is the best
     snapshots = []
@@ -248,8 +248,8 @@ def test_stage_keeps_the_selected_epoch(data_dir, tmp_path, monkeypatch, select,
 def test_val_loss_uses_the_training_weights(data_dir, tmp_path):
     """Train and val losses come from one objective: with the Dice weight at 0 and the CLIP
     term off, the val loss is BCE alone (it once ignored both weights)."""
-    from cdsam.losses import bce_loss
-    from cdsam.scoring import evaluate_model
+    from cdsam.evaluation.scoring import evaluate_model
+    from cdsam.models.losses import bce_loss
 
     params = _params(loss={"dice_weight": 0.0, "bce_weight": 2.0, "clip_align_weight": 0.0})
     t = _trainer(params, 1, data_dir, tmp_path)
@@ -267,10 +267,10 @@ def test_val_loss_uses_the_training_weights(data_dir, tmp_path):
 
 def _stage3_checkpoint(params, out: Path) -> Path:
     """A stage-3 checkpoint as stage 3 would leave it (DINO LoRA injected), untrained."""
-    from cdsam.checkpoint import CheckpointMeta, save_checkpoint
-    from cdsam.config import to_dict
-    from cdsam.curriculum import apply_stage
+    from cdsam.config.parse import to_dict
+    from cdsam.models.checkpoint import CheckpointMeta, save_checkpoint
     from cdsam.models.model import build_model
+    from cdsam.training.curriculum import apply_stage
 
     model = build_model(params.model, seed=0)
     apply_stage(model, 3, params.lora.sam, params.lora.dino)
@@ -343,7 +343,7 @@ def test_last_partial_accumulation_window_is_averaged_over_its_batches(data_dir,
 
 def test_resume_state_is_stale_after_a_code_edit(data_dir, tmp_path, caplog, monkeypatch):
     """The fingerprint covers the source of every loaded cdsam module: a probe module stands in
-    for e.g. cdsam/losses.py, is edited between the killed run and the rerun."""
+    for e.g. cdsam/models/losses.py, is edited between the killed run and the rerun."""
     import sys
     import types
 

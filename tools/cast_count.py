@@ -1,7 +1,7 @@
 """Autocast's bf16 casts per training step, frozen weights in fp32 vs held in bf16.
 
 Each cast is a kernel launch on a GPU; CPU autocast casts by the same rule as CUDA's, so this
-counts them on any machine (`cdsam.frozen_weights`, docs/benchmarks.md). Per stage it builds
+counts them on any machine (`cdsam.training.frozen_weights`, docs/benchmarks.md). Per stage it builds
 the model of a bench preset (random init), applies the stage's curriculum, and runs one
 forward + backward under bf16 autocast on a random batch with one text prompt, the whole DINO
 (no feature cache), once as autocast leaves the frozen weights and once with them held:
@@ -19,12 +19,12 @@ import dataclasses
 
 import torch
 
-from cdsam.bench import PRESETS
-from cdsam.config import load_params
-from cdsam.curriculum import apply_stage
-from cdsam.frozen_weights import hold_frozen
+from cdsam.config.parse import load_params
 from cdsam.models.model import CDSAM, build_model
-from cdsam.profiling import CastCounter
+from cdsam.training.bench import PRESETS
+from cdsam.training.curriculum import apply_stage
+from cdsam.training.frozen_weights import hold_frozen
+from cdsam.training.profiling import CastCounter
 
 
 def count_casts(model: CDSAM, images: torch.Tensor) -> int:

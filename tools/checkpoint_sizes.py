@@ -18,10 +18,10 @@ import shutil
 import time
 from pathlib import Path
 
-from cdsam.checkpoint import load_checkpoint, read_meta, save_checkpoint
-from cdsam.config import load_params
-from cdsam.resume import Progress, ResumeStore
-from cdsam.train import StagePaths, StageTrainer
+from cdsam.config.parse import load_params
+from cdsam.models.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from cdsam.training.resume import Progress, ResumeStore
+from cdsam.training.trainer import StagePaths, StageTrainer
 
 
 def dir_mb(path: Path) -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DATA = "cdsam/models/configs"  # the shipped tiny CLIP config, read where models are built
-# Folders the user's inputs live in, so DVC sees a replaced file (cdsam.stage_params refuses
+# Folders the user's inputs live in, so DVC sees a replaced file (cdsam.config.stage_view refuses
 # params that name files elsewhere): weight files for every stage that builds the model (delta
 # checkpoints rebuild their base), raw data for prepare.
 WEIGHTS = "weights"
@@ -28,7 +28,7 @@ TRAIN_KEYS = ["seed", "device", "data", "model", "lora.sam", "optim", "loss", "t
 HEADER = """\
 # prepare -> stage1 -> stage2 -> stage3 -> stage4 -> evaluate
 # Written by `python tools/dvc_yaml.py` (edit that, then rerun it). Each stage lists exactly
-# the params keys its script reads (cdsam.stage_params enforces it), so
+# the params keys its script reads (cdsam.config.stage_view enforces it), so
 # `dvc exp run -S lora.dino.last_k_blocks=6` reruns stage2 onwards and nothing else, and exactly
 # the cdsam modules its script imports, so an edit reruns only the stages that run that code.
 """

@@ -6,7 +6,7 @@
 #     bash tools/gpu_bench.sh            # 1200 synthetic images; IMAGES=N to change
 #
 # DINO at ViT-B/14 size (768 wide, depth 12, patch 14) at 224², random init, bf16 autocast:
-# `python -m cdsam.bench --preset vitb14-224 --all-stages`, four runs, each under its own time
+# `python -m cdsam.training.bench --preset vitb14-224 --all-stages`, four runs, each under its own time
 # limit so that the whole stays under 8 minutes (a run past its limit is named and skipped):
 #   batch256  batch 256, the step alone over 100 steps, epochs lengthened to 100 timed steps,
 #             profiled (top ops, kernel launches, host waits and forward/backward/optimizer
@@ -26,7 +26,7 @@ images="${IMAGES:-1200}"
 out="${OUT:-gpu-bench}"
 if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "error: no CUDA device: tools/gpu_bench.sh takes the GPU table (on a CPU, run" \
-        "python -m cdsam.bench --all-stages)" >&2
+        "python -m cdsam.training.bench --all-stages)" >&2
     exit 2
 fi
 mkdir -p "$out"
@@ -37,9 +37,9 @@ failed=0
 run() {
     local name="$1" limit="$2"
     shift 2
-    echo "== $name (limit ${limit}s): python -m cdsam.bench --preset vitb14-224 --all-stages" \
+    echo "== $name (limit ${limit}s): python -m cdsam.training.bench --preset vitb14-224 --all-stages" \
         "--images $images $*"
-    if ! timeout "$limit" python -m cdsam.bench --preset vitb14-224 --all-stages \
+    if ! timeout "$limit" python -m cdsam.training.bench --preset vitb14-224 --all-stages \
         --images "$images" --json "$@" > "$out/$name.json" 2> "$out/$name.log"; then
         echo "$name: did not finish within ${limit}s or failed; last lines of $out/$name.log:"
         grep -v "^\s*$" "$out/$name.log" | tail -5
@@ -47,7 +47,7 @@ run() {
         return
     fi
     grep -i "train.compile\|warning" "$out/$name.log" | sort -u | head -5
-    python -c "import json, sys; from cdsam.bench import table; \
+    python -c "import json, sys; from cdsam.training.bench import table; \
 print(table(json.load(open(sys.argv[1]))))" "$out/$name.json"
 }
 run batch256 170 --batch-size 256 --steps 100 --profile "$out/profile-batch256"

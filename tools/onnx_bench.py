@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from cdsam.data.geometry import IMAGENET_MEAN, IMAGENET_STD
-from cdsam.onnx_export import ONNX_FILE, export_onnx
-from cdsam.predict import load_model
-from cdsam.predict_files import collect_images
+from cdsam.inference.files import collect_images
+from cdsam.inference.onnx_export import ONNX_FILE, export_onnx
+from cdsam.inference.predictor import load_model
 
 
 def main() -> None:

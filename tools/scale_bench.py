@@ -43,8 +43,8 @@ COPY = ("cdsam", "stages", "dvc.yaml", "data/raw", "weights", "pyproject.toml")
 DRIVER = r"""
 import json, resource, sys, time
 from pathlib import Path
-import cdsam.train as T
-from cdsam.stage_params import load_stage_params
+import cdsam.training.trainer as T
+from cdsam.config.stage_view import load_stage_params
 
 steps = int(sys.argv[1])
 params = load_stage_params("stage1", "params.yaml")

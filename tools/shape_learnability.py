@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from cdsam.config import parse_params, read_params_file
+from cdsam.config.parse import parse_params, read_params_file
 from cdsam.data.manifest import FOREGROUND
 from cdsam.data.packed import normalize_batch
 from cdsam.data.prepared import PreparedSplit

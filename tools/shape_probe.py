@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cdsam.checkpoint import load_checkpoint
 from cdsam.data.manifest import FOREGROUND
 from cdsam.data.packed import normalize_batch
 from cdsam.data.prepared import PreparedSplit
 from cdsam.data.synthetic import COLOURS, SHAPES, attributes
 from cdsam.entry import offline_defaults
+from cdsam.models.checkpoint import load_checkpoint
 
 PROBE_STEPS = 400
 

@@ -19,17 +19,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cdsam.checkpoint import load_checkpoint
-from cdsam.config import LossConfig, load_params
+from cdsam.config.parse import load_params
+from cdsam.config.schema import LossConfig
 from cdsam.data.packed import PackedLoader
 from cdsam.data.prepared import PreparedSplit
 from cdsam.data.spatial import BOX, CLICK
 from cdsam.data.synthetic import attributes
 from cdsam.entry import offline_defaults
-from cdsam.evaluate import scored_split
-from cdsam.objective import Objective
+from cdsam.evaluation.report import scored_split
+from cdsam.evaluation.scoring import EvalResult, evaluate_model
+from cdsam.models.checkpoint import load_checkpoint
+from cdsam.models.objective import Objective
 from cdsam.runtime import resolve_device
-from cdsam.scoring import EvalResult, evaluate_model
 
 MODES = {"text": None, "click": CLICK, "box": BOX}
 

@@ -16,7 +16,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from cdsam.config import AugmentConfig
+from cdsam.config.schema import AugmentConfig
 from cdsam.data.geometry import PAD_RGB
 from cdsam.data.manifest import IGNORE
 

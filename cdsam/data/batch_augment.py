@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cdsam.config import AugmentConfig
+from cdsam.config.schema import AugmentConfig
 from cdsam.data.geometry import IMAGENET_MEAN, IMAGENET_STD
 from cdsam.data.manifest import IGNORE
 

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from pycocotools.coco import COCO
 
-from cdsam.config import PrepareConfig
+from cdsam.config.schema import PrepareConfig
 from cdsam.data.manifest import (
     BACKGROUND,
     FOREGROUND,

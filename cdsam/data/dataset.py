@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
 
-from cdsam.config import DataConfig
+from cdsam.config.schema import DataConfig
 from cdsam.data.augment import augment_pair, build_augment, sample_seed
 from cdsam.data.geometry import normalize_transform
 from cdsam.data.manifest import FOREGROUND, IGNORE

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from cdsam.config import PrepareConfig
+from cdsam.config.schema import PrepareConfig
 from cdsam.data.manifest import BACKGROUND, IGNORE, Sample
 
 

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DistributedSampler
 from torchvision import tv_tensors
 
-from cdsam.config import AugmentConfig
+from cdsam.config.schema import AugmentConfig
 from cdsam.data.augment import sample_seed
 from cdsam.data.batch_augment import augment_batch, draw_augment
 from cdsam.data.geometry import normalize_transform

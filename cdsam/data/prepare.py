@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cdsam import io
-from cdsam.config import DataConfig, PrepareConfig
+from cdsam.config.schema import DataConfig, PrepareConfig
 from cdsam.data.coco import coco_files, coco_stems, iter_coco, load_coco
 from cdsam.data.folders import iter_folders
 from cdsam.data.manifest import BadFiles, Sample, split_ids

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cdsam.config import DataConfig
+from cdsam.config.schema import DataConfig
 from cdsam.data.shards import FORMAT, IMAGES, INDEX, SAMPLE_COLUMNS, SAMPLES, shard_name
 from cdsam.errors import DataError
 

@@ -39,7 +39,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from cdsam import io
-from cdsam.config import DataConfig
+from cdsam.config.schema import DataConfig
 from cdsam.data.geometry import fit_transform
 from cdsam.data.manifest import FOREGROUND, Sample, slug
 from cdsam.errors import DataError

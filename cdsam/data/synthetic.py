@@ -15,7 +15,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cdsam.config import SyntheticConfig
+from cdsam.config.schema import SyntheticConfig
 from cdsam.data.manifest import BACKGROUND, FOREGROUND, Sample
 
 COLOURS: dict[str, tuple[int, int, int]] = {

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cdsam.config import PrepareConfig
+from cdsam.config.schema import PrepareConfig
 from cdsam.data.manifest import (
     BACKGROUND,
     FOREGROUND,

@@ -15,7 +15,7 @@ import open_clip
 import torch
 from torch import nn
 
-from cdsam.config import ClipConfig
+from cdsam.config.schema import ClipConfig
 from cdsam.errors import UserError
 from cdsam.io import looks_like_file
 

@@ -21,7 +21,7 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from cdsam.config import DinoConfig
+from cdsam.config.schema import DinoConfig
 from cdsam.errors import UserError
 
 SIZE_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdsam.config import ModelConfig
+from cdsam.config.schema import ModelConfig
 from cdsam.models.clip_text import ClipTextEncoder, build_clip_text
 from cdsam.models.dino import (
     build_dino,

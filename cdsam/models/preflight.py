@@ -12,7 +12,7 @@ from __future__ import annotations
 import open_clip
 import torch
 
-from cdsam.config import DinoLoraConfig, ModelConfig
+from cdsam.config.schema import DinoLoraConfig, ModelConfig
 from cdsam.errors import ConfigError
 from cdsam.models.dino import build_dino, dino_depth, dino_patch_size
 

@@ -23,7 +23,7 @@ import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
-from cdsam.config import SAM2_TYPES, SamConfig
+from cdsam.config.schema import SAM2_TYPES, SamConfig
 from cdsam.errors import CheckpointError, UserError
 from cdsam.models.heads import SAM_DIM
 

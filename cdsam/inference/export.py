@@ -1,8 +1,8 @@
 """Export a checkpoint: ``merged`` (LoRA folded in, every tensor stored, no base needed) or
-``onnx`` (the image → masks graph for a fixed prompt set: `cdsam.onnx_export`).
+``onnx`` (the image → masks graph for a fixed prompt set: `cdsam.inference.onnx_export`).
 
 Stage checkpoints hold only what training changed and rebuild their base weights on load
-(:mod:`cdsam.base`); a merged export is the self-contained form to ship: an ordinary checkpoint
+(:mod:`cdsam.models.delta_base`); a merged export is the self-contained form to ship: an ordinary checkpoint
 directory (``model.safetensors`` + ``meta.json``) whose layout has no LoRA modules at all.
 """
 
@@ -12,9 +12,9 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from cdsam.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
 from cdsam.errors import UserError
-from cdsam.lora import merge_lora
+from cdsam.models.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
+from cdsam.models.lora import merge_lora
 
 MODES = ("merged", "onnx")
 
@@ -36,7 +36,7 @@ def export(checkpoint: str | Path, out: str | Path, mode: str,
     if out.resolve() == checkpoint.resolve():
         raise UserError(f"--out: {out} is the checkpoint itself; choose another directory")
     if mode == "onnx":
-        from cdsam.onnx_export import export_onnx
+        from cdsam.inference.onnx_export import export_onnx
 
         return {"mode": "onnx", **export_onnx(checkpoint, out, prompts, check=check)}
     if prompts:

@@ -6,7 +6,7 @@ training) before the weights go in, so LoRA weights are really used.
 
 Two kinds, one loader. A *delta* checkpoint (what training stages write) stores only what
 training changed and ``meta.base`` — the seed and, per component, the base weights' source and
-sha256 (see :mod:`cdsam.base`); loading rebuilds that base and refuses any other. A *full*
+sha256 (see :mod:`cdsam.models.delta_base`); loading rebuilds that base and refuses any other. A *full*
 checkpoint (``meta.base`` null: merged exports, older checkpoints) stores every tensor.
 """
 
@@ -23,10 +23,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cdsam import io
-from cdsam.base import Base, compare, describe_sources, left_out_fingerprints, split_state
-from cdsam.config import ModelConfig, _parse_section
+from cdsam.config.parse import parse_section
+from cdsam.config.schema import ModelConfig
 from cdsam.errors import CheckpointError, UserError
-from cdsam.lora import LoRASpec, apply_specs, lora_specs
+from cdsam.models.delta_base import (
+    Base,
+    compare,
+    describe_sources,
+    left_out_fingerprints,
+    split_state,
+)
+from cdsam.models.lora import LoRASpec, apply_specs, lora_specs
 from cdsam.models.model import CDSAM, build_model
 
 WEIGHTS = "model.safetensors"
@@ -134,7 +141,7 @@ def model_config_of(meta: CheckpointMeta, where: str) -> ModelConfig:
         # Written before clicks and boxes were drawn as a map: its mask-input encoder never
         # trained, so it decodes as it was trained.
         model = {**model, "sam": {**sam, "prompt_map": False}}
-    cfg = _parse_section(ModelConfig, model, "model", errors)
+    cfg = parse_section(ModelConfig, model, "model", errors)
     if errors:
         raise CheckpointError(f"{where}: bad model config in meta.json ({errors[0]})")
     return cfg

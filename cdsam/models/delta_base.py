@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cdsam.lora import lora_modules
+from cdsam.models.lora import lora_modules
 
 
 def tensor_digest(t: torch.Tensor) -> str:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from cdsam.data.geometry import BACKGROUND_LOGIT, Geometry
 from cdsam.errors import UserError
-from cdsam.predict import Predictor
+from cdsam.inference.predictor import Predictor
 
 
 def window_starts(size: int, tile: int, overlap: int) -> list[int]:

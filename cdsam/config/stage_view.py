@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from cdsam.config import Params, load_params
+from cdsam.config.parse import load_params
+from cdsam.config.schema import Params
 from cdsam.errors import UserError
 from cdsam.io import looks_like_file
 

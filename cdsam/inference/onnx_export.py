@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdsam.checkpoint import load_checkpoint
 from cdsam.data.geometry import IMAGENET_MEAN, IMAGENET_STD, PAD_RGB
 from cdsam.errors import UserError
-from cdsam.lora import merge_lora
+from cdsam.inference.predictor import input_geometry
+from cdsam.models.checkpoint import load_checkpoint
+from cdsam.models.lora import merge_lora
 from cdsam.models.model import CDSAM
-from cdsam.predict import input_geometry
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-log = logging.getLogger("cdsam.train")
+log = logging.getLogger("cdsam.training.trainer")
 
 
 def tensor_parts(model: nn.Module) -> Iterator[nn.Module]:

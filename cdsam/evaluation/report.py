@@ -2,7 +2,7 @@
 
 The test split when the prepared data has one (val chose each stage's epoch, so its score is
 optimistic), else val; ``evaluate.json`` and the log say which. Figures are defined in
-`cdsam.metrics`.
+`cdsam.evaluation.metrics`.
 """
 
 from __future__ import annotations
@@ -17,22 +17,22 @@ import pandas as pd
 import torch
 
 from cdsam import io
-from cdsam.checkpoint import load_checkpoint
-from cdsam.class_grid import ClassGrid, score_class_grid
-from cdsam.config import LossConfig, Params
+from cdsam.config.schema import LossConfig, Params
 from cdsam.data.dataset import ManifestDataset
 from cdsam.data.packed import PackedLoader, normalize_batch
 from cdsam.data.prepared import PreparedSplit, read_index
 from cdsam.data.spatial import BOX, CLICK
 from cdsam.data.synthetic import attributes
-from cdsam.metrics import per_prompt
-from cdsam.objective import Objective
-from cdsam.overlay import denormalize, grid, sample_panel
-from cdsam.predict import Predictor
+from cdsam.evaluation.class_grid import ClassGrid, score_class_grid
+from cdsam.evaluation.metrics import per_prompt
+from cdsam.evaluation.scoring import EvalResult, evaluate_model
+from cdsam.inference.overlay import denormalize, grid, sample_panel
+from cdsam.inference.predictor import Predictor
+from cdsam.models.checkpoint import load_checkpoint
+from cdsam.models.objective import Objective
 from cdsam.runtime import configure_determinism, resolve_device
-from cdsam.scoring import EvalResult, evaluate_model
 
-log = logging.getLogger("cdsam.evaluate")
+log = logging.getLogger("cdsam.evaluation.report")
 
 
 def scored_split(data: Path) -> str:
@@ -119,7 +119,7 @@ def prompt_pairs(res: EvalResult, pairs: list[tuple[int, int]], prompts: list[st
 
 def class_grid(model, params: Params, prepared: PreparedSplit, device: torch.device
                ) -> ClassGrid:
-    """VOC/COCO class IoU: every class of the split on every image (`cdsam.class_grid`)."""
+    """VOC/COCO class IoU: every class of the split on every image (`cdsam.evaluation.class_grid`)."""
     ev, data = params.evaluate, params.data
     vocab = sorted(set(prepared.prompts))
     predictor = Predictor(model, data.resize, data.crop, vocab, device, data.fit)

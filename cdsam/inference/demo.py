@@ -22,7 +22,7 @@ from PIL import Image
 
 from cdsam.data.manifest import slug
 from cdsam.errors import UserError
-from cdsam.predict import Predictor
+from cdsam.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 7860,
     except ImportError:
         raise UserError('cdsam demo needs the demo extra: pip install -e ".[demo]"') from None
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline machines: no calls home
-    from cdsam.predict import load_model
+    from cdsam.inference.predictor import load_model
     from cdsam.runtime import resolve_device
 
     predictor = load_model(checkpoint, resolve_device(device))

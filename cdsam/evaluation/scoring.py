@@ -1,6 +1,6 @@
 """Score a model over a loader: the objective's loss and the split's figures.
 
-Used by training (val, every epoch) and by the evaluate stage; see `cdsam.metrics` for what
+Used by training (val, every epoch) and by the evaluate stage; see `cdsam.evaluation.metrics` for what
 each figure means.
 """
 
@@ -14,13 +14,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cdsam.data.spatial import batch_prompts
-from cdsam.metrics import SplitScores, pixel_counts, summarize
+from cdsam.evaluation.metrics import SplitScores, pixel_counts, summarize
 from cdsam.models.model import CDSAM
-from cdsam.objective import Objective
+from cdsam.models.objective import Objective
 from cdsam.runtime import amp_settings
 
 if TYPE_CHECKING:
-    from cdsam.feature_cache import FeatureCache
+    from cdsam.training.feature_cache import FeatureCache
 
 
 @dataclass
@@ -28,7 +28,7 @@ class EvalResult:
     loss: float
     miou: float  # mean per-sample IoU over positive samples
     dice: float
-    sampled_class_iou: float = 0.0  # per prompt over the sampled rows (see cdsam.metrics)
+    sampled_class_iou: float = 0.0  # per prompt over the sampled rows (see cdsam.evaluation.metrics)
     fp_rate: float = 0.0  # negatives with a non-empty predicted mask
     neg_area: float = 0.0  # negatives' mean predicted share of the image
     positives: int = 0
@@ -49,9 +49,9 @@ def evaluate_model(model: CDSAM, loader: DataLoader, device: torch.device,
                    objective: Objective, threshold: float = 0.5, show_progress: bool = False,
                    cache: FeatureCache | None = None, start_block: int = 0,
                    reduce: bool = False, keep_masks: bool = False) -> EvalResult:
-    """The objective's loss and the split's scores (`cdsam.metrics`) over a loader.
+    """The objective's loss and the split's scores (`cdsam.evaluation.metrics`) over a loader.
 
-    ``cache``: DINO prefix features to reuse (see `cdsam.feature_cache`). ``reduce``: the loader
+    ``cache``: DINO prefix features to reuse (see `cdsam.training.feature_cache`). ``reduce``: the loader
     holds this rank's shard; the figures are summed over ranks (the per-sample lists stay
     local). ``keep_masks``: also keep each sample's thresholded mask (on the CPU).
     """

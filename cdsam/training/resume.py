@@ -26,9 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cdsam import io
-from cdsam.base import Base, canonical_names, split_state
+from cdsam.models.delta_base import Base, canonical_names, split_state
 
-log = logging.getLogger("cdsam.resume")
+log = logging.getLogger("cdsam.training.resume")
 
 FORMAT = "cdsam-resume/1"
 TENSORS = "state.safetensors"
@@ -37,7 +37,7 @@ META = "state.json"
 
 def code_fingerprint(package: str = "cdsam") -> str:
     """sha256 over the source of every loaded module of ``package``: an edit to the code a
-    stage runs (e.g. ``cdsam/losses.py``) makes an earlier resume state stale."""
+    stage runs (e.g. ``cdsam/models/losses.py``) makes an earlier resume state stale."""
     h = hashlib.sha256()
     for name in sorted(m for m in sys.modules if m == package or m.startswith(package + ".")):
         path = getattr(sys.modules[name], "__file__", None)

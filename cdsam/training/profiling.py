@@ -1,6 +1,6 @@
 """Where a training step's time goes, op by op: ``torch.profiler`` over staged steps.
 
-`cdsam.bench --profile DIR` calls :func:`profile_steps` for each run: a Chrome trace per run
+`cdsam.training.bench --profile DIR` calls :func:`profile_steps` for each run: a Chrome trace per run
 (open it in chrome://tracing or https://ui.perfetto.dev) and a summary — per step, the time
 and call count of the ops that take the most of it (device time on CUDA, CPU time otherwise),
 the kernel launches (CUDA), and the host time of each phase: forward and backward (the
@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 TOP_OPS = 12
 # The runtime calls that put one kernel on the GPU (the names differ across CUDA versions).
 LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
-# record_function labels of a training step's phases (`cdsam.train.StageTrainer.train_step`).
+# record_function labels of a training step's phases (`cdsam.training.trainer.StageTrainer.train_step`).
 PHASES = {"forward": "cdsam.forward", "backward": "cdsam.backward"}
 
 
@@ -72,7 +72,7 @@ def summarize(events: Sequence[Any], steps: int, cuda: bool) -> dict[str, Any]:
 
 def profile_table(key: str, p: dict[str, Any], syncs_per_step: float | None = None
                   ) -> list[str]:
-    """The summary as text lines, for `cdsam.bench`'s table (``syncs_per_step``: the run's
+    """The summary as text lines, for `cdsam.training.bench`'s table (``syncs_per_step``: the run's
     host waits, CUDA only)."""
     launches = "-" if p["launches_per_step"] is None else f"{p['launches_per_step']:.0f}"
     syncs = "-" if syncs_per_step is None else f"{syncs_per_step:.1f}"
@@ -109,7 +109,7 @@ def syncs_per_step(step: Callable[[Any], object], batches: Sequence[Any],
 class CastCounter(TorchDispatchMode):
     """Counts the copies that cast a tensor to ``dtype`` while active: under autocast, its
     weight and input casts. CPU autocast casts by the same rule as CUDA's, so the count taken on
-    a CPU is the GPU's cast kernels (`cdsam.frozen_weights`, ``tools/cast_count.py``)."""
+    a CPU is the GPU's cast kernels (`cdsam.training.frozen_weights`, ``tools/cast_count.py``)."""
 
     def __init__(self, dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()

@@ -12,7 +12,7 @@ trainable gradient, allocated when the model is wrapped); capped by ``optim.auto
 training split. A batch that leaves fewer than `FEW_STEPS` steps an epoch is kept but said,
 with the knob that trades batch for steps. Every DDP rank takes the smallest of the ranks'
 choices. A resumed run takes the batch its resume state trained with instead of measuring again
-(`cdsam.resume.ResumeStore.saved_batch`): free memory may differ now, the run must not.
+(`cdsam.training.resume.ResumeStore.saved_batch`): free memory may differ now, the run must not.
 
 On the CPU a bigger batch buys nothing (the cores are busy at 16), so auto is 16 there.
 
@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
-from cdsam.config import AUTO, OptimConfig
+from cdsam.config.schema import AUTO, OptimConfig
 from cdsam.errors import UserError
 
-log = logging.getLogger("cdsam.train")
+log = logging.getLogger("cdsam.training.trainer")
 
 REFERENCE_BATCH = 16  # the batch params.yaml's LRs are written for; auto's CPU batch
 PROBE_BATCHES = (4, 8)  # the two measured steps

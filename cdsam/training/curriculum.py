@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cdsam.config import DinoLoraConfig, OptimConfig, SamLoraConfig
+from cdsam.config.schema import DinoLoraConfig, OptimConfig, SamLoraConfig
 from cdsam.errors import UserError
-from cdsam.lora import (
+from cdsam.models.lora import (
     find_targets,
     inject_lora,
     lora_modules,

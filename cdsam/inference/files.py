@@ -3,7 +3,7 @@
 Inputs are files, folders (their image files, sorted) or glob patterns. Images are decoded on
 the CPU and go to the model ``batch_size`` at a time: DINO once per image, the CLIP text tower
 once per prompt for the whole run, the SAM decoder per (image, prompt). Images larger than ``tile`` pixels go
-through overlapping tiles (`cdsam.tiling`). Per image it writes one
+through overlapping tiles (`cdsam.inference.tiling`). Per image it writes one
 mask PNG per prompt (0/255, the image's size), the overlay, and optionally the semantic label
 map and the probabilities; ``summary.csv`` has one row per (image, prompt) and ``summary.json``
 the run (images/s, skipped files, text-encoder calls).
@@ -28,11 +28,11 @@ from tqdm import tqdm
 from cdsam import io
 from cdsam.data.manifest import slug
 from cdsam.errors import DataError, UserError
-from cdsam.overlay import PALETTE
-from cdsam.predict import Predictor, legend_overlay, semantic_labels, to_pil
-from cdsam.tiling import predict_tiled, windows
+from cdsam.inference.overlay import PALETTE
+from cdsam.inference.predictor import Predictor, legend_overlay, semantic_labels, to_pil
+from cdsam.inference.tiling import predict_tiled, windows
 
-log = logging.getLogger("cdsam.predict")
+log = logging.getLogger("cdsam.inference.predictor")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 PROBS_FORMATS = ("png16", "npy")

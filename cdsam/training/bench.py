@@ -1,4 +1,4 @@
-"""Benchmark training speed: ``python -m cdsam.bench [--json] [--batch-size B]``.
+"""Benchmark training speed: ``python -m cdsam.training.bench [--json] [--batch-size B]``.
 
 In one run, on the params in ``params.yaml`` (the default config) with a reduced image count
 and epoch count, it trains stage 1 and stage 2 with and without the feature cache through the
@@ -13,7 +13,7 @@ For every run it also splits the time (the "where does a step go" table): the lo
 real epoch), the loader's share of an end-to-end step, and the model FLOPs per image
 (counted by ``torch.utils.flop_counter`` over one forward + backward) as FLOP/s end to end
 and, given a peak (``--peak-tflops``, or known for the GPU), the model FLOP utilisation.
-``--profile DIR`` also runs the staged steps under ``torch.profiler`` (`cdsam.profiling`):
+``--profile DIR`` also runs the staged steps under ``torch.profiler`` (`cdsam.training.profiling`):
 a Chrome trace per run in DIR and, per run, the ops that take most of a step, the kernel
 launches and host waits per step and the forward / backward / optimizer host time.
 
@@ -22,7 +22,7 @@ step, and each run trains as many epochs as it takes for the timed epochs (all b
 to hold N steps. With ``--compile`` the step alone is timed compiled and eager in the same run
 (a compiler failure falls back to eager, and the run says so). With ``--cast-frozen`` it is also
 timed with the frozen weights back in fp32, cast by autocast on every use, as before they were
-held in bf16 (`cdsam.frozen_weights`; GPU runs, nothing is held without autocast).
+held in bf16 (`cdsam.training.frozen_weights`; GPU runs, nothing is held without autocast).
 """
 
 from __future__ import annotations
@@ -45,14 +45,15 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from cdsam.compiling import is_compiled, uncompile_parts
-from cdsam.config import Params, load_params, parse_params
+from cdsam.config.parse import load_params, parse_params
+from cdsam.config.schema import Params
 from cdsam.data.prepare import prepare
 from cdsam.entry import offline_defaults
 from cdsam.errors import ConfigError
-from cdsam.profiling import profile_steps, profile_table, syncs_per_step
 from cdsam.runtime import peak_memory_mb
-from cdsam.train import StagePaths, StageTrainer
+from cdsam.training.compiling import is_compiled, uncompile_parts
+from cdsam.training.profiling import profile_steps, profile_table, syncs_per_step
+from cdsam.training.trainer import StagePaths, StageTrainer
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {},
@@ -300,7 +301,7 @@ RUNS = ("stage1_uncached", "stage1_cached", "stage2_uncached", "stage2_cached", 
 
 
 def table(r: dict[str, Any]) -> str:
-    lines = [f"cdsam.bench  preset={r['preset']}  loader={r['loader']}  device={r['device']}  "
+    lines = [f"cdsam.training.bench  preset={r['preset']}  loader={r['loader']}  device={r['device']}  "
              f"DINO {r['dino']}, K={r['last_k_blocks']}, {r['images']} images "
              f"({r['train_samples']} train samples), {r['epochs']} epochs",
              f"{'run':<18}{'epoch s':>9}{'img/s':>9}{'setup s':>9}{'peak MB':>9}"
@@ -368,7 +369,7 @@ def table(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m cdsam.bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m cdsam.training.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--params", default="params.yaml")

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cdsam.config import LossConfig
-from cdsam.losses import bce_loss, clip_align_loss, dice_loss, feature_distill_loss
+from cdsam.config.schema import LossConfig
 from cdsam.models.dino import dino_patch_tokens
+from cdsam.models.losses import bce_loss, clip_align_loss, dice_loss, feature_distill_loss
 from cdsam.models.model import CDSAM, CDSAMOutput
 
 

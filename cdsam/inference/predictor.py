@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cdsam.checkpoint import CheckpointMeta, load_checkpoint
 from cdsam.data.dataset import pil_to_tv_image
 from cdsam.data.geometry import Geometry, fit_transform, normalize_transform
 from cdsam.data.manifest import read_image
 from cdsam.data.spatial import POINT_SLOTS
 from cdsam.errors import DataError, UserError
+from cdsam.models.checkpoint import CheckpointMeta, load_checkpoint
 from cdsam.models.model import CDSAM
 
 ImageLike = str | Path | Image.Image | np.ndarray

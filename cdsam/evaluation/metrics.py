@@ -6,7 +6,7 @@
   (its positives and the negatives prepare drew), then the mean over prompts. Cheap enough for
   every epoch, but not VOC/COCO's class IoU: with ``negatives_per_image: 1`` a class's false
   positives count only on the images where it was drawn as the negative, so an over-firing model
-  scores high. The evaluate stage reports the real one, ``class_iou`` (`cdsam.class_grid`).
+  scores high. The evaluate stage reports the real one, ``class_iou`` (`cdsam.evaluation.class_grid`).
 - ``fp_rate`` / ``neg_area``: on **negative** samples (the prompt names something absent), the
   share whose predicted mask is non-empty, and the mean predicted share of the valid pixels.
 """

@@ -1,14 +1,14 @@
 """The training recipe for one curriculum stage: setup → epochs → save.
 
-Stage N ≥ 2 starts from stage N−1's checkpoint; the stage table (`cdsam.curriculum`) decides
+Stage N ≥ 2 starts from stage N−1's checkpoint; the stage table (`cdsam.training.curriculum`) decides
 what trains. CUDA gets AMP (bf16 where supported, fp16 + GradScaler otherwise), TF32, pinned
 memory, fused AdamW, frozen linear/conv weights held in the autocast dtype
-(`cdsam.frozen_weights`) and optionally ``torch.compile`` (or one line saying why not, then
+(`cdsam.training.frozen_weights`) and optionally ``torch.compile`` (or one line saying why not, then
 eager); the CPU runs the same code in fp32, bit-reproducibly for a given seed and thread
 count. Under torchrun the trainable model is wrapped in DDP (see `cdsam.distributed`). Frozen
 work is done once: CLIP text features per prompt, the frozen DINO prefix per image
-(`cdsam.feature_cache`). After every epoch the full state goes to a resume folder
-(`cdsam.resume`), so a killed run continues where it stopped.
+(`cdsam.training.feature_cache`). After every epoch the full state goes to a resume folder
+(`cdsam.training.resume`), so a killed run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -30,34 +30,24 @@ from tqdm import tqdm
 
 import cdsam
 from cdsam import distributed
-from cdsam.base import Base
-from cdsam.batch_size import StepMemory, probe_step_memory, resolve_auto_batch, scale_lrs
-from cdsam.checkpoint import (
-    CheckpointMeta,
-    load_checkpoint,
-    parent_ref,
-    save_checkpoint,
-)
-from cdsam.compiling import compile_or_fall_back
-from cdsam.config import AUTO, OptimConfig, Params, to_dict
-from cdsam.curriculum import apply_stage, component_counts, param_groups, policy
+from cdsam.config.parse import to_dict
+from cdsam.config.schema import AUTO, OptimConfig, Params
 from cdsam.data.dataset import EpochSampler, ManifestDataset, collate
 from cdsam.data.packed import PackedLoader, normalize_batch
 from cdsam.data.prepared import PreparedSplit, prepared_digest
 from cdsam.data.spatial import SpatialPolicy, batch_prompts
 from cdsam.errors import CheckpointError, UserError
-from cdsam.feature_cache import FeatureCache, plan_cache
-from cdsam.frozen_weights import FrozenHold, hold_frozen
-from cdsam.models.model import CDSAM, build_model
-from cdsam.models.preflight import check_model
-from cdsam.objective import Objective
-from cdsam.profiling import PHASES
-from cdsam.resume import (
-    Progress,
-    ResumeStore,
-    code_fingerprint,
-    fingerprint,
+from cdsam.evaluation.scoring import evaluate_model
+from cdsam.models.checkpoint import (
+    CheckpointMeta,
+    load_checkpoint,
+    parent_ref,
+    save_checkpoint,
 )
+from cdsam.models.delta_base import Base
+from cdsam.models.model import CDSAM, build_model
+from cdsam.models.objective import Objective
+from cdsam.models.preflight import check_model
 from cdsam.runtime import (
     amp_settings,
     configure_determinism,
@@ -65,9 +55,20 @@ from cdsam.runtime import (
     resolve_device,
     seed_everything,
 )
-from cdsam.scoring import evaluate_model
+from cdsam.training.batch_size import StepMemory, probe_step_memory, resolve_auto_batch, scale_lrs
+from cdsam.training.compiling import compile_or_fall_back
+from cdsam.training.curriculum import apply_stage, component_counts, param_groups, policy
+from cdsam.training.feature_cache import FeatureCache, plan_cache
+from cdsam.training.frozen_weights import FrozenHold, hold_frozen
+from cdsam.training.profiling import PHASES
+from cdsam.training.resume import (
+    Progress,
+    ResumeStore,
+    code_fingerprint,
+    fingerprint,
+)
 
-log = logging.getLogger("cdsam.train")
+log = logging.getLogger("cdsam.training.trainer")
 
 BAR_READ_S = 1.0  # the progress bar's loss is read back from the device at most this often
 
@@ -105,7 +106,7 @@ class StageTrainer:
     pack_batches: bool = True
     # train.compile's torch.compile backend (tests pass dynamo's "eager" or a failing one).
     compile_backend: Any = "inductor"
-    # Under autocast, frozen linear/conv weights held in its dtype (`cdsam.frozen_weights`);
+    # Under autocast, frozen linear/conv weights held in its dtype (`cdsam.training.frozen_weights`);
     # False casts them each step as autocast does by itself (the benchmark compares the two).
     frozen_in_amp_dtype: bool = True
 
@@ -305,7 +306,7 @@ class StageTrainer:
             not self.cache.covers(pack.image_keys)
 
     def _resolve_batch_size(self) -> None:
-        """``optim.batch_size: auto`` → a number for this stage and device (cdsam.batch_size);
+        """``optim.batch_size: auto`` → a number for this stage and device (cdsam.training.batch_size);
         on CUDA measured on the split's own first batches, with the cache in place."""
         n = len(self.train_set)
         saved = self.store.saved_batch() if self.optim_cfg.batch_size == AUTO else None
@@ -401,7 +402,7 @@ class StageTrainer:
 
     def _step_probe(self) -> None:
         """Forward + backward of the first training batch, changing nothing: gradients are
-        dropped and the RNG streams restored (`cdsam.compiling` compiles on this call)."""
+        dropped and the RNG streams restored (`cdsam.training.compiling` compiles on this call)."""
         batch = next(iter(self.train_loader))
         self._set_train_mode()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):

@@ -1,0 +1,249 @@
+"""Every section of ``params.yaml`` as a dataclass, with its defaults and allowed values.
+
+`cdsam.config.parse` reads a file into these, `cdsam.config.validate` checks ranges and
+cross-field rules, `cdsam.config.stages` derives what one curriculum stage reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+SAM1_TYPES = ("vit_b", "vit_l", "vit_h")
+# SAM 2 / 2.1 checkpoints by their config names in Meta's sam2 package (configs/sam2*/).
+SAM2_TYPES = tuple(f"{v}_hiera_{s}" for v in ("sam2", "sam2.1") for s in ("t", "s", "b+", "l"))
+SAM_TYPES = SAM1_TYPES + SAM2_TYPES
+SAM_MODES = ("lora", "frozen", "full")
+SOURCES = ("synthetic", "folders", "voc", "coco")
+NEGATIVES = ("none", "absent")
+MASK_FORMATS = ("binary", "indexed", "per_class")
+FITS = ("crop", "pad")
+SELECT = ("best", "last")
+STAGES = (1, 2, 3, 4)
+
+
+@dataclass
+class DinoConfig:
+    name: str = "vit_small_patch16_224"  # any timm ViT or Eva (DINOv3); a tag (".dino") picks hub weights
+    pretrained: bool = False  # fetch the named hub weights (needs network or HF cache)
+    checkpoint: str | None = None  # a local weights file in timm's format; wins over the hub
+    # Size overrides passed to timm.create_model; null (or absent) keeps the named model's own
+    # value, except img_size: null builds the model for data.crop (timm resamples the
+    # positional embeddings of the weights once, as they load). The embedded default's toy
+    # sizes live in params.yaml only.
+    img_size: int | None = None
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class ClipConfig:
+    name: str = "cdsam-tiny-text"  # an open_clip model name; the default is our tiny tower
+    pretrained: str | None = None  # an open_clip tag ("openai"), a weights file or a hub repo folder
+
+
+@dataclass
+class SamConfig:
+    type: str = "vit_b"  # SAM 1 vit_b/l/h, or SAM 2 / 2.1 (sam2.1_hiera_b+, …; needs sam2)
+    checkpoint: str | None = None  # an official SAM .pth (or .safetensors) file
+    # Clicks and boxes also drawn as a map through SAM's mask-input encoder (trained in every
+    # stage): what makes them matter when the decoder is not SAM's own (docs/default.md).
+    prompt_map: bool = True
+    click_radius: float = 2.0  # a click's disk in that map, in DINO tokens (patches)
+
+
+@dataclass
+class HeadsConfig:
+    num_text_tokens: int = 4  # sparse prompt tokens made from one CLIP text feature
+
+
+@dataclass
+class ModelConfig:
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    sam: SamConfig = field(default_factory=SamConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+
+
+@dataclass
+class SamLoraConfig:
+    enable: bool = True
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["attn", "mlp", "proj", "lin"])
+
+
+@dataclass
+class DinoLoraConfig(SamLoraConfig):
+    last_k_blocks: int = 2  # adapters go on DINO blocks depth-K … depth-1
+    targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+
+
+@dataclass
+class LoraConfig:
+    sam: SamLoraConfig = field(default_factory=SamLoraConfig)
+    dino: DinoLoraConfig = field(default_factory=DinoLoraConfig)
+
+
+AUTO = "auto"
+LR_SCALINGS = ("linear", "sqrt", "none")
+
+
+@dataclass
+class OptimConfig:
+    # An integer, or auto: the largest power of two that fits the device (cdsam.training.batch_size;
+    # 16 on the CPU), the LRs below then scaled from batch 16 by `lr_scaling`.
+    batch_size: int | str = 16
+    lr: float = 1e-3  # base group: heads (and DINO in stage 4)
+    lora_lr: float = 1e-3  # LoRA group, weight decay 0
+    wd: float = 0.01
+    grad_clip: float = 1.0  # max grad norm; 0 disables clipping
+    grad_accum_steps: int = 1
+    warmup_steps: int = 20  # linear warmup, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.05
+    lr_scaling: str = "sqrt"  # batch_size auto: LRs scale by sqrt(chosen/16), chosen/16 (linear), or not
+    auto_batch_max: int = 1024  # batch_size auto: the largest batch it may pick
+
+
+OPTIM_KEYS = tuple(f.name for f in dataclasses.fields(OptimConfig))
+
+
+@dataclass
+class LossConfig:
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    clip_align_weight: float = 0.1  # mask-pooled image tokens vs. prompt text features
+    clip_temperature: float = 0.07
+    ssl_weight: float = 0.0  # cosine distillation to the frozen stage-start DINO
+
+
+@dataclass
+class StageConfig:
+    epochs: int = 1
+    sam_mode: str | None = None  # stage 4 only: lora | frozen | full
+    select: str = "best"  # keep the best-val-mIoU epoch, or the last one
+    # Per-stage overrides of `optim`; null keeps the `optim` value.
+    batch_size: int | str | None = None
+    lr: float | None = None
+    lora_lr: float | None = None
+    wd: float | None = None
+    grad_clip: float | None = None
+    grad_accum_steps: int | None = None
+    warmup_steps: int | None = None
+    min_lr_ratio: float | None = None
+    lr_scaling: str | None = None
+    auto_batch_max: int | None = None
+
+
+@dataclass
+class AugmentConfig:
+    """Seeded train-time augmentation, applied to image and mask together (never val/test)."""
+
+    enable: bool = False
+    hflip: float = 0.5  # probability of a horizontal flip
+    scale: float = 0.3  # random resized crop keeps 1-scale … 1 of the area (0: off)
+    rotate: float = 10.0  # degrees, ± (0: off); uncovered pixels are ignore in the mask
+    colour: float = 0.2  # brightness / contrast / saturation jitter (0: off)
+
+
+@dataclass
+class DataConfig:
+    fit: str = "pad"  # crop: Resize(resize) → CenterCrop(crop); pad: longer side → crop, pad
+    resize: int = 64  # crop fit: shorter side before the centre crop
+    crop: int = 64  # square input fed to DINO; a multiple of the patch size
+    memory_mb: int = 4096  # a split's prepared rows memory-mapped up to this; beyond, read per batch
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class TrainConfig:
+    """Shared by the training stages: spatial prompt training, then speed knobs (which do not
+    change what is learned)."""
+
+    # Probability per sample of a positive click inside the target (plus, half the time, a
+    # negative click outside) / of a jittered box, next to the text (seeded; see
+    # cdsam.data.spatial). 0 trains text prompts only.
+    point_prompts: float = 0.25
+    box_prompts: float = 0.25
+    feature_cache: bool = True  # compute the frozen DINO prefix once per image
+    feature_cache_mb: int = 4096  # memory budget; images beyond it are recomputed each step
+    compile: bool = False  # torch.compile the model (CUDA mostly; needs a C++ compiler on CPU)
+
+
+@dataclass
+class SyntheticConfig:
+    num_images: int = 600
+    image_size: int = 64
+    min_objects: int = 2
+    max_objects: int = 4
+
+
+@dataclass
+class PrepareConfig:
+    source: str = "synthetic"
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    on_bad_file: str = "error"  # error | skip
+    # absent: prompts of classes not in an image become empty-mask samples (seeded)
+    negatives: str = "absent"  # none | absent
+    negatives_per_image: int = 1  # absent-class prompts drawn per image (0: all absent classes)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # folders source (images also: coco)
+    images: str | None = None
+    masks: str | None = None
+    mask_format: str = "binary"  # binary (one prompt) | indexed (0 bg, k = classes[k-1]) | per_class
+    prompt: str | None = None
+    # voc source
+    root: str | None = None
+    prompt_template: str = "a photo of a {}"
+    classes: list[str] | None = None  # voc / coco / multi-class folders: the class names
+    binary: bool = False
+    # coco source: instances JSON; val/test from their own files, else from the fractions
+    annotations: str | None = None
+    val_annotations: str | None = None
+    val_images: str | None = None  # default: prepare.images
+    test_annotations: str | None = None
+    test_images: str | None = None
+
+
+@dataclass
+class EvaluateConfig:
+    batch_size: int = 64
+    threshold: float = 0.5
+    num_overlays: int = 4
+    # Also score positives with text + one click and text + the tight box (miou_click,
+    # miou_box): two more passes over the split.
+    spatial_prompts: bool = True
+
+
+@dataclass
+class Params:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(epochs=3))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(epochs=3))
+    stage3: StageConfig = field(default_factory=lambda: StageConfig(epochs=4, lr=3e-4,
+                                                                    lora_lr=3e-4))
+    stage4: StageConfig = field(default_factory=lambda: StageConfig(epochs=4, lr=3e-4,
+                                                                    sam_mode="lora"))
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def stage(self, n: int) -> StageConfig:
+        return getattr(self, f"stage{n}")
+
+    def optim_for(self, n: int) -> OptimConfig:
+        """`optim` with the stage section's non-null overrides applied."""
+        st = self.stage(n)
+        over = {k: getattr(st, k) for k in OPTIM_KEYS if getattr(st, k) is not None}
+        return dataclasses.replace(self.optim, **over)
