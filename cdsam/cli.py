@@ -18,11 +18,12 @@ from pathlib import Path
 
 from cdsam import __version__
 from cdsam.config.parse import load_params
+from cdsam.config.stages import check_stage_arg, curriculum_to
 from cdsam.entry import offline_defaults, run
 from cdsam.errors import UserError
 from cdsam.models.model import build_model
 from cdsam.models.preflight import check_model
-from cdsam.training.curriculum import apply_stage, component_counts, policy
+from cdsam.training.curriculum import apply_plan, component_counts
 
 log = logging.getLogger("cdsam.cli")
 
@@ -35,14 +36,14 @@ def summarize_stage(params_path: str, stage: int) -> dict[str, dict[str, int]]:
     Random init (no weights are loaded): the counts depend only on the structure.
     """
     params = load_params(params_path)
-    pol = policy(stage)
-    check_model(params.model, params.data.crop, params.lora.dino if stage >= 2 else None)
+    chain = curriculum_to(params, stage)
+    dino_lora = next((p.lora_dino for p in chain if p.lora_dino is not None), None)
+    check_model(params.model, params.data.crop, dino_lora)
     model = build_model(params.model, load_weights=False, seed=params.seed)
-    # Replay the curriculum up to `stage`, so stage 3 keeps stage 2's adapters and stage 4
-    # merges them, as in the pipeline.
-    for n in range(1, pol.stage + 1):
-        mode = (params.stage4.sam_mode or "lora") if n == 4 else "lora"
-        apply_stage(model, n, params.lora.sam, params.lora.dino if n in (2, 3) else None, mode)
+    # Replay the curriculum up to `stage` along its parents, so stage 3 keeps stage 2's
+    # adapters and stage 4 merges them, as in the pipeline.
+    for plan in chain:
+        apply_plan(model, plan)
     return component_counts(model)
 
 
@@ -58,8 +59,7 @@ def _table(counts: dict[str, dict[str, int]], stage: int) -> str:
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
-    if args.stage not in (1, 2, 3, 4):
-        raise UserError(f"--stage: unknown stage {args.stage} (known: 1, 2, 3, 4)")
+    check_stage_arg(args.stage)
     counts = summarize_stage(args.params, args.stage)
     if args.json:
         print(json.dumps(counts, indent=2))

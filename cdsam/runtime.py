@@ -9,6 +9,7 @@ import os
 import random
 import resource
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -48,13 +49,28 @@ def configure_determinism(device: torch.device) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def amp_settings(device: torch.device) -> tuple[bool, torch.dtype | None, bool]:
-    """(autocast on?, its dtype, needs GradScaler?)."""
+@dataclass(frozen=True)
+class Precision:
+    """How a run computes: autocast on or off, its dtype, whether the loss needs a GradScaler.
+    Decided once per run (:func:`precision_for`) and handed to everything that runs the model,
+    so the training step, validation and the held frozen weights agree."""
+
+    device: torch.device
+    amp: bool = False
+    dtype: torch.dtype | None = None
+    needs_scaler: bool = False
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.amp)
+
+
+def precision_for(device: torch.device) -> Precision:
+    """CUDA: bf16 autocast where supported, else fp16 with a GradScaler; elsewhere fp32."""
     if device.type != "cuda":
-        return False, None, False
+        return Precision(device)
     if torch.cuda.is_bf16_supported():
-        return True, torch.bfloat16, False
-    return True, torch.float16, True
+        return Precision(device, True, torch.bfloat16)
+    return Precision(device, True, torch.float16, needs_scaler=True)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -14,6 +14,7 @@ require_checkout(__file__)
 import argparse
 
 from cdsam.config.stage_view import load_stage_params
+from cdsam.config.stages import stages
 from cdsam.entry import run
 from cdsam.evaluation.report import evaluate_stages
 
@@ -29,7 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     params = load_stage_params("evaluate", args.params)
     models = Path(args.models)
-    checkpoints = {f"stage{n}": models / f"stage{n}" for n in (1, 2, 3, 4)}
+    checkpoints = {f"stage{n}": models / f"stage{n}" for n in stages()}
     evaluate_stages(params, checkpoints, Path(args.data), Path(args.out), Path(args.metrics))
 
 

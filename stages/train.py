@@ -21,8 +21,8 @@ import subprocess
 
 from cdsam import distributed
 from cdsam.config.stage_view import load_stage_params
+from cdsam.config.stages import check_stage_arg
 from cdsam.entry import run
-from cdsam.errors import UserError
 from cdsam.training.trainer import StagePaths, StageTrainer
 
 
@@ -38,17 +38,16 @@ def main() -> int | None:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     args = ap.parse_args()
-    if args.stage not in (1, 2, 3, 4):
-        raise UserError(f"--stage: unknown stage {args.stage} (known: 1, 2, 3, 4)")
+    rule = check_stage_arg(args.stage)
     # Validate params before anything else happens, also before a torchrun relaunch.
-    params = load_stage_params(f"stage{args.stage}", args.params)
+    params = load_stage_params(rule.name, args.params)
     relaunch = distributed.relaunch_command([os.path.abspath(__file__), *sys.argv[1:]])
     if relaunch is not None:
         return subprocess.call(relaunch)
     models = Path(args.models)
-    paths = StagePaths(data=Path(args.data), out=models / f"stage{args.stage}",
-                       metrics=Path(args.metrics) / f"stage{args.stage}",
-                       parent=models / f"stage{args.stage - 1}" if args.stage > 1 else None,
+    paths = StagePaths(data=Path(args.data), out=models / rule.name,
+                       metrics=Path(args.metrics) / rule.name,
+                       parent=None if rule.parent is None else models / f"stage{rule.parent}",
                        resume=Path(args.resume_dir))
     try:
         StageTrainer(params, args.stage, paths, show_progress=not args.no_progress).run()

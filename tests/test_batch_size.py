@@ -21,7 +21,7 @@ from cdsam.training.batch_size import (
     resolve_auto_batch,
     scale_lrs,
 )
-from cdsam.training.trainer import StagePaths, StageTrainer
+from cdsam.training.trainer import StagePaths, StageTrainer, TrainerOptions
 from tests.conftest import tiny_params
 from tests.test_train import data_dir  # noqa: F401  (the small prepared set)
 
@@ -83,7 +83,7 @@ def _trained(device: str, data: Path, tmp: Path) -> StageTrainer:
                     stage1={"epochs": 1})
     paths = StagePaths(data=data, out=tmp / "stage1", metrics=tmp / "metrics",
                        parent=None, resume=tmp / "resume")
-    t = StageTrainer(p, 1, paths, show_progress=False)
+    t = StageTrainer(p, 1, paths, TrainerOptions(show_progress=False))
     t.setup()
     t.train()
     return t
@@ -119,27 +119,24 @@ def test_the_budget_leaves_room_for_adamw_and_ddp_buckets():
 def test_a_resumed_auto_stage_keeps_the_batch_its_state_trained_with(
         data_dir, tmp_path, monkeypatch, caplog):  # noqa: F811
     """A resume on a device where auto would now pick another batch continues the same run."""
-    import cdsam.training.trainer
-
     def as_if_a_gpu_chose_8(optim, *args, **kwargs):
         return scale_lrs(optim, 8)
 
     p = tiny_params(device="cpu", optim={"batch_size": "auto", "warmup_steps": 1},
                     stage1={"epochs": 2})
 
-    def trainer(root: Path) -> StageTrainer:
+    def trainer(root: Path, resolve=resolve_auto_batch) -> StageTrainer:
         paths = StagePaths(data=data_dir, out=root / "stage1", metrics=root / "metrics",
                            parent=None, resume=root / "resume")
-        return StageTrainer(p, 1, paths, show_progress=False)
+        return StageTrainer(p, 1, paths, TrainerOptions(show_progress=False,
+                                                        resolve_batch=resolve))
 
-    with monkeypatch.context() as m:
-        m.setattr(cdsam.training.trainer, "resolve_auto_batch", as_if_a_gpu_chose_8)
-        straight = trainer(tmp_path / "a")
-        straight.setup()
-        straight.train()
-        first = trainer(tmp_path / "b")
-        first.setup()
-        first.train(stop_after=1)  # killed after epoch 1
+    straight = trainer(tmp_path / "a", as_if_a_gpu_chose_8)
+    straight.setup()
+    straight.train()
+    first = trainer(tmp_path / "b", as_if_a_gpu_chose_8)
+    first.setup()
+    first.train(stop_after=1)  # killed after epoch 1
     resumed = trainer(tmp_path / "b")  # auto here (the CPU) would pick 16
     with caplog.at_level(logging.INFO, logger="cdsam"):
         resumed.setup()

@@ -12,7 +12,7 @@ import torch
 from cdsam.models.model import build_model
 from cdsam.training.bench import split_step_time
 from cdsam.training.compiling import compile_parts, is_compiled, uncompile_parts
-from cdsam.training.trainer import StagePaths, StageTrainer
+from cdsam.training.trainer import StagePaths, StageTrainer, TrainerOptions
 from tests.conftest import prepare_tiny, tiny_params
 
 
@@ -32,8 +32,8 @@ def _losses(data_dir: Path, tmp: Path, compile_on: bool, backend
                          stage1={"epochs": 1})
     paths = StagePaths(data=data_dir, out=tmp / "stage1", metrics=tmp / "metrics",
                        resume=tmp / "resume")
-    trainer = StageTrainer(params, 1, paths, show_progress=False)
-    trainer.compile_backend = backend
+    trainer = StageTrainer(params, 1, paths,
+                           TrainerOptions(show_progress=False, compile_backend=backend))
     trainer.setup()
     trainer.train()
     return trainer, trainer.step_losses[0]

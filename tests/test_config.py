@@ -9,6 +9,7 @@ import yaml
 from cdsam.config.parse import load_params, parse_params
 from cdsam.config.schema import Params
 from cdsam.config.stage_view import check_inputs_tracked, declared_keys, restrict
+from cdsam.config.stages import stage_keys, stage_rule, stages
 from cdsam.errors import ConfigError, UserError
 from cdsam.presets import DEFAULT_PARAMS
 
@@ -81,11 +82,12 @@ def test_stage_view_blocks_undeclared_sections():
 
 
 def test_every_stage_declares_what_it_needs():
-    for n in (1, 2, 3, 4):
+    for n in stages():
         keys = declared_keys(f"stage{n}", "dvc.yaml")
         for k in ("seed", "device", "data", "model", "lora.sam", "optim", "loss", f"stage{n}"):
             assert k in keys, (n, k)
-        assert ("lora.dino" in keys) == (n in (2, 3))
+        assert ("lora.dino" in keys) == stage_rule(n).reads_dino_lora
+        assert keys == stage_keys(n)
     # prepare fits the images once, so it reads the fit's keys of `data` (and no others)
     assert set(declared_keys("prepare", "dvc.yaml")) == {"seed", "prepare", "data.fit",
                                                           "data.resize", "data.crop"}

@@ -14,13 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-import cdsam.training.trainer
 from cdsam.models.lora import LoRALinear
 from cdsam.models.model import build_model
+from cdsam.runtime import Precision
 from cdsam.training.curriculum import apply_stage
 from cdsam.training.frozen_weights import hold_frozen
 from cdsam.training.profiling import CastCounter
-from cdsam.training.trainer import StagePaths, StageTrainer
+from cdsam.training.trainer import StagePaths, StageTrainer, TrainerOptions
 from tests.conftest import prepare_tiny, tiny_params
 
 BF16 = torch.bfloat16
@@ -122,28 +122,27 @@ def data_dir(tmp_path_factory) -> Path:
     return prepare_tiny(tmp_path_factory.mktemp("data") / "prepared")
 
 
-def _trainer(data_dir: Path, tmp: Path, hold: bool, monkeypatch) -> StageTrainer:
-    # Autocast on the CPU, as `amp_settings` turns it on for a bf16 GPU.
-    monkeypatch.setattr(cdsam.training.trainer, "amp_settings", lambda device: (True, BF16, False))
-    monkeypatch.setattr(StageTrainer, "frozen_in_amp_dtype", hold)
+def _trainer(data_dir: Path, tmp: Path, hold: bool) -> StageTrainer:
+    # Autocast on the CPU, as `precision_for` turns it on for a bf16 GPU.
+    options = TrainerOptions(show_progress=False, hold_frozen=hold,
+                             precision=Precision(torch.device("cpu"), True, BF16))
     params = tiny_params(device="cpu", optim={"batch_size": 4},
                          train={"point_prompts": 0.5, "box_prompts": 0.5,
                                 "feature_cache": False})
     paths = StagePaths(data=data_dir, out=tmp / "stage1", metrics=tmp / "metrics",
                        resume=tmp / "resume")
-    trainer = StageTrainer(params, 1, paths, show_progress=False)
+    trainer = StageTrainer(params, 1, paths, options)
     trainer.setup()
     return trainer
 
 
-def test_a_stage_trains_and_saves_the_same_with_frozen_weights_in_bf16(data_dir, tmp_path,
-                                                                         monkeypatch):
+def test_a_stage_trains_and_saves_the_same_with_frozen_weights_in_bf16(data_dir, tmp_path):
     """Stage 1 with DINO frozen and run whole (no feature cache): the same losses and saved
     bytes, fewer casts per step."""
     runs = {}
     for hold in (False, True):
-        trainer = _trainer(data_dir, tmp_path / str(hold), hold, monkeypatch)
-        trainer._set_train_mode()
+        trainer = _trainer(data_dir, tmp_path / str(hold), hold)
+        trainer.train_mode()
         losses, casts = [], []
         for batch in trainer.train_loader:
             with CastCounter(BF16) as counted:
@@ -161,10 +160,10 @@ def test_a_stage_trains_and_saves_the_same_with_frozen_weights_in_bf16(data_dir,
     assert trainer.model.dino.patch_embed.proj.weight.dtype == BF16  # held again after saving
 
 
-def test_the_bench_times_the_step_held_and_cast_in_one_run(data_dir, tmp_path, monkeypatch):
+def test_the_bench_times_the_step_held_and_cast_in_one_run(data_dir, tmp_path):
     from cdsam.training.bench import split_step_time, table
 
-    trainer = _trainer(data_dir, tmp_path, True, monkeypatch)
+    trainer = _trainer(data_dir, tmp_path, True)
     held = len(trainer.frozen.held)
     out = split_step_time(trainer, steps=2, cast_frozen=True)
     assert out["frozen_held"] == held > 0 and out["cast_frozen_step_images_s"] > 0

@@ -12,7 +12,7 @@ import pytest
 from cdsam.config.schema import DataConfig, PrepareConfig, SyntheticConfig
 from cdsam.data.prepare import prepare
 from cdsam.data.prepared import read_samples
-from cdsam.training.trainer import StagePaths, StageTrainer
+from cdsam.training.trainer import StagePaths, StageTrainer, TrainerOptions
 from tests.conftest import tiny_params
 
 SIZE = 48
@@ -44,7 +44,7 @@ def _val_miou(data: Path, tmp: Path, epochs: int) -> float:
                     stage1={"epochs": epochs, "select": "last"})
     paths = StagePaths(data=data, out=tmp / "ckpt", metrics=tmp / "metrics",
                        resume=tmp / "resume")
-    trainer = StageTrainer(p, 1, paths, show_progress=False)
+    trainer = StageTrainer(p, 1, paths, TrainerOptions(show_progress=False))
     trainer.setup()
     return trainer.train()["miou"]
 
@@ -79,7 +79,7 @@ def stage_1_default_policy(tmp_path_factory) -> dict[str, float]:
                     stage1={"epochs": 6})
     paths = StagePaths(data=data, out=tmp / "stage1", metrics=tmp / "metrics",
                        resume=tmp / "resume")
-    trainer = StageTrainer(p, 1, paths, show_progress=False)
+    trainer = StageTrainer(p, 1, paths, TrainerOptions(show_progress=False))
     trainer.setup()
     trainer.train()
     trainer.save()

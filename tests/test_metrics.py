@@ -77,7 +77,7 @@ def test_sums_add_over_ranks():
 
 
 def test_lr_schedule_warmup_then_cosine_to_the_floor():
-    from cdsam.training.trainer import lr_lambda
+    from cdsam.training.optim import lr_lambda
 
     fn = lr_lambda(total_steps=110, warmup=10, min_ratio=0.05)
     assert fn(0) == pytest.approx(0.1) and fn(9) == pytest.approx(1.0)  # linear warmup
@@ -103,7 +103,7 @@ def test_dice_and_bce_values():
 def test_prompt_pairs_split_overlap_by_what_the_prompts_share():
     import torch
 
-    from cdsam.evaluation.report import pair_relation, prompt_pairs
+    from cdsam.evaluation.pairs import pair_relation, prompt_pairs
     from cdsam.evaluation.scoring import EvalResult
 
     assert pair_relation("a red circle", "a red square") == "same_colour"

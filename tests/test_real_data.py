@@ -13,7 +13,7 @@ from cdsam.data.manifest import FOREGROUND, IGNORE
 from cdsam.data.prepare import prepare
 from cdsam.data.prepared import read_samples
 from cdsam.inference.predictor import load_model
-from cdsam.training.trainer import StagePaths, StageTrainer
+from cdsam.training.trainer import StagePaths, StageTrainer, TrainerOptions
 from tests.conftest import prepared_arrays, real_data, tiny_params
 
 
@@ -56,7 +56,7 @@ def voc_pad_stage1(tmp_path_factory):
     prepare(cfg, 0, root / "prepared", show_progress=False, data=params.data)
     paths = StagePaths(data=root / "prepared", out=root / "stage1", metrics=root / "metrics",
                        resume=root / "resume")
-    trainer = StageTrainer(params, 1, paths, show_progress=False)
+    trainer = StageTrainer(params, 1, paths, TrainerOptions(show_progress=False))
     trainer.setup()
     summary = trainer.train()
     trainer.save()

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cdsam.training.trainer import StagePaths, StageTrainer
+from cdsam.training.trainer import StagePaths, StageTrainer, TrainerOptions
 from tests.conftest import prepare_tiny, tiny_params
 
 aten = torch.ops.aten
@@ -54,7 +54,7 @@ def _trainer(data_dir: Path, tmp: Path, feature_cache: bool) -> StageTrainer:
                          loss={"clip_align_weight": 0.1})
     paths = StagePaths(data=data_dir, out=tmp / "stage1", metrics=tmp / "metrics",
                        resume=tmp / "resume")
-    trainer = StageTrainer(params, 1, paths, show_progress=False)
+    trainer = StageTrainer(params, 1, paths, TrainerOptions(show_progress=False))
     trainer.setup()
     return trainer
 
@@ -62,7 +62,7 @@ def _trainer(data_dir: Path, tmp: Path, feature_cache: bool) -> StageTrainer:
 @pytest.mark.parametrize("feature_cache", [True, False])
 def test_forward_and_backward_read_nothing_back(data_dir, tmp_path, feature_cache):
     trainer = _trainer(data_dir, tmp_path, feature_cache)
-    trainer._set_train_mode()
+    trainer.train_mode()
     batches = list(trainer.train_loader)
     rows = np.concatenate([b["spatial_rows"] for b in batches])
     assert rows.any() and not rows.all()  # both decoder paths: prompted and text-only rows

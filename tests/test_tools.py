@@ -91,3 +91,24 @@ def test_spatial_split_groups_targets_by_a_same_colour_object_in_the_scene():
     b = [torch.tensor([True, False, False, False]), torch.zeros(4, dtype=torch.bool)]
     iou, ratio = tool.mask_agreement(a, b)
     assert iou.tolist() == [0.5, 1.0] and ratio.tolist() == [0.5, 0.0]
+
+
+def test_the_folders_import_along_the_layers_and_the_picture_is_current():
+    tool = _tool("layers")
+    assert tool.violations() == []
+    # evaluation never reaches the trainer: the evaluate stage must not rerun on its edits
+    assert not any(a == "evaluation" and b == "training" for a, b in tool.edges())
+    picture = (TOOLS.parent / "docs" / "architecture.md").read_text()
+    assert tool.mermaid() in picture, "docs/architecture.md: rerun python tools/layers.py"
+
+
+def test_an_import_against_the_layers_is_named(tmp_path, monkeypatch):
+    tool = _tool("layers")
+    pkg = tmp_path / "cdsam"
+    for folder in ("evaluation", "training"):
+        (pkg / folder).mkdir(parents=True)
+    (pkg / "training" / "trainer.py").write_text("X = 1\n")
+    (pkg / "evaluation" / "scoring.py").write_text("from cdsam.training.trainer import X\n")
+    monkeypatch.setattr(tool, "REPO", tmp_path)
+    monkeypatch.setattr(tool, "PACKAGE", pkg)
+    assert tool.violations() == ["cdsam.evaluation.scoring -> cdsam.training.trainer"]

@@ -17,7 +17,7 @@ from cdsam.config.schema import PrepareConfig, SyntheticConfig
 from cdsam.data.prepare import prepare
 from cdsam.distributed import DistInfo, relaunch_command
 from cdsam.errors import UserError
-from cdsam.training.trainer import StagePaths, StageTrainer
+from cdsam.training.trainer import EpochHooks, StagePaths, StageTrainer, TrainerOptions
 from tests.conftest import prepare_tiny, tiny_params
 
 
@@ -33,10 +33,12 @@ def _params(**over):
     return tiny_params(**base)
 
 
-def _trainer(params, stage, data_dir, tmp, parent=None, dist=None) -> StageTrainer:
+def _trainer(params, stage, data_dir, tmp, parent=None, dist=None,
+             hooks: EpochHooks | None = None) -> StageTrainer:
     paths = StagePaths(data=data_dir, out=tmp / f"stage{stage}", metrics=tmp / "metrics",
                        parent=parent, resume=tmp / "resume")
-    return StageTrainer(params, stage, paths, show_progress=False, dist_info=dist)
+    options = TrainerOptions(show_progress=False, hooks=hooks or EpochHooks())
+    return StageTrainer(params, stage, paths, options, dist)
 
 
 def _train_and_save(trainer: StageTrainer) -> bytes:
@@ -216,22 +218,18 @@ def test_augmentation_turns_the_feature_cache_off(data_dir, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("select,expected", [("best", 2), ("last", 3)])
-def test_stage_keeps_the_selected_epoch(data_dir, tmp_path, monkeypatch, select, expected):
-    import cdsam.training.trainer as train_mod
+def test_stage_keeps_the_selected_epoch(data_dir, tmp_path, select, expected):
     from cdsam.models.checkpoint import load_checkpoint
 
     scripted = iter([0.2, 0.9, 0.1])  # val mIoU per epoch: epoch 2 is the best
     snapshots = []
-    real = train_mod.evaluate_model
 
-    def scored(*args, **kwargs):
-        res = real(*args, **kwargs)
+    def scored(trainer, epoch, res):
         res.miou = next(scripted)
-        snapshots.append(t.trainable_state())
-        return res
+        snapshots.append(trainer.trainable_state())
 
-    monkeypatch.setattr(train_mod, "evaluate_model", scored)
-    t = _trainer(_params(stage1={"epochs": 3, "select": select}), 1, data_dir, tmp_path)
+    t = _trainer(_params(stage1={"epochs": 3, "select": select}), 1, data_dir, tmp_path,
+                 hooks=EpochHooks(after_validation=scored))
     t.setup()
     summary = t.train()
     t.save()
@@ -254,7 +252,7 @@ def test_val_loss_uses_the_training_weights(data_dir, tmp_path):
     params = _params(loss={"dice_weight": 0.0, "bce_weight": 2.0, "clip_align_weight": 0.0})
     t = _trainer(params, 1, data_dir, tmp_path)
     t.setup()
-    res = evaluate_model(t.model, t.val_loader, t.device, t.objective)
+    res = evaluate_model(t.model, t.val_loader, t.objective, t.precision)
     total, n = 0.0, 0
     with torch.no_grad():
         for batch in t.val_loader:
@@ -331,7 +329,7 @@ def test_last_partial_accumulation_window_is_averaged_over_its_batches(data_dir,
     t.optimizer.step = record
     t.train_epoch(0)
     assert len(seen) == 1
-    ref._set_train_mode()
+    ref.train_mode()
     ref.train_sampler.set_epoch(0)
     for batch in ref.train_loader:
         loss, _ = ref.compute_loss(batch)

@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 from cdsam.config.parse import load_params
+from cdsam.config.stages import stage_rule, stages
 from cdsam.models.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from cdsam.training.resume import Progress, ResumeStore
-from cdsam.training.trainer import StagePaths, StageTrainer
+from cdsam.training.trainer import StagePaths, StageTrainer, TrainerOptions
 
 
 def dir_mb(path: Path) -> float:
@@ -45,12 +46,13 @@ def main() -> None:
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     rows = []
-    for n in (1, 2, 3, 4):
+    for n in stages():
+        parent = stage_rule(n).parent
         paths = StagePaths(data=Path(args.data), out=work / f"stage{n}",
                            metrics=work / f"metrics{n}",
-                           parent=work / f"stage{n - 1}" if n > 1 else None,
+                           parent=None if parent is None else work / f"stage{parent}",
                            resume=work / "resume")
-        t = StageTrainer(params, n, paths, show_progress=False)
+        t = StageTrainer(params, n, paths, TrainerOptions(show_progress=False))
         t.setup()
         t.train(None)
         resume_delta = dir_mb(t.store.dir)  # as the last epoch left it

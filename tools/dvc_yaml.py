@@ -17,13 +17,15 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's stage table, not an installed cdsam's
+from cdsam.config.stages import stage_keys, stage_rule, stages  # noqa: E402
+
 MODEL_DATA = "cdsam/models/configs"  # the shipped tiny CLIP config, read where models are built
 # Folders the user's inputs live in, so DVC sees a replaced file (cdsam.config.stage_view refuses
 # params that name files elsewhere): weight files for every stage that builds the model (delta
 # checkpoints rebuild their base), raw data for prepare.
 WEIGHTS = "weights"
 RAW_DATA = "data/raw"
-TRAIN_KEYS = ["seed", "device", "data", "model", "lora.sam", "optim", "loss", "train"]
 
 HEADER = """\
 # prepare -> stage1 -> stage2 -> stage3 -> stage4 -> evaluate
@@ -100,13 +102,14 @@ def render() -> str:
     parts = [stage_text("prepare", "python stages/prepare.py", prepare + [RAW_DATA],
                         ["seed", "prepare", "data.fit", "data.resize", "data.crop"],
                         ["data/prepared"], "metrics/prepare.json")]
-    for n in (1, 2, 3, 4):
-        parent = [WEIGHTS, "data/prepared"] + ([f"models/stage{n - 1}"] if n > 1 else [])
-        keys = TRAIN_KEYS[:5] + (["lora.dino"] if n in (2, 3) else []) + TRAIN_KEYS[5:]
+    for n in stages():
+        rule = stage_rule(n)
+        parent = [WEIGHTS, "data/prepared"] + \
+            ([] if rule.parent is None else [f"models/stage{rule.parent}"])
         plots = (f"    plots:\n      - metrics/stage{n}/plots/metrics:\n"
                  f"          cache: false\n")
         parts.append(stage_text(f"stage{n}", f"python stages/train.py --stage {n}",
-                                train + parent, keys + [f"stage{n}"], [f"models/stage{n}"],
+                                train + parent, stage_keys(n), [f"models/stage{n}"],
                                 f"metrics/stage{n}/metrics.json", plots))
     eval_plots = ("    plots:\n"
                   "      - metrics/eval/stages.csv:\n          cache: false\n"
@@ -115,13 +118,13 @@ def render() -> str:
                   "      - metrics/eval/overlays:\n          cache: false\n")
     parts.append(stage_text("evaluate", "python stages/evaluate.py",
                             evaluate + [WEIGHTS, "data/prepared"] + [f"models/stage{n}" for n in
-                                                            (1, 2, 3, 4)],
+                                                            stages()],
                             ["seed", "device", "data", "evaluate"], [],
                             "metrics/evaluate.json", eval_plots))
 
     def curve(name: str) -> str:
         return "\n".join(f"        metrics/stage{n}/plots/metrics/val/{name}.tsv: {name}"
-                         for n in (1, 2, 3, 4))
+                         for n in stages())
 
     plots = PLOTS.format(val_loss=curve("loss"), val_miou=curve("miou"), val_fp=curve("fp_rate"))
     return HEADER + "stages:\n" + "\n".join(parts) + "\n" + plots

@@ -43,8 +43,12 @@ COPY = ("cdsam", "stages", "dvc.yaml", "data/raw", "weights", "pyproject.toml")
 DRIVER = r"""
 import json, resource, sys, time
 from pathlib import Path
-import cdsam.training.trainer as T
-from cdsam.config.stage_view import load_stage_params
+try:
+    import cdsam.training.trainer as T
+    from cdsam.config.stage_view import load_stage_params
+except ImportError:  # a --code checkout from before the package's folders
+    import cdsam.train as T
+    from cdsam.stage_params import load_stage_params
 
 steps = int(sys.argv[1])
 params = load_stage_params("stage1", "params.yaml")
@@ -58,13 +62,16 @@ for split in ("train", "val"):
 data_s = time.perf_counter() - t
 paths = T.StagePaths(data=data, out=Path("models/stage1"), metrics=Path("metrics/stage1"),
                      resume=Path(".cdsam/resume"))
-trainer = T.StageTrainer(params, 1, paths, show_progress=False)
+if hasattr(T, "TrainerOptions"):
+    trainer = T.StageTrainer(params, 1, paths, T.TrainerOptions(show_progress=False))
+else:
+    trainer = T.StageTrainer(params, 1, paths, show_progress=False)
 t = time.perf_counter()
 trainer.setup()
 setup_all = time.perf_counter() - t
 loader = trainer.train_loader
 loader.set_epoch(0)
-trainer._set_train_mode()
+(getattr(trainer, "train_mode", None) or getattr(trainer, "_set_train_mode"))()
 t = time.perf_counter()
 done = 0
 for batch in loader:

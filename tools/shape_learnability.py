@@ -15,7 +15,7 @@ time.
 
 (A bigger set: a clone with ``prepare.synthetic.num_images: 2400`` in params.yaml, after
 ``dvc repro prepare``.) If the DINO cannot learn the labels here, no loss on masks will teach
-it shape in the default's budget either (issue 16); if the CNN can, the scenes are not the
+it shape in the default's budget either; if the CNN can, the scenes are not the
 obstacle.
 """
 

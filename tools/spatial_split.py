@@ -30,7 +30,7 @@ from cdsam.evaluation.report import scored_split
 from cdsam.evaluation.scoring import EvalResult, evaluate_model
 from cdsam.models.checkpoint import load_checkpoint
 from cdsam.models.objective import Objective
-from cdsam.runtime import resolve_device
+from cdsam.runtime import precision_for, resolve_device
 
 MODES = {"text": None, "click": CLICK, "box": BOX}
 
@@ -43,7 +43,7 @@ def score(checkpoint: Path, prepared: PreparedSplit, device: torch.device, batch
     out = {}
     for mode, policy in MODES.items():
         loader = PackedLoader(prepared, batch, device, spatial=policy, seed=seed)
-        out[mode] = evaluate_model(model, loader, device, objective, threshold,
+        out[mode] = evaluate_model(model, loader, objective, precision_for(device), threshold,
                                    keep_masks=True)
     return out
 

@@ -19,7 +19,6 @@ NEGATIVES = ("none", "absent")
 MASK_FORMATS = ("binary", "indexed", "per_class")
 FITS = ("crop", "pad")
 SELECT = ("best", "last")
-STAGES = (1, 2, 3, 4)
 
 
 @dataclass

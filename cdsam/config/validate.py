@@ -14,13 +14,13 @@ from cdsam.config.schema import (
     SAM_TYPES,
     SELECT,
     SOURCES,
-    STAGES,
     DinoLoraConfig,
     OptimConfig,
     Params,
     SamLoraConfig,
     StageConfig,
 )
+from cdsam.config.stages import stage_rule, stages
 
 
 def _check(cond: bool, key: str, value: Any, what: str, errors: list[str]) -> None:
@@ -88,18 +88,20 @@ def validate(p: Params, errors: list[str]) -> None:
         _check(v >= 0, f"loss.{loss_key}", v, "must be >= 0", errors)
     _check(p.loss.clip_temperature > 0, "loss.clip_temperature", p.loss.clip_temperature,
            "must be > 0", errors)
-    for n in STAGES:
+    for n in stages():
         st = p.stage(n)
         _check(st.epochs >= 1, f"stage{n}.epochs", st.epochs, "must be >= 1", errors)
         _check(st.select in SELECT, f"stage{n}.select", st.select,
                f"must be one of {', '.join(SELECT)}", errors)
         _validate_optim(st, f"stage{n}", errors)
-        if n == 4:
+        if stage_rule(n).sam_mode_key:
             mode = st.sam_mode or "lora"
-            _check(mode in SAM_MODES, "stage4.sam_mode", st.sam_mode,
+            _check(mode in SAM_MODES, f"stage{n}.sam_mode", st.sam_mode,
                    f"must be one of {', '.join(SAM_MODES)}", errors)
         elif st.sam_mode is not None:
-            errors.append(f"stage{n}.sam_mode: only stage4 has a SAM mode, got {st.sam_mode!r}")
+            owners = ", ".join(f"stage{m}" for m in stages() if stage_rule(m).sam_mode_key)
+            errors.append(f"stage{n}.sam_mode: only {owners} has a SAM mode, got "
+                          f"{st.sam_mode!r}")
     dc = p.data
     _check(dc.fit in FITS, "data.fit", dc.fit, f"must be one of {', '.join(FITS)}", errors)
     _check(dc.crop >= 1, "data.crop", dc.crop, "must be >= 1", errors)

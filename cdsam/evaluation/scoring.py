@@ -6,21 +6,18 @@ each figure means.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cdsam.data.spatial import batch_prompts
 from cdsam.evaluation.metrics import SplitScores, pixel_counts, summarize
+from cdsam.models.forward import PrefixCache, forward_batch
 from cdsam.models.model import CDSAM
 from cdsam.models.objective import Objective
-from cdsam.runtime import amp_settings
-
-if TYPE_CHECKING:
-    from cdsam.training.feature_cache import FeatureCache
+from cdsam.runtime import Precision
 
 
 @dataclass
@@ -45,35 +42,26 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate_model(model: CDSAM, loader: DataLoader, device: torch.device,
-                   objective: Objective, threshold: float = 0.5, show_progress: bool = False,
-                   cache: FeatureCache | None = None, start_block: int = 0,
-                   reduce: bool = False, keep_masks: bool = False) -> EvalResult:
+def evaluate_model(model: CDSAM, loader: Iterable[dict[str, Any]], objective: Objective,
+                   precision: Precision, threshold: float = 0.5, *, show_progress: bool = False,
+                   cache: PrefixCache | None = None, reduce: bool = False,
+                   keep_masks: bool = False) -> EvalResult:
     """The objective's loss and the split's scores (`cdsam.evaluation.metrics`) over a loader.
 
-    ``cache``: DINO prefix features to reuse (see `cdsam.training.feature_cache`). ``reduce``: the loader
-    holds this rank's shard; the figures are summed over ranks (the per-sample lists stay
-    local). ``keep_masks``: also keep each sample's thresholded mask (on the CPU).
+    ``precision``: the run's (training hands its own, so validation computes as the step does).
+    ``cache``: DINO prefix features to reuse (`cdsam.training.feature_cache`). ``reduce``: the
+    loader holds this rank's shard; the figures are summed over ranks (the per-sample lists
+    stay local). ``keep_masks``: also keep each sample's thresholded mask (on the CPU).
     """
     model.eval()
-    use_amp, amp_dtype, _ = amp_settings(device)
+    device = precision.device
     res = EvalResult(0.0, 0.0, 0.0)
     total_loss = 0.0
     for batch in tqdm(loader, desc="evaluate", leave=False, disable=not show_progress):
-        images = batch["image"].to(device, non_blocking=True)
-        target = batch["mask"].to(device, non_blocking=True)
-        valid = batch["valid"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            prefix = None
-            if cache is not None:
-                prefix = cache.lookup(batch["image_key"], images,
-                                      lambda x: model.dino_prefix(x, start_block))
-            out = model(images, batch["prompt"], prefix=prefix, start_block=start_block,
-                        **batch_prompts(batch, device))
-            loss, _ = objective(out, images, target, valid, batch["prompt"])
-        logits = out.masks.float()
-        total_loss += loss.item() * images.shape[0]
-        res.scores.add(batch["prompt"], pixel_counts(logits, target, valid, threshold))
+        step = forward_batch(model, model, batch, objective, precision, cache)
+        logits = step.out.masks.float()
+        total_loss += step.loss.item() * logits.shape[0]
+        res.scores.add(batch["prompt"], pixel_counts(logits, step.target, step.valid, threshold))
         res.ids += batch["id"]
         if keep_masks:
             res.masks += list((torch.sigmoid(logits[:, 0]) > threshold).cpu())

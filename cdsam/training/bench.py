@@ -47,13 +47,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cdsam.config.parse import load_params, parse_params
 from cdsam.config.schema import Params
+from cdsam.config.stages import stage_rule, stages
 from cdsam.data.prepare import prepare
 from cdsam.entry import offline_defaults
 from cdsam.errors import ConfigError
 from cdsam.runtime import peak_memory_mb
 from cdsam.training.compiling import is_compiled, uncompile_parts
 from cdsam.training.profiling import profile_steps, profile_table, syncs_per_step
-from cdsam.training.trainer import StagePaths, StageTrainer
+from cdsam.training.trainer import EpochHooks, StagePaths, StageTrainer, TrainerOptions
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {},
@@ -96,11 +97,11 @@ def bench_params(params: Params, images: int, epochs: int, preset: str,
     dino = dataclasses.replace(p.model.dino, **pre.get("dino", {}))
     model = dataclasses.replace(p.model, dino=dino)
     data = dataclasses.replace(p.data, **pre.get("data", {}))
-    stages = {f"stage{n}": dataclasses.replace(p.stage(n), epochs=epochs) for n in (1, 2, 3, 4)}
+    sections = {f"stage{n}": dataclasses.replace(p.stage(n), epochs=epochs) for n in stages()}
     train = dataclasses.replace(p.train, compile=compile_model or p.train.compile)
     optim = dataclasses.replace(p.optim, batch_size=batch_size or p.optim.batch_size)
     return dataclasses.replace(p, prepare=prep, model=model, data=data, train=train,
-                               optim=optim, **stages)
+                               optim=optim, **sections)
 
 
 def _sync(device: torch.device) -> None:
@@ -110,6 +111,21 @@ def _sync(device: torch.device) -> None:
 
 def _on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class TextCalls:
+    """CLIP text-encoder calls in each epoch's training steps (epoch hooks): 0 after the first,
+    where the text features are cached."""
+
+    def __init__(self) -> None:
+        self.per_epoch: list[int] = []
+        self._start = 0
+
+    def before(self, trainer: StageTrainer, epoch: int) -> None:
+        self._start = trainer.model.clip_text.calls
+
+    def after(self, trainer: StageTrainer, epoch: int, row: dict[str, float]) -> None:
+        self.per_epoch.append(trainer.model.clip_text.calls - self._start)
 
 
 def _batches(trainer: StageTrainer) -> Iterator[dict[str, Any]]:
@@ -148,7 +164,7 @@ def split_step_time(trainer: StageTrainer, trace: Path | None = None,
     _sync(dev)
     loader_s = time.perf_counter() - t0
     staged = list(islice(_batches(trainer), STAGED_BATCHES))
-    trainer._set_train_mode()
+    trainer.train_mode()
     with FlopCounterMode(display=False) as flops:
         trainer.train_step(staged[0])  # also the warm-up step
     flop_per_image = flops.get_total_flops() / staged[0]["image"].shape[0]
@@ -183,8 +199,10 @@ def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path
     paths = StagePaths(data=root / "data", out=root / f"stage{stage}",
                        metrics=root / "metrics" / tag, parent=parent,
                        resume=root / "resume" / tag)
-    trainer = StageTrainer(p, stage, paths, show_progress=False)
-    trainer.pack_batches = not per_sample
+    text_calls = TextCalls()
+    hooks = EpochHooks(before_epoch=text_calls.before, after_train=text_calls.after)
+    trainer = StageTrainer(p, stage, paths, TrainerOptions(
+        show_progress=False, pack_batches=not per_sample, hooks=hooks))
     gc.collect()  # the previous run's model and cache must not count towards this one
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -195,17 +213,6 @@ def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path
     per_epoch = len(trainer.train_loader)
     if steps:  # enough epochs after the first (untimed) one to hold `steps` steps
         trainer.set_epochs(max(trainer.epochs, 1 + math.ceil(steps / per_epoch)))
-    clip = trainer.model.clip_text
-    calls: list[int] = []
-    plain_epoch = trainer.train_epoch
-
-    def counted_epoch(epoch: int) -> dict[str, float]:
-        before = clip.calls
-        out = plain_epoch(epoch)
-        calls.append(clip.calls - before)
-        return out
-
-    trainer.train_epoch = counted_epoch  # type: ignore[method-assign]
     trainer.train()
     if save:
         trainer.save()
@@ -222,11 +229,16 @@ def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path
         "packed": bool(trainer.packs), "batch_size": trainer.optim_cfg.batch_size,
         "train_samples": len(trainer.train_set),
         "losses": [x for e in trainer.step_losses for x in e],
-        "text_calls_after_first": calls[1:],
+        "text_calls_after_first": text_calls.per_epoch[1:],
         "peak_mem_mb": peak_memory_mb(trainer.device),
         "cache_images": len(trainer.cache) if trainer.cache else 0,
         "start_block": trainer.start_block,
     }
+
+
+def _parent_dir(root: Path, stage: int) -> Path | None:
+    parent = stage_rule(stage).parent
+    return None if parent is None else root / f"stage{parent}"
 
 
 def run(params_path: str, images: int, epochs: int, preset: str, show: bool = True,
@@ -243,7 +255,7 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
         root = Path(tmp)
         prepare(params.prepare, params.seed, root / "data", show_progress=False, data=params.data)
         for stage in (1, 2):
-            parent = root / "stage1" if stage == 2 else None
+            parent = _parent_dir(root, stage)
             for cached in (False, True):
                 key = f"stage{stage}_{'cached' if cached else 'uncached'}"
                 if show:
@@ -257,7 +269,7 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
             if show:
                 print(f"  stage{stage} ...", file=sys.stderr, flush=True)
             results[f"stage{stage}"] = run_stage(params, stage, True, root,
-                                                 root / f"stage{stage - 1}", save=True,
+                                                 _parent_dir(root, stage), save=True,
                                                  per_sample=per_sample, profile_dir=profile_dir,
                                                  steps=steps, cast_frozen=cast_frozen)
     # Cached and uncached runs train the same batches (same losses) unless batch_size auto

@@ -1,4 +1,6 @@
-"""The four-stage curriculum as data, and the one function that applies a stage to a model.
+"""Apply a curriculum stage to a model: freeze, inject, merge and unfreeze as its rule says.
+
+The rules themselves (parents, DINO modes, what each stage reads) are `cdsam.config.stages`.
 
 | stage | DINO                              | CLIP text | heads     | SAM                      |
 |-------|-----------------------------------|-----------|-----------|--------------------------|
@@ -28,12 +30,12 @@ head or SAM 2's object-score head (`_SAM_UNUSED`); in DINO / DINOv2 (timm ViT) a
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from cdsam.config.schema import DinoLoraConfig, OptimConfig, SamLoraConfig
+from cdsam.config.stages import StagePlan, stage_rule
 from cdsam.errors import UserError
 from cdsam.models.lora import (
     find_targets,
@@ -43,21 +45,6 @@ from cdsam.models.lora import (
     merge_lora,
 )
 from cdsam.models.model import CDSAM, HEAD_MODULES
-
-
-@dataclass(frozen=True)
-class StagePolicy:
-    stage: int
-    dino: str  # "frozen" | "lora" | "full"
-    parent: int | None  # the stage whose checkpoint this one starts from
-
-
-STAGE_TABLE: dict[int, StagePolicy] = {
-    1: StagePolicy(1, dino="frozen", parent=None),
-    2: StagePolicy(2, dino="lora", parent=1),
-    3: StagePolicy(3, dino="lora", parent=2),
-    4: StagePolicy(4, dino="full", parent=3),
-}
 
 # SAM decodes one mask (token 0); the other hypernetwork MLPs never see a gradient, so they
 # get no adapters (they would only add dead trainable parameters and upset DDP). Nor does SAM 2's
@@ -71,12 +58,6 @@ SAM_PROMPT_MAP = "prompt_encoder.mask_downscaling"
 def sam_heads(model: CDSAM) -> list[str]:
     """The SAM modules trained in full in every stage (names under ``model.sam``)."""
     return [SAM_MASK_HEAD] + ([SAM_PROMPT_MAP] if model.sam.prompt_map else [])
-
-
-def policy(stage: int) -> StagePolicy:
-    if stage not in STAGE_TABLE:
-        raise ValueError(f"unknown stage {stage}; known: {sorted(STAGE_TABLE)}")
-    return STAGE_TABLE[stage]
 
 
 def sam_lora_targets(model: CDSAM, cfg: SamLoraConfig) -> list[str]:
@@ -107,9 +88,9 @@ def apply_stage(model: CDSAM, stage: int, sam_lora: SamLoraConfig,
     Safe to call on a model loaded from the parent stage's checkpoint: adapters that are
     already there are kept (stage 3 continues stage 2's DINO LoRA).
     """
-    pol = policy(stage)
-    if stage != 4 and sam_mode != "lora":
-        raise ValueError("only stage 4 has a configurable SAM mode")
+    rule = stage_rule(stage)
+    if not rule.sam_mode_key and sam_mode != "lora":
+        raise ValueError(f"stage {stage} has no configurable SAM mode")
     model.requires_grad_(False)
 
     # SAM: LoRA (base frozen), frozen, or full (adapters merged, all that text prompts reach).
@@ -134,7 +115,7 @@ def apply_stage(model: CDSAM, stage: int, sam_lora: SamLoraConfig,
         raise ValueError(f"unknown SAM mode {sam_mode!r}")
 
     # DINO.
-    if pol.dino == "lora":
+    if rule.dino == "lora":
         if dino_lora is None:
             raise ValueError(f"stage {stage} needs lora.dino")
         if dino_lora.enable and not _has_lora(model.dino):
@@ -142,11 +123,11 @@ def apply_stage(model: CDSAM, stage: int, sam_lora: SamLoraConfig,
                         dino_lora.alpha, dino_lora.dropout)
         for p in lora_parameters(model.dino):
             p.requires_grad_(True)
-    elif pol.dino == "full":
+    elif rule.dino == "full":
         merge_lora(model.dino)  # exact: W + (alpha/r)·BA
         model.dino.requires_grad_(True)
     elif _has_lora(model.dino):
-        raise ValueError("stage 1 expects a DINO without LoRA")
+        raise ValueError(f"stage {stage} expects a DINO without LoRA")
 
     for name in HEAD_MODULES:
         getattr(model, name).requires_grad_(True)
@@ -157,6 +138,11 @@ def apply_stage(model: CDSAM, stage: int, sam_lora: SamLoraConfig,
     for name, p in model.sam.named_parameters():
         if _SAM_UNUSED.search(name) or name.startswith("mask_decoder.iou_prediction_head"):
             p.requires_grad_(False)
+
+
+def apply_plan(model: CDSAM, plan: StagePlan) -> None:
+    """:func:`apply_stage` with what the stage's plan says."""
+    apply_stage(model, plan.stage, plan.lora_sam, plan.lora_dino, plan.sam_mode)
 
 
 def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:

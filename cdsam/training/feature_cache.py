@@ -13,13 +13,17 @@ step. Random augmentation turns it off (the input changes every epoch).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from cdsam.config.schema import Params
 from cdsam.models.model import CDSAM
+from cdsam.runtime import Precision
+from cdsam.training.loaders import StageData, image_chunks
 
 log = logging.getLogger("cdsam.cache")
 
@@ -87,14 +91,15 @@ def plan_cache(model: CDSAM, enabled: bool, augment: bool = False) -> CachePlan:
 
 
 class FeatureCache:
-    """image key → DINO prefix tokens (TxC), within a byte budget.
+    """image key → DINO prefix tokens (TxC) up to block ``end_block``, within a byte budget.
 
     Keyed by the image alone: a cache lives inside one stage run, whose transform and frozen
     prefix weights are fixed for its whole life (it is never saved or shared between runs).
     """
 
-    def __init__(self, budget_mb: float) -> None:
+    def __init__(self, budget_mb: float, end_block: int) -> None:
         self.budget = int(budget_mb * 2**20)
+        self.end_block = end_block  # the prefix is DINO blocks 0 .. end_block - 1
         self.store: dict[str, torch.Tensor] = {}
         self.bytes = 0
         self.full = False
@@ -179,3 +184,32 @@ class FeatureCache:
             else:
                 rows.append(self.store[k])
         return torch.stack(rows)
+
+
+def build_feature_cache(model: CDSAM, params: Params, data: StageData, precision: Precision,
+                        packed: bool) -> FeatureCache | None:
+    """The frozen DINO prefix of every train and val image, computed once in the run's
+    precision, or None (with the reason logged) where the stage cannot cache it."""
+    plan = plan_cache(model, params.train.feature_cache, augment=params.data.augment.enable)
+    if not plan.enabled:
+        log.info("feature cache off: %s", plan.reason)
+        return None
+    cache = FeatureCache(params.train.feature_cache_mb, plan.end_block)
+    t0 = time.perf_counter()
+    model.dino.eval()
+    compute = lambda x: model.dino_prefix(x, plan.end_block)  # noqa: E731
+    with torch.no_grad(), precision.autocast():
+        for ds in (data.train_set, data.val_set):
+            if packed:
+                cache.fill_batches(image_chunks(data.splits[ds.split], precision.device), compute)
+                continue
+            samples = (ds[i] for i in range(len(ds)))
+            items = ((s["image_key"], s["image"].to(precision.device)) for s in samples)
+            cache.fill(items, compute)
+    depth = model.depth
+    log.info("feature cache: DINO blocks 0-%d of %d computed once for %d images (%.1f MB) "
+             "in %.1f s; each step runs %s", plan.end_block - 1, depth, len(cache),
+             cache.bytes / 2**20, time.perf_counter() - t0,
+             "only the heads and SAM decoder" if plan.end_block == depth
+             else f"DINO blocks {plan.end_block}-{depth - 1} onwards")
+    return cache

@@ -1,4 +1,4 @@
-"""Frozen matmul weights held in the autocast dtype on the device (issue 28).
+"""Frozen matmul weights held in the autocast dtype on the device.
 
 Under autocast every linear / convolution casts its fp32 weight to bf16 (or fp16) on each use:
 one cast kernel per frozen weight per forward, every step, and a second one wherever a layer runs
@@ -16,12 +16,18 @@ saved bytes (and the delta over the base) are the ones the stage started from.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from cdsam.models.model import CDSAM
+from cdsam.runtime import Precision
+
+log = logging.getLogger("cdsam.train")
 
 # Layers whose weight and bias only enter ops that autocast runs in its lower precision.
 LOW_PRECISION_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
@@ -81,4 +87,21 @@ def hold_frozen(modules: Iterable[nn.Module], dtype: torch.dtype) -> FrozenHold:
             continue
         hold.held.append((param, param.detach().to("cpu", copy=True)))
         param.data = param.data.to(dtype)
+    return hold
+
+
+def hold_for_stage(model: CDSAM, teacher: nn.Module | None, precision: Precision,
+                   enabled: bool = True) -> FrozenHold:
+    """Under autocast, the frozen weights of the parts a step runs, held in its dtype (the
+    objective's teacher included; not the CLIP text tower, which runs once per prompt and in
+    which open_clip picks its compute dtype from its weights'). Nothing without autocast."""
+    if not (precision.amp and enabled):
+        return FrozenHold()
+    parts = [m for name, m in model.named_children() if name != "clip_text"]
+    if teacher is not None:
+        parts.append(teacher)
+    hold = hold_frozen(parts, precision.dtype)
+    log.info("%d frozen weight tensors held in %s on %s (%.0f MB less than fp32)",
+             len(hold.held), str(precision.dtype).removeprefix("torch."), precision.device,
+             hold.nbytes_saved / 2**20)
     return hold

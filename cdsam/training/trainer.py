@@ -1,14 +1,19 @@
 """The training recipe for one curriculum stage: setup → epochs → save.
 
-Stage N ≥ 2 starts from stage N−1's checkpoint; the stage table (`cdsam.training.curriculum`) decides
-what trains. CUDA gets AMP (bf16 where supported, fp16 + GradScaler otherwise), TF32, pinned
-memory, fused AdamW, frozen linear/conv weights held in the autocast dtype
-(`cdsam.training.frozen_weights`) and optionally ``torch.compile`` (or one line saying why not, then
-eager); the CPU runs the same code in fp32, bit-reproducibly for a given seed and thread
+Stage N starts from its parent's checkpoint; the stage's plan (`cdsam.config.stages`) says
+what it reads and trains. CUDA gets AMP (bf16 where supported, fp16 + GradScaler otherwise),
+TF32, pinned memory, fused AdamW, frozen linear/conv weights held in the autocast dtype
+(`cdsam.training.frozen_weights`) and optionally ``torch.compile`` (or one line saying why not,
+then eager); the CPU runs the same code in fp32, bit-reproducibly for a given seed and thread
 count. Under torchrun the trainable model is wrapped in DDP (see `cdsam.distributed`). Frozen
 work is done once: CLIP text features per prompt, the frozen DINO prefix per image
 (`cdsam.training.feature_cache`). After every epoch the full state goes to a resume folder
 (`cdsam.training.resume`), so a killed run continues where it stopped.
+
+Each setup step is a helper of the module that owns it and returns what it builds; ``setup``
+assigns them in a fixed order (the RNG streams depend on it). Variations (packed batches or
+not, the compile backend, holding frozen weights, a forced precision) and epoch hooks come in
+through :class:`TrainerOptions`.
 """
 
 from __future__ import annotations
@@ -18,75 +23,51 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
-from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 import cdsam
 from cdsam import distributed
 from cdsam.config.parse import to_dict
 from cdsam.config.schema import AUTO, OptimConfig, Params
-from cdsam.data.dataset import EpochSampler, ManifestDataset, collate
-from cdsam.data.packed import PackedLoader, normalize_batch
+from cdsam.config.stages import StagePlan, plan_stage
+from cdsam.data.packed import PackedLoader
 from cdsam.data.prepared import PreparedSplit, prepared_digest
-from cdsam.data.spatial import SpatialPolicy, batch_prompts
-from cdsam.errors import CheckpointError, UserError
-from cdsam.evaluation.scoring import evaluate_model
-from cdsam.models.checkpoint import (
-    CheckpointMeta,
-    load_checkpoint,
-    parent_ref,
-    save_checkpoint,
-)
-from cdsam.models.delta_base import Base
-from cdsam.models.model import CDSAM, build_model
+from cdsam.errors import UserError
+from cdsam.evaluation.scoring import EvalResult, evaluate_model
+from cdsam.models.checkpoint import CheckpointMeta, parent_ref, save_checkpoint
+from cdsam.models.forward import forward_batch
 from cdsam.models.objective import Objective
 from cdsam.models.preflight import check_model
 from cdsam.runtime import (
-    amp_settings,
+    Precision,
     configure_determinism,
     peak_memory_mb,
+    precision_for,
     resolve_device,
     seed_everything,
 )
 from cdsam.training.batch_size import StepMemory, probe_step_memory, resolve_auto_batch, scale_lrs
 from cdsam.training.compiling import compile_or_fall_back
-from cdsam.training.curriculum import apply_stage, component_counts, param_groups, policy
-from cdsam.training.feature_cache import FeatureCache, plan_cache
-from cdsam.training.frozen_weights import FrozenHold, hold_frozen
+from cdsam.training.curriculum import apply_plan, component_counts
+from cdsam.training.feature_cache import build_feature_cache
+from cdsam.training.frozen_weights import hold_for_stage
+from cdsam.training.loaders import build_loaders, open_stage_data
+from cdsam.training.optim import build_optimizer, build_scheduler, optimizer_steps
 from cdsam.training.profiling import PHASES
-from cdsam.training.resume import (
-    Progress,
-    ResumeStore,
-    code_fingerprint,
-    fingerprint,
-)
+from cdsam.training.resume import Progress, ResumeStore, code_fingerprint, fingerprint
+from cdsam.training.stage_model import load_stage_model
 
-log = logging.getLogger("cdsam.training.trainer")
+log = logging.getLogger("cdsam.train")
 
 BAR_READ_S = 1.0  # the progress bar's loss is read back from the device at most this often
-
-
-def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
-    """Linear warmup, then cosine decay to ``min_ratio`` of the base LR."""
-
-    def fn(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        progress = min(max(progress, 0.0), 1.0)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return fn
-
-
-# --------------------------------------------------------------------------- the recipe
 
 
 @dataclass
@@ -94,68 +75,72 @@ class StagePaths:
     data: Path  # data/prepared
     out: Path  # models/stageN
     metrics: Path  # metrics/stageN (DVCLive dir)
-    parent: Path | None = None  # models/stage{N-1}
+    parent: Path | None = None  # the parent stage's checkpoint folder
     resume: Path = Path(".cdsam/resume")  # scratch state, not a DVC output
+
+
+@dataclass(frozen=True)
+class EpochHooks:
+    """Called in each epoch with the trainer: ``before_epoch(trainer, epoch)`` and
+    ``after_train(trainer, epoch, train_row)`` just around its training steps, then
+    ``after_validation(trainer, epoch, result)`` before the epoch is judged best or not (a hook
+    may read or adjust the result)."""
+
+    before_epoch: Callable[[StageTrainer, int], None] | None = None
+    after_train: Callable[[StageTrainer, int, dict[str, float]], None] | None = None
+    after_validation: Callable[[StageTrainer, int, EvalResult], None] | None = None
+
+
+@dataclass(frozen=True)
+class TrainerOptions:
+    """How a stage runs, beyond params: what the benchmark and tests vary."""
+
+    show_progress: bool = True
+    # Batches from packed arrays (cdsam.data.packed); False: the per-sample DataLoader path.
+    pack_batches: bool = True
+    # train.compile's torch.compile backend (tests pass dynamo's "eager" or a failing one).
+    compile_backend: Any = "inductor"
+    # Under autocast, frozen linear/conv weights held in its dtype; False casts them each step
+    # as autocast does by itself (the benchmark compares the two).
+    hold_frozen: bool = True
+    # None: decided from the device (`cdsam.runtime.precision_for`); tests force CPU bf16.
+    precision: Precision | None = None
+    # optim.batch_size: auto -> an OptimConfig with a number (`cdsam.training.batch_size`).
+    resolve_batch: Callable[..., OptimConfig] = resolve_auto_batch
+    hooks: EpochHooks = field(default_factory=EpochHooks)
 
 
 class StageTrainer:
     """One stage: ``setup()``, ``train()``, ``save()``; ``run()`` does all three."""
 
-    # Batches come from packed arrays (cdsam.data.packed); False keeps the per-sample
-    # DataLoader path (tests and the benchmark compare the two).
-    pack_batches: bool = True
-    # train.compile's torch.compile backend (tests pass dynamo's "eager" or a failing one).
-    compile_backend: Any = "inductor"
-    # Under autocast, frozen linear/conv weights held in its dtype (`cdsam.training.frozen_weights`);
-    # False casts them each step as autocast does by itself (the benchmark compares the two).
-    frozen_in_amp_dtype: bool = True
-
     def __init__(self, params: Params, stage: int, paths: StagePaths,
-                 show_progress: bool = True,
+                 options: TrainerOptions | None = None,
                  dist_info: distributed.DistInfo | None = None) -> None:
         self.params = params
+        self.plan: StagePlan = plan_stage(params, stage)
         self.stage = stage
-        self.pol = policy(stage)
         self.paths = paths
+        self.options = options or TrainerOptions()
         self.dist = dist_info or distributed.env_info()
-        self.show_progress = show_progress and self.dist.is_main
+        self.show_progress = self.options.show_progress and self.dist.is_main
         self.device = resolve_device(params.device)
-        self.optim_cfg: OptimConfig = params.optim_for(stage)
-        self.epochs = params.stage(stage).epochs
-        self.sam_mode = (params.stage4.sam_mode or "lora") if stage == 4 else "lora"
-        self.select = params.stage(stage).select
+        self.optim_cfg: OptimConfig = self.plan.optim  # auto resolves to a number in setup
+        self.epochs = self.plan.epochs
+        self.sam_mode = self.plan.sam_mode
+        self.select = self.plan.select
         self.selected_epoch = 0
         self.history: list[dict[str, float]] = []
         self.step_losses: list[list[float]] = []  # per epoch, per step (the benchmark reads it)
         self.epoch_times: list[float] = []
-        self.cache: FeatureCache | None = None
+        self.cache = None
         self.packs: dict[str, PreparedSplit] = {}  # split -> its shards, when batches are packed
-        self.start_block = 0
-        self.base: Base | None = None
+
+    @property
+    def start_block(self) -> int:
+        """The first DINO block a step runs (the cache holds the ones before it)."""
+        return 0 if self.cache is None else self.cache.end_block
 
     # ---- setup
-    def _load_model(self) -> CDSAM:
-        if self.pol.parent is None:
-            self.model_cfg = to_dict(self.params.model)
-            model = build_model(self.params.model, load_weights=True, seed=self.params.seed)
-            # What every stage's checkpoint is a delta over (the frozen parts are not copied).
-            self.base = Base.of(model, self.params.seed)
-            return model
-        parent = self.paths.parent
-        if parent is None:
-            raise UserError(f"stage {self.stage} needs the stage {self.pol.parent} checkpoint")
-        model, meta = load_checkpoint(parent)
-        self.model_cfg = meta.model
-        self.base = meta.base_state  # None for a full parent: this stage then saves in full
-        if meta.stage != self.pol.parent:
-            raise CheckpointError(f"{parent}: is a stage {meta.stage} checkpoint, stage "
-                                  f"{self.stage} starts from stage {self.pol.parent}")
-        if meta.model != to_dict(self.params.model):
-            log.warning("params.yaml `model` differs from %s/meta.json; the checkpoint's "
-                        "architecture is used (rerun the earlier stages to apply the change)",
-                        parent)
-        return model
-
     def _run_fingerprint(self) -> str:
         """What the stage's result depends on; a resume state from anything else is stale."""
         p = self.params
@@ -167,55 +152,42 @@ class StageTrainer:
             # As written in params (auto stays auto): the batch auto resolves to depends on the
             # device's free memory, and a resume reuses the state's own (saved_batch).
             "data": to_dict(p.data), "model": to_dict(p.model),
-            "optim": to_dict(p.optim_for(self.stage)),
+            "optim": to_dict(self.plan.optim),
             "loss": to_dict(p.loss), "stage_cfg": to_dict(p.stage(self.stage)),
-            "train": to_dict(p.train), "lora_sam": to_dict(p.lora.sam),
+            "train": to_dict(p.train), "lora_sam": to_dict(self.plan.lora_sam),
             "world_size": self.dist.world_size, "device": self.device.type,
         }
-        if self.pol.dino == "lora":
-            parts["lora_dino"] = to_dict(p.lora.dino)
+        if self.plan.lora_dino is not None:
+            parts["lora_dino"] = to_dict(self.plan.lora_dino)
         if self.paths.parent is not None:
             parts["parent"] = parent_ref(self.paths.parent)["sha256"]
         return fingerprint(parts)
 
     def setup(self) -> None:
-        p = self.params
+        p, opts = self.params, self.options
         if not self.dist.is_main:
             logging.getLogger("cdsam").setLevel(logging.WARNING)
         self.device = distributed.init(self.dist, self.device)
         configure_determinism(self.device)
         seed_everything(p.seed + self.stage)
-        # The prepared shards, opened (memory-mapped or read per batch): no decode here.
-        t0 = time.perf_counter()
-        splits = {name: PreparedSplit.open(self.paths.data, name, p.data)
-                  for name in ("train", "val")}
-        self.train_set = ManifestDataset(
-            self.paths.data, "train", p.data, augment=p.data.augment.enable, seed=p.seed,
-            spatial=SpatialPolicy(point=p.train.point_prompts, box=p.train.box_prompts),
-            prepared=splits["train"])
-        self.val_set = ManifestDataset(self.paths.data, "val", p.data, prepared=splits["val"])
-        if self.pack_batches:
-            self.packs = splits
-        log.info("opened %d images (%d samples, %.1f MB of prepared rows%s) in %.3f s",
-                 sum(len(x.image_keys) for x in splits.values()),
-                 sum(len(x) for x in splits.values()),
-                 sum(x.nbytes for x in splits.values()) / 2**20,
-                 ", read from disk per batch" if any(x.on_disk for x in splits.values())
-                 else ", memory-mapped", time.perf_counter() - t0)
+        data = open_stage_data(self.paths.data, p)
+        self.train_set, self.val_set = data.train_set, data.val_set
+        if opts.pack_batches:
+            self.packs = data.splits
         # Named-model mismatches (crop vs patch, K vs depth, CLIP activation), before weights.
-        check_model(p.model, p.data.crop, p.lora.dino if self.pol.dino == "lora" else None)
-        model = self._load_model()
+        check_model(p.model, p.data.crop, self.plan.lora_dino)
+        start = load_stage_model(p, self.plan, self.paths.parent)
+        model, self.model_cfg, self.base = start.model, start.config, start.base
         if p.data.crop % model.patch_size:
             raise UserError(f"data.crop: {p.data.crop} is not divisible by the DINO patch size "
                             f"({model.patch_size})")
-        dino_lora = p.lora.dino if self.pol.dino == "lora" else None
-        apply_stage(model, self.stage, p.lora.sam, dino_lora, self.sam_mode)
+        apply_plan(model, self.plan)
         if p.loss.clip_align_weight == 0:
             # Only the CLIP alignment loss reaches token_proj; without it the head would be a
             # trainable parameter with no gradient (and DDP would stop on it).
             model.token_proj.requires_grad_(False)
         self.model = model.to(self.device)
-        self.vocab = sorted(set(self.train_set.prompts) | set(self.val_set.prompts))
+        self.vocab = data.vocab
         self.counts = component_counts(self.model)
         teacher = None
         if p.loss.ssl_weight > 0 and any(x.requires_grad for x in model.dino.parameters()):
@@ -223,19 +195,18 @@ class StageTrainer:
             teacher = copy.deepcopy(self.model.dino).eval().requires_grad_(False)
         # One objective for train and val loss; CLIP text features once per run (frozen).
         self.objective = Objective.for_model(self.model, p.loss, self.vocab, teacher)
-        use_amp, self.amp_dtype, needs_scaler = amp_settings(self.device)
-        self.use_amp = use_amp
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_scaler)
-        self._setup_cache()
-        self.frozen = self._hold_frozen_weights()
+        self.precision = opts.precision or precision_for(self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.needs_scaler)
+        self.cache = build_feature_cache(self.model, p, data, self.precision, bool(self.packs))
+        self.frozen = hold_for_stage(self.model, teacher, self.precision, opts.hold_frozen)
         self.net: torch.nn.Module = self.model  # DDP-wrapped below when distributed
         self.store = ResumeStore(self.paths.resume, self.stage, self._run_fingerprint())
-        self._resolve_batch_size()
-        groups = param_groups(self.model, self.optim_cfg)
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(groups, fused=fused) if fused else \
-            torch.optim.AdamW(groups)
-        self._build_loaders()
+        self.optim_cfg = self._batch_size()
+        self.optimizer = build_optimizer(self.model, self.optim_cfg, self.device)
+        loaders = build_loaders(data, p, self.stage, self.optim_cfg.batch_size, self.device,
+                                self.dist, bool(self.packs), self._needs_pixels)
+        self.train_loader, self.train_sampler, self.val_loader = \
+            loaders.train, loaders.sampler, loaders.val
         self.set_epochs(self.epochs)
         if self.dist.enabled:
             # Only parameters with requires_grad are registered, so the frozen CLIP tower
@@ -245,7 +216,7 @@ class StageTrainer:
             self.net = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.compiled = p.train.compile and compile_or_fall_back(
-            self.model, self._step_probe, self.compile_backend)
+            self.model, self._step_probe, opts.compile_backend)
         eff = self.optim_cfg.batch_size * self.optim_cfg.grad_accum_steps * self.dist.world_size
         log.info("stage%d on %s: %d train / %d val samples, %d prompts, %d epochs, effective "
                  "batch %d (batch %d x accumulation %d x world size %d), trainable %s of %s "
@@ -262,62 +233,30 @@ class StageTrainer:
         """The run's length and the LR schedule over it (the benchmark lengthens its runs
         after setup, once the batch and so the steps per epoch are known)."""
         self.epochs = epochs
-        steps_per_epoch = math.ceil(len(self.train_loader) / self.optim_cfg.grad_accum_steps)
-        self.total_steps = steps_per_epoch * epochs
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(self.total_steps, self.optim_cfg.warmup_steps,
-                                      self.optim_cfg.min_lr_ratio))
-
-    def _build_loaders(self) -> None:
-        p, d = self.params, self.dist
-        # The same sampler for one process or many: a per-epoch seeded permutation, rank r
-        # taking every world_size-th index, so a resumed epoch replays the same order.
-        sampler = DistributedSampler(self.train_set, num_replicas=d.world_size, rank=d.rank,
-                                     shuffle=True, seed=p.seed * 1000 + self.stage,
-                                     drop_last=False)
-        val_bs = max(self.optim_cfg.batch_size, 32)
-        if self.packs:
-            on_gpu = self.device.type == "cuda"
-            self.train_loader = PackedLoader(
-                self.packs["train"], self.optim_cfg.batch_size, self.device, sampler=sampler,
-                spatial=self.train_set.spatial, seed=p.seed, prefetch=on_gpu,
-                augment=p.data.augment)
-            self.train_sampler = self.train_loader
-            self.val_loader = PackedLoader(
-                self.packs["val"], val_bs, self.device, prefetch=on_gpu,
-                indices=range(d.rank, len(self.val_set), d.world_size))
-            for loader in (self.train_loader, self.val_loader):
-                loader.pixels = self._needs_pixels(loader.split)
-            return
-        # The per-sample path: one fetch per sample in this process (the benchmark's "before").
-        kw = {"pin_memory": self.device.type == "cuda"}
-        self.train_sampler = EpochSampler(sampler)
-        self.train_loader = DataLoader(
-            self.train_set, batch_size=self.optim_cfg.batch_size, sampler=self.train_sampler,
-            collate_fn=collate, **kw)
-        val = self.val_set if not d.enabled else \
-            Subset(self.val_set, list(range(d.rank, len(self.val_set), d.world_size)))
-        self.val_loader = DataLoader(val, batch_size=val_bs, shuffle=False, collate_fn=collate,
-                                     **kw)
+        self.total_steps = optimizer_steps(len(self.train_loader), self.optim_cfg, epochs)
+        self.scheduler = build_scheduler(self.optimizer, self.optim_cfg, self.total_steps)
 
     def _needs_pixels(self, pack: PreparedSplit) -> bool:
         """Once the cache holds a split's DINO prefix, only the SSL teacher reads pixels."""
         return self.cache is None or self.objective.teacher is not None or \
             not self.cache.covers(pack.image_keys)
 
-    def _resolve_batch_size(self) -> None:
-        """``optim.batch_size: auto`` → a number for this stage and device (cdsam.training.batch_size);
-        on CUDA measured on the split's own first batches, with the cache in place."""
+    def _batch_size(self) -> OptimConfig:
+        """The stage's optimizer config with ``batch_size: auto`` resolved to a number for this
+        stage and device (`cdsam.training.batch_size`): the resume state's own when there is
+        one, else on CUDA measured on the split's own first batches, with the cache in place."""
+        if self.optim_cfg.batch_size != AUTO:
+            return self.optim_cfg
         n = len(self.train_set)
-        saved = self.store.saved_batch() if self.optim_cfg.batch_size == AUTO else None
+        saved = self.store.saved_batch()
         if saved is not None:
             # Measuring again could pick another batch (less free memory now) and change the
             # run; the state's own batch is what it resumes bit-exactly with.
-            self.optim_cfg = scale_lrs(self.optim_cfg, saved)
+            optim = scale_lrs(self.optim_cfg, saved)
             log.info("optim.batch_size auto -> %d, the batch of the resume state in %s (not "
                      "measured again; remove that folder to measure anew); lr %.3g, lora_lr %.3g",
-                     saved, self.store.dir, self.optim_cfg.lr, self.optim_cfg.lora_lr)
-            return
+                     saved, self.store.dir, optim.lr, optim.lora_lr)
+            return optim
 
         def make_batch(size: int) -> dict[str, Any]:
             if not self.packs:
@@ -330,63 +269,14 @@ class StageTrainer:
             return next(iter(loader))
 
         def probe() -> StepMemory:
-            self._set_train_mode()
+            self.train_mode()
             return probe_step_memory(lambda b: self.compute_loss(b)[0], make_batch, self.model,
                                      self.device)
 
-        self.optim_cfg = resolve_auto_batch(
+        return self.options.resolve_batch(
             self.optim_cfg, self.device, math.ceil(n / self.dist.world_size), probe, self.model,
             agree=lambda b: distributed.all_reduce_min(b, self.device),
             world_size=self.dist.world_size)
-
-    def _setup_cache(self) -> None:
-        p = self.params
-        plan = plan_cache(self.model, p.train.feature_cache, augment=p.data.augment.enable)
-        if not plan.enabled:
-            log.info("feature cache off: %s", plan.reason)
-            return
-        self.start_block = plan.end_block
-        self.cache = FeatureCache(p.train.feature_cache_mb)
-        t0 = time.perf_counter()
-        self.model.dino.eval()
-        compute = lambda x: self.model.dino_prefix(x, plan.end_block)  # noqa: E731
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype,
-                                             enabled=self.use_amp):
-            for ds in (self.train_set, self.val_set):
-                if self.packs:
-                    self.cache.fill_batches(self._image_chunks(self.packs[ds.split]), compute)
-                    continue
-                samples = (ds[i] for i in range(len(ds)))
-                items = ((s["image_key"], s["image"].to(self.device)) for s in samples)
-                self.cache.fill(items, compute)
-        depth = self.model.depth
-        log.info("feature cache: DINO blocks 0-%d of %d computed once for %d images (%.1f MB) "
-                 "in %.1f s; each step runs %s", plan.end_block - 1, depth, len(self.cache),
-                 self.cache.bytes / 2**20, time.perf_counter() - t0,
-                 "only the heads and SAM decoder" if plan.end_block == depth
-                 else f"DINO blocks {plan.end_block}-{depth - 1} onwards")
-
-    def _hold_frozen_weights(self) -> FrozenHold:
-        """Under autocast, the frozen weights of the parts a step runs in its dtype (the
-        objective's teacher included; not the CLIP text tower, which runs once per prompt and
-        in which open_clip picks its compute dtype from its weights')."""
-        if not (self.use_amp and self.frozen_in_amp_dtype):
-            return FrozenHold()
-        parts = [m for name, m in self.model.named_children() if name != "clip_text"]
-        if self.objective.teacher is not None:
-            parts.append(self.objective.teacher)
-        hold = hold_frozen(parts, self.amp_dtype)
-        log.info("%d frozen weight tensors held in %s on %s (%.0f MB less than fp32)",
-                 len(hold.held), str(self.amp_dtype).removeprefix("torch."), self.device,
-                 hold.nbytes_saved / 2**20)
-        return hold
-
-    def _image_chunks(self, pack: PreparedSplit, chunk: int = 64):
-        """(keys, normalised images on the device), ``chunk`` distinct images at a time."""
-        for i in range(0, len(pack.image_keys), chunk):
-            rows = range(i, min(i + chunk, len(pack.image_keys)))
-            u8 = torch.from_numpy(pack.image_rows(rows)).to(self.device, non_blocking=True)
-            yield pack.image_keys[i:i + chunk], normalize_batch(u8)
 
     @property
     def trainable_params(self) -> int:
@@ -402,9 +292,9 @@ class StageTrainer:
 
     def _step_probe(self) -> None:
         """Forward + backward of the first training batch, changing nothing: gradients are
-        dropped and the RNG streams restored (`cdsam.training.compiling` compiles on this call)."""
+        dropped and the RNG streams restored (`cdsam.training.compiling` compiles on it)."""
         batch = next(iter(self.train_loader))
-        self._set_train_mode()
+        self.train_mode()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             self.compute_loss(batch)[0].backward()
         self.optimizer.zero_grad(set_to_none=True)
@@ -412,25 +302,14 @@ class StageTrainer:
     # ---- one step
     def compute_loss(self, batch: dict[str, Any]
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        images = batch["image"].to(self.device, non_blocking=True)
-        target = batch["mask"].to(self.device, non_blocking=True)
-        valid = batch["valid"].to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-            prefix = None
-            if self.cache is not None:
-                with torch.no_grad():
-                    prefix = self.cache.lookup(
-                        batch["image_key"], images,
-                        lambda x: self.model.dino_prefix(x, self.start_block))
-            out = self.net(images, batch["prompt"], prefix=prefix, start_block=self.start_block,
-                           **batch_prompts(batch, self.device))
-            loss, parts = self.objective(out, images, target, valid, batch["prompt"])
-        # Parts stay on the device: reading them back would make the host wait every step.
-        return loss, {k: v.detach() for k, v in parts.items()}
+        step = forward_batch(self.net, self.model, batch, self.objective, self.precision,
+                             self.cache)
+        return step.loss, step.parts
 
-    def _set_train_mode(self) -> None:
+    def train_mode(self) -> None:
+        """Train mode, but components with nothing to train stay in eval mode (no dropout or
+        drop-path noise in frozen parts)."""
         self.model.train()
-        # Components with nothing to train stay in eval mode (no dropout/drop-path noise).
         for child in self.model.children():
             if not any(p.requires_grad for p in child.parameters()):
                 child.eval()
@@ -462,7 +341,7 @@ class StageTrainer:
 
     # ---- epochs
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        self._set_train_mode()
+        self.train_mode()
         self.train_sampler.set_epoch(epoch)
         accum = self.optim_cfg.grad_accum_steps
         bar = tqdm(self.train_loader, desc=f"stage{self.stage} epoch {epoch + 1}/{self.epochs}",
@@ -539,19 +418,25 @@ class StageTrainer:
         for epoch in range(progress.epoch, self.epochs):
             if stop_after is not None and epoch >= stop_after:
                 return {}
+            hooks = self.options.hooks
+            if hooks.before_epoch is not None:
+                hooks.before_epoch(self, epoch)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             t0 = time.perf_counter()
             tr = self.train_epoch(epoch)
+            if hooks.after_train is not None:
+                hooks.after_train(self, epoch, tr)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             elapsed = time.perf_counter() - t0
             self.epoch_times.append(elapsed)
             progress.train_time += elapsed
             progress.train_images += tr["images"]
-            val = evaluate_model(self.model, self.val_loader, self.device, self.objective,
-                                 cache=self.cache, start_block=self.start_block,
-                                 reduce=self.dist.enabled)
+            val = evaluate_model(self.model, self.val_loader, self.objective, self.precision,
+                                 cache=self.cache, reduce=self.dist.enabled)
+            if hooks.after_validation is not None:
+                hooks.after_validation(self, epoch, val)
             if val.miou > progress.best:
                 progress.best, progress.best_epoch = val.miou, epoch + 1
                 if self.select == "best":  # the weights the next stage will start from

@@ -1,0 +1,140 @@
+"""Score one stage checkpoint on the held-out split: its row of the evaluate stage's report.
+
+Every figure reads the same rows of the split, from its packed shards: the scores and prompt
+pairs (`cdsam.evaluation.scoring`, `cdsam.evaluation.pairs`), text + click / box, the class grid
+(`cdsam.evaluation.class_grid`) and the overlay panel.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from PIL import Image
+
+from cdsam.config.schema import EvaluateConfig, LossConfig, Params
+from cdsam.data.packed import PackedLoader, normalize_batch
+from cdsam.data.prepared import PreparedSplit
+from cdsam.data.spatial import BOX, CLICK
+from cdsam.evaluation.class_grid import ClassGrid, score_class_grid
+from cdsam.evaluation.metrics import per_prompt
+from cdsam.evaluation.pairs import pair_rows, prompt_pairs
+from cdsam.evaluation.scoring import EvalResult, evaluate_model
+from cdsam.inference.overlay import denormalize, grid, sample_panel
+from cdsam.inference.predictor import Predictor
+from cdsam.models.checkpoint import load_checkpoint
+from cdsam.models.model import CDSAM
+from cdsam.models.objective import Objective
+from cdsam.runtime import Precision
+
+log = logging.getLogger("cdsam.evaluate")
+
+
+@dataclass
+class ScoredSplit:
+    """The split every checkpoint is scored on, with what is the same for all of them."""
+
+    name: str  # test | val
+    rows: PreparedSplit
+    loader: PackedLoader  # text prompts only
+    spatial: dict[str, PackedLoader]  # click / box next to each positive's text (seeded)
+    overlay_rows: list[int]  # sample rows drawn in the overlay panel
+    pairs: list[tuple[int, int]]  # two positives of one image
+
+    @property
+    def samples(self) -> pd.DataFrame:
+        return self.rows.df
+
+    @property
+    def prompts(self) -> list[str]:
+        return sorted(self.samples["prompt"].unique())
+
+
+def overlay_rows(samples: pd.DataFrame, n: int) -> list[int]:
+    """A fixed set of samples: positives of images that carry two or more prompts first, then
+    one negative (an absent-object prompt) when there is one, then the rest."""
+    pos = samples[~samples["negative"]]
+    counts = pos.groupby("image")["prompt"].transform("count")
+    multi = pos.index[counts >= 2].tolist()
+    negs = samples.index[samples["negative"]].tolist()[:1]
+    first = multi[:max(n - len(negs), 0)] + negs
+    rest = [i for i in range(len(samples)) if i not in set(first)]
+    return (first + rest)[:n]
+
+
+def open_scored_split(rows: PreparedSplit, name: str, ev: EvaluateConfig, seed: int,
+                      device: torch.device) -> ScoredSplit:
+    spatial = {mode: PackedLoader(rows, ev.batch_size, device, spatial=policy, seed=seed)
+               for mode, policy in (("click", CLICK), ("box", BOX))} \
+        if ev.spatial_prompts else {}
+    return ScoredSplit(name, rows, PackedLoader(rows, ev.batch_size, device), spatial,
+                       overlay_rows(rows.df, ev.num_overlays), pair_rows(rows.df))
+
+
+@dataclass
+class StageScore:
+    metrics: dict[str, Any]  # evaluate.json's entry for the stage
+    result: EvalResult  # text-prompt scores, per sample
+    classes: ClassGrid
+    per_prompt: pd.DataFrame  # per-prompt figures with the class grid's per-class IoU
+    overlay: Image.Image | None = None
+    spatial: list[str] = field(default_factory=list)  # the click / box modes scored
+
+
+@torch.no_grad()
+def overlay_panel(model: CDSAM, split: ScoredSplit, precision: Precision, threshold: float
+                  ) -> Image.Image:
+    """The overlay rows, one model call each, predicted mask beside the truth."""
+    panels = []
+    model.eval()
+    for i in split.overlay_rows:
+        batch = next(iter(PackedLoader(split.rows, 1, precision.device, indices=[i])))
+        out = model(batch["image"], batch["prompt"])
+        pred = (torch.sigmoid(out.masks[0, 0].float()) > threshold).cpu().numpy()
+        caption = batch["prompt"][0] + (" (absent)" if split.samples["negative"].iloc[i] else "")
+        panels.append(sample_panel(denormalize(batch["image"][0].cpu()), pred,
+                                   batch["mask"][0, 0].cpu().numpy() > 0.5, caption))
+    return grid(panels, columns=len(panels) or 1)
+
+
+def class_grid(model: CDSAM, params: Params, rows: PreparedSplit, device: torch.device
+               ) -> ClassGrid:
+    """VOC/COCO class IoU: every class of the split on every image."""
+    ev, data = params.evaluate, params.data
+    vocab = sorted(set(rows.prompts))
+    predictor = Predictor(model, data.resize, data.crop, vocab, device, data.fit)
+
+    def logits(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        x = normalize_batch(images.to(device))
+        return predictor.frame_logits(list(x), prompts, batch_size=ev.batch_size)
+
+    return score_class_grid(rows, vocab, logits, pairs_per_call=ev.batch_size * 16,
+                            threshold=ev.threshold, show_progress=True)
+
+
+def score_checkpoint(path: Path, split: ScoredSplit, params: Params, precision: Precision
+                     ) -> StageScore:
+    """Every figure of one checkpoint on ``split``."""
+    ev = params.evaluate
+    model, meta = load_checkpoint(path, precision.device)
+    # The loss the checkpoint trained with (its SSL term needs the stage-start backbone,
+    # which only the training run has).
+    loss_cfg = LossConfig(**(meta.extra.get("loss") or {}))
+    vocab = sorted(set(meta.prompts) | set(split.prompts))
+    objective = Objective.for_model(model, loss_cfg, vocab)
+    res = evaluate_model(model, split.loader, objective, precision, ev.threshold,
+                         show_progress=True, keep_masks=True)
+    classes = class_grid(model, params, split.rows, precision.device)
+    metrics = {**res.figures, "class_iou": classes.class_iou,
+               **prompt_pairs(res, split.pairs, split.samples["prompt"].tolist())}
+    for mode, loader in split.spatial.items():
+        metrics[f"miou_{mode}"] = evaluate_model(model, loader, objective, precision,
+                                                 ev.threshold).miou
+    by_prompt = per_prompt(res.scores).merge(classes.per_class(), on="prompt", how="left")
+    overlay = overlay_panel(model, split, precision, ev.threshold) if split.overlay_rows \
+        else None
+    return StageScore(metrics, res, classes, by_prompt, overlay, list(split.spatial))
