@@ -23,7 +23,7 @@ from cdsam import distributed
 from cdsam.config.stage_view import load_stage_params
 from cdsam.config.stages import check_stage_arg
 from cdsam.entry import run
-from cdsam.training.trainer import StagePaths, StageTrainer
+from cdsam.training.trainer import StagePaths, StageTrainer, TrainerOptions
 
 
 def main() -> int | None:
@@ -50,7 +50,8 @@ def main() -> int | None:
                        parent=None if rule.parent is None else models / f"stage{rule.parent}",
                        resume=Path(args.resume_dir))
     try:
-        StageTrainer(params, args.stage, paths, show_progress=not args.no_progress).run()
+        StageTrainer(params, args.stage, paths,
+                     TrainerOptions(show_progress=not args.no_progress)).run()
     finally:
         distributed.shutdown()
     return None

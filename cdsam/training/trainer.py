@@ -425,11 +425,11 @@ class StageTrainer:
                 torch.cuda.synchronize(self.device)
             t0 = time.perf_counter()
             tr = self.train_epoch(epoch)
-            if hooks.after_train is not None:
-                hooks.after_train(self, epoch, tr)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             elapsed = time.perf_counter() - t0
+            if hooks.after_train is not None:
+                hooks.after_train(self, epoch, tr)
             self.epoch_times.append(elapsed)
             progress.train_time += elapsed
             progress.train_images += tr["images"]
