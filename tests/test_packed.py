@@ -123,8 +123,7 @@ def test_training_on_packed_batches_matches_the_per_sample_path(data_dir, tmp_pa
                 stage1={"epochs": 2})
     runs = {}
     for packed in (True, False):
-        t = _trainer(p, 1, data_dir, tmp_path / str(packed))
-        t.pack_batches = packed
+        t = _trainer(p, 1, data_dir, tmp_path / str(packed), pack_batches=packed)
         t.setup()
         assert bool(t.packs) == packed
         t.train()

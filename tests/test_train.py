@@ -33,12 +33,12 @@ def _params(**over):
     return tiny_params(**base)
 
 
-def _trainer(params, stage, data_dir, tmp, parent=None, dist=None,
-             hooks: EpochHooks | None = None) -> StageTrainer:
+def _trainer(params, stage, data_dir, tmp, parent=None, dist=None, **options) -> StageTrainer:
+    """``options``: `TrainerOptions` fields beside show_progress (pack_batches, hooks, ...)."""
     paths = StagePaths(data=data_dir, out=tmp / f"stage{stage}", metrics=tmp / "metrics",
                        parent=parent, resume=tmp / "resume")
-    options = TrainerOptions(show_progress=False, hooks=hooks or EpochHooks())
-    return StageTrainer(params, stage, paths, options, dist)
+    return StageTrainer(params, stage, paths, TrainerOptions(show_progress=False, **options),
+                        dist)
 
 
 def _train_and_save(trainer: StageTrainer) -> bytes:
