@@ -91,8 +91,8 @@ def overlay_panel(model: CDSAM, split: ScoredSplit, precision: Precision, thresh
     """The overlay rows, one model call each, predicted mask beside the truth."""
     panels = []
     model.eval()
-    for i in split.overlay_rows:
-        batch = next(iter(PackedLoader(split.rows, 1, precision.device, indices=[i])))
+    rows = PackedLoader(split.rows, 1, precision.device, indices=split.overlay_rows)
+    for i, batch in zip(split.overlay_rows, rows, strict=True):
         out = model(batch["image"], batch["prompt"])
         pred = (torch.sigmoid(out.masks[0, 0].float()) > threshold).cpu().numpy()
         caption = batch["prompt"][0] + (" (absent)" if split.samples["negative"].iloc[i] else "")
