@@ -75,3 +75,91 @@ def test_a_working_compiler_trains_compiled_with_the_same_losses(data_dir, eager
     split = split_step_time(trainer, steps=2)
     assert split["step_images_s"] > 0 and split["eager_step_images_s"] > 0
     assert not is_compiled(trainer.model)
+
+
+class FailsAfterSetup:
+    """A backend that compiles (dynamo's graph as it is) until told to fail: a compiler that
+    handled the probe batch and breaks on a later shape."""
+
+    def __init__(self) -> None:
+        self.fail = False
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        if self.fail:
+            raise AssertionError("cannot tile this reduction")
+        return gm.forward
+
+
+def test_a_compiler_that_fails_after_setup_falls_back_once(data_dir, eager, tmp_path, caplog,
+                                                           capfd):
+    backend = FailsAfterSetup()
+    params = tiny_params(device="cpu", optim={"batch_size": 4}, train={"compile": True},
+                         stage1={"epochs": 1})
+    paths = StagePaths(data=data_dir, out=tmp_path / "stage1", metrics=tmp_path / "metrics",
+                       resume=tmp_path / "resume")
+    trainer = StageTrainer(params, 1, paths,
+                           TrainerOptions(show_progress=False, compile_backend=backend))
+    trainer.setup()
+    assert trainer.compiled
+    at_setup = backend.graphs
+    backend.fail = True
+    with caplog.at_level(logging.WARNING, logger="cdsam"):
+        trainer.train()
+    assert backend.graphs == at_setup + 1  # later shapes did recompile; the first one failed
+    lines = [r.getMessage() for r in caplog.records if "train.compile" in r.getMessage()]
+    assert len(lines) == 1 and "training uncompiled" in lines[0], lines
+    assert "Traceback" not in capfd.readouterr().err
+    assert not trainer.compiled
+    assert trainer.step_losses[0] == pytest.approx(eager, rel=1e-5)
+
+
+def _ddp_compile_worker(rank: int, world: int, port: int, data_dir: str, out: str) -> None:
+    import os
+
+    from safetensors.torch import save_file
+    from torch._dynamo.backends.common import aot_autograd
+
+    from cdsam import distributed
+    from cdsam.distributed import DistInfo
+
+    def failing_backward(gm, example_inputs):
+        raise AssertionError("cannot compile the backward")
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: gm.forward, bw_compiler=failing_backward)
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    params = tiny_params(device="cpu", optim={"batch_size": 2, "warmup_steps": 1},
+                         train={"compile": True}, stage1={"epochs": 1})
+    root = Path(out) / f"rank{rank}"
+    paths = StagePaths(data=Path(data_dir), out=root / "stage1", metrics=root / "metrics",
+                       resume=root / "resume")
+    trainer = StageTrainer(params, 1, paths, TrainerOptions(show_progress=False,
+                                                            compile_backend=backend),
+                           DistInfo(rank, world, rank, world))
+    try:
+        trainer.setup()
+        trainer.train()
+        assert not trainer.compiled
+        save_file(trainer.trainable_state(), str(Path(out) / f"rank{rank}.safetensors"))
+    finally:
+        distributed.shutdown()
+
+
+def test_a_backward_that_fails_to_compile_leaves_ddp_training(data_dir, tmp_path):
+    """The backward compiles with the forward, inside the guarded call, and the probe runs
+    before DDP wraps the model: both ranks fall back and train in step."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_compile_worker, args=(2, port, str(data_dir), str(tmp_path)),
+                       nprocs=2, join=True, start_method="spawn")
+    r0 = load_file(str(tmp_path / "rank0.safetensors"))
+    r1 = load_file(str(tmp_path / "rank1.safetensors"))
+    assert r0 and all(torch.equal(r0[k], r1[k]) for k in r0)

@@ -62,6 +62,21 @@ def test_resume_after_interruption_is_bit_exact(data_dir, tmp_path, caplog):
     assert resumed == straight
 
 
+def test_resume_under_autocast_is_bit_exact(data_dir, tmp_path):
+    """Loading the resume state clears the CLIP prompt cache; its refill happens inside a
+    training step's autocast and must give the features setup encoded outside it."""
+    from cdsam.runtime import Precision
+
+    bf16 = Precision(torch.device("cpu"), amp=True, dtype=torch.bfloat16)
+    p = _params(stage1={"epochs": 2, "select": "last"})
+    straight = _train_and_save(_trainer(p, 1, data_dir, tmp_path / "a", precision=bf16))
+    first = _trainer(p, 1, data_dir, tmp_path / "b", precision=bf16)
+    first.setup()
+    first.train(stop_after=1)
+    resumed = _trainer(p, 1, data_dir, tmp_path / "b", precision=bf16)
+    assert _train_and_save(resumed) == straight
+
+
 def test_stale_resume_state_is_discarded(data_dir, tmp_path, caplog):
     first = _trainer(_params(), 1, data_dir, tmp_path)
     first.setup()

@@ -63,14 +63,19 @@ class ClipTextEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> torch.Tensor:
         missing = sorted({p for p in prompts if p not in self._cache})
-        if missing:
-            device = next(self.clip.parameters()).device
-        for prompt in missing:
-            # One prompt per forward: a feature never depends on which prompts were encoded
-            # with it, so a resumed run (whose cache refills in another order) is bit-exact.
-            tokens = self.tokenizer([prompt]).to(device)
-            self._cache[prompt] = self.clip.encode_text(tokens, normalize=True).float()[0]
-            self.calls += 1
+        if not missing:
+            return torch.stack([self._cache[p] for p in prompts])
+        device = next(self.clip.parameters()).device
+        # Encoded in the tower's own dtype whatever autocast the caller runs under: setup
+        # fills the cache outside autocast, a refill (after a resume state's load_state_dict
+        # cleared it) happens inside a training step's, and both must give the same feature.
+        with torch.autocast(device.type, enabled=False):
+            for prompt in missing:
+                # One prompt per forward: a feature never depends on which prompts were
+                # encoded with it, so a refill in another order is bit-exact.
+                tokens = self.tokenizer([prompt]).to(device)
+                self._cache[prompt] = self.clip.encode_text(tokens, normalize=True).float()[0]
+                self.calls += 1
         return torch.stack([self._cache[p] for p in prompts])
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:

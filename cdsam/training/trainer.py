@@ -55,7 +55,7 @@ from cdsam.runtime import (
     seed_everything,
 )
 from cdsam.training.batch_size import StepMemory, probe_step_memory, resolve_auto_batch, scale_lrs
-from cdsam.training.compiling import compile_or_fall_back
+from cdsam.training.compiling import compile_or_fall_back, is_compiled
 from cdsam.training.curriculum import apply_plan, component_counts
 from cdsam.training.feature_cache import build_feature_cache
 from cdsam.training.frozen_weights import hold_for_stage
@@ -208,6 +208,10 @@ class StageTrainer:
         self.train_loader, self.train_sampler, self.val_loader = \
             loaders.train, loaders.sampler, loaders.val
         self.set_epochs(self.epochs)
+        # Probed on the bare model: a failure inside DDP's forward/backward would leave its
+        # reducer waiting for gradients that never came.
+        if p.train.compile:
+            compile_or_fall_back(self.model, self._step_probe, opts.compile_backend)
         if self.dist.enabled:
             # Only parameters with requires_grad are registered, so the frozen CLIP tower
             # and DINO prefix cost nothing. Every trainable parameter gets a gradient each
@@ -215,8 +219,6 @@ class StageTrainer:
             # find_unused_parameters stays off.
             self.net = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.compiled = p.train.compile and compile_or_fall_back(
-            self.model, self._step_probe, opts.compile_backend)
         eff = self.optim_cfg.batch_size * self.optim_cfg.grad_accum_steps * self.dist.world_size
         log.info("stage%d on %s: %d train / %d val samples, %d prompts, %d epochs, effective "
                  "batch %d (batch %d x accumulation %d x world size %d), trainable %s of %s "
@@ -277,6 +279,12 @@ class StageTrainer:
             self.optim_cfg, self.device, math.ceil(n / self.dist.world_size), probe, self.model,
             agree=lambda b: distributed.all_reduce_min(b, self.device),
             world_size=self.dist.world_size)
+
+    @property
+    def compiled(self) -> bool:
+        """The parts are compiled now (``train.compile`` may have fallen back, at setup or
+        later)."""
+        return is_compiled(self.model)
 
     @property
     def trainable_params(self) -> int:
