@@ -94,6 +94,30 @@ def test_folders_source(tmp_path):
     assert set(np.unique(m)) == {0, 1} and m.shape == (20, 24)
 
 
+def test_folders_are_decoded_one_image_at_a_time(tmp_path, monkeypatch):
+    """Memory stays flat in the image count: when the writer gets image k, only k images and
+    their masks have been opened (holding them all first grew about 5 MB a 1024² image)."""
+    from cdsam.data.manifest import BadFiles
+    from cdsam.data.shards import ShardWriter
+
+    cfg = _folders(tmp_path, n=8)
+    opened, at_write = [], []
+    real_open, real_add = BadFiles.open, ShardWriter.add_image
+
+    def counting_open(self, *args, **kwargs):
+        opened.append(args[0])
+        return real_open(self, *args, **kwargs)
+
+    def recording_add(self, *args, **kwargs):
+        at_write.append(len(opened))
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(BadFiles, "open", counting_open)
+    monkeypatch.setattr(ShardWriter, "add_image", recording_add)
+    prepare(cfg, 0, tmp_path / "p", show_progress=False, data=whole(24))
+    assert at_write == [2 * (k + 1) for k in range(8)]  # an image and its mask each
+
+
 def test_truncated_png_named_or_skipped(tmp_path):
     cfg = _folders(tmp_path)
     bad = tmp_path / "masks" / "im2.png"
@@ -381,3 +405,22 @@ def test_voc_image_without_a_class_is_not_a_bad_file(tmp_path):
     summary = prepare(PrepareConfig(source="voc", root=str(root), negatives="absent"), 0,
                       tmp_path / "q", False)
     assert summary["images"] == 4
+
+
+def test_negative_is_decided_on_the_fitted_mask(tmp_path, caplog):
+    """A centre crop can cut an object out entirely: that sample is a negative for the model,
+    and the prepare log and metrics say how many positives the fit emptied."""
+    import logging
+
+    cfg = PrepareConfig(val_fraction=0.25, test_fraction=0.0,
+                        synthetic=SyntheticConfig(num_images=40, image_size=64))
+    with caplog.at_level(logging.WARNING, logger="cdsam"):
+        summary = prepare(cfg, 0, tmp_path / "p", show_progress=False,
+                          data=DataConfig(fit="crop", resize=64, crop=32))
+    df = read_samples(tmp_path / "p")
+    masks = prepared_arrays(tmp_path / "p")[0]
+    empty = df["id"].map(lambda i: not (masks[i] == FOREGROUND).any())
+    assert (df["negative"] == empty).all()
+    assert summary["emptied_by_fit"] > 0
+    assert summary["negative_samples"] == int(empty.sum())
+    assert f"{summary['emptied_by_fit']} positive samples became negatives" in caplog.text

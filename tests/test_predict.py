@@ -258,3 +258,21 @@ def test_cli_predict_bad_files_stop_or_are_skipped(ckpt, tmp_path, capsys):
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip() == \
         f"error: --prompts-file: {empty}: has no prompts (one per line)"
+
+
+def test_output_names_are_unique_and_stable():
+    from pathlib import Path
+
+    from cdsam.inference.files import output_stems
+
+    paths = [Path(p) for p in ("imgs/cell1.png", "imgs/cell1.tif", "2023/01/scan.png",
+                               "2024/01/scan.png", "a/b_c.png", "a_b/c.png", "solo.png",
+                               "x/01_scan.png")]
+    names = output_stems(paths)
+    assert len(set(names)) == len(paths), names
+    assert names[:2] == ["cell1_png", "cell1_tif"]
+    assert names[2:4] == ["2023_01_scan", "2024_01_scan"]
+    assert names[6] == "solo" and output_stems(paths) == names
+    # Unique stems keep their names (counted once, not once per path).
+    many = [Path(f"d{i % 7}/img{i}.png") for i in range(20000)]
+    assert output_stems(many) == [p.stem for p in many]

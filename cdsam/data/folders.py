@@ -15,6 +15,7 @@ With ``prepare.negatives: absent`` classes absent from an image also give empty-
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -108,8 +109,24 @@ def _per_class_samples(cfg: PrepareConfig, seed: int, stem: str, folders: dict[s
                                     (size[1], size[0]))
 
 
-def iter_folders(cfg: PrepareConfig, bad: BadFiles, seed: int = 0) -> Iterator[Item]:
-    """Yields (stem, RGB image, samples) for each image whose masks are good."""
+@dataclass(frozen=True)
+class FolderListing:
+    """The files of a folders source, by stem, before anything is decoded."""
+
+    images: dict[str, Path]
+    masks: dict[str, Path]  # binary / indexed
+    per_class: dict[str, dict[str, Path]]  # per_class: class name -> stem -> mask
+
+    @property
+    def stems(self) -> list[str]:
+        """The images with a mask to read, in file order (what the split is drawn over)."""
+        if self.per_class:
+            return list(self.images)
+        return [s for s in self.images if s in self.masks]
+
+
+def list_folders(cfg: PrepareConfig) -> FolderListing:
+    """The source's files, checked for the keys the format needs; nothing decoded."""
     if not cfg.images:
         raise DataError("prepare.images: required for prepare.source: folders")
     if not cfg.masks:
@@ -128,19 +145,27 @@ def iter_folders(cfg: PrepareConfig, bad: BadFiles, seed: int = 0) -> Iterator[I
             per_class[name] = _by_stem(masks_dir / name, f"prepare.masks ({name!r})")
     else:
         masks = _by_stem(masks_dir, "prepare.masks")
-    for stem, path in images.items():
-        if cfg.mask_format != "per_class" and stem not in masks:
+    return FolderListing(images, masks, per_class)
+
+
+def iter_folders(cfg: PrepareConfig, bad: BadFiles, seed: int = 0,
+                 listing: FolderListing | None = None) -> Iterator[Item]:
+    """Yields (stem, RGB image, samples) for each image whose masks are good, decoding one
+    image at a time."""
+    listing = listing or list_folders(cfg)
+    for stem, path in listing.images.items():
+        if cfg.mask_format != "per_class" and stem not in listing.masks:
             bad.bad(path, f"no mask with the same stem in {cfg.masks}")
             continue
         image = bad.open(path, "RGB")
         if image is None:
             continue
         if cfg.mask_format == "binary":
-            mask = read_binary_mask(masks[stem], image.size, bad)
+            mask = read_binary_mask(listing.masks[stem], image.size, bad)
             samples = None if mask is None else [Sample(stem, cfg.prompt, mask)]
         elif cfg.mask_format == "indexed":
-            samples = _indexed_samples(cfg, seed, stem, masks[stem], image.size, bad)
+            samples = _indexed_samples(cfg, seed, stem, listing.masks[stem], image.size, bad)
         else:
-            samples = _per_class_samples(cfg, seed, stem, per_class, image.size, bad)
+            samples = _per_class_samples(cfg, seed, stem, listing.per_class, image.size, bad)
         if samples is not None:
             yield stem, image, samples

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from cdsam import io
 from cdsam.config.schema import DataConfig, PrepareConfig
 from cdsam.data.coco import coco_files, coco_stems, iter_coco, load_coco
-from cdsam.data.folders import iter_folders
+from cdsam.data.folders import iter_folders, list_folders
 from cdsam.data.manifest import BadFiles, Sample, split_ids
 from cdsam.data.negatives import absent_samples
 from cdsam.data.shards import ShardWriter
@@ -42,9 +42,11 @@ def _synthetic(cfg: PrepareConfig, seed: int) -> Iterator[Entry]:
 
 
 def _folders(cfg: PrepareConfig, seed: int, bad: BadFiles) -> Iterator[Entry]:
-    items = list(iter_folders(cfg, bad, seed))
-    splits = split_ids([s for s, _, _ in items], cfg.val_fraction, cfg.test_fraction, seed)
-    for stem, image, samples in items:
+    # The split is drawn over the listed stems, so images are decoded one at a time (holding
+    # them all until the last was read grew with the data: about 5 MB a 1024² image).
+    listing = list_folders(cfg)
+    splits = split_ids(listing.stems, cfg.val_fraction, cfg.test_fraction, seed)
+    for stem, image, samples in iter_folders(cfg, bad, seed, listing):
         yield stem, image, samples, splits[stem]
 
 
@@ -144,6 +146,7 @@ def prepare(cfg: PrepareConfig, seed: int, out: str | Path, show_progress: bool 
         "prompts": int(df["prompt"].nunique()),
         "skipped_files": len(bad.skipped),
         "images_without_samples": without,
+        "emptied_by_fit": writer.emptied_by_fit,
     }
     for split in ("train", "val", "test"):
         in_split = df["split"] == split
@@ -151,4 +154,8 @@ def prepare(cfg: PrepareConfig, seed: int, out: str | Path, show_progress: bool 
         summary[f"{split}_negatives"] = int((in_split & df["negative"]).sum())
     if bad.skipped:
         log.warning("skipped %d bad files (listed above)", len(bad.skipped))
+    if writer.emptied_by_fit:
+        log.warning("%d positive samples became negatives: data.fit %s (resize %d, crop %d) "
+                    "leaves their object outside the input", writer.emptied_by_fit, data.fit,
+                    data.resize, data.crop)
     return summary

@@ -168,6 +168,7 @@ class ShardWriter:
         self.shards: dict[tuple[str, str], _Shard] = {}
         self.rows: list[dict[str, Any]] = []
         self.images: list[dict[str, Any]] = []
+        self.emptied_by_fit = 0  # positives whose object the fit left outside the input
 
     def _shard(self, split: str, kind: str) -> _Shard:
         key = (split, kind)
@@ -214,11 +215,14 @@ class ShardWriter:
             lut_shard.append(table)
         self.images.append({"split": split, "row": image_row, "image": stem, "width": w,
                             "height": h})
+        # Negative is what the model is shown: a ``crop`` fit can cut an object out entirely.
+        empty = [not (m == FOREGROUND).any() for m in fitted]
         for s, k in zip(samples, of_sample, strict=True):
             g, t = where[k]
+            self.emptied_by_fit += empty[k] and bool((s.mask == FOREGROUND).any())
             self.rows.append({
                 "id": f"{stem}__{slug(s.prompt)}", "split": split, "image": stem,
-                "prompt": s.prompt, "negative": int(not (s.mask == FOREGROUND).any()),
+                "prompt": s.prompt, "negative": int(empty[k]),
                 "image_row": image_row, "label_row": label_base + g, "lut": lut_base + t})
 
     def finish(self, required_splits: Iterable[str]) -> pd.DataFrame:

@@ -12,8 +12,10 @@ the run (images/s, skipped files, text-encoder calls).
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,10 +143,37 @@ def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> lis
 
 
 def output_stems(images: Sequence[Path]) -> list[str]:
-    """File stems for the outputs; a stem shared by several inputs gets its folder's name."""
-    stems = [p.stem for p in images]
-    dupes = {s for s in stems if stems.count(s) > 1}
-    return [f"{p.parent.name}_{p.stem}" if p.stem in dupes else p.stem for p in images]
+    """Unique file stems for the outputs, the same for the same inputs. A stem shared by
+    several inputs takes its extension where that is what differs (``cell1_tif``), then as
+    many of its folders as tell the paths apart (``2024_01_scan``); names that still clash
+    (``a/b_c.png`` and ``a_b/c.png``) end in a short hash of their path."""
+    parts = [_name_parts(p) for p in images]
+    twins = Counter((p.parent, p.stem) for p in images)
+    base = [f"{p.stem}_{p.suffix.lstrip('.').lower()}" if twins[(p.parent, p.stem)] > 1
+            else p.stem for p in images]
+    depth = [0] * len(images)
+    names = list(base)
+    hashed: set[int] = set()
+    while True:
+        counts = Counter(names)
+        clashes = [i for i, name in enumerate(names) if counts[name] > 1]
+        if not clashes:
+            return names
+        for i in clashes:
+            if depth[i] < len(parts[i]):
+                depth[i] += 1
+                names[i] = "_".join([*parts[i][len(parts[i]) - depth[i]:], base[i]])
+            elif i not in hashed:
+                hashed.add(i)
+                digest = hashlib.sha256(str(images[i]).encode()).hexdigest()[:8]
+                names[i] = f"{names[i]}_{digest}"
+            else:  # the same path given twice
+                names[i] = f"{names[i]}_{i}"
+
+
+def _name_parts(path: Path) -> list[str]:
+    """The folders above ``path`` that can go into its output name (not the root)."""
+    return [part for part in path.parent.parts if part not in (path.anchor, "", ".", "..")]
 
 
 def _decoded(images: Sequence[Path], opts: PredictOptions
