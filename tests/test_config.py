@@ -84,13 +84,29 @@ def test_stage_view_blocks_undeclared_sections():
 def test_every_stage_declares_what_it_needs():
     for n in stages():
         keys = declared_keys(f"stage{n}", "dvc.yaml")
-        for k in ("seed", "device", "data", "model", "lora.sam", "optim", "loss", f"stage{n}"):
+        for k in ("seed", "device", "data.crop", "data.augment", "model", "lora.sam", "optim",
+                  "loss", "train.point_prompts", f"stage{n}"):
             assert k in keys, (n, k)
         assert ("lora.dino" in keys) == stage_rule(n).reads_dino_lora
         assert keys == stage_keys(n)
     # prepare fits the images once, so it reads the fit's keys of `data` (and no others)
     assert set(declared_keys("prepare", "dvc.yaml")) == {"seed", "prepare", "data.fit",
                                                           "data.resize", "data.crop"}
+
+
+def test_speed_knobs_are_no_dvc_params_but_stages_read_them():
+    """Changing data.memory_mb, train.feature_cache_mb or train.compile reruns nothing."""
+    from cdsam.config.stage_view import load_stage_params
+    from cdsam.config.stages import SPEED_KEYS
+
+    for stage in [f"stage{n}" for n in stages()] + ["evaluate"]:
+        keys = declared_keys(stage, "dvc.yaml")
+        for speed in SPEED_KEYS:
+            section = speed.split(".")[0]
+            assert speed not in keys and section not in keys, (stage, speed)
+    view = load_stage_params("stage1", DEFAULT_PARAMS, REPO / "dvc.yaml")
+    assert view.data.memory_mb >= 0 and view.train.feature_cache_mb >= 0
+    assert view.train.compile in (True, False)
 
 
 def test_user_input_folders_are_dependencies():

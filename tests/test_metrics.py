@@ -103,8 +103,7 @@ def test_dice_and_bce_values():
 def test_prompt_pairs_split_overlap_by_what_the_prompts_share():
     import torch
 
-    from cdsam.evaluation.pairs import pair_relation, prompt_pairs
-    from cdsam.evaluation.scoring import EvalResult
+    from cdsam.evaluation.pairs import PairOverlaps, pair_relation, prompt_pairs
 
     assert pair_relation("a red circle", "a red square") == "same_colour"
     assert pair_relation("a red circle", "a blue circle") == "same_shape"
@@ -114,9 +113,11 @@ def test_prompt_pairs_split_overlap_by_what_the_prompts_share():
     a[:2] = True
     b = a.clone()
     c = ~a
-    res = EvalResult(loss=0.0, miou=0.0, dice=0.0, ious=[1.0, 0.5, 0.0], masks=[a, b, c])
+    overlaps = PairOverlaps([(0, 1), (0, 2), (1, 2)])
+    for row, mask in enumerate([a, b, c]):
+        overlaps.add(row, mask)
     prompts = ["a red circle", "a red square", "a blue circle"]
-    out = prompt_pairs(res, [(0, 1), (0, 2), (1, 2)], prompts)
+    out = prompt_pairs(overlaps, [1.0, 0.5, 0.0], prompts)
     assert out["pairs"] == 3 and out["pairs_miou"] == 0.5
     assert out["pairs_overlap_same_colour"] == 1.0  # identical masks for two colours' words
     assert out["pairs_overlap_same_shape"] == 0.0
@@ -155,3 +156,26 @@ def test_clip_align_loss_skips_empty_masks_without_indexing():
                                 labels, 0.07)
     none_left.backward()  # still part of the graph
     assert none_left.item() == 0.0
+
+
+def test_pair_overlaps_hold_one_image_of_masks_at_a_time():
+    """Scored as the rows come: the most masks held at once is one image's positives, however
+    many images the split has, and the figures are those of every mask kept."""
+    import pandas as pd
+    import torch
+
+    from cdsam.evaluation.pairs import PairOverlaps, pair_rows
+
+    rng = np.random.default_rng(0)
+    images = 200
+    samples = pd.DataFrame({"image": np.repeat([f"im{i:03d}" for i in range(images)], 4),
+                            "negative": np.tile([False, False, False, True], images)})
+    pairs = pair_rows(samples)
+    masks = [torch.from_numpy(rng.random((8, 8)) > 0.5) for _ in range(len(samples))]
+    overlaps = PairOverlaps(pairs)
+    for row, mask in enumerate(masks):
+        overlaps.add(row, mask)
+    assert overlaps.peak == 3 and not overlaps.live
+    expected = [((masks[a] & masks[b]).sum() / (masks[a] | masks[b]).sum()).item()
+                for a, b in pairs]
+    assert overlaps.overlaps == pytest.approx(expected)

@@ -77,6 +77,23 @@ def test_resume_under_autocast_is_bit_exact(data_dir, tmp_path):
     assert _train_and_save(resumed) == straight
 
 
+def test_speed_knobs_keep_the_resume_state(data_dir, tmp_path, caplog):
+    """data.memory_mb, train.feature_cache_mb and train.compile change speed, not results: a
+    state saved under one value resumes under another."""
+    first = _trainer(_params(), 1, data_dir, tmp_path)
+    first.setup()
+    first.train(stop_after=1)
+    from tests.conftest import TINY
+
+    faster = _params(data={**TINY["data"], "memory_mb": 0},
+                     train={**TINY.get("train", {}), "feature_cache_mb": 1, "compile": False})
+    t = _trainer(faster, 1, data_dir, tmp_path)
+    t.setup()
+    with caplog.at_level(logging.INFO, logger="cdsam"):
+        t.train()
+    assert "resuming stage1 from epoch 1/2" in caplog.text
+
+
 def test_stale_resume_state_is_discarded(data_dir, tmp_path, caplog):
     first = _trainer(_params(), 1, data_dir, tmp_path)
     first.setup()

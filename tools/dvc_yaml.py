@@ -18,7 +18,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's stage table, not an installed cdsam's
-from cdsam.config.stages import stage_keys, stage_rule, stages  # noqa: E402
+from cdsam.config.stages import (  # noqa: E402
+    stage_keys,
+    stage_rule,
+    stages,
+    without_speed_keys,
+)
 
 MODEL_DATA = "cdsam/models/configs"  # the shipped tiny CLIP config, read where models are built
 # Folders the user's inputs live in, so DVC sees a replaced file (cdsam.config.stage_view refuses
@@ -119,7 +124,7 @@ def render() -> str:
     parts.append(stage_text("evaluate", "python stages/evaluate.py",
                             evaluate + [WEIGHTS, "data/prepared"] + [f"models/stage{n}" for n in
                                                             stages()],
-                            ["seed", "device", "data", "evaluate"], [],
+                            without_speed_keys(["seed", "device", "data", "evaluate"]), [],
                             "metrics/evaluate.json", eval_plots))
 
     def curve(name: str) -> str:

@@ -22,6 +22,7 @@ import yaml
 
 from cdsam.config.parse import load_params
 from cdsam.config.schema import Params
+from cdsam.config.stages import SPEED_KEYS
 from cdsam.errors import UserError
 from cdsam.io import looks_like_file
 
@@ -143,4 +144,4 @@ def load_stage_params(stage: str, params_path: str | Path = "params.yaml",
     may read."""
     params = load_params(params_path)
     check_inputs_tracked(params, stage, dvc_yaml)
-    return restrict(params, declared_keys(stage, dvc_yaml), stage)
+    return restrict(params, declared_keys(stage, dvc_yaml) + list(SPEED_KEYS), stage)

@@ -9,7 +9,7 @@ a change to the table reaches all of them at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from cdsam.config.schema import DinoLoraConfig, OptimConfig, Params, SamLoraConfig
 from cdsam.errors import UserError
@@ -45,6 +45,31 @@ STAGE_TABLE: dict[int, StageRule] = {
 # the stages whose rule reads it, then the stage's own section.
 SHARED_TRAIN_KEYS = ("seed", "device", "data", "model", "lora.sam", "optim", "loss", "train")
 
+# Speed knobs change how fast a stage runs and how much memory it takes, never what it computes,
+# so they are neither DVC params (changing one reruns no stage) nor part of a resume state's
+# fingerprint (changing one keeps the state). Any stage may read them.
+SPEED_KEYS = ("data.memory_mb", "train.feature_cache_mb", "train.compile")
+
+
+def without_speed_keys(keys: list[str]) -> list[str]:
+    """``keys`` as dvc.yaml lists them: a section holding a speed knob becomes its other
+    fields, one by one."""
+    out: list[str] = []
+    for key in keys:
+        inner = [k for k in SPEED_KEYS if k.startswith(key + ".")]
+        if not inner:
+            out.append(key)
+            continue
+        section = getattr(Params(), key)
+        out += [f"{key}.{f.name}" for f in fields(section) if f"{key}.{f.name}" not in inner]
+    return out
+
+
+def drop_speed_values(section: str, values: dict) -> dict:
+    """A section's values (`to_dict`) without its speed knobs: what a resume fingerprint or a
+    checkpoint's metadata records, so neither depends on how fast the run went."""
+    return {k: v for k, v in values.items() if f"{section}.{k}" not in SPEED_KEYS}
+
 
 def stages() -> tuple[int, ...]:
     """The curriculum's stages, in order."""
@@ -72,7 +97,7 @@ def stage_keys(stage: int) -> list[str]:
     keys = list(SHARED_TRAIN_KEYS[:5])
     if rule.reads_dino_lora:
         keys.append("lora.dino")
-    return keys + list(SHARED_TRAIN_KEYS[5:]) + [rule.name]
+    return without_speed_keys(keys + list(SHARED_TRAIN_KEYS[5:]) + [rule.name])
 
 
 @dataclass(frozen=True)

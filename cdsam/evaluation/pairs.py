@@ -11,9 +11,9 @@ import itertools
 
 import numpy as np
 import pandas as pd
+import torch
 
 from cdsam.data.synthetic import attributes
-from cdsam.evaluation.scoring import EvalResult
 
 
 def pair_rows(samples: pd.DataFrame) -> list[tuple[int, int]]:
@@ -37,29 +37,63 @@ def pair_relation(a: str, b: str) -> str | None:
     return None
 
 
-def prompt_pairs(res: EvalResult, pairs: list[tuple[int, int]], prompts: list[str],
+class PairOverlaps:
+    """The IoU between the two predicted masks of each pair, computed as the masks arrive in
+    split order: a mask is held only until the last pair it belongs to is scored (pairs lie
+    within one image, so memory stays flat in the split's size)."""
+
+    def __init__(self, pairs: list[tuple[int, int]]) -> None:
+        self.pairs = pairs
+        self.of_row: dict[int, list[int]] = {}
+        for k, (a, b) in enumerate(pairs):
+            self.of_row.setdefault(a, []).append(k)
+            self.of_row.setdefault(b, []).append(k)
+        self.pending = {row: len(ks) for row, ks in self.of_row.items()}
+        self.live: dict[int, torch.Tensor] = {}
+        self.overlaps: list[float | None] = [None] * len(pairs)
+        self.peak = 0  # most masks held at once
+
+    def add(self, row: int, mask: torch.Tensor) -> None:
+        """``mask``: sample ``row``'s thresholded HxW bool mask."""
+        if row not in self.of_row:
+            return
+        self.live[row] = mask
+        self.peak = max(self.peak, len(self.live))
+        for k in self.of_row[row]:
+            a, b = self.pairs[k]
+            if a in self.live and b in self.live and self.overlaps[k] is None:
+                inter = (self.live[a] & self.live[b]).sum().item()
+                union = (self.live[a] | self.live[b]).sum().item()
+                self.overlaps[k] = inter / union if union else 1.0
+                for r in (a, b):
+                    self.pending[r] -= 1
+                    if not self.pending[r]:
+                        del self.live[r]
+
+
+def prompt_pairs(overlaps: PairOverlaps, ious: list[float], prompts: list[str],
                  ) -> dict[str, float]:
-    """``res`` holds per-sample IoU and masks in split order (``keep_masks=True``), ``prompts``
-    each sample's prompt. ``pairs_miou``: mean IoU of each paired prompt's mask with its truth;
+    """``overlaps`` fed every sample's mask, ``ious`` and ``prompts`` per sample in split
+    order. ``pairs_miou``: mean IoU of each paired prompt's mask with its truth;
     ``pairs_overlap``: mean IoU between the two predicted masks (1.0 when both are empty);
     ``pairs``: how many pairs; ``pairs_overlap_same_colour`` / ``_same_shape`` on synthetic
     scenes.
     """
+    pairs = overlaps.pairs
     if not pairs:
         return {"pairs": 0, "pairs_miou": 0.0, "pairs_overlap": 0.0}
-    overlaps: dict[str, list[float]] = {"all": []}
-    for a, b in pairs:
-        inter = (res.masks[a] & res.masks[b]).sum().item()
-        union = (res.masks[a] | res.masks[b]).sum().item()
-        overlap = inter / union if union else 1.0
-        overlaps["all"].append(overlap)
+    if any(o is None for o in overlaps.overlaps):
+        raise ValueError("prompt_pairs: some pairs' masks never arrived")
+    by_relation: dict[str, list[float]] = {"all": []}
+    for (a, b), overlap in zip(pairs, overlaps.overlaps, strict=True):
+        by_relation["all"].append(overlap)
         relation = pair_relation(prompts[a], prompts[b])
         if relation:
-            overlaps.setdefault(relation, []).append(overlap)
+            by_relation.setdefault(relation, []).append(overlap)
     rows = sorted({r for pair in pairs for r in pair})
-    out = {"pairs": len(pairs), "pairs_miou": float(np.mean([res.ious[r] for r in rows])),
-           "pairs_overlap": float(np.mean(overlaps["all"]))}
+    out = {"pairs": len(pairs), "pairs_miou": float(np.mean([ious[r] for r in rows])),
+           "pairs_overlap": float(np.mean(by_relation["all"]))}
     for relation in ("same_colour", "same_shape"):
-        if relation in overlaps:
-            out[f"pairs_overlap_{relation}"] = float(np.mean(overlaps[relation]))
+        if relation in by_relation:
+            out[f"pairs_overlap_{relation}"] = float(np.mean(by_relation[relation]))
     return out

@@ -6,7 +6,7 @@ each figure means.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,6 @@ class EvalResult:
     scores: SplitScores = field(default_factory=SplitScores)  # per-sample counts (local rank)
     ids: list[str] = field(default_factory=list)
     ious: list[float] = field(default_factory=list)  # per sample, in loader order
-    masks: list[torch.Tensor] = field(default_factory=list)  # HxW bool, with keep_masks
 
     @property
     def figures(self) -> dict[str, float]:
@@ -45,13 +44,14 @@ class EvalResult:
 def evaluate_model(model: CDSAM, loader: Iterable[dict[str, Any]], objective: Objective,
                    precision: Precision, threshold: float = 0.5, *, show_progress: bool = False,
                    cache: PrefixCache | None = None, reduce: bool = False,
-                   keep_masks: bool = False) -> EvalResult:
+                   on_mask: Callable[[int, torch.Tensor], None] | None = None) -> EvalResult:
     """The objective's loss and the split's scores (`cdsam.evaluation.metrics`) over a loader.
 
     ``precision``: the run's (training hands its own, so validation computes as the step does).
     ``cache``: DINO prefix features to reuse (`cdsam.training.feature_cache`). ``reduce``: the
     loader holds this rank's shard; the figures are summed over ranks (the per-sample lists
-    stay local). ``keep_masks``: also keep each sample's thresholded mask (on the CPU).
+    stay local). ``on_mask(row, mask)``: handed each sample's thresholded HxW mask (on the CPU)
+    with its row in loader order, as it is computed (nothing keeps them all).
     """
     model.eval()
     device = precision.device
@@ -62,9 +62,11 @@ def evaluate_model(model: CDSAM, loader: Iterable[dict[str, Any]], objective: Ob
         logits = step.out.masks.float()
         total_loss += step.loss.item() * logits.shape[0]
         res.scores.add(batch["prompt"], pixel_counts(logits, step.target, step.valid, threshold))
+        if on_mask is not None:
+            for row, mask in enumerate((torch.sigmoid(logits[:, 0]) > threshold).cpu(),
+                                       start=len(res.ids)):
+                on_mask(row, mask)
         res.ids += batch["id"]
-        if keep_masks:
-            res.masks += list((torch.sigmoid(logits[:, 0]) > threshold).cpu())
     sums = [total_loss] + res.scores.sums(objective.vocab)
     if reduce:
         from cdsam import distributed  # only under torchrun; the evaluate stage never is

@@ -22,7 +22,7 @@ from cdsam.data.prepared import PreparedSplit
 from cdsam.data.spatial import BOX, CLICK
 from cdsam.evaluation.class_grid import ClassGrid, score_class_grid
 from cdsam.evaluation.metrics import per_prompt
-from cdsam.evaluation.pairs import pair_rows, prompt_pairs
+from cdsam.evaluation.pairs import PairOverlaps, pair_rows, prompt_pairs
 from cdsam.evaluation.scoring import EvalResult, evaluate_model
 from cdsam.inference.overlay import denormalize, grid, sample_panel
 from cdsam.inference.predictor import Predictor
@@ -126,11 +126,12 @@ def score_checkpoint(path: Path, split: ScoredSplit, params: Params, precision: 
     loss_cfg = LossConfig(**(meta.extra.get("loss") or {}))
     vocab = sorted(set(meta.prompts) | set(split.prompts))
     objective = Objective.for_model(model, loss_cfg, vocab)
+    overlaps = PairOverlaps(split.pairs)
     res = evaluate_model(model, split.loader, objective, precision, ev.threshold,
-                         show_progress=True, keep_masks=True)
+                         show_progress=True, on_mask=overlaps.add)
     classes = class_grid(model, params, split.rows, precision.device)
     metrics = {**res.figures, "class_iou": classes.class_iou,
-               **prompt_pairs(res, split.pairs, split.samples["prompt"].tolist())}
+               **prompt_pairs(overlaps, res.ious, split.samples["prompt"].tolist())}
     for mode, loader in split.spatial.items():
         metrics[f"miou_{mode}"] = evaluate_model(model, loader, objective, precision,
                                                  ev.threshold).miou

@@ -37,7 +37,7 @@ import cdsam
 from cdsam import distributed
 from cdsam.config.parse import to_dict
 from cdsam.config.schema import AUTO, OptimConfig, Params
-from cdsam.config.stages import StagePlan, plan_stage
+from cdsam.config.stages import StagePlan, drop_speed_values, plan_stage
 from cdsam.data.packed import PackedLoader
 from cdsam.data.prepared import PreparedSplit, prepared_digest
 from cdsam.errors import UserError
@@ -151,10 +151,11 @@ class StageTrainer:
             "stage": self.stage, "seed": p.seed,
             # As written in params (auto stays auto): the batch auto resolves to depends on the
             # device's free memory, and a resume reuses the state's own (saved_batch).
-            "data": to_dict(p.data), "model": to_dict(p.model),
+            "data": drop_speed_values("data", to_dict(p.data)), "model": to_dict(p.model),
             "optim": to_dict(self.plan.optim),
             "loss": to_dict(p.loss), "stage_cfg": to_dict(p.stage(self.stage)),
-            "train": to_dict(p.train), "lora_sam": to_dict(self.plan.lora_sam),
+            "train": drop_speed_values("train", to_dict(p.train)),
+            "lora_sam": to_dict(self.plan.lora_sam),
             "world_size": self.dist.world_size, "device": self.device.type,
         }
         if self.plan.lora_dino is not None:
@@ -490,7 +491,8 @@ class StageTrainer:
         extra = {
             "optim": to_dict(self.optim_cfg), "epochs": self.epochs, "sam_mode": self.sam_mode,
             "loss": to_dict(self.params.loss), "seed": self.params.seed,
-            "data": to_dict(self.params.data), "world_size": self.dist.world_size,
+            "data": drop_speed_values("data", to_dict(self.params.data)),
+            "world_size": self.dist.world_size,
             "select": self.select, "selected_epoch": self.selected_epoch,
         }
         meta = CheckpointMeta(stage=self.stage, model=self.model_cfg, prompts=self.vocab,
