@@ -17,14 +17,16 @@ import cdsam
 
 
 def require_checkout(script: str) -> Path:
-    """The checkout ``script`` (``<checkout>/stages/x.py``) belongs to, or exit 2 with one line
+    """The checkout ``script`` (``<checkout>/stages/x.py`` or ``tools/x.py``) belongs to, or exit 2 with one line
     naming the cdsam that was imported and the one that was expected."""
     root = Path(script).resolve().parents[1]
     expected = root / "cdsam"
     found = Path(cdsam.__file__).resolve().parent
     if found != expected:
+        folder = Path(script).resolve().parent.name
         print(f"error: {Path(script).name}: imported cdsam from {found}, expected this "
-              f"checkout's {expected} (the code DVC hashed for the stage); run the stage from a "
-              f"checkout that has cdsam/ next to stages/", file=sys.stderr)
+              f"checkout's {expected} (the code beside the script, which DVC hashes for a "
+              f"stage); run it from a checkout that has cdsam/ next to {folder}/",
+              file=sys.stderr)
         sys.exit(2)
     return root

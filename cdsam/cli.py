@@ -234,3 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     offline_defaults()
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     run(lambda: args.func(args), "cdsam")
+
+
+if __name__ == "__main__":  # python -m cdsam.cli, beside the `cdsam` script
+    main()

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cdsam.errors import UserError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -104,3 +106,35 @@ WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 def looks_like_file(value: str) -> bool:
     """A weights setting that names a file (vs a hub tag such as ``openai``)."""
     return os.sep in value or value.endswith(WEIGHT_SUFFIXES) or Path(value).exists()
+
+
+def weights_format(path: str | Path) -> str:
+    """What a weights file holds, from its first bytes: ``safetensors`` (an 8-byte header
+    length, then JSON), ``zip`` (a torch file since 1.6, or numpy's .npz), ``pickle`` (a legacy
+    torch file), else ``unknown``."""
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{" and \
+            int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8:
+        return "safetensors"
+    return "unknown"
+
+
+def check_weights_name(path: str | Path, key: str) -> None:
+    """Readers pick their parser by the extension: stop with one line naming the params
+    ``key``, the file and what it holds when the name says safetensors and the bytes do not,
+    or the other way round."""
+    path = Path(path)
+    held = weights_format(path)
+    named = "safetensors" if path.suffix == ".safetensors" else "other"
+    if named == "safetensors" and held != "safetensors":
+        what = {"zip": "a torch (zip) file", "pickle": "a torch pickle"}.get(held, "no safetensors")
+        raise UserError(f"{key}: {path} is named .safetensors but holds {what}; rename it to "
+                        f".pth (or convert it with safetensors.torch.save_file)")
+    if named == "other" and held == "safetensors":
+        raise UserError(f"{key}: {path} holds safetensors but is not named .safetensors; "
+                        f"rename it to {path.stem}.safetensors")

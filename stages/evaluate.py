@@ -1,4 +1,5 @@
-"""DVC stage `evaluate`: every stage checkpoint on the val split → metrics, CSVs, overlays."""
+"""DVC stage `evaluate`: every stage checkpoint on the test split (the val split when the
+prepared data has no test split) → metrics, CSVs, overlays."""
 
 from __future__ import annotations
 

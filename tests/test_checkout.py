@@ -40,3 +40,22 @@ def test_a_stage_without_a_package_beside_it_stops_with_one_line(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: prepare.py: imported cdsam from ")
     assert f"expected this checkout's {tmp_path / 'cdsam'}" in lines[0]
+
+
+def test_a_tool_in_a_second_clone_runs_that_clones_code(tmp_path):
+    """tools/*.py measure the code beside them, like the stages."""
+    clone = tmp_path / "clone"
+    _copy(clone, with_package=True)
+    shutil.copytree(REPO / "tools", clone / "tools",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    with (clone / "cdsam" / "checkout.py").open("a") as f:
+        f.write("\nprint('edited checkout.py of', __file__)\n")
+    out = subprocess.run([sys.executable, str(clone / "tools" / "checkpoint_sizes.py"), "--help"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"edited checkout.py of {clone / 'cdsam' / 'checkout.py'}" in out.stdout
+    bare = tmp_path / "bare"
+    shutil.copytree(REPO / "tools", bare / "tools", ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run([sys.executable, str(bare / "tools" / "checkpoint_sizes.py"), "--help"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 2 and "next to tools/" in out.stderr

@@ -92,6 +92,28 @@ def test_missing_local_files_are_one_line_errors(tmp_path, model_cfg):
         build_clip_text(ClipConfig(name="no-such-model"))
 
 
+def test_a_weights_file_named_for_another_format_is_a_one_line_error(tmp_path, model_cfg):
+    """Readers choose their parser by the extension; a torch file named .safetensors ended in
+    safetensors' "header too large" traceback."""
+    from safetensors.torch import save_file
+
+    from cdsam.models.sam import read_weights
+
+    state = {"w": torch.zeros(2)}
+    pickled, legacy, safe = (tmp_path / "a.safetensors", tmp_path / "b.safetensors",
+                             tmp_path / "c.pth")
+    torch.save(state, pickled)
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    save_file(state, str(safe))
+    with pytest.raises(UserError, match=r"model\.dino\.checkpoint: .*a\.safetensors is named "
+                                        r"\.safetensors but holds a torch \(zip\) file"):
+        build_dino(dataclasses.replace(model_cfg.dino, checkpoint=str(pickled)))
+    with pytest.raises(UserError, match=r"model\.clip\.pretrained: .*holds a torch pickle"):
+        build_clip_text(ClipConfig(pretrained=str(legacy)))
+    with pytest.raises(UserError, match=r"model\.sam\.checkpoint: .*c\.pth holds safetensors"):
+        read_weights(safe)
+
+
 def test_dino_that_is_not_a_vit_is_a_one_line_error(model_cfg):
     # timm builds it; cdsam's block-range walk cannot run it, so it must not get far.
     with pytest.raises(UserError, match="model.dino.name: 'resnet18' is not a timm Vision "

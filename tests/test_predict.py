@@ -165,6 +165,7 @@ def test_cli_predict_clicks_and_a_box_give_the_masks_predict_gives(ckpt, tmp_pat
     (["--point", "12"], "error: --point: '12' is not X,Y (2 numbers, image pixels)"),
     (["--box", "30,5,5,30"], "error: --box: '30,5,5,30' needs X0 < X1 and Y0 < Y1"),
     (["--point", "60,3"], "error: --point: (60, 3) is outside {img} (50x36 pixels)"),
+    (["--point", "50,3"], "error: --point: (50, 3) is outside {img} (50x36 pixels)"),
     (["--point", "1,2", "--image", "{img2}"],
      "error: --point: for one image at a time (2 inputs given)"),
     (["--box", "1,2,3,4", "--tile", "32"],
@@ -276,3 +277,12 @@ def test_output_names_are_unique_and_stable():
     # Unique stems keep their names (counted once, not once per path).
     many = [Path(f"d{i % 7}/img{i}.png") for i in range(20000)]
     assert output_stems(many) == [p.stem for p in many]
+
+
+def test_python_m_cdsam_cli_runs_the_cli():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "cdsam.cli", "--help"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and "predict" in out.stdout, out.stderr

@@ -16,8 +16,16 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import sys
+from pathlib import Path
 
 import torch
+
+# This checkout's cdsam (the code beside the tool), not whichever one is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cdsam.checkout import require_checkout
+
+require_checkout(__file__)
 
 from cdsam.config.parse import load_params
 from cdsam.models.model import CDSAM, build_model

@@ -15,8 +15,15 @@ import argparse
 import copy
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
+
+# This checkout's cdsam (the code beside the tool), not whichever one is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cdsam.checkout import require_checkout
+
+require_checkout(__file__)
 
 from cdsam.config.parse import load_params
 from cdsam.config.stages import stage_rule, stages

@@ -13,11 +13,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+# This checkout's cdsam (the code beside the tool), not whichever one is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cdsam.checkout import require_checkout
+
+require_checkout(__file__)
 
 from cdsam.data.geometry import IMAGENET_MEAN, IMAGENET_STD
 from cdsam.inference.files import collect_images

@@ -32,6 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RUN = r"""
 import resource, sys
+# This checkout's cdsam (the code beside the tool), not whichever one is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cdsam.checkout import require_checkout
+
+require_checkout(__file__)
+
 from cdsam.cli import main
 try:
     main(sys.argv[1:])

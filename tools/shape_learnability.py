@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +32,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
+
+# This checkout's cdsam (the code beside the tool), not whichever one is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cdsam.checkout import require_checkout
+
+require_checkout(__file__)
 
 from cdsam.config.parse import parse_params, read_params_file
 from cdsam.data.manifest import FOREGROUND

@@ -16,10 +16,17 @@ The checkpoints' DINO runs on the images as stored (their size must be the model
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+
+# This checkout's cdsam (the code beside the tool), not whichever one is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cdsam.checkout import require_checkout
+
+require_checkout(__file__)
 
 from cdsam.data.manifest import FOREGROUND
 from cdsam.data.packed import normalize_batch

@@ -13,11 +13,18 @@ case where colour alone cannot pick the object. Also how much the click changes 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+
+# This checkout's cdsam (the code beside the tool), not whichever one is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cdsam.checkout import require_checkout
+
+require_checkout(__file__)
 
 from cdsam.config.parse import load_params
 from cdsam.config.schema import LossConfig

@@ -117,7 +117,9 @@ def _check_inside(path: Path, pil: Image.Image, opts: PredictOptions) -> None:
     if opts.box is not None:
         places += [("--box", opts.box[:2]), ("--box", opts.box[2:])]
     for flag, (x, y) in places:
-        if not (0 <= x <= w and 0 <= y <= h):
+        # A click is a pixel (x < w); a box corner is a pixel edge (x1 = w spans the image).
+        inside = 0 <= x < w and 0 <= y < h if flag == "--point" else 0 <= x <= w and 0 <= y <= h
+        if not inside:
             raise UserError(f"{flag}: ({x:g}, {y:g}) is outside {path} ({w}x{h} pixels)")
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from cdsam.config.schema import ClipConfig
 from cdsam.errors import UserError
-from cdsam.io import looks_like_file
+from cdsam.io import check_weights_name, looks_like_file
 
 _CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(_CONFIG_DIR)  # registers "cdsam-tiny-text", the offline default
@@ -143,6 +143,8 @@ def build_clip_text(cfg: ClipConfig, load_weights: bool = True) -> ClipTextEncod
         pretrained = str(folder_weights(folder))
     elif pretrained and looks_like_file(pretrained) and not Path(pretrained).is_file():
         raise UserError(f"model.clip.pretrained: file not found: {pretrained}")
+    if pretrained and Path(pretrained).is_file():
+        check_weights_name(pretrained, "model.clip.pretrained")
     tokenizer = build_tokenizer(cfg.name, folder)  # before the weights: a missing one fails fast
     root = logging.getLogger()
     level = root.level

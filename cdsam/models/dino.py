@@ -23,6 +23,7 @@ from torch import nn
 
 from cdsam.config.schema import DinoConfig
 from cdsam.errors import UserError
+from cdsam.io import check_weights_name
 
 SIZE_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
 
@@ -39,6 +40,7 @@ def build_dino(cfg: DinoConfig, load_weights: bool = True) -> nn.Module:
             path = Path(cfg.checkpoint)
             if not path.is_file():
                 raise UserError(f"model.dino.checkpoint: file not found: {path}")
+            check_weights_name(path, "model.dino.checkpoint")
             try:
                 # timm's checkpoint filter resamples the positional embeddings to img_size.
                 # custom_load: timm's own .npz reader for big_vision files; a state dict

@@ -25,6 +25,7 @@ from torch import nn
 
 from cdsam.config.schema import SAM2_TYPES, SamConfig
 from cdsam.errors import CheckpointError, UserError
+from cdsam.io import check_weights_name
 from cdsam.models.heads import SAM_DIM
 
 log = logging.getLogger("cdsam.sam")
@@ -196,6 +197,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
+    check_weights_name(path, "model.sam.checkpoint")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
