@@ -33,8 +33,9 @@ def main() -> int | None:
     ap.add_argument("--models", default="models", help="stage N writes MODELS/stageN")
     ap.add_argument("--metrics", default="metrics", help="DVCLive dir METRICS/stageN")
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--resume-dir", default=".cdsam/resume",
-                    help="per-epoch resume state (not a DVC output)")
+    ap.add_argument("--resume-dir", default=os.environ.get("CDSAM_RESUME_DIR", ".cdsam/resume"),
+                    help="per-epoch resume state (not a DVC output; default $CDSAM_RESUME_DIR "
+                         "or .cdsam/resume: on several nodes, a folder they all see)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     args = ap.parse_args()

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -307,6 +308,45 @@ def _stage3_checkpoint(params, out: Path) -> Path:
     save_checkpoint(out, model, CheckpointMeta(stage=3, model=to_dict(params.model),
                                                prompts=["a red circle"], parent=None, extra={}))
     return out
+
+
+def _resume_worker(rank: int, world: int, port: int, data_dir: str, out: str,
+                   stop_after: int | None) -> None:
+    """Each rank keeps its own resume folder, as on nodes without a shared filesystem."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    from cdsam import distributed
+
+    p = _params(optim={"batch_size": 2, "warmup_steps": 1})
+    t = _trainer(p, 1, Path(data_dir), Path(out) / f"rank{rank}",
+                 dist=DistInfo(rank, world, rank, world))
+    try:
+        t.setup()
+        t.train(stop_after=stop_after)
+        if stop_after is None:
+            save_file(t.trainable_state(), str(Path(out) / f"rank{rank}.safetensors"))
+            (Path(out) / f"rank{rank}.epochs").write_text(str(len(t.history)))
+    finally:
+        distributed.shutdown()
+
+
+def test_ranks_that_see_different_resume_states_start_over_together(data_dir, tmp_path):
+    """Only rank 0 writes the state; a rank on another node (here: another folder) sees none.
+    Resuming on rank 0 alone would leave the ranks in different epochs' collectives."""
+    for stop_after in (1, None):
+        ctx = mp.start_processes(_resume_worker, nprocs=2, join=False, start_method="spawn",
+                                 args=(2, _free_port(), str(data_dir), str(tmp_path),
+                                       stop_after))
+        deadline = time.monotonic() + 300
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                pytest.fail("the ranks hung")
+    assert [(tmp_path / f"rank{r}.epochs").read_text() for r in (0, 1)] == ["2", "2"]
+    r0 = load_file(str(tmp_path / "rank0.safetensors"))
+    r1 = load_file(str(tmp_path / "rank1.safetensors"))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
 
 
 def test_ddp_stage4_full_sam_finishes(data_dir, tmp_path):

@@ -48,7 +48,10 @@ class ManifestDataset(Dataset):
         self.augment = build_augment(data.augment, data.crop) if augment else None
         self.seed = seed
         self.spatial = spatial if spatial is not None and spatial.enabled else None
-        self._image_of = self.df["image"].tolist()
+        # The feature cache's key: the image row within its split, as the packed loader's
+        # (`PreparedSplit.cache_keys`); stems can repeat across splits.
+        self._image_of = [f"{sp}/{r}" for sp, r in zip(self.df["split"], self.df["image_row"],
+                                                        strict=True)]
         self._prompt_of = self.data.prompts
         self._id_of = self.data.ids
 

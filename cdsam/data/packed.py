@@ -114,7 +114,7 @@ class PackedLoader:
         out: dict[str, Any] = {
             "mask_u8": masks, "index": index, "image_row": torch.from_numpy(rows),
             "prompt": [s.prompts[i] for i in idx], "id": [s.ids[i] for i in idx],
-            "image_key": [s.image_keys[r] for r in rows.tolist()],
+            "image_key": [s.cache_keys[r] for r in rows.tolist()],
         }
         if self.pixels:
             images = host_buffer((len(idx), 3, c, c), self.pin)

@@ -9,6 +9,7 @@ distinct mask) and the sample index are read into memory.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -164,6 +165,13 @@ class PreparedSplit:
     image_keys: list[str]  # I: the stem of each image row
     prompts: list[str]  # N
     ids: list[str]  # N
+
+    @functools.cached_property
+    def cache_keys(self) -> list[str]:
+        """A key per image row, unique across the splits of one prepared folder: what the
+        feature cache stores by (two images may share a stem, e.g. ``frame_000000`` of two
+        videos, or a COCO val file named like a train one)."""
+        return [f"{self.split}/{row}" for row in range(len(self.image_keys))]
 
     @classmethod
     def open(cls, root: str | Path, split: str, data: DataConfig | None = None

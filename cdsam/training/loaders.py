@@ -104,4 +104,4 @@ def image_chunks(pack: PreparedSplit, device: torch.device, chunk: int = 64
     for i in range(0, len(pack.image_keys), chunk):
         rows = range(i, min(i + chunk, len(pack.image_keys)))
         u8 = torch.from_numpy(pack.image_rows(rows)).to(device, non_blocking=True)
-        yield pack.image_keys[i:i + chunk], normalize_batch(u8)
+        yield pack.cache_keys[i:i + chunk], normalize_batch(u8)

@@ -133,6 +133,28 @@ class ResumeStore:
         self.dir = Path(root) / f"stage{stage}"
         self.stage = stage
         self.key = key
+        self.ignored = False  # set when the ranks of a run disagree on the state (`ignore`)
+
+    def _own_meta(self) -> dict[str, Any] | None:
+        """The state's JSON when it belongs to this run (nothing else read), else None."""
+        if self.ignored:
+            return None
+        try:
+            meta = json.loads((self.dir / META).read_text())
+        except (OSError, ValueError):
+            return None
+        if meta.get("format") != FORMAT or meta.get("fingerprint") != self.key:
+            return None
+        return meta
+
+    def saved_epoch(self) -> int | None:
+        """The epoch a state of this run was saved after; None without one."""
+        meta = self._own_meta()
+        return None if meta is None else int(meta["epoch"])
+
+    def ignore(self) -> None:
+        """Start over: `load` and `saved_batch` see no state (the next save replaces it)."""
+        self.ignored = True
 
     def save(self, progress: Progress, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: Any, scaler: torch.amp.GradScaler,
@@ -163,18 +185,13 @@ class ResumeStore:
         """The batch size of a state that belongs to this run (read from its JSON alone), so
         ``optim.batch_size: auto`` resumes with it instead of measuring again; None without
         one."""
-        try:
-            meta = json.loads((self.dir / META).read_text())
-        except (OSError, ValueError):
-            return None
-        if meta.get("format") != FORMAT or meta.get("fingerprint") != self.key:
-            return None
-        return int(meta.get("batch_size") or 0) or None
+        meta = self._own_meta()
+        return None if meta is None else int(meta.get("batch_size") or 0) or None
 
     def load(self) -> tuple[Progress, dict[str, torch.Tensor], dict[str, Any]] | None:
         """The saved state if it belongs to this exact run, else None (stale state removed)."""
         meta_path, tensor_path = self.dir / META, self.dir / TENSORS
-        if not meta_path.exists():
+        if self.ignored or not meta_path.exists():
             return None
         try:
             meta = json.loads(meta_path.read_text())

@@ -202,6 +202,8 @@ class StageTrainer:
         self.frozen = hold_for_stage(self.model, teacher, self.precision, opts.hold_frozen)
         self.net: torch.nn.Module = self.model  # DDP-wrapped below when distributed
         self.store = ResumeStore(self.paths.resume, self.stage, self._run_fingerprint())
+        if self.dist.enabled:
+            self._agree_on_resume()
         self.optim_cfg = self._batch_size()
         self.optimizer = build_optimizer(self.model, self.optim_cfg, self.device)
         loaders = build_loaders(data, p, self.stage, self.optim_cfg.batch_size, self.device,
@@ -232,6 +234,22 @@ class StageTrainer:
                      "%.0f %% (train.point_prompts / train.box_prompts)",
                      100 * p.train.point_prompts, 100 * p.train.box_prompts)
 
+    def _agree_on_resume(self) -> None:
+        """Every rank resumes from the same epoch or none does. Only rank 0 writes the state,
+        so ranks on another node see it only through a shared filesystem; a rank that started
+        at another epoch would call collectives the others skip."""
+        mine = self.store.saved_epoch()
+        mine = -1 if mine is None else mine
+        low = distributed.all_reduce_min(mine, self.device)
+        high = -distributed.all_reduce_min(-mine, self.device)
+        if low != high:
+            if self.dist.is_main:
+                log.warning("stage%d starts over: the ranks see different resume states in %s "
+                            "(epochs %d to %d, -1: none); on several nodes set CDSAM_RESUME_DIR "
+                            "to a folder they share", self.stage, self.store.dir,
+                            low, high)
+            self.store.ignore()
+
     def set_epochs(self, epochs: int) -> None:
         """The run's length and the LR schedule over it (the benchmark lengthens its runs
         after setup, once the batch and so the steps per epoch are known)."""
@@ -242,7 +260,7 @@ class StageTrainer:
     def _needs_pixels(self, pack: PreparedSplit) -> bool:
         """Once the cache holds a split's DINO prefix, only the SSL teacher reads pixels."""
         return self.cache is None or self.objective.teacher is not None or \
-            not self.cache.covers(pack.image_keys)
+            not self.cache.covers(pack.cache_keys)
 
     def _batch_size(self) -> OptimConfig:
         """The stage's optimizer config with ``batch_size: auto`` resolved to a number for this
