@@ -53,6 +53,15 @@ def test_lrs_scale_from_the_reference_batch(rule, factor):
     assert scaled.wd == optim.wd
 
 
+def test_lrs_scale_with_the_effective_batch():
+    """Accumulation and the ranks multiply the batch one optimizer step sees."""
+    optim = OptimConfig(batch_size="auto", lr=1e-3, lora_lr=2e-3, lr_scaling="linear",
+                        grad_accum_steps=2)
+    scaled = scale_lrs(optim, REFERENCE_BATCH, world_size=4)
+    assert scaled.batch_size == REFERENCE_BATCH
+    assert scaled.lr == pytest.approx(1e-3 * 8) and scaled.lora_lr == pytest.approx(2e-3 * 8)
+
+
 def _never(*_):
     raise AssertionError("the CPU does not probe")
 

@@ -74,3 +74,28 @@ def test_absent_classes_are_empty_truths_with_the_images_valid_pixels(split):
             assert not truth[k].any()
             np.testing.assert_array_equal(valid[k], (masks != IGNORE).any(axis=0))
     assert len(present) < len(vocab)  # the image has absent classes to score
+
+
+def test_class_grid_runs_in_the_evaluation_precision_a_batch_at_a_time(split, monkeypatch):
+    """miou runs under the run's autocast; the class grid did in fp32. And with one class,
+    ``evaluate.batch_size`` x 16 images went through DINO in one call."""
+    from cdsam.evaluation import stage_score
+    from cdsam.models.model import build_model
+    from cdsam.runtime import Precision
+    from tests.conftest import tiny_params
+
+    params = tiny_params(evaluate={"batch_size": 2})
+    model = build_model(params.model, seed=0).eval()
+    seen: list[tuple[int, bool]] = []
+    encode = model.encode_image
+
+    def recording(x):
+        seen.append((x.shape[0], torch.is_autocast_enabled("cpu")))
+        return encode(x)
+
+    monkeypatch.setattr(model, "encode_image", recording)
+    one_class = split.prompts[0]
+    monkeypatch.setattr(split, "prompts", [one_class] * len(split.prompts))
+    bf16 = Precision(torch.device("cpu"), amp=True, dtype=torch.bfloat16)
+    stage_score.class_grid(model, params, split, bf16)
+    assert seen and all(n <= 2 and autocast for n, autocast in seen), seen

@@ -424,3 +424,22 @@ def test_negative_is_decided_on_the_fitted_mask(tmp_path, caplog):
     assert summary["emptied_by_fit"] > 0
     assert summary["negative_samples"] == int(empty.sum())
     assert f"{summary['emptied_by_fit']} positive samples became negatives" in caplog.text
+
+
+def test_16_bit_images_are_scaled_by_their_own_range(tmp_path):
+    """PIL's convert("RGB") clips a 16-bit image at 255: a microscopy frame went white."""
+    from cdsam.data.manifest import open_image
+    from cdsam.inference.predictor import to_pil
+
+    values = (np.arange(24 * 20).reshape(20, 24) * 100 + 1000).astype(np.uint16)
+    path = tmp_path / "frame.tif"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    for rgb in (open_image(path, "RGB"), to_pil(path), to_pil(Image.open(path))):
+        arr = np.asarray(rgb)
+        assert arr.shape == (20, 24, 3) and arr.min() == 0 and arr.max() == 255
+        expected = np.rint((values - 1000) * (255 / (values.max() - 1000.0)))
+        assert np.array_equal(arr[..., 0], expected.astype(np.uint8))
+    eight = tmp_path / "plain.png"
+    Image.fromarray(np.full((4, 4, 3), 7, np.uint8)).save(eight)
+    assert np.asarray(open_image(eight, "RGB")).max() == 7  # 8-bit images are left as they are

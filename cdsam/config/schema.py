@@ -95,7 +95,8 @@ LR_SCALINGS = ("linear", "sqrt", "none")
 @dataclass
 class OptimConfig:
     # An integer, or auto: the largest power of two that fits the device (cdsam.training.batch_size;
-    # 16 on the CPU), the LRs below then scaled from batch 16 by `lr_scaling`.
+    # 16 on the CPU), the LRs below then scaled from an effective batch (batch x accumulation x
+    # world size) of 16 by `lr_scaling`.
     batch_size: int | str = 16
     lr: float = 1e-3  # base group: heads (and DINO in stage 4)
     lora_lr: float = 1e-3  # LoRA group, weight decay 0
@@ -104,7 +105,7 @@ class OptimConfig:
     grad_accum_steps: int = 1
     warmup_steps: int = 20  # linear warmup, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.05
-    lr_scaling: str = "sqrt"  # batch_size auto: LRs scale by sqrt(chosen/16), chosen/16 (linear), or not
+    lr_scaling: str = "sqrt"  # batch_size auto: LRs scale by sqrt(effective/16), effective/16 (linear), or not
     auto_batch_max: int = 1024  # batch_size auto: the largest batch it may pick
 
 

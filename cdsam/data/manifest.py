@@ -67,10 +67,28 @@ class BadFiles:
             return None
 
 
+# One-channel modes with more than 8 bits (16-bit TIFF / PNG, 32-bit integer or float):
+# PIL's convert("RGB") clips them at 255, which saturates most of a microscopy image.
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An RGB image; a wide one-channel image is first scaled by its own range (its minimum
+    to 0, its maximum to 255), as viewers show it."""
+    if image.mode not in WIDE_MODES:
+        return image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64)
+    low, high = float(values.min()), float(values.max())
+    scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8)).convert("RGB")
+
+
 def open_image(path: Path, mode: str | None = None) -> Image.Image:
     """Open and fully decode an image (truncated files fail here, not later)."""
     with Image.open(path) as im:
         im.load()
+        if mode == "RGB":
+            return to_rgb(im)
         return im.convert(mode) if mode else im.copy()
 
 

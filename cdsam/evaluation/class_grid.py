@@ -66,8 +66,11 @@ def image_truths(split: PreparedSplit, image_row: int, samples: list[int], vocab
 
 def score_class_grid(split: PreparedSplit, vocab: Sequence[str], logits_fn: LogitsFn,
                      pairs_per_call: int = 256, threshold: float = 0.5,
-                     show_progress: bool = False) -> ClassGrid:
-    """Decode every image of ``split`` with every class of ``vocab``; see the module doc."""
+                     show_progress: bool = False, images_per_call: int | None = None
+                     ) -> ClassGrid:
+    """Decode every image of ``split`` with every class of ``vocab``; see the module doc.
+    ``images_per_call`` caps the images one ``logits_fn`` call encodes (a small vocabulary
+    would otherwise put ``pairs_per_call`` images through DINO at once)."""
     vocab = list(vocab)
     per_image: dict[int, list[int]] = {}
     for sample, row in enumerate(split.image_row.tolist()):
@@ -76,6 +79,8 @@ def score_class_grid(split: PreparedSplit, vocab: Sequence[str], logits_fn: Logi
     inter = np.zeros(len(vocab), np.float64)
     union = np.zeros(len(vocab), np.float64)
     step = max(1, pairs_per_call // max(len(vocab), 1))
+    if images_per_call is not None:
+        step = min(step, max(1, images_per_call))
     cut = float(np.log(threshold / (1 - threshold)))  # sigmoid(x) > t  <=>  x > logit(t)
     for start in tqdm(range(0, len(rows), step), desc="class grid", leave=False,
                       disable=not show_progress):

@@ -93,7 +93,8 @@ def overlay_panel(model: CDSAM, split: ScoredSplit, precision: Precision, thresh
     model.eval()
     rows = PackedLoader(split.rows, 1, precision.device, indices=split.overlay_rows)
     for i, batch in zip(split.overlay_rows, rows, strict=True):
-        out = model(batch["image"], batch["prompt"])
+        with precision.autocast():  # the precision the figures beside it were computed in
+            out = model(batch["image"], batch["prompt"])
         pred = (torch.sigmoid(out.masks[0, 0].float()) > threshold).cpu().numpy()
         caption = batch["prompt"][0] + (" (absent)" if split.samples["negative"].iloc[i] else "")
         panels.append(sample_panel(denormalize(batch["image"][0].cpu()), pred,
@@ -101,19 +102,23 @@ def overlay_panel(model: CDSAM, split: ScoredSplit, precision: Precision, thresh
     return grid(panels, columns=len(panels) or 1)
 
 
-def class_grid(model: CDSAM, params: Params, rows: PreparedSplit, device: torch.device
+def class_grid(model: CDSAM, params: Params, rows: PreparedSplit, precision: Precision
                ) -> ClassGrid:
-    """VOC/COCO class IoU: every class of the split on every image."""
+    """VOC/COCO class IoU: every class of the split on every image, in the precision the
+    other figures are computed in, at most ``evaluate.batch_size`` images per DINO call."""
     ev, data = params.evaluate, params.data
     vocab = sorted(set(rows.prompts))
+    device = precision.device
     predictor = Predictor(model, data.resize, data.crop, vocab, device, data.fit)
 
     def logits(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         x = normalize_batch(images.to(device))
-        return predictor.frame_logits(list(x), prompts, batch_size=ev.batch_size)
+        with precision.autocast():
+            return predictor.frame_logits(list(x), prompts, batch_size=ev.batch_size)
 
     return score_class_grid(rows, vocab, logits, pairs_per_call=ev.batch_size * 16,
-                            threshold=ev.threshold, show_progress=True)
+                            threshold=ev.threshold, show_progress=True,
+                            images_per_call=ev.batch_size)
 
 
 def score_checkpoint(path: Path, split: ScoredSplit, params: Params, precision: Precision
@@ -129,7 +134,7 @@ def score_checkpoint(path: Path, split: ScoredSplit, params: Params, precision: 
     overlaps = PairOverlaps(split.pairs)
     res = evaluate_model(model, split.loader, objective, precision, ev.threshold,
                          show_progress=True, on_mask=overlaps.add)
-    classes = class_grid(model, params, split.rows, precision.device)
+    classes = class_grid(model, params, split.rows, precision)
     metrics = {**res.figures, "class_iou": classes.class_iou,
                **prompt_pairs(overlaps, res.ious, split.samples["prompt"].tolist())}
     for mode, loader in split.spatial.items():

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cdsam.data.manifest import slug
+from cdsam.data.manifest import slug, to_rgb
 from cdsam.errors import UserError
 from cdsam.inference.predictor import Predictor
 
@@ -53,7 +53,7 @@ def segment(predictor: Predictor, image: Image.Image | None, prompts_text: str,
         raise UserError("type at least one prompt (one per line)")
     if len(prompts) > MAX_PROMPTS:
         raise UserError(f"at most {MAX_PROMPTS} prompts at once, got {len(prompts)}")
-    image = image.convert("RGB")
+    image = to_rgb(image)
     pred = predictor.predict(image, prompts, points=list(clicks) or None, threshold=threshold,
                              return_logits=True)
     out_dir.mkdir(parents=True, exist_ok=True)

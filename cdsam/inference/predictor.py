@@ -19,7 +19,7 @@ from PIL import Image
 
 from cdsam.data.dataset import pil_to_tv_image
 from cdsam.data.geometry import Geometry, fit_transform, normalize_transform
-from cdsam.data.manifest import read_image
+from cdsam.data.manifest import read_image, to_rgb
 from cdsam.data.spatial import POINT_SLOTS
 from cdsam.errors import DataError, UserError
 from cdsam.models.checkpoint import CheckpointMeta, load_checkpoint
@@ -49,7 +49,7 @@ def to_pil(image: ImageLike) -> Image.Image:
             raise DataError(f"{path}: image not found")
         return read_image(path, "RGB")
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     if isinstance(image, np.ndarray):
         arr = image
         if arr.dtype != np.uint8:

@@ -69,9 +69,11 @@ def choose_batch(memory: StepMemory, budget: float, cap: int) -> int:
     return batch
 
 
-def scale_lrs(optim: OptimConfig, batch: int) -> OptimConfig:
-    """``optim`` at ``batch``, its LRs (written for `REFERENCE_BATCH`) scaled by its rule."""
-    ratio = batch / REFERENCE_BATCH
+def scale_lrs(optim: OptimConfig, batch: int, world_size: int = 1) -> OptimConfig:
+    """``optim`` at a per-rank ``batch``, its LRs (written for an effective batch of
+    `REFERENCE_BATCH`) scaled by its rule from the batch one optimizer step sees: ``batch`` x
+    ``grad_accum_steps`` x ``world_size``."""
+    ratio = batch * optim.grad_accum_steps * world_size / REFERENCE_BATCH
     factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[optim.lr_scaling]
     return dataclasses.replace(optim, batch_size=batch, lr=optim.lr * factor,
                                lora_lr=optim.lora_lr * factor)
@@ -149,11 +151,12 @@ def resolve_auto_batch(optim: OptimConfig, device: torch.device, train_samples: 
                f"MB per sample; {free / 2**30:.1f} of {total / 2**30:.1f} GiB free, "
                f"{AUTO_MEMORY_SHARE:.0%} of it usable, cap {cap}")
     batch = agree(batch)
-    scaled = scale_lrs(optim, batch)
+    scaled = scale_lrs(optim, batch, world_size)
     steps = math.ceil(train_samples / batch)
     log.info("optim.batch_size auto -> %d (%s); %d steps an epoch; lr %.3g, lora_lr %.3g (%s "
-             "scaling from batch %d, optim.lr_scaling)", batch, why, steps, scaled.lr,
-             scaled.lora_lr, optim.lr_scaling, REFERENCE_BATCH)
+             "scaling of the effective batch %d from %d, optim.lr_scaling)", batch, why, steps,
+             scaled.lr, scaled.lora_lr, optim.lr_scaling,
+             batch * optim.grad_accum_steps * world_size, REFERENCE_BATCH)
     if steps < FEW_STEPS:
         log.warning("optim.batch_size auto -> %d leaves %d steps an epoch (%d samples): lower "
                     "optim.auto_batch_max for more, smaller steps", batch, steps, train_samples)

@@ -273,7 +273,7 @@ class StageTrainer:
         if saved is not None:
             # Measuring again could pick another batch (less free memory now) and change the
             # run; the state's own batch is what it resumes bit-exactly with.
-            optim = scale_lrs(self.optim_cfg, saved)
+            optim = scale_lrs(self.optim_cfg, saved, self.dist.world_size)
             log.info("optim.batch_size auto -> %d, the batch of the resume state in %s (not "
                      "measured again; remove that folder to measure anew); lr %.3g, lora_lr %.3g",
                      saved, self.store.dir, optim.lr, optim.lora_lr)
