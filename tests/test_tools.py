@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from cdsam.data.prepared import read_samples
@@ -112,3 +113,30 @@ def test_an_import_against_the_layers_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(tool, "REPO", tmp_path)
     monkeypatch.setattr(tool, "PACKAGE", pkg)
     assert tool.violations() == ["cdsam.evaluation.scoring -> cdsam.training.trainer"]
+
+
+def test_click_geometry_counts_the_pieces_a_click_cannot_name(tmp_path):
+    """A target of two equal squares: the click's piece holds half of it; one square: all."""
+    from PIL import Image
+
+    from cdsam.config.schema import DataConfig, PrepareConfig
+    from cdsam.data.prepare import prepare
+
+    pytest.importorskip("scipy", reason="tools/click_geometry.py needs scipy")
+    geometry = _tool("click_geometry")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i, squares in enumerate([[(4, 4)], [(4, 4), (20, 20)]] * 3):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        m = np.zeros((32, 32), np.uint8)
+        for y, x in squares:
+            m[y:y + 8, x:x + 8] = 255
+        Image.fromarray(m).save(tmp_path / "masks" / f"{i}.png")
+    cfg = PrepareConfig(source="folders", images=str(tmp_path / "images"),
+                        masks=str(tmp_path / "masks"), prompt="a square", negatives="none",
+                        val_fraction=0.34, test_fraction=0.0)
+    prepare(cfg, 0, tmp_path / "p", show_progress=False, data=DataConfig(crop=32))
+    f = geometry.figures(tmp_path / "p", radius_px=2.0)
+    assert f["positives"] == 6 and f["pieces_mean"] == 1.5 and f["one_piece"] == 0.5
+    assert f["clicked_piece"] == 0.75  # (1 + 0.5) / 2
+    assert 0 < f["target_in_disk"] < f["disk_on_target"] <= 1
