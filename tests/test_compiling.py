@@ -26,8 +26,7 @@ def data_dir(tmp_path_factory) -> Path:
     return prepare_tiny(tmp_path_factory.mktemp("data") / "prepared", num_images=8)
 
 
-def _losses(data_dir: Path, tmp: Path, compile_on: bool, backend
-            ) -> tuple[StageTrainer, list[float]]:
+def _set_up(data_dir: Path, tmp: Path, compile_on: bool, backend) -> StageTrainer:
     params = tiny_params(device="cpu", optim={"batch_size": 4}, train={"compile": compile_on},
                          stage1={"epochs": 1})
     paths = StagePaths(data=data_dir, out=tmp / "stage1", metrics=tmp / "metrics",
@@ -35,6 +34,12 @@ def _losses(data_dir: Path, tmp: Path, compile_on: bool, backend
     trainer = StageTrainer(params, 1, paths,
                            TrainerOptions(show_progress=False, compile_backend=backend))
     trainer.setup()
+    return trainer
+
+
+def _losses(data_dir: Path, tmp: Path, compile_on: bool, backend
+            ) -> tuple[StageTrainer, list[float]]:
+    trainer = _set_up(data_dir, tmp, compile_on, backend)
     trainer.train()
     return trainer, trainer.step_losses[0]
 
@@ -95,13 +100,7 @@ class FailsAfterSetup:
 def test_a_compiler_that_fails_after_setup_falls_back_once(data_dir, eager, tmp_path, caplog,
                                                            capfd):
     backend = FailsAfterSetup()
-    params = tiny_params(device="cpu", optim={"batch_size": 4}, train={"compile": True},
-                         stage1={"epochs": 1})
-    paths = StagePaths(data=data_dir, out=tmp_path / "stage1", metrics=tmp_path / "metrics",
-                       resume=tmp_path / "resume")
-    trainer = StageTrainer(params, 1, paths,
-                           TrainerOptions(show_progress=False, compile_backend=backend))
-    trainer.setup()
+    trainer = _set_up(data_dir, tmp_path, True, backend)
     assert trainer.compiled
     at_setup = backend.graphs
     backend.fail = True
