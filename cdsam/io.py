@@ -114,13 +114,15 @@ def weights_format(path: str | Path) -> str:
     torch file), else ``unknown``."""
     with open(path, "rb") as fh:
         head = fh.read(9)
-    if head[:4] == b"PK\x03\x04":
-        return "zip"
-    if head[:1] == b"\x80":
-        return "pickle"
+    # The header length comes first in safetensors and its first byte can be anything
+    # (0x80 included), so that test goes before the others.
     if len(head) == 9 and head[8:9] == b"{" and \
             int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8:
         return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"  # PROTO opcode, protocols 2-5
     return "unknown"
 
 

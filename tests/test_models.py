@@ -114,6 +114,21 @@ def test_a_weights_file_named_for_another_format_is_a_one_line_error(tmp_path, m
         read_weights(safe)
 
 
+def test_a_safetensors_header_length_of_any_first_byte_is_safetensors(tmp_path):
+    """The header length's first byte can be 0x80, a pickle's first byte."""
+    from safetensors.torch import save_file
+
+    from cdsam.io import weights_format
+
+    for pad in range(256):
+        path = tmp_path / "w.safetensors"
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert weights_format(path) == "safetensors"
+
+
 def test_dino_that_is_not_a_vit_is_a_one_line_error(model_cfg):
     # timm builds it; cdsam's block-range walk cannot run it, so it must not get far.
     with pytest.raises(UserError, match="model.dino.name: 'resnet18' is not a timm Vision "
