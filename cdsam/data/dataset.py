@@ -48,10 +48,8 @@ class ManifestDataset(Dataset):
         self.augment = build_augment(data.augment, data.crop) if augment else None
         self.seed = seed
         self.spatial = spatial if spatial is not None and spatial.enabled else None
-        # The feature cache's key: the image row within its split, as the packed loader's
-        # (`PreparedSplit.cache_keys`); stems can repeat across splits.
-        self._image_of = [f"{sp}/{r}" for sp, r in zip(self.df["split"], self.df["image_row"],
-                                                        strict=True)]
+        # The feature cache's key, as the packed loader's: stems can repeat across splits.
+        self._image_of = [self.data.cache_keys[r] for r in self.data.image_row.tolist()]
         self._prompt_of = self.data.prompts
         self._id_of = self.data.ids
 
