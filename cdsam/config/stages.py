@@ -25,6 +25,11 @@ class StageRule:
     sam_mode_key: bool = False  # reads stageN.sam_mode (lora | frozen | full); else SAM is LoRA
 
     @property
+    def partial_key(self) -> bool:
+        """A full-DINO stage reads ``stageN.dino_trainable_blocks`` (all, or the last K)."""
+        return self.dino == "full"
+
+    @property
     def reads_dino_lora(self) -> bool:
         """The stage injects or trains DINO adapters, so ``lora.dino`` shapes its result."""
         return self.dino == "lora"
@@ -48,7 +53,8 @@ SHARED_TRAIN_KEYS = ("seed", "device", "data", "model", "lora.sam", "optim", "lo
 # Speed knobs change how fast a stage runs and how much memory it takes, never what it computes,
 # so they are neither DVC params (changing one reruns no stage) nor part of a resume state's
 # fingerprint (changing one keeps the state). Any stage may read them.
-SPEED_KEYS = ("data.memory_mb", "train.feature_cache_mb", "train.compile")
+SPEED_KEYS = ("data.memory_mb", "train.feature_cache_mb", "train.compile",
+              "train.activation_checkpointing")
 
 
 def without_speed_keys(keys: list[str]) -> list[str]:
@@ -111,6 +117,8 @@ class StagePlan:
     sam_mode: str  # lora | frozen | full
     lora_sam: SamLoraConfig
     lora_dino: DinoLoraConfig | None  # None where the rule does not read lora.dino
+    # A full-DINO stage: None (every DINO weight trains) or K (the last K blocks + final norm)
+    dino_trainable_blocks: int | None = None
 
     @property
     def stage(self) -> int:
@@ -130,9 +138,11 @@ def plan_stage(params: Params, stage: int) -> StagePlan:
     rule = stage_rule(stage)
     cfg = params.stage(stage)
     sam_mode = (cfg.sam_mode or "lora") if rule.sam_mode_key else "lora"
+    blocks = cfg.dino_trainable_blocks if rule.partial_key else None
     return StagePlan(rule=rule, optim=params.optim_for(stage), epochs=cfg.epochs,
                      select=cfg.select, sam_mode=sam_mode, lora_sam=params.lora.sam,
-                     lora_dino=params.lora.dino if rule.reads_dino_lora else None)
+                     lora_dino=params.lora.dino if rule.reads_dino_lora else None,
+                     dino_trainable_blocks=None if blocks in (None, "all") else int(blocks))
 
 
 def curriculum_to(params: Params, stage: int) -> list[StagePlan]:

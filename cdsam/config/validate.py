@@ -61,6 +61,22 @@ def _validate_optim(cfg: OptimConfig | StageConfig, prefix: str, errors: list[st
         _check(0 <= m <= 1, f"{prefix}.min_lr_ratio", m, "must be in [0, 1]", errors)
 
 
+def _validate_trainable_blocks(value: Any, n: int, depth: int | None,
+                               errors: list[str]) -> None:
+    key = f"stage{n}.dino_trainable_blocks"
+    if not stage_rule(n).partial_key:
+        if value is not None:
+            owners = ", ".join(f"stage{m}" for m in stages() if stage_rule(m).partial_key)
+            errors.append(f"{key}: only {owners} trains DINO in full, got {value!r}")
+        return
+    if value in (None, "all"):
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        errors.append(f"{key}: must be all or a number of blocks >= 1, got {value!r}")
+    elif depth is not None and value > depth:
+        errors.append(f"{key}: {value} is larger than model.dino.depth ({depth})")
+
+
 def validate(p: Params, errors: list[str]) -> None:
     """Range and cross-field checks; appends one line per problem."""
     d = p.model.dino
@@ -102,6 +118,7 @@ def validate(p: Params, errors: list[str]) -> None:
             owners = ", ".join(f"stage{m}" for m in stages() if stage_rule(m).sam_mode_key)
             errors.append(f"stage{n}.sam_mode: only {owners} has a SAM mode, got "
                           f"{st.sam_mode!r}")
+        _validate_trainable_blocks(st.dino_trainable_blocks, n, d.depth, errors)
     dc = p.data
     _check(dc.fit in FITS, "data.fit", dc.fit, f"must be one of {', '.join(FITS)}", errors)
     _check(dc.crop >= 1, "data.crop", dc.crop, "must be >= 1", errors)

@@ -20,6 +20,7 @@ import torch
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from cdsam.config.schema import DinoConfig
 from cdsam.errors import UserError
@@ -161,17 +162,36 @@ def dino_embed(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return vit.norm_pre(x)
 
 
+def set_activation_checkpointing(vit: nn.Module, enable: bool) -> None:
+    """Recompute, in the backward pass, each block :func:`dino_blocks` runs with gradients.
+
+    timm's own switch holds the flag (``grad_checkpointing``); its ``forward_features`` is never
+    called here, so :func:`dino_blocks` reads the flag and checkpoints block by block.
+    """
+    vit.set_grad_checkpointing(enable)
+
+
+def _run_block(vit: nn.Module, block: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    if getattr(vit, "grad_checkpointing", False) and torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in block.parameters())):
+        # Non-reentrant: LoRA behind a frozen input still gets its gradient, keyword inputs
+        # (Eva's rope) pass through, and the RNG state is replayed, so drop-path and dropout
+        # draw the same in the recomputation: gradients equal the run without.
+        return checkpoint(block, x, use_reentrant=False, **kwargs)
+    return block(x, **kwargs)
+
+
 def dino_blocks(vit: nn.Module, x: torch.Tensor, start: int, end: int,
                 grid: tuple[int, int]) -> torch.Tensor:
     """Run blocks ``start … end-1`` on BxTxC tokens of an image with token ``grid`` (h, w)."""
     if not isinstance(vit, Eva):
         for blk in vit.blocks[start:end]:
-            x = blk(x)
+            x = _run_block(vit, blk, x)
         return x
     rope = _rope_tables(vit, grid)
     mixed = getattr(vit, "rope_mixed", False) and rope is not None  # one table per block
     for i in range(start, end):
-        x = vit.blocks[i](x, rope=rope[i] if mixed else rope)
+        x = _run_block(vit, vit.blocks[i], x, rope=rope[i] if mixed else rope)
     return x
 
 

@@ -8,6 +8,7 @@ The rules themselves (parents, DINO modes, what each stage reads) are `cdsam.con
 | 2     | frozen + LoRA on the last K blocks| frozen    | trainable | LoRA                     |
 | 3     | as 2 (from stage 2, lower LR)     | frozen    | trainable | LoRA                     |
 | 4     | DINO LoRA merged, all trainable   | frozen    | trainable | lora / frozen / full     |
+|       | (or only the last K blocks + norm)|           |           |                          |
 
 "heads" are cdsam's own modules (`HEAD_MODULES`) and SAM's mask head: the hypernetwork MLP
 that turns the decoder's mask token into the per-pixel weights of the one mask cdsam decodes
@@ -81,8 +82,20 @@ def _has_lora(module: nn.Module) -> bool:
     return any(True for _ in lora_modules(module))
 
 
+def dino_trainable_range(model: CDSAM, blocks: int | None) -> range:
+    """The DINO blocks a full-DINO stage trains: all, or the last ``blocks``."""
+    depth = model.depth
+    if blocks is None:
+        return range(depth)
+    if not 1 <= blocks <= depth:
+        raise UserError(f"stage4.dino_trainable_blocks: {blocks} is outside 1..{depth} (the DINO "
+                        f"has {depth} blocks)")
+    return range(depth - blocks, depth)
+
+
 def apply_stage(model: CDSAM, stage: int, sam_lora: SamLoraConfig,
-                dino_lora: DinoLoraConfig | None = None, sam_mode: str = "lora") -> None:
+                dino_lora: DinoLoraConfig | None = None, sam_mode: str = "lora",
+                dino_trainable_blocks: int | None = None) -> None:
     """Freeze, inject, merge and unfreeze ``model`` in place as the stage table says.
 
     Safe to call on a model loaded from the parent stage's checkpoint: adapters that are
@@ -125,7 +138,15 @@ def apply_stage(model: CDSAM, stage: int, sam_lora: SamLoraConfig,
             p.requires_grad_(True)
     elif rule.dino == "full":
         merge_lora(model.dino)  # exact: W + (alpha/r)·BA
-        model.dino.requires_grad_(True)
+        if dino_trainable_blocks is None:
+            model.dino.requires_grad_(True)
+        else:
+            # The leading blocks keep the merged weights they came with; being a frozen prefix,
+            # they go through the feature cache, and the delta checkpoint leaves out those that
+            # still equal the base.
+            for i in dino_trainable_range(model, dino_trainable_blocks):
+                model.dino.blocks[i].requires_grad_(True)
+            model.dino.norm.requires_grad_(True)
     elif _has_lora(model.dino):
         raise ValueError(f"stage {stage} expects a DINO without LoRA")
 
@@ -142,7 +163,8 @@ def apply_stage(model: CDSAM, stage: int, sam_lora: SamLoraConfig,
 
 def apply_plan(model: CDSAM, plan: StagePlan) -> None:
     """:func:`apply_stage` with what the stage's plan says."""
-    apply_stage(model, plan.stage, plan.lora_sam, plan.lora_dino, plan.sam_mode)
+    apply_stage(model, plan.stage, plan.lora_sam, plan.lora_dino, plan.sam_mode,
+                plan.dino_trainable_blocks)
 
 
 def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:

@@ -43,6 +43,7 @@ from cdsam.data.prepared import PreparedSplit, prepared_digest
 from cdsam.errors import UserError
 from cdsam.evaluation.scoring import EvalResult, evaluate_model
 from cdsam.models.checkpoint import CheckpointMeta, parent_ref, save_checkpoint
+from cdsam.models.dino import set_activation_checkpointing
 from cdsam.models.forward import forward_batch
 from cdsam.models.objective import Objective
 from cdsam.models.preflight import check_model
@@ -183,6 +184,7 @@ class StageTrainer:
             raise UserError(f"data.crop: {p.data.crop} is not divisible by the DINO patch size "
                             f"({model.patch_size})")
         apply_plan(model, self.plan)
+        set_activation_checkpointing(model.dino, p.train.activation_checkpointing)
         if p.loss.clip_align_weight == 0:
             # Only the CLIP alignment loss reaches token_proj; without it the head would be a
             # trainable parameter with no gradient (and DDP would stop on it).
