@@ -1,6 +1,7 @@
 """The ``cdsam`` command.
 
 ``cdsam summary --stage N``   what a curriculum stage trains, per component
+``cdsam plan …``              what each stage needs of a GPU's memory, before anything runs
 ``cdsam init --preset …``     a real-size recipe (DINOv2/DINO, CLIP, SAM files) into params.yaml
 ``cdsam init --default``      the embedded default params file (the toy run), e.g. to start over
 ``cdsam predict …``           masks for images and text prompts from a checkpoint
@@ -65,6 +66,39 @@ def cmd_summary(args: argparse.Namespace) -> None:
         print(json.dumps(counts, indent=2))
     else:
         print(_table(counts, args.stage))
+
+
+def plan_params(params_path: str, preset: str | None):
+    """params as written, or with a recipe laid over a copy (params.yaml is not touched)."""
+    if preset is None:
+        return load_params(params_path)
+    import tempfile
+
+    from cdsam.presets import apply_preset
+
+    source = Path(params_path)
+    if not source.is_file():
+        raise UserError(f"{source}: params file not found")
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "params.yaml"
+        copy.write_text(source.read_text())
+        apply_preset(preset, copy)
+        return load_params(str(copy))
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from cdsam.training.memory_plan import parse_bytes, plan_report, plan_table
+
+    try:
+        memory = parse_bytes(args.gpu_memory)
+    except ValueError as exc:
+        raise UserError(f"--gpu-memory: {exc}") from None
+    if args.gpus < 1:
+        raise UserError(f"--gpus: must be >= 1, got {args.gpus}")
+    params = plan_params(args.params, args.preset)
+    check_model(params.model, params.data.crop, params.lora.dino)
+    report = plan_report(params, memory, args.gpus, amp=not args.fp32)
+    print(json.dumps(report, indent=2) if args.json else plan_table(report))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -159,6 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--params", default="params.yaml")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_summary)
+
+    s = sub.add_parser("plan", help="what each stage needs of a GPU's memory (meta device: "
+                                     "nothing is allocated, no weights are read)")
+    s.add_argument("--params", default="params.yaml")
+    s.add_argument("--preset", help="plan a recipe (cdsam init --preset's names) laid over "
+                                    "--params, without writing it")
+    s.add_argument("--gpu-memory", default="80GB", help="memory of one GPU (80GB, 141GiB, ...)")
+    s.add_argument("--gpus", type=int, default=1, help="GPUs the run uses (torchrun ranks)")
+    s.add_argument("--fp32", action="store_true", help="plan without AMP (fp32 activations "
+                                                       "and frozen weights), as on the CPU")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("init", help="write a real-size recipe into params.yaml (no --preset: "
                                      "list them)")

@@ -137,6 +137,17 @@ def test_partial_unfreeze_trains_the_last_blocks_only(stage3_dir, tmp_path):
     assert not any(k.startswith(("dino.blocks.0.", "dino.patch_embed")) for k in stored)
 
 
+def test_partial_unfreeze_freezes_merged_blocks_too(params):
+    """One trainable block where stage 3 had LoRA on two: the merged one before it stays
+    frozen."""
+    model = build_model(params.model, seed=0)
+    apply_stage(model, 3, params.lora.sam, params.lora.dino)
+    apply_stage(model, 4, params.lora.sam, dino_trainable_blocks=1)
+    trains = {n.split(".")[0] + "." + n.split(".")[1] if n.startswith("blocks.") else
+              n.split(".")[0] for n, p in model.dino.named_parameters() if p.requires_grad}
+    assert trains == {"blocks.3", "norm"}
+
+
 def test_summary_counts_the_partial_unfreeze(tmp_path):
     counts = {}
     for blocks in ("all", 1):

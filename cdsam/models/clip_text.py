@@ -145,15 +145,26 @@ def build_clip_text(cfg: ClipConfig, load_weights: bool = True) -> ClipTextEncod
         raise UserError(f"model.clip.pretrained: file not found: {pretrained}")
     if pretrained and Path(pretrained).is_file():
         check_weights_name(pretrained, "model.clip.pretrained")
-    tokenizer = build_tokenizer(cfg.name, folder)  # before the weights: a missing one fails fast
+    if torch.empty(0).device.type == "meta":
+        # Planning memory (`build_model(meta=True)`): the text tower is frozen and holds no
+        # activations, so any tokenizer of the model's context length stands in for its own
+        # (which may be a hub download not made yet).
+        from open_clip.tokenizer import SimpleTokenizer
+
+        text_cfg = (open_clip.get_model_config(cfg.name) or {}).get("text_cfg", {})
+        tokenizer = SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
+    else:
+        tokenizer = build_tokenizer(cfg.name, folder)  # before the weights: fails fast
     root = logging.getLogger()
     level = root.level
     if not pretrained:
         # open_clip warns on the root logger for every random init; here it is on purpose.
         root.setLevel(logging.ERROR)
     try:
+        # Built where the default device is (the meta device when planning memory).
         clip = open_clip.create_model(cfg.name, pretrained=pretrained or None,
-                                      pretrained_text=False, pretrained_image=False)
+                                      pretrained_text=False, pretrained_image=False,
+                                      device=torch.empty(0).device)
     except RuntimeError as exc:
         if pretrained and not looks_like_file(pretrained):
             raise UserError(

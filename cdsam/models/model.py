@@ -200,11 +200,17 @@ def spatial_rows(points: tuple[torch.Tensor, torch.Tensor] | None, boxes: torch.
     return active
 
 
-def build_model(cfg: ModelConfig, load_weights: bool = True, seed: int | None = None) -> CDSAM:
+def build_model(cfg: ModelConfig, load_weights: bool = True, seed: int | None = None,
+                meta: bool = False) -> CDSAM:
     """Build every part from ``model`` params; ``seed`` makes random init reproducible.
 
     ``load_weights=False`` skips hub/local weights (a cdsam checkpoint supplies them).
+    ``meta=True`` builds the structure on the meta device, allocating nothing (memory
+    planning); it loads no weights.
     """
+    if meta:
+        with torch.device("meta"):
+            return build_model(cfg, load_weights=False, seed=seed)
     if seed is not None:
         torch.manual_seed(seed)
     dino = build_dino(cfg.dino, load_weights)

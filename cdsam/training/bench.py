@@ -23,6 +23,10 @@ to hold N steps. With ``--compile`` the step alone is timed compiled and eager i
 (a compiler failure falls back to eager, and the run says so). With ``--cast-frozen`` it is also
 timed with the frozen weights back in fp32, cast by autocast on every use, as before they were
 held in bf16 (`cdsam.training.frozen_weights`; GPU runs, nothing is held without autocast).
+``--stage4-memory`` trains stage 3, then stage 4 three ways, each in a process of its own so its
+peak memory is its own: as params say, with ``train.activation_checkpointing``, and with
+``stage4.dino_trainable_blocks`` at ``lora.dino.last_k_blocks``; it reports peak memory, img/s
+and whether checkpointing left the weights bit-identical.
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import hashlib
 import json
 import logging
 import math
+import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -190,13 +197,14 @@ def split_step_time(trainer: StageTrainer, trace: Path | None = None,
 
 def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path | None,
               save: bool, per_sample: bool = False, profile_dir: Path | None = None,
-              steps: int | None = None, cast_frozen: bool = False) -> dict[str, Any]:
+              steps: int | None = None, cast_frozen: bool = False,
+              out_name: str | None = None) -> dict[str, Any]:
     """One stage through the real trainer, feature cache on or off, batches packed or
-    fetched per sample."""
+    fetched per sample; its checkpoint goes to ``root/out_name`` (default ``stageN``)."""
     train_cfg = dataclasses.replace(params.train, feature_cache=cached)
     p = dataclasses.replace(params, train=train_cfg)
-    tag = f"stage{stage}-{'cached' if cached else 'uncached'}"
-    paths = StagePaths(data=root / "data", out=root / f"stage{stage}",
+    tag = out_name or f"stage{stage}-{'cached' if cached else 'uncached'}"
+    paths = StagePaths(data=root / "data", out=root / (out_name or f"stage{stage}"),
                        metrics=root / "metrics" / tag, parent=parent,
                        resume=root / "resume" / tag)
     text_calls = TextCalls()
@@ -233,7 +241,43 @@ def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path
         "peak_mem_mb": peak_memory_mb(trainer.device),
         "cache_images": len(trainer.cache) if trainer.cache else 0,
         "start_block": trainer.start_block,
+        "trainable_by_component": {k: v["trainable"] for k, v in trainer.counts.items()},
     }
+
+
+def stage4_variants(params: Params) -> dict[str, Params]:
+    """Stage 4 as params say with activation checkpointing off and on, and with only the last
+    ``lora.dino.last_k_blocks`` DINO blocks trainable (``stage4.dino_trainable_blocks``)."""
+    def with_train(**over: Any) -> Params:
+        return dataclasses.replace(params, train=dataclasses.replace(params.train, **over))
+
+    partial = dataclasses.replace(params.stage4,
+                                  dino_trainable_blocks=params.lora.dino.last_k_blocks)
+    return {"stage4_plain": with_train(activation_checkpointing=False),
+            "stage4_ckpt": with_train(activation_checkpointing=True),
+            "stage4_partial": dataclasses.replace(
+                with_train(activation_checkpointing=False), stage4=partial)}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _stage4_child(params: Params, root: str, name: str, per_sample: bool,
+                  steps: int | None) -> dict[str, Any]:
+    """One stage-4 variant in a process of its own, so its peak memory is its own (on the
+    CPU the peak resident set only grows within a process)."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    start = _rss_mb() if sys.platform.startswith("linux") else 0.0
+    row = run_stage(params, 4, True, Path(root), Path(root) / "stage3", save=True,
+                    per_sample=per_sample, steps=steps, out_name=name)
+    row["peak_over_start_mb"] = row["peak_mem_mb"] - start if row["peak_mem_mb"] > start \
+        else row["peak_mem_mb"]
+    row["weights_sha256"] = hashlib.sha256(
+        (Path(root) / name / "model.safetensors").read_bytes()).hexdigest()
+    row["trainable_params"] = sum(row.pop("trainable_by_component", {}).values()) or None
+    return row
 
 
 def _parent_dir(root: Path, stage: int) -> Path | None:
@@ -246,7 +290,7 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
         batch_size: int | str | None = None,
         peak_tflops: float | None = None, per_sample: bool = False,
         profile_dir: Path | None = None, steps: int | None = None,
-        cast_frozen: bool = False) -> dict[str, Any]:
+        cast_frozen: bool = False, stage4_memory: bool = False) -> dict[str, Any]:
     params = bench_params(load_params(params_path), images, epochs, preset, compile_model,
                           batch_size)
     t_start = time.perf_counter()
@@ -265,13 +309,23 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
                                          save=all_stages or (stage == 1 and cached),
                                          per_sample=per_sample, profile_dir=profile_dir,
                                          steps=steps, cast_frozen=cast_frozen)
-        for stage in (3, 4) if all_stages else ():
+        later = (3, 4) if all_stages else (3,) if stage4_memory else ()
+        for stage in later:
             if show:
                 print(f"  stage{stage} ...", file=sys.stderr, flush=True)
             results[f"stage{stage}"] = run_stage(params, stage, True, root,
                                                  _parent_dir(root, stage), save=True,
                                                  per_sample=per_sample, profile_dir=profile_dir,
                                                  steps=steps, cast_frozen=cast_frozen)
+        if stage4_memory:
+            # spawn: a fresh process per variant (CUDA-safe, and nothing inherited).
+            ctx = multiprocessing.get_context("spawn")
+            for name, variant in stage4_variants(params).items():
+                if show:
+                    print(f"  {name} (own process) ...", file=sys.stderr, flush=True)
+                with ctx.Pool(1) as pool:
+                    results[name] = pool.apply(_stage4_child,
+                                               (variant, str(root), name, per_sample, steps))
     # Cached and uncached runs train the same batches (same losses) unless batch_size auto
     # gave them different batches (the cached step needs less memory).
     same = [s for s in (1, 2) if results[f"stage{s}_cached"]["batch_size"]
@@ -298,6 +352,12 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
         "text_encoder_calls_per_epoch": max(calls) if calls else 0,
         "total_s": time.perf_counter() - t_start,
     }
+    if stage4_memory:
+        plain, ckpt = results["stage4_plain"], results["stage4_ckpt"]
+        out["stage4_checkpointing_same_weights"] = \
+            plain["weights_sha256"] == ckpt["weights_sha256"]
+        out["stage4_checkpointing_peak_ratio"] = \
+            ckpt["peak_over_start_mb"] / plain["peak_over_start_mb"]
     for key, r in results.items():
         out[key] = {k: v for k, v in r.items() if k not in ("losses", "text_calls_after_first")}
         row = out[key]
@@ -309,7 +369,7 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
 
 
 RUNS = ("stage1_uncached", "stage1_cached", "stage2_uncached", "stage2_cached", "stage3",
-        "stage4")
+        "stage4", "stage4_plain", "stage4_ckpt", "stage4_partial")
 
 
 def table(r: dict[str, Any]) -> str:
@@ -372,6 +432,18 @@ def table(r: dict[str, Any]) -> str:
                   else "- (cached and uncached runs picked different batches)"),
               f"text_encoder_calls_per_epoch  {r['text_encoder_calls_per_epoch']}",
               f"total                         {r['total_s']:.0f} s"]
+    if "stage4_checkpointing_same_weights" in r:
+        lines += ["", "stage 4 memory (--stage4-memory; each run in a process of its own; "
+                  "peak: CUDA allocated, or the CPU's resident set over the process's start)",
+                  f"{'run':<18}{'trainable':>12}{'peak MB':>9}{'img/s':>9}{'start block':>12}"]
+        for key in ("stage4_plain", "stage4_ckpt", "stage4_partial"):
+            s = r[key]
+            lines.append(f"{key:<18}{s['trainable_params'] or 0:>12,}"
+                         f"{s['peak_over_start_mb']:>9.0f}{s['images_s']:>9.1f}"
+                         f"{s['start_block']:>12}")
+        lines += [f"checkpointing: peak x{r['stage4_checkpointing_peak_ratio']:.2f}, weights "
+                  + ("bit-identical" if r["stage4_checkpointing_same_weights"]
+                     else "DIFFER")]
     profiled = [(key, s) for key, s in runs if "profile" in s]
     if profiled:
         lines += ["", "profile of the staged steps (--profile; self time per op)"]
@@ -400,6 +472,11 @@ def main(argv: list[str] | None = None) -> None:
                          "or more; default: 2 passes over 8 staged batches, the epochs given)")
     ap.add_argument("--all-stages", action="store_true",
                     help="also time stages 3 and 4 (images/s, peak memory)")
+    ap.add_argument("--stage4-memory", action="store_true",
+                    help="also train stage 3, then stage 4 with activation checkpointing off "
+                         "and on and with only the last lora.dino.last_k_blocks blocks "
+                         "trainable, each in its own process: peak memory, img/s, and whether "
+                         "checkpointing left the weights bit-identical")
     ap.add_argument("--batch-size", type=batch_size_arg, default=None,
                     help="optim.batch_size for every stage, a number or auto (default: "
                          "params.yaml's)")
@@ -423,7 +500,8 @@ def main(argv: list[str] | None = None) -> None:
                  all_stages=args.all_stages, compile_model=args.compile,
                  batch_size=args.batch_size, peak_tflops=args.peak_tflops,
                  per_sample=args.per_sample_loader, profile_dir=args.profile,
-                 steps=args.steps, cast_frozen=args.cast_frozen)
+                 steps=args.steps, cast_frozen=args.cast_frozen,
+                 stage4_memory=args.stage4_memory)
     print(json.dumps(result, indent=2) if args.json else table(result))
 
 

@@ -143,7 +143,8 @@ def apply_stage(model: CDSAM, stage: int, sam_lora: SamLoraConfig,
         else:
             # The leading blocks keep the merged weights they came with; being a frozen prefix,
             # they go through the feature cache, and the delta checkpoint leaves out those that
-            # still equal the base.
+            # still equal the base. (Merging made new parameters: freeze them again.)
+            model.dino.requires_grad_(False)
             for i in dino_trainable_range(model, dino_trainable_blocks):
                 model.dino.blocks[i].requires_grad_(True)
             model.dino.norm.requires_grad_(True)

@@ -1,0 +1,280 @@
+"""What each stage needs of a GPU's memory, known before anything runs (``cdsam plan``).
+
+The model is built on the meta device (structure only, nothing allocated) and the curriculum is
+replayed on it as ``cdsam summary`` does, so the parameter counts are exact. Bytes per rank:
+
+- trainable parameters: fp32 weights, fp32 gradients and AdamW's two fp32 moments
+  (`cdsam.training.batch_size.adamw_state_bytes`, the accounting ``optim.batch_size: auto``
+  uses); under DDP one more copy of every gradient in its buckets (`ddp_bucket_bytes`);
+- frozen parameters: held in the autocast dtype under AMP (`cdsam.training.frozen_weights`),
+  fp32 otherwise; the SSL teacher (``loss.ssl_weight`` > 0) is a frozen copy of DINO;
+- the feature cache: the frozen DINO prefix of every training image, at most
+  ``train.feature_cache_mb`` (it lives on the training device);
+- activations per image: the forward pass runs on fake tensors (`FakeTensorMode`: shapes,
+  dtypes and the real kernels' choices, no data) under the run's autocast, and every tensor
+  autograd saves for the backward pass is counted once (parameters left out). With
+  ``train.activation_checkpointing`` a trained block keeps only its input, and one block's
+  activations come back while it is recomputed.
+
+FSDP2 figures are estimates for sharding every DINO block, the SAM decoder and the root over the
+GPUs (each rank holds 1/N of every parameter, gradient and moment, plus the two largest blocks
+gathered for compute and prefetch); ``CDSAM_PARALLEL=fsdp`` is not built yet.
+A stage fits when its batch (or 1 for ``auto``) fits `AUTO_MEMORY_SHARE` of the GPU's memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cdsam.config.schema import AUTO, Params
+from cdsam.config.stages import StagePlan, curriculum_to, stages
+from cdsam.models.dino import dino_width, set_activation_checkpointing
+from cdsam.models.model import CDSAM, build_model
+from cdsam.training.batch_size import AUTO_MEMORY_SHARE, adamw_state_bytes, ddp_bucket_bytes
+from cdsam.training.curriculum import apply_plan
+from cdsam.training.feature_cache import frozen_prefix_end
+
+MODES = ("ddp", "fsdp")
+PROBE_IMAGES = 2  # the fake forward's batch; activations are linear in it
+
+
+@dataclass
+class StageMemory:
+    """One stage's memory, in bytes: what a rank holds whatever the batch, and per image."""
+
+    stage: int
+    trainable_params: int
+    frozen_params: int
+    weights: int  # trainable fp32 + frozen as held
+    gradients: int
+    optimizer: int
+    ddp_buckets: int  # per rank under DDP with more than one GPU
+    frozen_weights: int  # the frozen part of `weights` (sharded too under FSDP)
+    feature_cache: int
+    largest_block: int  # one DINO block's parameters in the compute dtype (FSDP gathers)
+    activations: dict[str, int] = field(default_factory=dict)  # per image: plain, checkpointed
+    checkpointing: bool = False
+    batch: int | str = 1
+    start_block: int = 0  # the first DINO block a step runs (the cache holds the ones before)
+
+    def activations_per_image(self, checkpointing: bool | None = None) -> int:
+        on = self.checkpointing if checkpointing is None else checkpointing
+        return self.activations["checkpointed" if on else "plain"]
+
+    def fixed(self, mode: str, gpus: int) -> int:
+        """Bytes a rank holds before any activation."""
+        trainable = self.weights - self.frozen_weights + self.gradients + self.optimizer
+        if mode == "ddp":
+            buckets = self.ddp_buckets if gpus > 1 else 0
+            return trainable + buckets + self.frozen_weights + self.feature_cache
+        shards = math.ceil((trainable + self.frozen_weights) / gpus)
+        return shards + 2 * self.largest_block + self.feature_cache
+
+    def per_rank(self, mode: str, gpus: int, batch: int,
+                 checkpointing: bool | None = None) -> int:
+        return self.fixed(mode, gpus) + batch * self.activations_per_image(checkpointing)
+
+    def max_batch(self, mode: str, gpus: int, memory: int,
+                  checkpointing: bool | None = None) -> int:
+        """The largest batch a rank holds within the usable share of ``memory`` (0: none)."""
+        room = AUTO_MEMORY_SHARE * memory - self.fixed(mode, gpus)
+        return max(0, int(room // max(self.activations_per_image(checkpointing), 1)))
+
+    @property
+    def planned_batch(self) -> int:
+        return 1 if self.batch == AUTO else int(self.batch)
+
+
+def _held_bytes(n: int, amp: bool) -> int:
+    return n * (2 if amp else 4)
+
+
+def _saved_activations(model: CDSAM, start: int, amp: bool, crop: int) -> dict[str, int]:
+    """Bytes autograd saves for one image's backward pass through ``model`` (turned into fake
+    tensors in place), without and with activation checkpointing."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    out: dict[str, int] = {}
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = model.to_empty(device="cpu")
+        params = {p.untyped_storage()._cdata for p in fake.parameters()}
+        images = torch.empty(PROBE_IMAGES, 3, crop, crop)
+        prompts = [f"prompt {i}" for i in range(PROBE_IMAGES)]
+        for name, on in (("plain", False), ("checkpointed", True)):
+            set_activation_checkpointing(fake.dino, on)
+            seen: dict[int, int] = {}
+
+            def pack(t: torch.Tensor, seen: dict[int, int] = seen) -> torch.Tensor:
+                storage = t.untyped_storage()
+                if storage._cdata not in params:
+                    seen[storage._cdata] = storage.nbytes()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                    torch.autocast("cpu", torch.bfloat16, enabled=amp):
+                prefix = None
+                if start:
+                    with torch.no_grad():
+                        prefix = fake.dino_prefix(images, start)
+                result = fake(images, prompts, prefix=prefix, start_block=start)
+                del result
+            out[name] = sum(seen.values()) // PROBE_IMAGES
+    return out
+
+
+def _stage_model(params: Params, chain: list[StagePlan]) -> CDSAM:
+    model = build_model(params.model, seed=params.seed, meta=True)
+    for plan in chain:
+        apply_plan(model, plan)
+    if params.loss.clip_align_weight == 0:
+        model.token_proj.requires_grad_(False)
+    return model
+
+
+def plan_memory(params: Params, stage: int, amp: bool = True) -> StageMemory:
+    """Stage ``stage``'s memory as params say (``amp``: CUDA's bf16 autocast; else fp32)."""
+    chain = curriculum_to(params, stage)
+    model = _stage_model(params, chain)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    dino_trains = any(p.requires_grad for p in model.dino.parameters())
+    teacher = sum(p.numel() for p in model.dino.parameters()) \
+        if params.loss.ssl_weight > 0 and dino_trains else 0
+    frozen_bytes = _held_bytes(frozen + teacher, amp)
+
+    cache_on = params.train.feature_cache and not params.data.augment.enable
+    start = frozen_prefix_end(model) if cache_on else 0
+    cache = 0
+    if start:
+        tokens = (params.data.crop // model.patch_size) ** 2 + model.dino.num_prefix_tokens
+        images = _train_images(params)
+        per_image = tokens * dino_width(model.dino) * (2 if amp else 4)
+        cache = min(params.train.feature_cache_mb * 2**20, per_image * images)
+    block = max(sum(p.numel() for p in b.parameters()) for b in model.dino.blocks)
+
+    block = max(sum(p.numel() for p in b.parameters()) for b in model.dino.blocks)
+    ddp_buckets, adam = ddp_bucket_bytes(model, 2), adamw_state_bytes(model)
+    activations = _saved_activations(model, start, amp, params.data.crop)
+    ran = model.depth - start
+    if dino_trains and ran:
+        # While a checkpointed block is recomputed its activations are held again.
+        activations["checkpointed"] += max(
+            0, (activations["plain"] - activations["checkpointed"]) // ran)
+    else:
+        activations["checkpointed"] = activations["plain"]
+
+    return StageMemory(
+        stage=stage, trainable_params=trainable, frozen_params=frozen + teacher,
+        weights=4 * trainable + frozen_bytes, gradients=4 * trainable,
+        optimizer=adam, ddp_buckets=ddp_buckets,
+        frozen_weights=frozen_bytes, feature_cache=cache,
+        largest_block=_held_bytes(block, amp), activations=activations,
+        checkpointing=params.train.activation_checkpointing,
+        batch=chain[-1].optim.batch_size, start_block=start)
+
+
+def _train_images(params: Params) -> int:
+    """Training images the cache may hold: the synthetic source's count, else unknown (the
+    budget then bounds it)."""
+    pc = params.prepare
+    if pc.source == "synthetic":
+        return math.ceil(pc.synthetic.num_images * (1 - pc.val_fraction - pc.test_fraction))
+    return 10**9
+
+
+def _advice(mem: StageMemory, params: Params, gpus: int, memory: int) -> str:
+    """One line: fits, or what would make it fit."""
+    batch = mem.planned_batch
+    if mem.max_batch("ddp", gpus, memory) >= batch:
+        return f"fits under DDP (up to batch {mem.max_batch('ddp', gpus, memory)} a GPU)"
+    ideas = []
+    if not mem.checkpointing and mem.max_batch("ddp", gpus, memory, True) >= batch:
+        ideas.append("train.activation_checkpointing: true")
+    if mem.stage == max(stages()) and params.stage(mem.stage).dino_trainable_blocks in (
+            None, "all"):
+        part = _partial(params, mem.stage)
+        if part is not None and part[1].max_batch("ddp", gpus, memory, True) >= batch:
+            ideas.append(f"stage{mem.stage}.dino_trainable_blocks: {part[0]} "
+                         f"(with checkpointing)")
+    if mem.max_batch("fsdp", gpus, memory, True) >= batch and gpus > 1:
+        ideas.append(f"FSDP over the {gpus} GPUs (with checkpointing; not built yet)")
+    fit = mem.max_batch("ddp", gpus, memory, True)
+    if fit >= 1:
+        ideas.append(f"batch {fit} with checkpointing (optim.grad_accum_steps keeps the "
+                     f"effective batch)")
+    if not ideas:
+        return "does not fit: nothing cdsam offers makes it fit on these GPUs"
+    return "does not fit under DDP; would fit with " + ", or ".join(ideas)
+
+
+def _partial(params: Params, stage: int) -> tuple[int, StageMemory] | None:
+    depth = _stage_model(params, curriculum_to(params, stage)).depth
+    k = max(1, depth // 4)
+    if k >= depth:
+        return None
+    over = dataclasses.replace(params.stage(stage), dino_trainable_blocks=k)
+    return k, plan_memory(dataclasses.replace(params, **{f"stage{stage}": over}), stage)
+
+
+def plan_report(params: Params, gpu_memory: int, gpus: int, amp: bool = True
+                ) -> dict[str, Any]:
+    """``cdsam plan --json``: every stage's parts, per-rank bytes, largest batch, fit, advice."""
+    out: dict[str, Any] = {"gpu_memory": gpu_memory, "gpus": gpus, "amp": amp,
+                           "usable_share": AUTO_MEMORY_SHARE, "stages": {}}
+    for stage in stages():
+        mem = plan_memory(params, stage, amp)
+        batch = mem.planned_batch
+        out["stages"][f"stage{stage}"] = {
+            "batch": mem.batch, "activation_checkpointing": mem.checkpointing,
+            "trainable_params": mem.trainable_params, "frozen_params": mem.frozen_params,
+            "bytes": {"weights": mem.weights, "gradients": mem.gradients,
+                      "optimizer": mem.optimizer, "ddp_buckets": mem.ddp_buckets,
+                      "frozen_weights": mem.frozen_weights, "feature_cache": mem.feature_cache},
+            "activations_per_image": mem.activations,
+            "bytes_per_rank": {m: mem.per_rank(m, gpus, batch) for m in MODES},
+            "max_batch": {m: mem.max_batch(m, gpus, gpu_memory) for m in MODES},
+            "fits": {m: mem.max_batch(m, gpus, gpu_memory) >= batch for m in MODES},
+            "advice": _advice(mem, params, gpus, gpu_memory),
+        }
+    return out
+
+
+def plan_table(report: dict[str, Any]) -> str:
+    """The report as the lines ``cdsam plan`` prints."""
+    gib = 2**30
+    lines = [f"{report['gpus']} GPU(s) of {report['gpu_memory'] / gib:.0f} GiB, "
+             f"{report['usable_share']:.0%} usable, {'bf16 AMP' if report['amp'] else 'fp32'}",
+             f"{'stage':<7}{'trainable':>13}{'fixed DDP':>11}{'act/img':>9}{'ckpt/img':>9}"
+             f"{'DDP/rank':>10}{'FSDP/rank':>10}{'max b DDP':>10}{'FSDP':>6}"]
+    for name, s in report["stages"].items():
+        b = s["bytes"]
+        fixed = sum(b[k] for k in ("weights", "gradients", "optimizer", "feature_cache")) + (
+            b["ddp_buckets"] if report["gpus"] > 1 else 0)
+        act = s["activations_per_image"]
+        lines.append(f"{name:<7}{s['trainable_params']:>13,}{fixed / gib:>10.2f}G"
+                     f"{act['plain'] / gib:>8.3f}G{act['checkpointed'] / gib:>8.3f}G"
+                     f"{s['bytes_per_rank']['ddp'] / gib:>9.2f}G"
+                     f"{s['bytes_per_rank']['fsdp'] / gib:>9.2f}G"
+                     f"{s['max_batch']['ddp']:>10}{s['max_batch']['fsdp']:>6}")
+    lines.append("")
+    lines += [f"{name}: {s['advice']}" for name, s in report["stages"].items()]
+    return "\n".join(lines)
+
+
+def parse_bytes(text: str) -> int:
+    """``80GB``, ``80GiB``, ``141G``, ``512MB`` → bytes (GB read as GiB, as GPUs are sold)."""
+    units = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    t = text.strip().lower().replace("ib", "").rstrip("b")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units and t[-1].isalpha() else (t, "")
+    try:
+        value = float(num)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (e.g. 80GB)") from None
+    if value <= 0:
+        raise ValueError(f"not a size: {text!r} (must be > 0)")
+    return int(value * units[unit])
