@@ -5,6 +5,8 @@ process group (NCCL on CUDA, gloo on the CPU), wraps the trainable model in DDP 
 alone write checkpoints, metrics and logs. ``CDSAM_NPROC=N`` makes a plain ``python
 stages/train.py`` relaunch itself under torchrun, so DVC runs any stage on N devices without a
 ``dvc.yaml`` change (an environment variable does not invalidate the stage).
+``CDSAM_PARALLEL=fsdp`` shards the model with FSDP2 instead of replicating it
+(`cdsam.training.sharding`): less memory a rank, the same result; ``ddp`` is the default.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from cdsam.runtime import usable_cores
 
 log = logging.getLogger("cdsam.dist")
 
+PARALLEL_MODES = ("ddp", "fsdp")
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -30,6 +34,11 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    parallel: str = "ddp"  # CDSAM_PARALLEL: how ranks hold the model (see the module doc)
+
+    @property
+    def sharded(self) -> bool:
+        return self.enabled and self.parallel == "fsdp"
 
     @property
     def enabled(self) -> bool:
@@ -45,7 +54,17 @@ def env_info() -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return DistInfo(rank=int(os.environ.get("RANK", "0")), world_size=world,
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
+                    parallel=parallel_mode())
+
+
+def parallel_mode() -> str:
+    """``CDSAM_PARALLEL`` (``ddp`` when unset); anything else is a clear error."""
+    mode = os.environ.get("CDSAM_PARALLEL", "").strip().lower() or "ddp"
+    if mode not in PARALLEL_MODES:
+        raise UserError(f"CDSAM_PARALLEL: expected one of {', '.join(PARALLEL_MODES)}, got "
+                        f"{os.environ['CDSAM_PARALLEL']!r}")
+    return mode
 
 
 def init(info: DistInfo, device: torch.device) -> torch.device:
@@ -102,6 +121,7 @@ def relaunch_command(argv: list[str]) -> list[str] | None:
     """
     if "RANK" in os.environ or os.environ.get("CDSAM_NO_RELAUNCH"):
         return None  # already under torchrun
+    parallel_mode()  # a bad CDSAM_PARALLEL stops here, not once per rank
     flags = os.environ.get("CDSAM_TORCHRUN", "").strip()
     nproc = os.environ.get("CDSAM_NPROC", "").strip()
     if not flags and (not nproc or nproc == "1"):

@@ -75,26 +75,28 @@ def parent_ref(path: str | Path) -> dict[str, str]:
     return {"path": str(path), "sha256": file_sha256(Path(path) / WEIGHTS)}
 
 
-def check_finite(model: torch.nn.Module) -> None:
-    bad = [n for n, t in model.state_dict().items()
+def check_finite(model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
+    bad = [n for n, t in (model.state_dict() if state is None else state).items()
            if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise CheckpointError(f"refusing to save non-finite weights ({', '.join(bad[:3])})")
 
 
 def save_checkpoint(path: str | Path, model: CDSAM, meta: CheckpointMeta,
-                    base: Base | None = None) -> None:
+                    base: Base | None = None,
+                    state: dict[str, torch.Tensor] | None = None) -> None:
     """Write the checkpoint directory atomically (a crash leaves the old one or none).
 
     With ``base`` (the model as built before training) only the tensors that differ from it
     are written, plus its fingerprint; without, every tensor (a self-contained checkpoint).
+    ``state``: the model's full state dict where ``model`` holds only shards of it (FSDP).
     """
-    check_finite(model)
+    check_finite(model, state)
     meta.lora = [s.to_dict() for s in lora_specs(model)]
     if base is None:
-        tensors, meta.base = model.state_dict(), None
+        tensors, meta.base = (model.state_dict() if state is None else state), None
     else:
-        tensors, sha = split_state(model, base)
+        tensors, sha = split_state(model, base, state)
         meta.base = {"seed": base.seed, "sha256": sha,
                      "sources": describe_sources(meta.model, base.seed)}
     state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}

@@ -83,17 +83,19 @@ def _fingerprints(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
     return out
 
 
-def split_state(model: nn.Module, base: Base) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def split_state(model: nn.Module, base: Base, state: dict[str, torch.Tensor] | None = None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors to store, per-component fingerprint of the base tensors left out).
 
     Stored: every trainable parameter, every tensor the base does not have (LoRA factors), and
-    every frozen tensor whose bytes differ from the base (e.g. a merged layer).
+    every frozen tensor whose bytes differ from the base (e.g. a merged layer). ``state``: the
+    model's full state dict, where the model holds only shards of it.
     """
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     names = canonical_names(model)
     stored: dict[str, torch.Tensor] = {}
     left_out = []
-    for key, value in model.state_dict().items():
+    for key, value in (model.state_dict() if state is None else state).items():
         canon = names[key]
         want = base.digests.get(canon)
         if key in trainable or want is None:

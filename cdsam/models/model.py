@@ -67,6 +67,11 @@ class CDSAM(nn.Module):
 
     def dino_prefix(self, images: torch.Tensor, end_block: int) -> torch.Tensor:
         """Tokens after DINO blocks ``0 … end_block-1`` (prefix tokens kept): BxTxC."""
+        return self._prefix(images, end_block)
+
+    def _prefix(self, images: torch.Tensor, end_block: int) -> torch.Tensor:
+        # forward comes here directly: under FSDP `dino_prefix` is a forward method of its
+        # own (the feature cache calls it outside forward), not to be entered from forward.
         return dino_blocks(self.dino, dino_embed(self.dino, images), 0, end_block,
                            dino_grid(self.dino, images))
 
@@ -76,7 +81,7 @@ class CDSAM(nn.Module):
         return dino_finish(self.dino, dino_blocks(self.dino, x, start_block, self.depth, grid))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.dino_tail(self.dino_prefix(images, 0), 0, dino_grid(self.dino, images))
+        return self.dino_tail(self._prefix(images, 0), 0, dino_grid(self.dino, images))
 
     def decode(self, tokens: torch.Tensor, grid: tuple[int, int], text: torch.Tensor,
                image_size: tuple[int, int],

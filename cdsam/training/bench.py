@@ -135,6 +135,30 @@ class TextCalls:
         self.per_epoch.append(trainer.model.clip_text.calls - self._start)
 
 
+class StepPeak:
+    """The largest resident set while training steps run (epoch hooks; Linux CPU runs): the
+    kernel's high-water mark is reset before each epoch's steps and read after them, so the
+    setup, validation and checkpoint writing do not count."""
+
+    def __init__(self) -> None:
+        self.mb = 0.0
+
+    @staticmethod
+    def available(device: torch.device) -> bool:
+        return device.type == "cpu" and Path("/proc/self/clear_refs").exists()
+
+    def before(self, trainer: StageTrainer, epoch: int) -> None:
+        if self.available(trainer.device):
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+    def after(self, trainer: StageTrainer, epoch: int, row: dict[str, float]) -> None:
+        if not self.available(trainer.device):
+            return
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                self.mb = max(self.mb, int(line.split()[1]) / 1024)
+
+
 def _batches(trainer: StageTrainer) -> Iterator[dict[str, Any]]:
     """The training batches as the step receives them, on the device (the packed loader
     already yields them there; the per-sample DataLoader path copies them)."""
@@ -207,8 +231,17 @@ def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path
     paths = StagePaths(data=root / "data", out=root / (out_name or f"stage{stage}"),
                        metrics=root / "metrics" / tag, parent=parent,
                        resume=root / "resume" / tag)
-    text_calls = TextCalls()
-    hooks = EpochHooks(before_epoch=text_calls.before, after_train=text_calls.after)
+    text_calls, step_peak = TextCalls(), StepPeak()
+
+    def before(t: StageTrainer, epoch: int) -> None:
+        text_calls.before(t, epoch)
+        step_peak.before(t, epoch)
+
+    def after(t: StageTrainer, epoch: int, row: dict[str, float]) -> None:
+        text_calls.after(t, epoch, row)
+        step_peak.after(t, epoch, row)
+
+    hooks = EpochHooks(before_epoch=before, after_train=after)
     trainer = StageTrainer(p, stage, paths, TrainerOptions(
         show_progress=False, pack_batches=not per_sample, hooks=hooks))
     gc.collect()  # the previous run's model and cache must not count towards this one
@@ -239,6 +272,8 @@ def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path
         "losses": [x for e in trainer.step_losses for x in e],
         "text_calls_after_first": text_calls.per_epoch[1:],
         "peak_mem_mb": peak_memory_mb(trainer.device),
+        # CUDA: the run's peak allocation; CPU: the resident set's peak during the steps.
+        "step_peak_mb": step_peak.mb or peak_memory_mb(trainer.device),
         "cache_images": len(trainer.cache) if trainer.cache else 0,
         "start_block": trainer.start_block,
         "trainable_by_component": {k: v["trainable"] for k, v in trainer.counts.items()},
@@ -259,6 +294,9 @@ def stage4_variants(params: Params) -> dict[str, Params]:
                 with_train(activation_checkpointing=False), stage4=partial)}
 
 
+MMAP_VAR = "MALLOC_MMAP_THRESHOLD_"
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -272,8 +310,8 @@ def _stage4_child(params: Params, root: str, name: str, per_sample: bool,
     start = _rss_mb() if sys.platform.startswith("linux") else 0.0
     row = run_stage(params, 4, True, Path(root), Path(root) / "stage3", save=True,
                     per_sample=per_sample, steps=steps, out_name=name)
-    row["peak_over_start_mb"] = row["peak_mem_mb"] - start if row["peak_mem_mb"] > start \
-        else row["peak_mem_mb"]
+    row["peak_over_start_mb"] = row["step_peak_mb"] - start \
+        if row["step_peak_mb"] > start else row["step_peak_mb"]
     row["weights_sha256"] = hashlib.sha256(
         (Path(root) / name / "model.safetensors").read_bytes()).hexdigest()
     row["trainable_params"] = sum(row.pop("trainable_by_component", {}).values()) or None
@@ -304,9 +342,10 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
                 key = f"stage{stage}_{'cached' if cached else 'uncached'}"
                 if show:
                     print(f"  {key} ...", file=sys.stderr, flush=True)
-                # The cached stage-1 run writes the checkpoint stage 2 starts from.
+                # The cached runs write the checkpoints the next stage starts from.
+                keep = cached and (stage == 1 or stage4_memory)
                 results[key] = run_stage(params, stage, cached, root, parent,
-                                         save=all_stages or (stage == 1 and cached),
+                                         save=all_stages or keep,
                                          per_sample=per_sample, profile_dir=profile_dir,
                                          steps=steps, cast_frozen=cast_frozen)
         later = (3, 4) if all_stages else (3,) if stage4_memory else ()
@@ -318,14 +357,24 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
                                                  per_sample=per_sample, profile_dir=profile_dir,
                                                  steps=steps, cast_frozen=cast_frozen)
         if stage4_memory:
-            # spawn: a fresh process per variant (CUDA-safe, and nothing inherited).
+            # spawn: a fresh process per variant (CUDA-safe, and nothing inherited). Large
+            # blocks mmap'ed, so a freed activation leaves the resident set at once (glibc
+            # keeps heap memory otherwise) and its peak follows what is live.
             ctx = multiprocessing.get_context("spawn")
-            for name, variant in stage4_variants(params).items():
-                if show:
-                    print(f"  {name} (own process) ...", file=sys.stderr, flush=True)
-                with ctx.Pool(1) as pool:
-                    results[name] = pool.apply(_stage4_child,
-                                               (variant, str(root), name, per_sample, steps))
+            mmap = os.environ.get(MMAP_VAR)
+            os.environ[MMAP_VAR] = "65536"
+            try:
+                for name, variant in stage4_variants(params).items():
+                    if show:
+                        print(f"  {name} (own process) ...", file=sys.stderr, flush=True)
+                    with ctx.Pool(1) as pool:
+                        results[name] = pool.apply(
+                            _stage4_child, (variant, str(root), name, per_sample, steps))
+            finally:
+                if mmap is None:
+                    os.environ.pop(MMAP_VAR, None)
+                else:
+                    os.environ[MMAP_VAR] = mmap
     # Cached and uncached runs train the same batches (same losses) unless batch_size auto
     # gave them different batches (the cached step needs less memory).
     same = [s for s in (1, 2) if results[f"stage{s}_cached"]["batch_size"]
@@ -434,7 +483,8 @@ def table(r: dict[str, Any]) -> str:
               f"total                         {r['total_s']:.0f} s"]
     if "stage4_checkpointing_same_weights" in r:
         lines += ["", "stage 4 memory (--stage4-memory; each run in a process of its own; "
-                  "peak: CUDA allocated, or the CPU's resident set over the process's start)",
+                  "peak: CUDA allocated, or on the CPU the resident set while the training "
+                  "steps run, over the process's start)",
                   f"{'run':<18}{'trainable':>12}{'peak MB':>9}{'img/s':>9}{'start block':>12}"]
         for key in ("stage4_plain", "stage4_ckpt", "stage4_partial"):
             s = r[key]

@@ -77,13 +77,17 @@ def build_loaders(data: StageData, params: Params, stage: int, batch_size: int,
     sampler = DistributedSampler(data.train_set, num_replicas=dist.world_size, rank=dist.rank,
                                  shuffle=True, seed=p.seed * 1000 + stage, drop_last=False)
     val_bs = max(batch_size, 32)
+    # Val rows split over the ranks (their figures are then summed), except when sharded:
+    # every forward is collective there, and ranks with unequal batch counts would hang.
+    val_rank, val_world = (0, 1) if dist.sharded else (dist.rank, dist.world_size)
+    val_rows_idx = list(range(val_rank, len(data.val_set), val_world))
     if packed:
         on_gpu = device.type == "cuda"
         train = PackedLoader(data.splits["train"], batch_size, device, sampler=sampler,
                              spatial=data.train_set.spatial, seed=p.seed, prefetch=on_gpu,
                              augment=p.data.augment)
         val = PackedLoader(data.splits["val"], val_bs, device, prefetch=on_gpu,
-                           indices=range(dist.rank, len(data.val_set), dist.world_size))
+                           indices=val_rows_idx)
         for loader in (train, val):
             loader.pixels = needs_pixels(loader.split)
         return StageLoaders(train, train, val)
@@ -92,8 +96,7 @@ def build_loaders(data: StageData, params: Params, stage: int, batch_size: int,
     epoch_sampler = EpochSampler(sampler)
     train = DataLoader(data.train_set, batch_size=batch_size, sampler=epoch_sampler,
                        collate_fn=collate, **kw)
-    val_rows = data.val_set if not dist.enabled else \
-        Subset(data.val_set, list(range(dist.rank, len(data.val_set), dist.world_size)))
+    val_rows = data.val_set if val_world == 1 else Subset(data.val_set, val_rows_idx)
     val = DataLoader(val_rows, batch_size=val_bs, shuffle=False, collate_fn=collate, **kw)
     return StageLoaders(train, epoch_sampler, val)
 

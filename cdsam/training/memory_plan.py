@@ -16,9 +16,11 @@ replayed on it as ``cdsam summary`` does, so the parameter counts are exact. Byt
   ``train.activation_checkpointing`` a trained block keeps only its input, and one block's
   activations come back while it is recomputed.
 
-FSDP2 figures are estimates for sharding every DINO block, the SAM decoder and the root over the
-GPUs (each rank holds 1/N of every parameter, gradient and moment, plus the two largest blocks
-gathered for compute and prefetch); ``CDSAM_PARALLEL=fsdp`` is not built yet.
+FSDP2 figures follow what ``CDSAM_PARALLEL=fsdp`` builds (`cdsam.training.sharding`): every
+DINO block, the SAM decoder, the token projection and the root sharded over the GPUs, so a rank
+holds 1/N of every parameter (fp32, frozen ones too), gradient and moment, plus the two largest
+blocks gathered in the compute dtype (the one running and the one prefetched); the CLIP text
+tower and an SSL teacher stay whole (fp32) on every rank.
 A stage fits when its batch (or 1 for ``auto``) fits `AUTO_MEMORY_SHARE` of the GPU's memory.
 """
 
@@ -54,7 +56,9 @@ class StageMemory:
     gradients: int
     optimizer: int
     ddp_buckets: int  # per rank under DDP with more than one GPU
-    frozen_weights: int  # the frozen part of `weights` (sharded too under FSDP)
+    frozen_weights: int  # the frozen part of `weights`
+    fsdp_sharded_frozen: int  # frozen bytes FSDP shards (fp32: no held copies there)
+    fsdp_replicated: int  # bytes whole on every FSDP rank: the CLIP text tower, a teacher
     feature_cache: int
     largest_block: int  # one DINO block's parameters in the compute dtype (FSDP gathers)
     activations: dict[str, int] = field(default_factory=dict)  # per image: plain, checkpointed
@@ -72,8 +76,8 @@ class StageMemory:
         if mode == "ddp":
             buckets = self.ddp_buckets if gpus > 1 else 0
             return trainable + buckets + self.frozen_weights + self.feature_cache
-        shards = math.ceil((trainable + self.frozen_weights) / gpus)
-        return shards + 2 * self.largest_block + self.feature_cache
+        shards = math.ceil((trainable + self.fsdp_sharded_frozen) / gpus)
+        return shards + self.fsdp_replicated + 2 * self.largest_block + self.feature_cache
 
     def per_rank(self, mode: str, gpus: int, batch: int,
                  checkpointing: bool | None = None) -> int:
@@ -146,6 +150,7 @@ def plan_memory(params: Params, stage: int, amp: bool = True) -> StageMemory:
     teacher = sum(p.numel() for p in model.dino.parameters()) \
         if params.loss.ssl_weight > 0 and dino_trains else 0
     frozen_bytes = _held_bytes(frozen + teacher, amp)
+    clip = sum(p.numel() for p in model.clip_text.parameters())
 
     cache_on = params.train.feature_cache and not params.data.augment.enable
     start = frozen_prefix_end(model) if cache_on else 0
@@ -155,8 +160,6 @@ def plan_memory(params: Params, stage: int, amp: bool = True) -> StageMemory:
         images = _train_images(params)
         per_image = tokens * dino_width(model.dino) * (2 if amp else 4)
         cache = min(params.train.feature_cache_mb * 2**20, per_image * images)
-    block = max(sum(p.numel() for p in b.parameters()) for b in model.dino.blocks)
-
     block = max(sum(p.numel() for p in b.parameters()) for b in model.dino.blocks)
     ddp_buckets, adam = ddp_bucket_bytes(model, 2), adamw_state_bytes(model)
     activations = _saved_activations(model, start, amp, params.data.crop)
@@ -172,7 +175,8 @@ def plan_memory(params: Params, stage: int, amp: bool = True) -> StageMemory:
         stage=stage, trainable_params=trainable, frozen_params=frozen + teacher,
         weights=4 * trainable + frozen_bytes, gradients=4 * trainable,
         optimizer=adam, ddp_buckets=ddp_buckets,
-        frozen_weights=frozen_bytes, feature_cache=cache,
+        frozen_weights=frozen_bytes, fsdp_sharded_frozen=4 * (frozen - clip),
+        fsdp_replicated=4 * (clip + teacher), feature_cache=cache,
         largest_block=_held_bytes(block, amp), activations=activations,
         checkpointing=params.train.activation_checkpointing,
         batch=chain[-1].optim.batch_size, start_block=start)
@@ -202,7 +206,7 @@ def _advice(mem: StageMemory, params: Params, gpus: int, memory: int) -> str:
             ideas.append(f"stage{mem.stage}.dino_trainable_blocks: {part[0]} "
                          f"(with checkpointing)")
     if mem.max_batch("fsdp", gpus, memory, True) >= batch and gpus > 1:
-        ideas.append(f"FSDP over the {gpus} GPUs (with checkpointing; not built yet)")
+        ideas.append(f"CDSAM_PARALLEL=fsdp over the {gpus} GPUs (with checkpointing)")
     fit = mem.max_batch("ddp", gpus, memory, True)
     if fit >= 1:
         ideas.append(f"batch {fit} with checkpointing (optim.grad_accum_steps keeps the "

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from cdsam import io
 from cdsam.models.delta_base import Base, canonical_names, split_state
+from cdsam.training.sharding import load_optimizer_state, load_state
 
 log = logging.getLogger("cdsam.training.resume")
 
@@ -108,14 +109,19 @@ def flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
+def _param_key(idx: str) -> int | str:
+    # A plain optimizer keys its state by parameter index, a gathered FSDP one by name.
+    return int(idx) if idx.isdigit() else idx
+
+
 def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[int | str, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim/"):
             _, idx, name = key.split("/", 2)
-            state.setdefault(int(idx), {})[name] = value
+            state.setdefault(_param_key(idx), {})[name] = value
     for idx, values in meta["scalars"].items():
-        state.setdefault(int(idx), {}).update(values)
+        state.setdefault(_param_key(idx), {}).update(values)
     groups = meta["param_groups"]
     for g in groups:
         if "betas" in g:
@@ -158,14 +164,19 @@ class ResumeStore:
 
     def save(self, progress: Progress, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: Any, scaler: torch.amp.GradScaler,
-             extra: dict[str, torch.Tensor] | None = None, base: Base | None = None) -> None:
+             extra: dict[str, torch.Tensor] | None = None, base: Base | None = None,
+             full: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> None:
         """``extra``: more tensors to keep (e.g. the best epoch's weights), returned by load.
         ``base``: keep only the model tensors that differ from it (the frozen CLIP tower and
-        base weights are rebuilt by the resumed run's own setup, which the fingerprint pins)."""
-        state = model.state_dict() if base is None else split_state(model, base)[0]
+        base weights are rebuilt by the resumed run's own setup, which the fingerprint pins).
+        ``full``: the model's and the optimizer's state dicts gathered in full, where the model
+        holds shards (`cdsam.training.sharding`)."""
+        model_sd, optim_sd = full if full is not None else (None, optimizer.state_dict())
+        state = (model.state_dict() if model_sd is None else model_sd) if base is None \
+            else split_state(model, base, model_sd)[0]
         tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in state.items()}
         tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
-        opt_t, opt_meta = flatten_optimizer(optimizer.state_dict())
+        opt_t, opt_meta = flatten_optimizer(optim_sd)
         tensors.update({k: v.detach().cpu().contiguous() for k, v in opt_t.items()})
         rng_t, rng_meta = rng_state()
         tensors.update(rng_t)
@@ -217,14 +228,14 @@ class ResumeStore:
                 model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                 scaler: torch.amp.GradScaler, base: Base | None = None) -> None:
         state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-        result = model.load_state_dict(state, strict=False)
+        result = load_state(model, state)
         # What the state left out must be base tensors the resumed run already rebuilt.
         names = canonical_names(model)
         lost = [k for k in result.missing_keys if base is None or names[k] not in base.digests]
         if result.unexpected_keys or lost:
             raise RuntimeError(f"resume state {self.dir} does not fit the model (missing "
                                f"{lost[:3]}, unexpected {result.unexpected_keys[:3]})")
-        optimizer.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
+        load_optimizer_state(model, optimizer, unflatten_optimizer(tensors, meta["optimizer"]))
         scheduler.load_state_dict(meta["scheduler"])
         if meta["scaler"]:
             scaler.load_state_dict(meta["scaler"])

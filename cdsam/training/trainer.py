@@ -5,7 +5,8 @@ what it reads and trains. CUDA gets AMP (bf16 where supported, fp16 + GradScaler
 TF32, pinned memory, fused AdamW, frozen linear/conv weights held in the autocast dtype
 (`cdsam.training.frozen_weights`) and optionally ``torch.compile`` (or one line saying why not,
 then eager); the CPU runs the same code in fp32, bit-reproducibly for a given seed and thread
-count. Under torchrun the trainable model is wrapped in DDP (see `cdsam.distributed`). Frozen
+count. Under torchrun the trainable model is wrapped in DDP (see `cdsam.distributed`), or with
+``CDSAM_PARALLEL=fsdp`` sharded by FSDP2 (`cdsam.training.sharding`). Frozen
 work is done once: CLIP text features per prompt, the frozen DINO prefix per image
 (`cdsam.training.feature_cache`). After every epoch the full state goes to a resume folder
 (`cdsam.training.resume`), so a killed run continues where it stopped.
@@ -55,6 +56,7 @@ from cdsam.runtime import (
     resolve_device,
     seed_everything,
 )
+from cdsam.training import sharding
 from cdsam.training.batch_size import StepMemory, probe_step_memory, resolve_auto_batch, scale_lrs
 from cdsam.training.compiling import compile_or_fall_back, is_compiled
 from cdsam.training.curriculum import apply_plan, component_counts
@@ -159,6 +161,8 @@ class StageTrainer:
             "lora_sam": to_dict(self.plan.lora_sam),
             "world_size": self.dist.world_size, "device": self.device.type,
         }
+        if self.dist.sharded:
+            parts["parallel"] = "fsdp"  # its resume state is keyed by name (not DDP's)
         if self.plan.lora_dino is not None:
             parts["lora_dino"] = to_dict(self.plan.lora_dino)
         if self.paths.parent is not None:
@@ -189,19 +193,34 @@ class StageTrainer:
             # Only the CLIP alignment loss reaches token_proj; without it the head would be a
             # trainable parameter with no gradient (and DDP would stop on it).
             model.token_proj.requires_grad_(False)
-        self.model = model.to(self.device)
-        self.vocab = data.vocab
-        self.counts = component_counts(self.model)
+        self.precision = opts.precision or precision_for(self.device)
         teacher = None
         if p.loss.ssl_weight > 0 and any(x.requires_grad for x in model.dino.parameters()):
             # Frozen copy of the stage-start backbone: the SSL term keeps features near it.
-            teacher = copy.deepcopy(self.model.dino).eval().requires_grad_(False)
+            # Copied before sharding (a copy of shards would be no backbone).
+            teacher = copy.deepcopy(model.dino).eval().requires_grad_(False).to(self.device)
+        if self.dist.sharded:
+            model.clip_text.to(self.device)  # not sharded: fully_shard leaves it where it is
+            self.model = sharding.shard_model(model, self.device, self.precision,
+                                              self.dist.world_size)
+        else:
+            self.model = model.to(self.device)
+        self.vocab = data.vocab
+        self.counts = component_counts(self.model)
         # One objective for train and val loss; CLIP text features once per run (frozen).
         self.objective = Objective.for_model(self.model, p.loss, self.vocab, teacher)
-        self.precision = opts.precision or precision_for(self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.needs_scaler)
         self.cache = build_feature_cache(self.model, p, data, self.precision, bool(self.packs))
-        self.frozen = hold_for_stage(self.model, teacher, self.precision, opts.hold_frozen)
+        if self.dist.sharded and self.cache is not None and self.cache.full:
+            # Which images miss would differ between ranks, and a miss runs sharded blocks
+            # (collectives) on one rank only: all ranks run the whole DINO instead.
+            log.warning("feature cache off under CDSAM_PARALLEL=fsdp: not every image fits "
+                        "train.feature_cache_mb (%.0f MB); raise it to cache the frozen prefix",
+                        p.train.feature_cache_mb)
+            self.cache = None
+        # Sharded, the gathered weights are already in the autocast dtype (mixed precision).
+        self.frozen = hold_for_stage(self.model, teacher, self.precision,
+                                     opts.hold_frozen and not self.dist.sharded)
         self.net: torch.nn.Module = self.model  # DDP-wrapped below when distributed
         self.store = ResumeStore(self.paths.resume, self.stage, self._run_fingerprint())
         if self.dist.enabled:
@@ -215,9 +234,11 @@ class StageTrainer:
         self.set_epochs(self.epochs)
         # Probed on the bare model: a failure inside DDP's forward/backward would leave its
         # reducer waiting for gradients that never came.
-        if p.train.compile:
+        if p.train.compile and self.dist.sharded:
+            log.warning("train.compile: not supported under CDSAM_PARALLEL=fsdp yet; eager")
+        elif p.train.compile:
             compile_or_fall_back(self.model, self._step_probe, opts.compile_backend)
-        if self.dist.enabled:
+        if self.dist.enabled and not self.dist.sharded:
             # Only parameters with requires_grad are registered, so the frozen CLIP tower
             # and DINO prefix cost nothing. Every trainable parameter gets a gradient each
             # step (see curriculum: no LoRA on SAM's unused hypernetwork MLPs / IoU head), so
@@ -226,10 +247,11 @@ class StageTrainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         eff = self.optim_cfg.batch_size * self.optim_cfg.grad_accum_steps * self.dist.world_size
         log.info("stage%d on %s: %d train / %d val samples, %d prompts, %d epochs, effective "
-                 "batch %d (batch %d x accumulation %d x world size %d), trainable %s of %s "
+                 "batch %d (batch %d x accumulation %d x world size %d%s), trainable %s of %s "
                  "params", self.stage, self.device, len(self.train_set), len(self.val_set),
                  len(self.vocab), self.epochs, eff, self.optim_cfg.batch_size,
                  self.optim_cfg.grad_accum_steps, self.dist.world_size,
+                 f", {self.dist.parallel}" if self.dist.enabled else "",
                  f"{self.trainable_params:,}", f"{self.total_params:,}")
         if self.train_set.spatial is not None:
             log.info("spatial prompts next to the text: a click on %.0f %% of samples, a box on "
@@ -316,6 +338,10 @@ class StageTrainer:
         return sum(p.numel() for p in self.model.parameters())
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable weights in full, on the host; sharded: on rank 0 alone (``{}`` on the
+        others), and every rank must call it."""
+        if self.dist.sharded:
+            return sharding.full_state(self.model, trainable_only=True)
         return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()
                 if p.requires_grad}
 
@@ -348,9 +374,12 @@ class StageTrainer:
         """Forward + backward of one batch (loss scaled by 1/``window``), then at an
         accumulation ``boundary`` the optimizer step. Returns the loss, not yet read back to
         the host (reading it waits for the device; the epoch loop reads it one step later)."""
-        # Between accumulation boundaries DDP need not all-reduce the gradients.
-        sync = contextlib.nullcontext() if boundary or not self.dist.enabled else \
-            self.net.no_sync()
+        # Between accumulation boundaries DDP / FSDP need not reduce the gradients.
+        sync = contextlib.nullcontext()
+        if self.dist.sharded:
+            self.model.set_requires_gradient_sync(boundary)
+        elif self.dist.enabled and not boundary:
+            sync = self.net.no_sync()
         with sync:
             with record_function(PHASES["forward"]):
                 loss, _ = self.compute_loss(batch)
@@ -462,11 +491,17 @@ class StageTrainer:
             self.epoch_times.append(elapsed)
             progress.train_time += elapsed
             progress.train_images += tr["images"]
+            # Sharded, every rank scores the whole val split (see loaders): no reduction.
             val = evaluate_model(self.model, self.val_loader, self.objective, self.precision,
-                                 cache=self.cache, reduce=self.dist.enabled)
+                                 cache=self.cache,
+                                 reduce=self.dist.enabled and not self.dist.sharded)
             if hooks.after_validation is not None:
                 hooks.after_validation(self, epoch, val)
-            if val.miou > progress.best:
+            improved = val.miou > progress.best
+            if self.dist.sharded:
+                # Gathering the best weights is collective: every rank must agree to.
+                improved = bool(distributed.all_reduce_min(int(improved), self.device))
+            if improved:
                 progress.best, progress.best_epoch = val.miou, epoch + 1
                 if self.select == "best":  # the weights the next stage will start from
                     self.best_state = self.trainable_state()
@@ -479,18 +514,27 @@ class StageTrainer:
                      val.loss, val.miou, val.dice, val.sampled_class_iou, val.fp_rate,
                      " (best so far)" if progress.best_epoch == epoch + 1 else "")
             self._log_epoch(live, row)
+            full = None
+            if self.dist.sharded:  # gathered on rank 0, by every rank
+                full = (sharding.full_state(self.model),
+                        sharding.full_optimizer_state(self.model, self.optimizer))
             if self.dist.is_main:
                 best = {f"best/{k}": v for k, v in (self.best_state or {}).items()}
                 with self.frozen.full_precision():  # the saved deltas are over fp32 bases
                     self.store.save(progress, self.model, self.optimizer, self.scheduler,
-                                    self.scaler, extra=best, base=self.base)
+                                    self.scaler, extra=best, base=self.base, full=full)
             distributed.barrier()
         self.selected_epoch = progress.best_epoch if self.select == "best" else self.epochs
         if self.best_state is not None and self.selected_epoch != self.epochs:
-            own = dict(self.model.named_parameters())
-            with torch.no_grad():
-                for name, value in self.best_state.items():
-                    own[name].copy_(value)
+            if self.dist.sharded:
+                # Held by rank 0 (gathered there), or by every rank (read from the resume
+                # state): rank 0's copy is broadcast either way.
+                sharding.load_state(self.model, self.best_state, from_rank0=True)
+            else:
+                own = dict(self.model.named_parameters())
+                with torch.no_grad():
+                    for name, value in self.best_state.items():
+                        own[name].copy_(value)
         log.info("stage%d keeps epoch %d of %d (%s.select: %s; val miou %.4f)", self.stage,
                  self.selected_epoch, self.epochs, f"stage{self.stage}", self.select,
                  self.history[self.selected_epoch - 1]["miou"])
@@ -506,7 +550,9 @@ class StageTrainer:
         }
 
     # ---- save
-    def save(self) -> None:
+    def save(self, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Rank 0 writes the checkpoint; ``state``: the full state dict of a sharded model
+        (`gather_for_save`)."""
         parent = parent_ref(self.paths.parent) if self.paths.parent else None
         extra = {
             "optim": to_dict(self.optim_cfg), "epochs": self.epochs, "sam_mode": self.sam_mode,
@@ -517,9 +563,16 @@ class StageTrainer:
         }
         meta = CheckpointMeta(stage=self.stage, model=self.model_cfg, prompts=self.vocab,
                               parent=parent, extra=extra)
+        if state is not None:
+            save_checkpoint(self.paths.out, self.model, meta, self.base, state=state)
+            return
         with self.frozen.full_precision():
             save_checkpoint(self.paths.out, self.model.cpu(), meta, self.base)
         self.model.to(self.device)
+
+    def gather_for_save(self) -> dict[str, torch.Tensor] | None:
+        """Sharded: the full state dict on rank 0 (every rank calls this); else None."""
+        return sharding.full_state(self.model) if self.dist.sharded else None
 
     def run(self) -> dict[str, float]:
         from dvclive import Live
@@ -527,12 +580,13 @@ class StageTrainer:
         self.setup()
         if not self.dist.is_main:
             summary = self.train(None)
+            self.gather_for_save()
             distributed.barrier()  # rank 0 writes the outputs
             return summary
         with Live(str(self.paths.metrics), dvcyaml=False, save_dvc_exp=False,
                   report=None) as live:
             summary = self.train(live)
-            self.save()
+            self.save(self.gather_for_save())
             for key in ("epochs", "selected_epoch", "trainable_params", "total_params",
                         "throughput_img_s", "peak_mem_mb", "best_miou"):
                 live.summary[key] = summary[key]
