@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from cdsam.distributed import DistInfo
+from cdsam.training.batch_size import adamw_state_bytes, ddp_bucket_bytes
 from cdsam.training.trainer import EpochHooks
 from tests.conftest import prepare_tiny
 from tests.test_train import _free_port, _params, _stage3_checkpoint, _trainer
@@ -75,7 +76,11 @@ def _grad_worker(rank: int, port: int, data_dir: str, parent: str, out: str) -> 
         if rank == 0:
             (tmp / "grads.json").write_text(json.dumps({
                 "loss": [float(ref_loss), float(loss)], "worst_rel": worst, "names": names,
-                "want": sorted(want), "sharded": type(t.model).__name__}))
+                "want": sorted(want), "sharded": type(t.model).__name__,
+                # optim.batch_size: auto's accounting of what the probe does not see
+                "adamw": [adamw_state_bytes(ref.model), adamw_state_bytes(t.model)],
+                "buckets": [ddp_bucket_bytes(ref.model, WORLD),
+                            ddp_bucket_bytes(t.model, WORLD)]}))
     finally:
         distributed.shutdown()
 
@@ -89,6 +94,9 @@ def test_fsdp_gradients_equal_one_process(data_dir, stage3, tmp_path):
     assert sorted(got["names"]) == got["want"] and len(got["names"]) > 10
     assert abs(got["loss"][0] - got["loss"][1]) < 1e-5
     assert got["worst_rel"] < 1e-4, got["worst_rel"]
+    whole, shard = got["adamw"]
+    assert whole / WORLD <= shard < whole / WORLD * 1.05  # this rank's half (dim 0 rounded up)
+    assert got["buckets"][0] > 0 and got["buckets"][1] == 0
 
 
 def _kill_in_second_epoch(trainer, epoch: int) -> None:

@@ -7,9 +7,10 @@ batches of the split and with the stage's feature cache, so the figure is the st
 in the batch: ``fixed + batch × per_sample``. The chosen batch is the largest power of two
 within ``AUTO_MEMORY_SHARE`` of the free memory, less what the probe cannot see: the AdamW
 moments the first step will allocate and, under DDP, its gradient buckets (a second copy of every
-trainable gradient, allocated when the model is wrapped); capped by ``optim.auto_batch_max``
-(1024 by default; at 256 on an H200, ViT-B/14 224², stage 4 held 27 of 143 GB) and by the
-training split. A batch that leaves fewer than `FEW_STEPS` steps an epoch is kept but said,
+trainable gradient, allocated when the model is wrapped; under ``CDSAM_PARALLEL=fsdp`` the
+moments of this rank's shards and no buckets, while the probe measures the sharded step
+itself); capped by ``optim.auto_batch_max`` (1024 by default; at 256 on an H200, ViT-B/14 224²,
+stage 4 held 27 of 143 GB) and by the training split. A batch that leaves fewer than `FEW_STEPS` steps an epoch is kept but said,
 with the knob that trades batch for steps. Every DDP rank takes the smallest of the ranks'
 choices. A resumed run takes the batch its resume state trained with instead of measuring again
 (`cdsam.training.resume.ResumeStore.saved_batch`): free memory may differ now, the run must not.
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from cdsam.config.schema import AUTO, OptimConfig
 from cdsam.errors import UserError
@@ -79,15 +81,22 @@ def scale_lrs(optim: OptimConfig, batch: int, world_size: int = 1) -> OptimConfi
                                lora_lr=optim.lora_lr * factor)
 
 
+def _local_numel(p: torch.Tensor) -> int:
+    """Elements this rank holds: its shard of an FSDP2 (DTensor) parameter."""
+    return p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+
+
 def adamw_state_bytes(model: torch.nn.Module) -> int:
-    """The two fp32 moments AdamW allocates at its first step, per trainable parameter."""
-    return sum(2 * 4 * p.numel() for p in model.parameters() if p.requires_grad)
+    """The two fp32 moments AdamW allocates at its first step, per trainable parameter (per
+    shard on this rank when the model is sharded)."""
+    return sum(2 * 4 * _local_numel(p) for p in model.parameters() if p.requires_grad)
 
 
 def ddp_bucket_bytes(model: torch.nn.Module, world_size: int) -> int:
     """DistributedDataParallel's gradient buckets: one more copy of every trainable gradient
-    (the parameter's dtype), held for the whole run; nothing without DDP."""
-    if world_size <= 1:
+    (the parameter's dtype), held for the whole run; nothing without DDP (FSDP2 reduces into
+    the gradient shards)."""
+    if world_size <= 1 or any(isinstance(p, DTensor) for p in model.parameters()):
         return 0
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 

@@ -16,6 +16,7 @@ gloo on the CPU a 2-rank FSDP run matches DDP within float tolerance (tests/test
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -77,6 +78,11 @@ def shard_model(model: CDSAM, device: torch.device, precision: Precision,
     # The feature cache runs the frozen prefix outside forward: gather the root's weights for
     # it too (the blocks gather their own).
     register_fsdp_forward_method(model, "dino_prefix")
+    # FSDP2 warns once per epoch and rank that a unit returned a view (a linear layer on
+    # BxTxC tokens does, as does dropping DINO's prefix tokens): the hazard is an in-place
+    # op on it, which cdsam does not do (the gradients equal one process's, tested).
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP\w+\) returned a "
+                            r"view tensor")
     units = len(model.dino.blocks) + 2
     log.info("FSDP2: %d units sharded over %d ranks on %s (%s weights in the forward, fp32 "
              "gradient reduction); the CLIP text tower stays whole on every rank", units,
