@@ -69,11 +69,11 @@ def shard_model(model: CDSAM, device: torch.device, precision: Precision,
     kw: dict[str, Any] = {"mesh": mesh, "mp_policy": mp}
     for block in model.dino.blocks:
         fully_shard(block, **kw)
+    # The objective calls it outside the model's forward (CLIP alignment): a unit of its own.
+    fully_shard(model.token_proj, **kw)
     # SAM goes with the root: its decoder runs once or twice a batch (text-only rows apart
     # from rows with clicks or boxes), and a unit must run as often on every rank; its prompt
     # encoder and tokens are read directly, outside any submodule's forward.
-    # Called by the objective outside the model's forward (CLIP alignment): its own unit.
-    fully_shard(model.token_proj, **kw)
     fully_shard(model, ignored_params=set(model.clip_text.parameters()), **kw)
     # The feature cache runs the frozen prefix outside forward: gather the root's weights for
     # it too (the blocks gather their own).
