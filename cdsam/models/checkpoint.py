@@ -91,12 +91,13 @@ def save_checkpoint(path: str | Path, model: CDSAM, meta: CheckpointMeta,
     are written, plus its fingerprint; without, every tensor (a self-contained checkpoint).
     ``state``: the model's full state dict where ``model`` holds only shards of it (FSDP).
     """
-    check_finite(model, state)
+    full = model.state_dict() if state is None else state
+    check_finite(model, full)
     meta.lora = [s.to_dict() for s in lora_specs(model)]
     if base is None:
-        tensors, meta.base = (model.state_dict() if state is None else state), None
+        tensors, meta.base = full, None
     else:
-        tensors, sha = split_state(model, base, state)
+        tensors, sha = split_state(model, base, full)
         meta.base = {"seed": base.seed, "sha256": sha,
                      "sources": describe_sources(meta.model, base.seed)}
     state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}

@@ -10,9 +10,9 @@ moments the first step will allocate and, under DDP, its gradient buckets (a sec
 trainable gradient, allocated when the model is wrapped; under ``CDSAM_PARALLEL=fsdp`` the
 moments of this rank's shards and no buckets, while the probe measures the sharded step
 itself); capped by ``optim.auto_batch_max`` (1024 by default; at 256 on an H200, ViT-B/14 224²,
-stage 4 held 27 of 143 GB) and by the training split. A batch that leaves fewer than `FEW_STEPS` steps an epoch is kept but said,
-with the knob that trades batch for steps. Every DDP rank takes the smallest of the ranks'
-choices. A resumed run takes the batch its resume state trained with instead of measuring again
+stage 4 held 27 of 143 GB) and by the training split. A batch that leaves fewer than
+`FEW_STEPS` steps an epoch is kept but said, with the knob that trades batch for steps. Every
+DDP rank takes the smallest of the ranks' choices. A resumed run takes the batch its resume state trained with instead of measuring again
 (`cdsam.training.resume.ResumeStore.saved_batch`): free memory may differ now, the run must not.
 
 On the CPU a bigger batch buys nothing (the cores are busy at 16), so auto is 16 there.
@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor
 
 from cdsam.config.schema import AUTO, OptimConfig
 from cdsam.errors import UserError
+from cdsam.training.sharding import is_sharded
 
 log = logging.getLogger("cdsam.training.trainer")
 
@@ -96,7 +97,7 @@ def ddp_bucket_bytes(model: torch.nn.Module, world_size: int) -> int:
     """DistributedDataParallel's gradient buckets: one more copy of every trainable gradient
     (the parameter's dtype), held for the whole run; nothing without DDP (FSDP2 reduces into
     the gradient shards)."""
-    if world_size <= 1 or any(isinstance(p, DTensor) for p in model.parameters()):
+    if world_size <= 1 or is_sharded(model):
         return 0
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 

@@ -171,9 +171,8 @@ class ResumeStore:
         base weights are rebuilt by the resumed run's own setup, which the fingerprint pins).
         ``full``: the model's and the optimizer's state dicts gathered in full, where the model
         holds shards (`cdsam.training.sharding`)."""
-        model_sd, optim_sd = full if full is not None else (None, optimizer.state_dict())
-        state = (model.state_dict() if model_sd is None else model_sd) if base is None \
-            else split_state(model, base, model_sd)[0]
+        model_sd, optim_sd = full or (model.state_dict(), optimizer.state_dict())
+        state = model_sd if base is None else split_state(model, base, model_sd)[0]
         tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in state.items()}
         tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
         opt_t, opt_meta = flatten_optimizer(optim_sd)

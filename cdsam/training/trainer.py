@@ -376,7 +376,7 @@ class StageTrainer:
         the host (reading it waits for the device; the epoch loop reads it one step later)."""
         # Between accumulation boundaries DDP / FSDP need not reduce the gradients.
         sync = contextlib.nullcontext()
-        if self.dist.sharded:
+        if self.dist.sharded and self.optim_cfg.grad_accum_steps > 1:  # else always synced
             self.model.set_requires_gradient_sync(boundary)
         elif self.dist.enabled and not boundary:
             sync = self.net.no_sync()
