@@ -6,7 +6,7 @@
 ``cdsam init --default``      the embedded default params file (the toy run), e.g. to start over
 ``cdsam predict …``           masks for images and text prompts from a checkpoint
 ``cdsam demo …``              a local web page to try prompts on a checkpoint
-``cdsam export …``            a merged, self-contained checkpoint, or an ONNX graph for fixed prompts
+``cdsam export …``            a merged, self-contained checkpoint, or ONNX graphs (any prompt, or fixed ones)
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from cdsam.training.curriculum import apply_plan, component_counts
 
 log = logging.getLogger("cdsam.cli")
 
-COMPONENTS = ("dino", "dino_lora", "clip_text", "heads", "sam", "sam_lora")
+COMPONENTS = ("dino", "dino_lora", "clip_text", "clip_lora", "heads", "sam", "sam_lora")
 
 
 def summarize_stage(params_path: str, stage: int) -> dict[str, dict[str, int]]:
@@ -116,7 +116,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise UserError(f"--threshold: {args.threshold} must be in (0, 1)")
     if not args.inputs:
         raise UserError("predict: give --input (files, folders or glob patterns)")
-    prompts = read_prompts(args.prompt, args.prompts_file)
+    prompts = read_prompts(args.prompt, args.prompts_file) \
+        if args.prompt or args.prompts_file or not args.classes else []
     images = collect_images(args.inputs)  # fail before any weight loads, naming the input
     points, box = read_spatial(args.points, args.box, images, args.tile)
     opts = PredictOptions(out=Path(args.out), threshold=args.threshold,
@@ -125,6 +126,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
                           on_bad_file=args.on_bad_file, show_progress=not args.no_progress,
                           tile=args.tile, overlap=args.overlap, points=points, box=box)
     predictor = load_model(args.checkpoint, resolve_device(args.device))
+    # A class: its name in every training template, the mean of their features.
+    prompts += [predictor.class_prompt(name) for name in args.classes or []]
     unknown = [p for p in prompts if p not in predictor.known_prompts]
     if unknown and predictor.known_prompts:
         log.warning("prompts not in the training vocabulary (may work less well): %s", unknown)
@@ -143,14 +146,24 @@ def cmd_export(args: argparse.Namespace) -> None:
         from cdsam.inference.files import read_prompts
 
         prompts = read_prompts(args.prompt, args.prompts_file)
-    info = export(args.checkpoint, args.out, args.mode, prompts, check=not args.no_check)
+    info = export(args.checkpoint, args.out, args.mode, prompts, check=not args.no_check,
+                  fixed_prompts=args.fixed_prompts)
     if args.mode == "onnx":
         parity = info.get("parity", {})
-        log.info("onnx export: %d prompts, input %s, %.2f MiB -> %s; onnxruntime vs PyTorch: "
-                 "max |logit diff| %.2e, masks agree on %.4f%% of pixels",
-                 len(info["output"]["prompts"]), info["input"]["shape"], info["bytes"] / 2**20,
-                 args.out, parity.get("max_abs_diff", float("nan")),
+        what = f"{len(info['output']['prompts'])} fixed prompts" if args.fixed_prompts else \
+            "text.onnx + model.onnx (any prompt)"
+        checked = "" if args.fixed_prompts else \
+            f" on {len(parity.get('prompts', []))} prompts it never saw"
+        log.info("onnx export: %s, input %s, %.2f MiB -> %s; onnxruntime vs PyTorch%s: "
+                 "max |logit diff| %.2e, masks agree on %.4f%% of pixels", what,
+                 info["input"]["shape"], info["bytes"] / 2**20, args.out, checked,
+                 parity.get("max_abs_diff", float("nan")),
                  100 * parity.get("mask_agreement", float("nan")))
+        check = info.get("text", {}).get("tokenizer_check")
+        if check and check["differ"]:
+            log.warning("onnx export: tokenizer.json splits %d of %d checked texts otherwise "
+                        "than the tower's tokenizer (e.g. %r); tokenize those with open_clip",
+                        len(check["differ"]), check["texts"], check["differ"][0])
     else:
         log.info("merged export: %d LoRA layers folded in, %.2f MiB -> %s",
                  info["merged_lora"], info["bytes"] / 2**20, args.out)
@@ -223,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image", dest="inputs", action="append", help="same as --input, one path")
     s.add_argument("--prompt", action="append", help="repeat for more prompts")
     s.add_argument("--prompts-file", help="more prompts, one per line (# comments)")
+    s.add_argument("--class", dest="classes", action="append", metavar="NAME",
+                   help="a class name, put in every prompt template the checkpoint trained "
+                        "with (prepare.prompt_templates) and answered with their mean; repeat")
     s.add_argument("--point", dest="points", action="append", metavar="X,Y",
                    help="a click on the object, in the image's pixels, joining every prompt "
                         "(repeatable; one image at a time)")
@@ -250,13 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("export", help="merged: a self-contained checkpoint (stage checkpoints "
-                       "hold only what training changed); onnx: image -> masks for fixed "
-                       "prompts, runnable with onnxruntime alone")
+                       "hold only what training changed); onnx: a text graph and an image + "
+                       "text -> masks graph (or one graph for fixed prompts), runnable with "
+                       "onnxruntime alone")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--mode", choices=("merged", "onnx"), default="merged")
     s.add_argument("--prompt", action="append",
-                   help="onnx: a prompt to bake in (repeat; default: the training vocabulary)")
+                   help="onnx: a prompt to list in the sidecar, or with --fixed-prompts to bake "
+                        "in (repeat; default: the training vocabulary)")
+    s.add_argument("--fixed-prompts", action="store_true",
+                   help="onnx: one graph, images -> masks, the prompts' text features stored "
+                        "in it (no text graph or tokenizer)")
     s.add_argument("--prompts-file", help="onnx: more prompts, one per line")
     s.add_argument("--no-check", action="store_true",
                    help="onnx: skip the onnxruntime-vs-PyTorch check on two seeded images")

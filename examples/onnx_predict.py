@@ -1,10 +1,15 @@
-"""Masks from a `cdsam export --mode onnx` folder with numpy, Pillow and onnxruntime only.
+"""Masks from a `cdsam export --mode onnx` folder with numpy, Pillow, tokenizers and
+onnxruntime only.
 
-    pip install onnxruntime numpy pillow
-    python onnx_predict.py EXPORT_DIR IMAGE [IMAGE ...] --out masks/
+    pip install onnxruntime numpy pillow tokenizers
+    python onnx_predict.py EXPORT_DIR IMAGE [IMAGE ...] --prompt "a red circle" --out masks/
 
-Writes ``<stem>__<prompt>.png`` (0/255) per image and baked-in prompt. No cdsam, torch or
-open_clip needed: the fit is read from EXPORT_DIR/cdsam-onnx.json.
+Writes ``<stem>__<prompt>.png`` (0/255) per image and prompt. Any text works with the default
+export (``text.onnx`` encodes it, ``tokenizer.json`` tokenizes it); ``--class NAME`` puts a
+name in every prompt template the model trained with and uses the mean of their features.
+Without ``--prompt`` / ``--class``: the training vocabulary the sidecar lists. An export made
+with ``--fixed-prompts`` answers only the prompts baked into it. No cdsam, torch or open_clip
+needed: the fit and the tokenization are read from EXPORT_DIR/cdsam-onnx.json.
 """
 
 from __future__ import annotations
@@ -67,20 +72,67 @@ def resize_bilinear(a: np.ndarray, h: int, w: int) -> np.ndarray:
     return rows[:, x0] * (1 - wx) + rows[:, x1] * wx
 
 
+def token_ids(tokenizer, spec: dict, texts: list[str]) -> np.ndarray:
+    """PxL int64 ids, as the sidecar's ``text`` entry says: the tokenizer's ids (start and end
+    tokens included), cut to ``context_length`` (the last id then ``end_id``), padded with
+    ``pad_id``. (cdsam's export checks itself with the same rule, `cdsam.inference.text_onnx`;
+    this file stays free of cdsam.)"""
+    length, rows = spec["context_length"], []
+    for text in texts:
+        ids = list(tokenizer.encode(text).ids)
+        if len(ids) > length:
+            ids = ids[:length]
+            if spec.get("end_id") is not None:
+                ids[-1] = spec["end_id"]
+        rows.append(ids + [spec["pad_id"]] * (length - len(ids)))
+    return np.asarray(rows, dtype=np.int64)
+
+
+def text_features(export_dir: Path, spec: dict, prompts: list[str],
+                  classes: list[str]) -> tuple[list[str], np.ndarray]:
+    """(labels, PxD features): each prompt as written, each class the renormalised mean of its
+    name in every training template (the one template "{}" when the model had one)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(export_dir / spec["tokenizer"]))
+    session = ort.InferenceSession(str(export_dir / spec["graph"]))
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return session.run(["text"], {"tokens": token_ids(tokenizer, spec, texts)})[0]
+
+    feats = [encode(prompts)] if prompts else []
+    for name in classes:
+        mean = encode([t.format(name) for t in spec.get("templates", ["{}"])]).mean(0)
+        feats.append((mean / np.linalg.norm(mean))[None])
+    return prompts + classes, np.concatenate(feats).astype(np.float32)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("export_dir", type=Path)
     ap.add_argument("images", nargs="+", type=Path)
+    ap.add_argument("--prompt", action="append", default=[], help="any text; repeat")
+    ap.add_argument("--class", dest="classes", action="append", default=[], metavar="NAME",
+                    help="a class name in every training template, their mean; repeat")
     ap.add_argument("--out", type=Path, default=Path("masks"))
     args = ap.parse_args()
     sidecar = json.loads((args.export_dir / "cdsam-onnx.json").read_text())
     spec, prompts = sidecar["input"], sidecar["output"]["prompts"]
+    feeds = {}
+    if "text" in sidecar:
+        if not args.prompt and not args.classes:
+            args.prompt = list(prompts)
+        prompts, feeds["text"] = text_features(args.export_dir, sidecar["text"], args.prompt,
+                                               args.classes)
+    elif args.prompt or args.classes:
+        raise SystemExit(f"{args.export_dir}: exported with --fixed-prompts, it answers only "
+                         f"{prompts}")
     session = ort.InferenceSession(str(args.export_dir / "model.onnx"))
     args.out.mkdir(parents=True, exist_ok=True)
     for path in args.images:
         image = Image.open(path).convert("RGB")
         x, window = fit(image, spec)
-        logits = session.run(["logits"], {"images": x[None]})[0][0]  # P x C x C
+        logits = session.run(["logits"], {"images": x[None], **feeds})[0][0]  # P x C x C
         for prompt, frame in zip(prompts, logits, strict=True):
             mask = unfit(frame, window, spec, image.size) > 0
             name = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")

@@ -1,4 +1,5 @@
-"""`cdsam export --mode onnx`: onnxruntime matches PyTorch, and the standalone example works."""
+"""`cdsam export --mode onnx`: onnxruntime matches PyTorch on prompts it was and was never
+given, and the standalone example works without torch."""
 
 from __future__ import annotations
 
@@ -57,28 +58,45 @@ def _images(n: int = 3) -> list[np.ndarray]:
     return [rng.integers(0, 256, (30 + 9 * i, 52 - 6 * i, 3), dtype=np.uint8) for i in range(n)]
 
 
+def _text(out: Path, sidecar: dict, prompts: list[str]) -> np.ndarray:
+    """Prompts through tokenizer.json and text.onnx, as a deployment does."""
+    from tokenizers import Tokenizer
+
+    from cdsam.inference.text_onnx import token_ids
+
+    spec = sidecar["text"]
+    ids = token_ids(Tokenizer.from_file(str(out / spec["tokenizer"])), spec, prompts)
+    return ort.InferenceSession(str(out / "text.onnx")).run(["text"], {"tokens": ids})[0]
+
+
 @pytest.mark.slow  # an export takes ~15 s
-def test_onnxruntime_matches_pytorch_logits_with_a_dynamic_batch(exported):
+@pytest.mark.parametrize("prompts", [PROMPTS, ["a photo of a dog", "a tiny red square"]],
+                         ids=["vocabulary", "never-exported"])
+def test_onnxruntime_matches_pytorch_logits_with_a_dynamic_batch(exported, prompts):
     checkpoint, out, sidecar = exported
     predictor = load_model(checkpoint)
     assert sidecar["output"]["prompts"] == PROMPTS  # the training vocabulary by default
     assert sidecar["input"]["fit"] == predictor.fit and sidecar["input"]["crop"] == predictor.crop
-    assert sidecar["parity"]["max_abs_diff"] < 1e-3  # the export's own check
+    assert sidecar["parity"]["max_abs_diff"] < 1e-4  # the export's own check, unseen prompts
+    assert not set(sidecar["parity"]["prompts"]) & set(PROMPTS)
+    check = sidecar["text"]["tokenizer_check"]
+    assert check["identical"] == check["texts"] > len(PROMPTS)
     session = ort.InferenceSession(str(out / "model.onnx"))
     meta = session.get_modelmeta().custom_metadata_map
     assert json.loads(meta["cdsam.prompts"]) == PROMPTS
     inputs = [predictor.prepare(image)[0] for image in _images()]
-    ref = predictor.frame_logits(inputs, PROMPTS).numpy()
+    ref = predictor.frame_logits(inputs, prompts).numpy()
     # The graph takes 0-255 pixels: undo the normalisation `prepare` applied.
     mean = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
     std = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
     pixels = np.stack([(x.numpy() * std + mean) * 255 for x in inputs]).astype(np.float32)
+    text = _text(out, sidecar, prompts)
     for batch in (pixels[:1], pixels):  # batch 1 and 3 from one graph exported at 2
-        got = session.run(["logits"], {"images": batch})[0]
+        got = session.run(["logits"], {"images": batch, "text": text})[0]
         diff = np.abs(got - ref[:len(batch)]).max()
         print(f"onnx parity ({sidecar['input']['fit']}, batch {len(batch)}): max |diff| {diff:.2e}")
-        assert got.shape == (len(batch), len(PROMPTS), predictor.crop, predictor.crop)
-        assert diff < 1e-3
+        assert got.shape == (len(batch), len(prompts), predictor.crop, predictor.crop)
+        assert diff < 1e-4
         assert ((got > 0) == (ref[:len(batch)] > 0)).mean() > 0.999
 
 
@@ -104,10 +122,30 @@ def test_standalone_example_gives_the_masks_cdsam_predict_gives(exported, tmp_pa
 
 
 @pytest.mark.slow  # an export takes ~15 s
+def test_the_example_takes_any_prompt_without_torch(exported, tmp_path):
+    checkpoint, out, _ = exported
+    path = tmp_path / "im.png"
+    Image.fromarray(_images(1)[0]).save(path)
+    # torch (and so cdsam and open_clip) cannot be imported in this run of the example.
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    run = subprocess.run([sys.executable, "-c", code, str(EXAMPLE), str(out), str(path),
+                          "--prompt", "a red circle", "--prompt", "a photo of a dog",
+                          "--out", str(tmp_path / "m")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    pred = load_model(checkpoint).predict(path, ["a red circle", "a photo of a dog"])
+    for prompt, mask in zip(["a-red-circle", "a-photo-of-a-dog"], pred.masks, strict=True):
+        got = np.asarray(Image.open(tmp_path / "m" / f"im__{prompt}.png")) > 0
+        assert (got == mask).mean() > 0.99
+
+
+@pytest.mark.slow  # an export takes ~15 s
 def test_chosen_prompts_are_baked_in(ckpt, tmp_path):  # noqa: F811
-    sidecar = _export(ckpt, tmp_path / "onnx", "--prompt", "a blue square", "--no-check")
+    sidecar = _export(ckpt, tmp_path / "onnx", "--prompt", "a blue square", "--no-check",
+                      "--fixed-prompts")
     assert sidecar["output"]["prompts"] == ["a blue square"]
-    assert "parity" not in sidecar
+    assert "parity" not in sidecar and "text" not in sidecar
+    assert not (tmp_path / "onnx" / "text.onnx").exists()
     session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
     crop = sidecar["input"]["crop"]
     got = session.run(["logits"], {"images": np.zeros((1, 3, crop, crop), np.float32)})[0]

@@ -96,3 +96,26 @@ def test_width_is_the_towers_embedding_size(name):
         clip = open_clip.create_model(name, pretrained=None, device="meta")
     assert ClipTextEncoder(clip, tokenizer=None).width == open_clip.get_model_config(
         name)["embed_dim"]
+
+
+@pytest.mark.parametrize("name", ["ViT-B-16", "ViT-B-16-SigLIP2", "EVA02-B-16"])
+def test_clip_lora_finds_four_weights_a_layer_in_every_tower(name):
+    """`lora.clip`'s default targets on the towers the recipes and users load: the packed
+    attention in-projection, out_proj, and the MLP's two linears of every text layer."""
+    from types import SimpleNamespace
+
+    from cdsam.config.schema import ClipLoraConfig
+    from cdsam.models.clip_text import ClipTextEncoder
+    from cdsam.models.lora import inject_weight_lora, lora_parameters
+    from cdsam.training.curriculum import clip_lora_targets
+
+    with torch.device("meta"):
+        clip = open_clip.create_model(name, pretrained=None, device="meta")
+        clip.visual = None
+        model = SimpleNamespace(clip_text=ClipTextEncoder(clip, tokenizer=None))
+        names = clip_lora_targets(model, ClipLoraConfig())
+        layers = open_clip.get_model_config(name)["text_cfg"].get("layers", 12)
+        assert len(names) == 4 * layers
+        assert sum(n.endswith("in_proj_weight") for n in names) == layers
+        inject_weight_lora(model.clip_text, [n[len("clip_text."):] for n in names], 8, 16)
+    assert sum(p.numel() for p in lora_parameters(model.clip_text)) > 0

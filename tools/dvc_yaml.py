@@ -26,6 +26,8 @@ from cdsam.config.stages import (  # noqa: E402
 )
 
 MODEL_DATA = "cdsam/models/configs"  # the shipped tiny CLIP config, read where models are built
+# The held-out phrases of the text-drift figures, read where they are measured.
+DRIFT_WORDS = "cdsam/evaluation/drift_words.txt"
 # Folders the user's inputs live in, so DVC sees a replaced file (cdsam.config.stage_view refuses
 # params that name files elsewhere): weight files for every stage that builds the model (delta
 # checkpoints rebuild their base), raw data for prepare.
@@ -82,7 +84,8 @@ def imported_modules(script: str) -> list[str]:
 
 def code_deps(script: str) -> list[str]:
     mods = imported_modules(script)
-    return [script, *mods] + ([MODEL_DATA] if "cdsam/models/model.py" in mods else [])
+    return [script, *mods] + ([MODEL_DATA] if "cdsam/models/model.py" in mods else []) + \
+        ([DRIFT_WORDS] if "cdsam/evaluation/text_drift.py" in mods else [])
 
 
 def _list(key: str, items: list[str]) -> str:

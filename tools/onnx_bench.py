@@ -3,10 +3,10 @@
     python tools/onnx_bench.py --checkpoint models/stage4 --images data/prepared/images \\
         --work /tmp/onnx-bench [--prompt …] [--limit 32] [--batch-size 8]
 
-Exports the checkpoint (`cdsam export --mode onnx`), fits each image as training did, runs the
-batch through both, and prints a Markdown table: max and mean |logit difference|, the largest
-|logit| (the scale they sit on), the share of pixels whose mask (logit > 0) agrees, images/s
-for each (same threads), the file size.
+Exports the checkpoint (`cdsam export --mode onnx --fixed-prompts`: the image path alone),
+fits each image as training did, runs the batch through both, and prints a Markdown table: max
+and mean |logit difference|, the largest |logit| (the scale they sit on), the share of pixels
+whose mask (logit > 0) agrees, images/s for each (same threads), the file size.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def main() -> None:
     import onnxruntime as ort
 
     out = Path(args.work)
-    sidecar = export_onnx(Path(args.checkpoint), out, args.prompt, check=False)
+    sidecar = export_onnx(Path(args.checkpoint), out, args.prompt, check=False,
+                          fixed_prompts=True)
     prompts = sidecar["output"]["prompts"]
     predictor = load_model(args.checkpoint)
     paths = collect_images(args.images)[: args.limit]

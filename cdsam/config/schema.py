@@ -14,6 +14,7 @@ SAM1_TYPES = ("vit_b", "vit_l", "vit_h")
 SAM2_TYPES = tuple(f"{v}_hiera_{s}" for v in ("sam2", "sam2.1") for s in ("t", "s", "b+", "l"))
 SAM_TYPES = SAM1_TYPES + SAM2_TYPES
 SAM_MODES = ("lora", "frozen", "full")
+CLIP_MODES = ("frozen", "lora", "full")
 SOURCES = ("synthetic", "folders", "voc", "coco")
 NEGATIVES = ("none", "absent")
 MASK_FORMATS = ("binary", "indexed", "per_class")
@@ -83,9 +84,21 @@ class DinoLoraConfig(SamLoraConfig):
 
 
 @dataclass
+class ClipLoraConfig:
+    """Adapters on the CLIP text transformer (a stage with ``clip: lora``): weight-space LoRA
+    (`cdsam.models.lora.LoRAWeight`) on the attention in-/out-projections and MLP linears
+    whose module path holds a target substring. No dropout: the adapter never sees the input."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+
+
+@dataclass
 class LoraConfig:
     sam: SamLoraConfig = field(default_factory=SamLoraConfig)
     dino: DinoLoraConfig = field(default_factory=DinoLoraConfig)
+    clip: ClipLoraConfig = field(default_factory=ClipLoraConfig)
 
 
 AUTO = "auto"
@@ -100,6 +113,7 @@ class OptimConfig:
     batch_size: int | str = 16
     lr: float = 1e-3  # base group: heads (and DINO in stage 4)
     lora_lr: float = 1e-3  # LoRA group, weight decay 0
+    clip_lr: float = 1e-4  # CLIP text group (a stage with clip: lora | full), weight decay 0
     wd: float = 0.01
     grad_clip: float = 1.0  # max grad norm; 0 disables clipping
     grad_accum_steps: int = 1
@@ -129,10 +143,14 @@ class StageConfig:
     # train; the blocks before stay as stage 3 left them and go through the feature cache)
     dino_trainable_blocks: int | str | None = None
     select: str = "best"  # keep the best-val-mIoU epoch, or the last one
+    clip: str = "frozen"  # the CLIP text tower: frozen | lora (lora.clip) | full (optim.clip_lr)
+    # Best-epoch selection skips epochs whose val/text_drift_general exceeds this (null: none).
+    max_text_drift: float | None = None
     # Per-stage overrides of `optim`; null keeps the `optim` value.
     batch_size: int | str | None = None
     lr: float | None = None
     lora_lr: float | None = None
+    clip_lr: float | None = None
     wd: float | None = None
     grad_clip: float | None = None
     grad_accum_steps: int | None = None
@@ -207,6 +225,9 @@ class PrepareConfig:
     # voc source
     root: str | None = None
     prompt_template: str = "a photo of a {}"
+    # Several templates (prompt ensembling, cdsam.data.templates): the prompts are the class
+    # names in the first; training draws one per (sample, epoch), evaluation averages them all.
+    prompt_templates: list[str] | None = None
     classes: list[str] | None = None  # voc / coco / multi-class folders: the class names
     binary: bool = False
     # coco source: instances JSON; val/test from their own files, else from the fractions
@@ -225,6 +246,9 @@ class EvaluateConfig:
     # Also score positives with text + one click and text + the tight box (miou_click,
     # miou_box): two more passes over the split.
     spatial_prompts: bool = True
+    # text_drift_general's phrases; null: the shipped list of common object words in "a photo
+    # of a {}" (cdsam.evaluation.text_drift), which the training stages' val/ figure uses too.
+    drift_prompts: list[str] | None = None
 
 
 @dataclass

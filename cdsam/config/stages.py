@@ -9,9 +9,15 @@ a change to the table reaches all of them at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
-from cdsam.config.schema import DinoLoraConfig, OptimConfig, Params, SamLoraConfig
+from cdsam.config.schema import (
+    ClipLoraConfig,
+    DinoLoraConfig,
+    OptimConfig,
+    Params,
+    SamLoraConfig,
+)
 from cdsam.errors import UserError
 
 DINO_MODES = ("frozen", "lora", "full")
@@ -47,7 +53,8 @@ STAGE_TABLE: dict[int, StageRule] = {
 }
 
 # Params every training stage reads, in dvc.yaml's order; lora.dino joins after lora.sam in
-# the stages whose rule reads it, then the stage's own section.
+# the stages whose rule reads it, then lora.clip (any stage may set `clip: lora`), then the
+# stage's own section.
 SHARED_TRAIN_KEYS = ("seed", "device", "data", "model", "lora.sam", "optim", "loss", "train")
 
 # Speed knobs change how fast a stage runs and how much memory it takes, never what it computes,
@@ -103,6 +110,7 @@ def stage_keys(stage: int) -> list[str]:
     keys = list(SHARED_TRAIN_KEYS[:5])
     if rule.reads_dino_lora:
         keys.append("lora.dino")
+    keys.append("lora.clip")
     return without_speed_keys(keys + list(SHARED_TRAIN_KEYS[5:]) + [rule.name])
 
 
@@ -119,6 +127,9 @@ class StagePlan:
     lora_dino: DinoLoraConfig | None  # None where the rule does not read lora.dino
     # A full-DINO stage: None (every DINO weight trains) or K (the last K blocks + final norm)
     dino_trainable_blocks: int | None = None
+    clip_mode: str = "frozen"  # the CLIP text tower: frozen | lora | full
+    lora_clip: ClipLoraConfig = field(default_factory=ClipLoraConfig)
+    max_text_drift: float | None = None  # best-epoch selection skips epochs beyond it
 
     @property
     def stage(self) -> int:
@@ -142,7 +153,9 @@ def plan_stage(params: Params, stage: int) -> StagePlan:
     return StagePlan(rule=rule, optim=params.optim_for(stage), epochs=cfg.epochs,
                      select=cfg.select, sam_mode=sam_mode, lora_sam=params.lora.sam,
                      lora_dino=params.lora.dino if rule.reads_dino_lora else None,
-                     dino_trainable_blocks=None if blocks in (None, "all") else int(blocks))
+                     dino_trainable_blocks=None if blocks in (None, "all") else int(blocks),
+                     clip_mode=cfg.clip, lora_clip=params.lora.clip,
+                     max_text_drift=cfg.max_text_drift)
 
 
 def curriculum_to(params: Params, stage: int) -> list[StagePlan]:

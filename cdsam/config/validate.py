@@ -6,6 +6,7 @@ from typing import Any
 
 from cdsam.config.schema import (
     AUTO,
+    CLIP_MODES,
     FITS,
     LR_SCALINGS,
     MASK_FORMATS,
@@ -39,7 +40,7 @@ def _validate_optim(cfg: OptimConfig | StageConfig, prefix: str, errors: list[st
     def val(name: str) -> Any:
         return getattr(cfg, name)
 
-    for name in ("lr", "lora_lr", "wd", "grad_clip"):
+    for name in ("lr", "lora_lr", "clip_lr", "wd", "grad_clip"):
         if val(name) is not None:
             _check(val(name) >= 0, f"{prefix}.{name}", val(name), "must be >= 0", errors)
     bs = val("batch_size")
@@ -94,6 +95,10 @@ def validate(p: Params, errors: list[str]) -> None:
            p.model.heads.num_text_tokens, "must be >= 1", errors)
     _validate_lora(p.lora.sam, "lora.sam", errors)
     _validate_lora(p.lora.dino, "lora.dino", errors)
+    lc = p.lora.clip
+    _check(lc.rank >= 1, "lora.clip.rank", lc.rank, "must be >= 1", errors)
+    _check(lc.alpha > 0, "lora.clip.alpha", lc.alpha, "must be > 0", errors)
+    _check(bool(lc.targets), "lora.clip.targets", lc.targets, "must not be empty", errors)
     k = p.lora.dino.last_k_blocks
     _check(k >= 1, "lora.dino.last_k_blocks", k, "must be >= 1", errors)
     if d.depth is not None and k > d.depth:
@@ -110,6 +115,13 @@ def validate(p: Params, errors: list[str]) -> None:
         _check(st.select in SELECT, f"stage{n}.select", st.select,
                f"must be one of {', '.join(SELECT)}", errors)
         _validate_optim(st, f"stage{n}", errors)
+        _check(st.clip in CLIP_MODES, f"stage{n}.clip", st.clip,
+               f"must be one of {', '.join(CLIP_MODES)}", errors)
+        if st.max_text_drift is not None:
+            _check(0 <= st.max_text_drift <= 2, f"stage{n}.max_text_drift", st.max_text_drift,
+                   "must be in [0, 2] (1 - cosine) or null", errors)
+            _check(st.select == "best", f"stage{n}.max_text_drift", st.max_text_drift,
+                   f"bounds best-epoch selection; stage{n}.select is {st.select!r}", errors)
         if stage_rule(n).sam_mode_key:
             mode = st.sam_mode or "lora"
             _check(mode in SAM_MODES, f"stage{n}.sam_mode", st.sam_mode,
@@ -175,7 +187,20 @@ def validate(p: Params, errors: list[str]) -> None:
            (sy.min_objects, sy.max_objects), "need 2 <= min_objects <= max_objects <= 6", errors)
     if "{}" not in pr.prompt_template:
         errors.append(f"prepare.prompt_template: must contain '{{}}', got {pr.prompt_template!r}")
+    if pr.prompt_templates is not None:
+        bad = [t for t in pr.prompt_templates if not isinstance(t, str) or t.count("{}") != 1]
+        if not pr.prompt_templates or bad:
+            errors.append(f"prepare.prompt_templates: must be a non-empty list of templates with "
+                          f"one '{{}}' each, or null, got {(bad or pr.prompt_templates)!r}")
+        elif len(set(pr.prompt_templates)) != len(pr.prompt_templates):
+            errors.append(f"prepare.prompt_templates: must be distinct, got "
+                          f"{pr.prompt_templates!r}")
     ev = p.evaluate
     _check(ev.batch_size >= 1, "evaluate.batch_size", ev.batch_size, "must be >= 1", errors)
     _check(0 < ev.threshold < 1, "evaluate.threshold", ev.threshold, "must be in (0, 1)", errors)
     _check(ev.num_overlays >= 0, "evaluate.num_overlays", ev.num_overlays, "must be >= 0", errors)
+    if ev.drift_prompts is not None:
+        _check(len(ev.drift_prompts) >= 1 and all(isinstance(t, str) and t.strip()
+                                                  for t in ev.drift_prompts),
+               "evaluate.drift_prompts", ev.drift_prompts,
+               "must be a non-empty list of phrases, or null", errors)

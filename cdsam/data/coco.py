@@ -32,6 +32,7 @@ from cdsam.data.manifest import (
     Sample,
 )
 from cdsam.data.negatives import absent_samples
+from cdsam.data.templates import class_prompt
 from cdsam.errors import DataError
 
 Item = tuple[str, Image.Image, list[Sample]]
@@ -111,10 +112,10 @@ def _image_samples(coco: COCO, cfg: PrepareConfig, seed: int, info: dict,
         enc = np.where(m, FOREGROUND, BACKGROUND).astype(np.uint8)
         if cid in crowd:
             enc[crowd[cid] & ~m] = IGNORE
-        samples.append(Sample(stem, cfg.prompt_template.format(cats[cid]), enc))
-    vocab = [cfg.prompt_template.format(n) for cid, n in cats.items()]
+        samples.append(Sample(stem, class_prompt(cfg, cats[cid]), enc))
+    vocab = [class_prompt(cfg, n) for cid, n in cats.items()]
     # A category seen only as a crowd is neither a positive nor absent.
-    seen = [cfg.prompt_template.format(cats[c]) for c in set(fg) | set(crowd)]
+    seen = [class_prompt(cfg, cats[c]) for c in set(fg) | set(crowd)]
     return samples + absent_samples(cfg, seed, stem, vocab, seen, (h, w))
 
 

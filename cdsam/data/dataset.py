@@ -23,6 +23,7 @@ from cdsam.data.geometry import normalize_transform
 from cdsam.data.manifest import FOREGROUND, IGNORE
 from cdsam.data.prepared import PreparedSplit
 from cdsam.data.spatial import SpatialPolicy, empty_prompts, sample_prompts
+from cdsam.data.templates import template_draw
 
 
 class ManifestDataset(Dataset):
@@ -33,12 +34,15 @@ class ManifestDataset(Dataset):
     an index may then be ``(epoch, i)`` (see :class:`EpochSampler`) to seed the draw.
     ``spatial``: draw point/box prompts from each (augmented) mask under the same seeding;
     without it the slots are empty. ``prepared``: the split already opened (shared, not copied).
+    ``templates``: above one, each item carries the prompt ``template`` it shows (seeded the
+    same way as the packed loader's).
     """
 
     def __init__(self, root: str | Path, split: str, data: DataConfig, augment: bool = False,
                  seed: int = 0, spatial: SpatialPolicy | None = None,
-                 prepared: PreparedSplit | None = None) -> None:
+                 prepared: PreparedSplit | None = None, templates: int = 1) -> None:
         self.root = Path(root)
+        self.templates = templates
         self.data = prepared if prepared is not None else \
             PreparedSplit.open(self.root, split, data)
         self.df = self.data.df
@@ -85,6 +89,8 @@ class ManifestDataset(Dataset):
             "image_key": self._image_of[idx],  # samples of one image share DINO features
             "index": idx,
             **spatial,
+            **({"template": template_draw(self.seed, epoch, idx, self.templates)}
+               if self.templates > 1 else {}),
         }
 
 
@@ -99,6 +105,7 @@ def collate(batch: list[dict]) -> dict[str, Any]:
         "index": torch.tensor([b["index"] for b in batch]),
         **{k: torch.stack([b[k] for b in batch])
            for k in ("points", "point_labels", "box", "has_box")},
+        **({"template": [b["template"] for b in batch]} if "template" in batch[0] else {}),
     }
 
 

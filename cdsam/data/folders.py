@@ -31,6 +31,7 @@ from cdsam.data.manifest import (
     Sample,
 )
 from cdsam.data.negatives import absent_samples
+from cdsam.data.templates import class_prompt
 from cdsam.errors import DataError
 
 Item = tuple[str, Image.Image, list[Sample]]
@@ -88,8 +89,8 @@ def _indexed_samples(cfg: PrepareConfig, seed: int, stem: str, path: Path,
     for c in present:
         enc = np.where(labels == c, FOREGROUND, BACKGROUND).astype(np.uint8)
         enc[ignore] = IGNORE
-        samples.append(Sample(stem, cfg.prompt_template.format(classes[c - 1]), enc))
-    vocab = [cfg.prompt_template.format(c) for c in classes]
+        samples.append(Sample(stem, class_prompt(cfg, classes[c - 1]), enc))
+    vocab = [class_prompt(cfg, c) for c in classes]
     return samples + absent_samples(cfg, seed, stem, vocab, [s.prompt for s in samples],
                                     labels.shape, ignore)
 
@@ -103,8 +104,8 @@ def _per_class_samples(cfg: PrepareConfig, seed: int, stem: str, folders: dict[s
         mask = read_binary_mask(files[stem], size, bad)
         if mask is None:
             return None
-        samples.append(Sample(stem, cfg.prompt_template.format(name), mask))
-    vocab = [cfg.prompt_template.format(c) for c in folders]
+        samples.append(Sample(stem, class_prompt(cfg, name), mask))
+    vocab = [class_prompt(cfg, c) for c in folders]
     return samples + absent_samples(cfg, seed, stem, vocab, [s.prompt for s in samples],
                                     (size[1], size[0]))
 

@@ -36,6 +36,7 @@ from cdsam.data.spatial import (
     prompt_arrays,
     prompted_rows,
 )
+from cdsam.data.templates import template_draw
 
 _SLOTS = ("points", "point_labels", "box", "has_box")
 
@@ -71,15 +72,17 @@ class PackedLoader:
     used (CUDA: the host work then overlaps the step; off on the CPU, where it would only
     compete with the step for the cores). ``augment``: ``data.augment`` applied on the device
     to whole batches (`cdsam.data.batch_augment`); spatial prompts are then drawn from the
-    augmented masks.
+    augmented masks. ``templates``: how many prompt templates the prepared data has; above
+    one, each batch carries the ``template`` each sample shows (`cdsam.data.templates`).
     """
 
     def __init__(self, split: PreparedSplit, batch_size: int, device: torch.device,
                  sampler: DistributedSampler | None = None,
                  indices: Sequence[int] | None = None, spatial: SpatialPolicy | None = None,
                  seed: int = 0, prefetch: bool = False,
-                 augment: AugmentConfig | None = None) -> None:
+                 augment: AugmentConfig | None = None, templates: int = 1) -> None:
         self.split = split
+        self.templates = templates
         self.batch_size = batch_size
         self.device = device
         self.sampler = sampler
@@ -120,6 +123,8 @@ class PackedLoader:
             images = host_buffer((len(idx), 3, c, c), self.pin)
             s.image_rows(rows, out=images.numpy())
             out["image_u8"] = images
+        if self.templates > 1:
+            out["template"] = [template_draw(self.seed, epoch, i, self.templates) for i in idx]
         slots = prompt_arrays(len(idx))
         seeds = [sample_seed(self.seed, epoch, i) for i in idx] \
             if self.augment is not None or self.spatial is not None else []

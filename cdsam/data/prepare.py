@@ -20,6 +20,7 @@ from cdsam.data.manifest import BadFiles, Sample, split_ids
 from cdsam.data.negatives import absent_samples
 from cdsam.data.shards import ShardWriter
 from cdsam.data.synthetic import COMBOS, make_scene, prompt_for
+from cdsam.data.templates import PromptEnsembles, class_prompt, templates_of
 from cdsam.data.voc import iter_voc, list_voc, voc_splits
 from cdsam.errors import DataError
 
@@ -32,9 +33,15 @@ Entry = tuple[str, Image.Image, list[Sample], str]
 def _synthetic(cfg: PrepareConfig, seed: int) -> Iterator[Entry]:
     n = cfg.synthetic.num_images
     splits = split_ids(list(range(n)), cfg.val_fraction, cfg.test_fraction, seed)
-    vocab = [prompt_for(c, s) for c, s in COMBOS]
+    # The scenes name their shapes "a red circle"; with prompt_templates the class name ("red
+    # circle") goes into the first template instead (one template: the names stay as they are).
+    named = {prompt_for(c, s): class_prompt(cfg, f"{c} {s}") if cfg.prompt_templates
+             else prompt_for(c, s) for c, s in COMBOS}
+    vocab = list(named.values())
     for i in range(n):
         image, samples = make_scene(seed, i, cfg.synthetic)
+        for sample in samples:
+            sample.prompt = named[sample.prompt]
         stem = samples[0].stem
         samples += absent_samples(cfg, seed, stem, vocab, [s.prompt for s in samples],
                                   (image.height, image.width))
@@ -134,6 +141,11 @@ def prepare(cfg: PrepareConfig, seed: int, out: str | Path, show_progress: bool 
                 image.save(tmp / "images" / f"{stem}.png", optimize=False)
         if not writer.rows:
             raise DataError(f"prepare.source: {cfg.source} produced no samples")
+        ensembles = None
+        if cfg.prompt_templates:
+            ensembles = PromptEnsembles.for_prompts(templates_of(cfg),
+                                                    [r["prompt"] for r in writer.rows])
+            ensembles.write(tmp)  # before finish: index.json hashes it with the shards
         df = writer.finish(required)
     files = [f for f in out.rglob("*") if f.is_file()]
     summary: dict[str, Any] = {
@@ -144,6 +156,8 @@ def prepare(cfg: PrepareConfig, seed: int, out: str | Path, show_progress: bool 
         "positive_samples": int((~df["negative"]).sum()),
         "negative_samples": int(df["negative"].sum()),
         "prompts": int(df["prompt"].nunique()),
+        **({"prompt_templates": len(ensembles.templates),
+            "ensembled_prompts": len(ensembles.names)} if ensembles else {}),
         "skipped_files": len(bad.skipped),
         "images_without_samples": without,
         "emptied_by_fit": writer.emptied_by_fit,

@@ -46,6 +46,7 @@ from cdsam.errors import DataError
 
 FORMAT = 2
 INDEX, SAMPLES, IMAGES = "index.json", "samples.csv", "images.csv"
+PROMPTS = "prompts.json"  # prompt ensembles (cdsam.data.templates), with several templates
 SAMPLE_COLUMNS = ["id", "split", "image", "prompt", "negative", "image_row", "label_row", "lut"]
 IMAGE_COLUMNS = ["split", "row", "image", "width", "height"]
 SHARDS = ("images", "labels", "luts")
@@ -247,7 +248,9 @@ class ShardWriter:
             splits[split] = {"samples": int((df["split"] == split).sum()),
                              **{k: self._shard(split, k).rows for k in SHARDS}}
         files = {shard.path.name: shard.sha.hexdigest() for shard in self.shards.values()}
-        for name in (SAMPLES, IMAGES):
+        for name in (SAMPLES, IMAGES, PROMPTS):
+            if name == PROMPTS and not (self.root / name).is_file():
+                continue  # one prompt template: nothing written beside the rows
             files[name] = hashlib.sha256((self.root / name).read_bytes()).hexdigest()
         files = dict(sorted(files.items()))
         digest = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()

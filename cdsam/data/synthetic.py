@@ -33,10 +33,11 @@ def prompt_for(colour: str, shape: str) -> str:
 
 
 def attributes(prompt: str) -> tuple[str, str] | None:
-    """``"a red circle"`` → ``("red", "circle")``; ``None`` for any other prompt."""
+    """``"a red circle"`` (or the name in another template, ``"a photo of a red circle"``) →
+    ``("red", "circle")``; ``None`` for any other prompt."""
     words = prompt.split()
-    if len(words) == 3 and words[0] == "a" and words[1] in COLOURS and words[2] in SHAPES:
-        return words[1], words[2]
+    if len(words) >= 3 and words[-2] in COLOURS and words[-1] in SHAPES:
+        return words[-2], words[-1]
     return None
 
 

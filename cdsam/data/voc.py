@@ -23,6 +23,7 @@ from cdsam.data.manifest import (
     Sample,
 )
 from cdsam.data.negatives import absent_samples
+from cdsam.data.templates import class_prompt
 from cdsam.errors import DataError
 
 VOC_CLASSES = (
@@ -88,7 +89,7 @@ def iter_voc(cfg: PrepareConfig, stems: list[str], bad: BadFiles, seed: int = 0
             if present:
                 groups.append((cfg.prompt, (labels != 0) & ~ignore))
         else:
-            vocab = [cfg.prompt_template.format(c) for c in classes]
+            vocab = [class_prompt(cfg, c) for c in classes]
             unknown = [c for c in present if c > len(classes)]
             if unknown:
                 bad.bad(label_path, f"label value {unknown[0]} has no class name "

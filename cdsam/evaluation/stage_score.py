@@ -20,13 +20,21 @@ from cdsam.config.schema import EvaluateConfig, LossConfig, Params
 from cdsam.data.packed import PackedLoader, normalize_batch
 from cdsam.data.prepared import PreparedSplit
 from cdsam.data.spatial import BOX, CLICK
+from cdsam.data.templates import PromptEnsembles
 from cdsam.evaluation.class_grid import ClassGrid, score_class_grid
 from cdsam.evaluation.metrics import per_prompt
 from cdsam.evaluation.pairs import PairOverlaps, pair_rows, prompt_pairs
 from cdsam.evaluation.scoring import EvalResult, evaluate_model
+from cdsam.evaluation.text_drift import (
+    KINDS,
+    TextDrift,
+    general_prompts,
+    rebuild_base_tower,
+    tower_is_base,
+)
 from cdsam.inference.overlay import denormalize, grid, sample_panel
-from cdsam.inference.predictor import Predictor
-from cdsam.models.checkpoint import load_checkpoint
+from cdsam.inference.predictor import Predictor, ensembles_of
+from cdsam.models.checkpoint import CheckpointMeta, load_checkpoint
 from cdsam.models.model import CDSAM
 from cdsam.models.objective import Objective
 from cdsam.runtime import Precision
@@ -86,15 +94,16 @@ class StageScore:
 
 
 @torch.no_grad()
-def overlay_panel(model: CDSAM, split: ScoredSplit, precision: Precision, threshold: float
-                  ) -> Image.Image:
+def overlay_panel(model: CDSAM, split: ScoredSplit, precision: Precision, threshold: float,
+                  objective: Objective) -> Image.Image:
     """The overlay rows, one model call each, predicted mask beside the truth."""
     panels = []
     model.eval()
     rows = PackedLoader(split.rows, 1, precision.device, indices=split.overlay_rows)
     for i, batch in zip(split.overlay_rows, rows, strict=True):
         with precision.autocast():  # the precision the figures beside it were computed in
-            out = model(batch["image"], batch["prompt"])
+            text, _ = objective.step_text(model, batch["prompt"], None)  # ensembles, if any
+            out = model(batch["image"], batch["prompt"], text=text)
         pred = (torch.sigmoid(out.masks[0, 0].float()) > threshold).cpu().numpy()
         caption = batch["prompt"][0] + (" (absent)" if split.samples["negative"].iloc[i] else "")
         panels.append(sample_panel(denormalize(batch["image"][0].cpu()), pred,
@@ -102,14 +111,15 @@ def overlay_panel(model: CDSAM, split: ScoredSplit, precision: Precision, thresh
     return grid(panels, columns=len(panels) or 1)
 
 
-def class_grid(model: CDSAM, params: Params, rows: PreparedSplit, precision: Precision
-               ) -> ClassGrid:
+def class_grid(model: CDSAM, params: Params, rows: PreparedSplit, precision: Precision,
+               ensembles: PromptEnsembles | None = None) -> ClassGrid:
     """VOC/COCO class IoU: every class of the split on every image, in the precision the
-    other figures are computed in, at most ``evaluate.batch_size`` images per DINO call."""
+    other figures are computed in, at most ``evaluate.batch_size`` images per DINO call; each
+    class's text the mean over ``ensembles``' templates when given."""
     ev, data = params.evaluate, params.data
     vocab = sorted(set(rows.prompts))
     device = precision.device
-    predictor = Predictor(model, data.resize, data.crop, vocab, device, data.fit)
+    predictor = Predictor(model, data.resize, data.crop, vocab, device, data.fit, ensembles)
 
     def logits(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         x = normalize_batch(images.to(device))
@@ -121,6 +131,19 @@ def class_grid(model: CDSAM, params: Params, rows: PreparedSplit, precision: Pre
                             images_per_call=ev.batch_size)
 
 
+def checkpoint_drift(model: CDSAM, meta: CheckpointMeta, general: list[str]
+                     ) -> dict[str, float | None]:
+    """The checkpoint's text drift from its base tower over its training prompts and
+    ``general``: 0 where the tower is the base's; None where the base is unknown (a checkpoint
+    saved in full, such as a merged export)."""
+    if tower_is_base(model.clip_text, meta.base_state):
+        return dict.fromkeys(KINDS, 0.0)
+    if meta.base is None:
+        return dict.fromkeys(KINDS, None)
+    base = rebuild_base_tower(meta.model, meta.base.get("seed"))
+    return TextDrift.against(base, meta.prompts, general).measure(model.clip_text)
+
+
 def score_checkpoint(path: Path, split: ScoredSplit, params: Params, precision: Precision
                      ) -> StageScore:
     """Every figure of one checkpoint on ``split``."""
@@ -130,17 +153,24 @@ def score_checkpoint(path: Path, split: ScoredSplit, params: Params, precision: 
     # which only the training run has).
     loss_cfg = LossConfig(**(meta.extra.get("loss") or {}))
     vocab = sorted(set(meta.prompts) | set(split.prompts))
-    objective = Objective.for_model(model, loss_cfg, vocab)
+    ensembles = ensembles_of(meta, path)
+    objective = Objective.for_model(model, loss_cfg, vocab, ensembles=ensembles)
     overlaps = PairOverlaps(split.pairs)
     res = evaluate_model(model, split.loader, objective, precision, ev.threshold,
                          show_progress=True, on_mask=overlaps.add)
-    classes = class_grid(model, params, split.rows, precision)
+    classes = class_grid(model, params, split.rows, precision, ensembles)
     metrics = {**res.figures, "class_iou": classes.class_iou,
-               **prompt_pairs(overlaps, res.ious, split.samples["prompt"].tolist())}
+               **prompt_pairs(overlaps, res.ious, split.samples["prompt"].tolist()),
+               **checkpoint_drift(model, meta, ev.drift_prompts or general_prompts())}
+    if ensembles is not None:
+        # The same grid with each class's first template alone: what the ensemble adds.
+        metrics["class_iou_one_template"] = class_grid(model, params, split.rows,
+                                                       precision).class_iou
+        metrics["prompt_templates"] = len(ensembles.templates)
     for mode, loader in split.spatial.items():
         metrics[f"miou_{mode}"] = evaluate_model(model, loader, objective, precision,
                                                  ev.threshold).miou
     by_prompt = per_prompt(res.scores).merge(classes.per_class(), on="prompt", how="left")
-    overlay = overlay_panel(model, split, precision, ev.threshold) if split.overlay_rows \
-        else None
+    overlay = overlay_panel(model, split, precision, ev.threshold, objective) \
+        if split.overlay_rows else None
     return StageScore(metrics, res, classes, by_prompt, overlay, list(split.spatial))

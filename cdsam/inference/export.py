@@ -1,5 +1,6 @@
 """Export a checkpoint: ``merged`` (LoRA folded in, every tensor stored, no base needed) or
-``onnx`` (the image → masks graph for a fixed prompt set: `cdsam.inference.onnx_export`).
+``onnx`` (a text graph and an image + text → masks graph, or one graph for a fixed prompt set:
+`cdsam.inference.onnx_export`).
 
 Stage checkpoints hold only what training changed and rebuild their base weights on load
 (:mod:`cdsam.models.delta_base`); a merged export is the self-contained form to ship: an ordinary checkpoint
@@ -29,7 +30,8 @@ def export_merged(checkpoint: Path, out: Path) -> dict[str, Any]:
 
 
 def export(checkpoint: str | Path, out: str | Path, mode: str,
-           prompts: list[str] | None = None, check: bool = True) -> dict[str, Any]:
+           prompts: list[str] | None = None, check: bool = True,
+           fixed_prompts: bool = False) -> dict[str, Any]:
     if mode not in MODES:
         raise UserError(f"--mode: {mode!r} is not one of {', '.join(MODES)}")
     checkpoint, out = Path(checkpoint), Path(out)
@@ -38,8 +40,9 @@ def export(checkpoint: str | Path, out: str | Path, mode: str,
     if mode == "onnx":
         from cdsam.inference.onnx_export import export_onnx
 
-        return {"mode": "onnx", **export_onnx(checkpoint, out, prompts, check=check)}
-    if prompts:
-        raise UserError("--prompt: only --mode onnx bakes a prompt set in")
+        return {"mode": "onnx", **export_onnx(checkpoint, out, prompts, check=check,
+                                              fixed_prompts=fixed_prompts)}
+    if prompts or fixed_prompts:
+        raise UserError("--prompt / --fixed-prompts: only --mode onnx takes prompts")
     return export_merged(checkpoint, out)
 

@@ -1,13 +1,17 @@
-"""ONNX export: fitted images → mask logits for a fixed prompt set, runnable without cdsam.
+"""ONNX export: fitted images and prompts → mask logits, runnable without cdsam or torch.
 
-The graph's one input, ``images``, is Bx3xCxC float32 RGB in 0–255, already fitted to the
-model's square input the way the checkpoint was trained (``data.fit``; `cdsam.data.geometry`);
-its one output, ``logits``, is BxPxCxC: one map per prompt in that same frame. Normalisation
-is inside the graph, and the CLIP text features of the P prompts are computed at export and
-stored as constants, so neither open_clip nor a tokenizer is needed to run it. The batch
-dimension is dynamic. ``cdsam-onnx.json`` next to the model says how to fit an image (and
-the same facts are in the model's metadata), ``examples/onnx_predict.py`` does it with
-numpy, Pillow and onnxruntime only.
+Two graphs by default, so a deployed model takes any prompt: ``text.onnx`` (``tokens``, PxL
+int64 ids → ``text``, PxD L2-normalised features; `cdsam.inference.text_onnx`, with the
+tower's ``tokenizer.json`` beside it) and ``model.onnx`` (``images`` Bx3xCxC float32 RGB in
+0–255, already fitted to the model's square input the way the checkpoint was trained
+(``data.fit``; `cdsam.data.geometry`), and ``text`` PxD → ``logits`` BxPxCxC: one map per
+prompt in that same frame). With ``--fixed-prompts`` there is one graph, ``images`` →
+``logits``, the P prompts' text features stored in it as constants (no tokenizer at all).
+Normalisation is inside the graph; batch and prompt counts are dynamic. ``cdsam-onnx.json``
+next to the model says how to fit an image and make token ids (the same facts are in the
+model's metadata); ``examples/onnx_predict.py`` does both with numpy, Pillow, tokenizers and
+onnxruntime only. The export checks itself in onnxruntime, on a prompt it never saw when the
+text is an input.
 """
 
 from __future__ import annotations
@@ -28,8 +32,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdsam.data.geometry import IMAGENET_MEAN, IMAGENET_STD, PAD_RGB
+from cdsam.data.templates import PromptEnsembles
 from cdsam.errors import UserError
-from cdsam.inference.predictor import input_geometry
+from cdsam.inference.predictor import ensembles_of, input_geometry
+from cdsam.inference.text_onnx import (
+    TEXT_FILE,
+    TOKENIZER_FILE,
+    TextGraph,
+    export_tokenizer,
+    token_ids,
+    tokenizer_agrees,
+)
 from cdsam.models.checkpoint import load_checkpoint
 from cdsam.models.lora import merge_lora
 from cdsam.models.model import CDSAM
@@ -38,29 +51,34 @@ log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
 SIDECAR = "cdsam-onnx.json"
+# Prompts the free-prompt export checks itself on: none is in the default's vocabulary.
+UNSEEN_PROMPTS = ("a photo of a dog", "a small purple hexagon", "something red")
+# Texts the exported tokenizer must split as the tower's own does, beside the vocabulary:
+# case, runs of spaces, punctuation, contractions, digits, and one longer than any context.
+TOKENIZER_PROBES = (*UNSEEN_PROMPTS, "A  Green   TRIANGLE!", "it's the cell's 2nd nucleus",
+                    "lesion, 3 mm; left-lower lobe", " ".join(["word"] * 80))
 # Above this many bytes of weights the model goes to an external-data file (protobuf's 2 GB
 # limit on one message); below it one self-contained .onnx is easier to ship.
 SINGLE_FILE_BYTES = 1_500_000_000
 
 
-class PromptSetGraph(nn.Module):
-    """Bx3xCxC 0–255 RGB → BxPxCxC logits for the prompts whose text features it holds."""
+class ImageTextGraph(nn.Module):
+    """(Bx3xCxC 0–255 RGB, PxD text features) → BxPxCxC logits."""
 
-    def __init__(self, model: CDSAM, text: torch.Tensor) -> None:
+    def __init__(self, model: CDSAM) -> None:
         super().__init__()
         self.model = model
-        self.register_buffer("text", text.float())
         self.register_buffer("mean", 255 * torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", 255 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         x = (images - self.mean) / self.std
         m = self.model
         size = tuple(x.shape[-2:])
         grid = (size[0] // m.patch_size, size[1] // m.patch_size)
         embeddings = m.token_to_mask(m.encode_image(x), grid)  # DINO once per image
-        prompt_tokens = m.text_to_prompt(self.text)  # once per prompt
-        b, n = x.shape[0], self.text.shape[0]
+        prompt_tokens = m.text_to_prompt(text)  # once per prompt
+        b, n = x.shape[0], text.shape[0]
         # Every image with every prompt: rows image-major, as `Predictor.frame_logits` pairs them.
         embeddings = embeddings.unsqueeze(1).expand(-1, n, -1, -1, -1).flatten(0, 1)
         prompt_tokens = prompt_tokens.unsqueeze(0).expand(b, -1, -1, -1).flatten(0, 1)
@@ -69,11 +87,27 @@ class PromptSetGraph(nn.Module):
         return masks.view(b, n, *size)
 
 
-def build_onnx_graph(model: CDSAM, prompts: list[str]) -> PromptSetGraph:
-    """LoRA folded into its base layers (fewer, larger matmuls), text features computed."""
+class PromptSetGraph(nn.Module):
+    """Bx3xCxC 0–255 RGB → BxPxCxC logits for the prompts whose text features it holds."""
+
+    def __init__(self, model: CDSAM, text: torch.Tensor) -> None:
+        super().__init__()
+        # (not `graph`: the exporter's FX module has an attribute of that name)
+        self.image_text = ImageTextGraph(model)
+        self.register_buffer("text", text.float())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_text(images, self.text)
+
+
+def build_onnx_graph(model: CDSAM, prompts: list[str],
+                     ensembles: PromptEnsembles | None = None) -> PromptSetGraph:
+    """LoRA folded into its base layers (fewer, larger matmuls), text features computed (the
+    mean over the training templates for a prompt of a known class)."""
     merge_lora(model)
     with torch.no_grad():
-        text = model.clip_text(list(prompts))
+        text = model.clip_text.groups([ensembles.variants(p) if ensembles else [p]
+                                       for p in prompts])
     return PromptSetGraph(model, text).eval()
 
 
@@ -106,8 +140,10 @@ def onnxruntime_parity(graph: PromptSetGraph, path: Path, crop: int, batch: int 
 
 
 def export_onnx(checkpoint: Path, out: Path, prompts: list[str] | None = None,
-                opset: int | None = None, check: bool = True) -> dict[str, Any]:
-    """Write ``out/model.onnx`` and ``out/cdsam-onnx.json``; returns the sidecar's content."""
+                opset: int | None = None, check: bool = True,
+                fixed_prompts: bool = False) -> dict[str, Any]:
+    """Write ``out/model.onnx`` (+ ``text.onnx`` and ``tokenizer.json`` unless
+    ``fixed_prompts``) and ``out/cdsam-onnx.json``; returns the sidecar's content."""
     try:
         import onnx  # noqa: F401  (torch.onnx needs both; say so before loading anything)
         import onnxscript  # noqa: F401
@@ -115,14 +151,15 @@ def export_onnx(checkpoint: Path, out: Path, prompts: list[str] | None = None,
         raise UserError(f"--mode onnx needs the onnx extra: pip install -e \".[onnx]\" "
                         f"({exc.name} is missing)") from None
     model, meta = load_checkpoint(checkpoint)
+    ensembles = ensembles_of(meta, checkpoint)
     prompts = list(prompts or meta.prompts)
     if not prompts:
         raise UserError(f"{checkpoint}: the checkpoint names no prompts; give --prompt")
     resize, crop, fit = input_geometry(model, meta)  # the geometry `cdsam predict` uses
-    graph = build_onnx_graph(model, prompts)
-    weight_bytes = sum(t.numel() * t.element_size() for t in graph.state_dict().values())
-    sidecar = {
-        "format": "cdsam-onnx/1",
+    fixed = build_onnx_graph(model, prompts, ensembles)
+    weight_bytes = sum(t.numel() * t.element_size() for t in fixed.state_dict().values())
+    sidecar: dict[str, Any] = {
+        "format": "cdsam-onnx/1" if fixed_prompts else "cdsam-onnx/2",
         "from": str(checkpoint),
         "stage": meta.stage,
         "input": input_spec(resize, crop, fit),
@@ -130,33 +167,97 @@ def export_onnx(checkpoint: Path, out: Path, prompts: list[str] | None = None,
                    "prompts": prompts, "threshold_logit": 0.0,
                    "meaning": "mask logits per prompt in the input frame; > 0 is foreground"},
     }
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    example = torch.zeros(2, 3, crop, crop)
+    if not fixed_prompts:
+        sidecar["output"]["shape"][1] = "prompts"
+        sidecar["output"]["prompts_meaning"] = "the training vocabulary (any text works)"
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written beside `out` and moved in at the end: a failed export leaves `out` as it was.
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        path = Path(tmp) / ONNX_FILE
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp_name:
+        tmp = Path(tmp_name)
         start = time.perf_counter()
-        log.info("exporting %s to ONNX (%d prompts, %dx%d input; a minute at ViT-B size)",
-                 checkpoint, len(prompts), crop, crop)
-        # torch.onnx prints its progress on stdout and onnxscript's optimizer logs every
-        # initializer it dedupes: keep stdout for our JSON and the log readable.
-        with contextlib.redirect_stdout(sys.stderr), _quiet("onnxscript", "onnx_ir"):
-            program = torch.onnx.export(
-                graph, (example,), str(path), input_names=["images"], output_names=["logits"],
-                dynamic_shapes={"images": {0: batch}}, dynamo=True, opset_version=opset,
-                external_data=weight_bytes > SINGLE_FILE_BYTES, verbose=False)
+        log.info("exporting %s to ONNX (%s, %dx%d input; a minute at ViT-B size)", checkpoint,
+                 f"{len(prompts)} fixed prompts" if fixed_prompts else "text graph + image graph",
+                 crop, crop)
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        images = torch.zeros(2, 3, crop, crop)
+        if fixed_prompts:
+            program = _export(fixed, (images,), tmp / ONNX_FILE, ["images"], ["logits"],
+                              {"images": {0: batch}}, opset, weight_bytes)
+        else:
+            tower = model.clip_text
+            spec = export_tokenizer(tower, tmp)
+            n = torch.export.Dim("prompts", min=1, max=4096)
+            text = torch.zeros(3, tower.width)
+            program = _export(fixed.image_text, (images, text), tmp / ONNX_FILE,
+                              ["images", "text"], ["logits"],
+                              {"images": {0: batch}, "text": {0: n}}, opset, weight_bytes)
+            text_graph = TextGraph(tower).eval()
+            text_bytes = sum(t.numel() * t.element_size()
+                             for t in text_graph.state_dict().values())
+            _export(text_graph, (tower.tokenizer(list(UNSEEN_PROMPTS[:2])),), tmp / TEXT_FILE,
+                    ["tokens"], ["text"], {"tokens": {0: n}}, opset, text_bytes)
+            sidecar["text"] = {
+                "graph": TEXT_FILE,
+                "input": {"name": "tokens", "dtype": "int64",
+                          "shape": ["prompts", spec["context_length"]]},
+                "output": {"name": "text", "shape": ["prompts", tower.width],
+                           "meaning": "L2-normalised text features, the image graph's text"},
+                **spec,
+                "tokenizer_check": tokenizer_agrees(tower, tmp, spec,
+                                                    prompts + list(TOKENIZER_PROBES)),
+                # Prompt ensembling: a class's text is the normalised mean over templates.
+                **({"templates": ensembles.templates, "names": ensembles.names}
+                   if ensembles else {}),
+            }
         sidecar["opset"] = int(program.model.opset_imports[""])
         sidecar["export_s"] = round(time.perf_counter() - start, 1)
-        _stamp_metadata(path, sidecar)
+        _stamp_metadata(tmp / ONNX_FILE, sidecar)
         if check:
-            sidecar["parity"] = onnxruntime_parity(graph, path, crop)
-        (Path(tmp) / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+            sidecar["parity"] = onnxruntime_parity(fixed, tmp / ONNX_FILE, crop) \
+                if fixed_prompts else free_prompt_parity(fixed.image_text, model, tmp, spec, crop)
+        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
         out.mkdir(exist_ok=True)
-        for f in Path(tmp).iterdir():
+        for f in tmp.iterdir():
             shutil.move(str(f), out / f.name)
     sidecar["bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.name != SIDECAR)
     return sidecar
+
+
+def _export(graph: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+            dynamic: dict, opset: int | None, weight_bytes: int):
+    # torch.onnx prints its progress on stdout and onnxscript's optimizer logs every
+    # initializer it dedupes: keep stdout for our JSON and the log readable.
+    with contextlib.redirect_stdout(sys.stderr), _quiet("onnxscript", "onnx_ir"):
+        return torch.onnx.export(
+            graph, args, str(path), input_names=inputs, output_names=outputs,
+            dynamic_shapes=dynamic, dynamo=True, opset_version=opset,
+            external_data=weight_bytes > SINGLE_FILE_BYTES, verbose=False)
+
+
+def free_prompt_parity(graph: ImageTextGraph, model: CDSAM, folder: Path,
+                       spec: dict[str, Any], crop: int, batch: int = 2, seed: int = 0
+                       ) -> dict[str, Any]:
+    """Prompts the export never saw, tokenized and encoded as a deployment does (tokenizers +
+    text.onnx), then decoded by model.onnx, vs PyTorch end to end: max |logit difference|."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    gen = np.random.default_rng(seed)
+    images = gen.integers(0, 256, (batch, 3, crop, crop)).astype(np.float32)
+    texts = list(UNSEEN_PROMPTS)
+    with torch.no_grad():
+        feats = model.clip_text(texts)
+        ref = graph(torch.from_numpy(images), feats).numpy()
+    providers = ["CPUExecutionProvider"]
+    ids = token_ids(Tokenizer.from_file(str(folder / TOKENIZER_FILE)), spec, texts)
+    got_text = ort.InferenceSession(str(folder / TEXT_FILE), providers=providers).run(
+        ["text"], {"tokens": ids})[0]
+    got = ort.InferenceSession(str(folder / ONNX_FILE), providers=providers).run(
+        ["logits"], {"images": images, "text": got_text})[0]
+    return {"batch": batch, "prompts": texts, "max_abs_diff": float(np.abs(got - ref).max()),
+            "text_max_abs_diff": float(np.abs(got_text - feats.numpy()).max()),
+            "mask_agreement": float(((got > 0) == (ref > 0)).mean()),
+            "onnxruntime": ort.__version__}
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from cdsam.data.dataset import pil_to_tv_image
 from cdsam.data.geometry import Geometry, fit_transform, normalize_transform
 from cdsam.data.manifest import read_image, to_rgb
 from cdsam.data.spatial import POINT_SLOTS
+from cdsam.data.templates import PromptEnsembles
 from cdsam.errors import DataError, UserError
 from cdsam.models.checkpoint import CheckpointMeta, load_checkpoint
 from cdsam.models.model import CDSAM
@@ -68,14 +69,35 @@ class Predictor:
     """A loaded checkpoint, ready for images: see :meth:`predict`."""
 
     def __init__(self, model: CDSAM, resize: int, crop: int, prompts: list[str],
-                 device: torch.device | str = "cpu", fit: str = "crop") -> None:
+                 device: torch.device | str = "cpu", fit: str = "crop",
+                 ensembles: PromptEnsembles | None = None) -> None:
         self.model = model.eval().to(device)
         self.device = torch.device(device)
         self.resize, self.crop, self.fit = resize, crop, fit
         self.known_prompts = prompts  # the training vocabulary (others work, less reliably)
+        # Trained with several prompt templates: a prompt of a known class is given the mean
+        # of its templates' features, as validation scored it; other text is encoded as is.
+        self.ensembles = ensembles
         # The training transforms, same code: fit, then normalise.
         self.fit_image = fit_transform(fit, resize, crop)
         self.normalize = normalize_transform()
+
+    def class_prompt(self, name: str) -> str:
+        """The prompt for class ``name`` (``cdsam predict --class``): its name in the first
+        training template, answered with the mean over every template."""
+        if self.ensembles is None:
+            raise UserError(f"--class {name}: the checkpoint was trained with one prompt "
+                            f"template (prepare.prompt_templates unset), so it has no ensemble; "
+                            f"give the prompt itself with --prompt")
+        names = {**self.ensembles.names, self.ensembles.templates[0].format(name): name}
+        self.ensembles = PromptEnsembles(self.ensembles.templates, names)
+        return self.ensembles.templates[0].format(name)
+
+    def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
+        """PxD text features the decoder is given for ``prompts``."""
+        if self.ensembles is None:
+            return self.model.clip_text(list(prompts))
+        return self.model.clip_text.groups([self.ensembles.variants(p) for p in prompts])
 
     def _spatial(self, geo: Geometry, points: Sequence[tuple[float, float]] | None,
                  box: tuple[float, float, float, float] | None, n: int) -> dict:
@@ -123,7 +145,7 @@ class Predictor:
         tokens = self.model.encode_image(x)
         p = self.model.patch_size
         grid = (x.shape[-2] // p, x.shape[-1] // p)
-        text = self.model.clip_text(list(prompts)).to(tokens.dtype)
+        text = self.text_features(prompts).to(tokens.dtype)
         n_img, n_txt = len(inputs), len(prompts)
         out = torch.empty(n_img * n_txt, *x.shape[-2:])
         for start in range(0, n_img * n_txt, batch_size):
@@ -200,7 +222,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Predicto
     """A checkpoint directory (a training stage's, or a merged export) → :class:`Predictor`."""
     model, meta = load_checkpoint(Path(path), device)
     resize, crop, fit = input_geometry(model, meta)
-    return Predictor(model, resize, crop, list(meta.prompts), device, fit=fit)
+    return Predictor(model, resize, crop, list(meta.prompts), device, fit=fit,
+                     ensembles=ensembles_of(meta, Path(path)))
+
+
+def ensembles_of(meta: CheckpointMeta, where: Path) -> PromptEnsembles | None:
+    """The prompt ensembles a checkpoint was trained with; None with one template."""
+    raw = meta.extra.get("prompt_ensembles")
+    return None if raw is None else PromptEnsembles.from_dict(raw, str(where / "meta.json"))
 
 
 def semantic_labels(probs: np.ndarray, threshold: float) -> np.ndarray:

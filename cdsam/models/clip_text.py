@@ -1,4 +1,4 @@
-"""The CLIP text encoder (open_clip), frozen, with its features cached per prompt string.
+"""The CLIP text encoder (open_clip), its features cached per prompt string while it is frozen.
 
 Any open_clip text tower works (OpenAI CLIP, EVA-CLIP, SigLIP / SigLIP 2): pooling, context
 length and output width are the tower's own, read from its open_clip config. Towers whose
@@ -24,10 +24,13 @@ open_clip.add_model_config(_CONFIG_DIR)  # registers "cdsam-tiny-text", the offl
 
 
 class ClipTextEncoder(nn.Module):
-    """Prompts → L2-normalised CLIP text features, TxD. Always frozen.
+    """Prompts → L2-normalised CLIP text features, TxD. Frozen unless a stage tunes it
+    (``stageN.clip``, `cdsam.training.curriculum`).
 
     Prompts come from a small vocabulary, so each distinct string is encoded once and the
-    feature is kept; ``calls`` counts real text-tower forwards (the benchmark reads it).
+    feature is kept; ``calls`` counts real text-tower forwards (the benchmark reads it). A tower
+    being tuned (:attr:`tuning`) bypasses the cache while gradients are on, encoding the
+    prompts of the call in one batch; the trainer clears the cache after the weights move.
     """
 
     def __init__(self, clip: nn.Module, tokenizer) -> None:
@@ -36,6 +39,7 @@ class ClipTextEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.calls = 0
         self._cache: dict[str, torch.Tensor] = {}
+        self._train_flag = False
         self.requires_grad_(False)
         self.eval()
 
@@ -54,14 +58,38 @@ class ClipTextEncoder(nn.Module):
         return int(self.clip.embed_dim)
 
     def train(self, mode: bool = True) -> ClipTextEncoder:
-        # Frozen means frozen: no dropout even when the composite model trains.
+        # No dropout even when the tower trains (a tuned tower stays close to the one that
+        # was pretrained without it); the flag only says whether a training step is running.
+        self._train_flag = mode
         return super().train(False)
+
+    @property
+    def tuning(self) -> bool:
+        """In a training step with weights to train: features come with gradients."""
+        return self._train_flag and torch.is_grad_enabled() and \
+            any(p.requires_grad for p in self.parameters())
 
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """``prompts`` in one batch through the tower, with gradients when enabled, no cache."""
+        device = next(self.clip.parameters()).device
+        with torch.autocast(device.type, enabled=False):  # as the cached features are
+            tokens = self.tokenizer(list(prompts)).to(device)
+            self.calls += 1
+            return self.clip.encode_text(tokens, normalize=True).float()
+
     def forward(self, prompts: list[str]) -> torch.Tensor:
+        if self.tuning:
+            unique = sorted(set(prompts))
+            index = {p: i for i, p in enumerate(unique)}
+            feats = self.encode(unique)
+            return feats[torch.tensor([index[p] for p in prompts], device=feats.device)]
+        with torch.no_grad():
+            return self._cached(prompts)
+
+    def _cached(self, prompts: list[str]) -> torch.Tensor:
         missing = sorted({p for p in prompts if p not in self._cache})
         if not missing:
             return torch.stack([self._cache[p] for p in prompts])
@@ -78,6 +106,12 @@ class ClipTextEncoder(nn.Module):
                 self.calls += 1
         return torch.stack([self._cache[p] for p in prompts])
 
+    def groups(self, groups: list[list[str]]) -> torch.Tensor:
+        """One feature per group of texts (prompt ensembling, `cdsam.data.templates`): the mean
+        of their features, renormalised; a group of one is its text's feature as is."""
+        flat = [t for g in groups for t in g]
+        return mean_features(self(flat), [len(g) for g in groups])
+
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self.clear_cache()  # new weights make old features stale
         super()._load_from_state_dict(*args, **kwargs)
@@ -85,6 +119,17 @@ class ClipTextEncoder(nn.Module):
     def _apply(self, fn, recurse=True):
         self.clear_cache()  # .to(device)/.half(): recompute on the new device/dtype
         return super()._apply(fn, recurse)
+
+
+def mean_features(feats: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Consecutive runs of ``sizes`` rows of ``feats`` (L2-normalised) → their mean direction,
+    one row each; a run of one is returned as it is (bit for bit)."""
+    out, start = [], 0
+    for n in sizes:
+        run = feats[start:start + n]
+        out.append(run[0] if n == 1 else torch.nn.functional.normalize(run.mean(0), dim=-1))
+        start += n
+    return torch.stack(out)
 
 
 # Weight files of a hub repo folder, in the order open_clip's own hub loader prefers them.

@@ -10,12 +10,14 @@ tensors in — so a frozen CLIP text tower or DINO is never copied into every st
 and a checkpoint put on other base weights fails with both named instead of predicting garbage.
 
 Tensors are compared under their names without LoRA (``…qkv.base.weight`` is the base's
-``…qkv.weight``), so an adapter-wrapped layer whose base weight did not change is left out too.
+``…qkv.weight``, ``…attn.parametrizations.in_proj_weight.original`` its ``…attn.in_proj_weight``),
+so an adapter-wrapped layer whose base weight did not change is left out too.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from cdsam.models.lora import lora_modules
+from cdsam.models.lora import has_lora, lora_modules
+
+# A parametrized weight's stored original (weight-space LoRA): the base's plain weight.
+_PARAMETRIZED = re.compile(r"\.parametrizations\.([^.]+)\.original$")
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -40,7 +45,7 @@ def canonical_names(model: nn.Module) -> dict[str, str]:
     wrapped = sorted((name for name, _ in lora_modules(model)), key=len, reverse=True)
     names = {}
     for key in model.state_dict():
-        canon = key
+        canon = _PARAMETRIZED.sub(r".\1", key)
         for w in wrapped:
             if key.startswith(w + ".base."):
                 canon = w + "." + key[len(w) + len(".base."):]
@@ -64,7 +69,7 @@ class Base:
     @classmethod
     def of(cls, model: nn.Module, seed: int | None) -> Base:
         """Fingerprint ``model`` as built, before LoRA injection or training."""
-        if any(True for _ in lora_modules(model)):
+        if has_lora(model):
             raise ValueError("a base is fingerprinted before LoRA is injected")
         return cls(seed, {k: tensor_digest(v) for k, v in model.state_dict().items()})
 

@@ -41,7 +41,10 @@ def forward_batch(net: nn.Module, model: CDSAM, batch: dict[str, Any], objective
                   precision: Precision, cache: PrefixCache | None = None) -> BatchResult:
     """``batch`` through ``net`` (``model`` itself, or a DDP wrapper of it) and ``objective``.
 
-    The cache's prefix is looked up without gradients: it is the frozen part of DINO.
+    The cache's prefix is looked up without gradients: it is the frozen part of DINO. While the
+    text tower trains, the objective's vocabulary is encoded once per step, with gradients, and
+    serves both the samples' prompts and the CLIP alignment term (outside ``net``: its
+    parameters' gradients reach DDP's hooks all the same).
     """
     device = precision.device
     images = batch["image"].to(device, non_blocking=True)
@@ -54,8 +57,9 @@ def forward_batch(net: nn.Module, model: CDSAM, batch: dict[str, Any], objective
             with torch.no_grad():
                 prefix = cache.lookup(batch["image_key"], images,
                                       lambda x: model.dino_prefix(x, start))
-        out = net(images, batch["prompt"], prefix=prefix, start_block=start,
+        text, vocab = objective.step_text(model, batch["prompt"], batch.get("template"))
+        out = net(images, batch["prompt"], prefix=prefix, start_block=start, text=text,
                   **batch_prompts(batch, device))
-        loss, parts = objective(out, images, target, valid, batch["prompt"])
+        loss, parts = objective(out, images, target, valid, batch["prompt"], vocab)
     # Parts stay on the device: reading them back would make the host wait every step.
     return BatchResult(out, loss, {k: v.detach() for k, v in parts.items()}, target, valid)

@@ -2,7 +2,15 @@
 
 The effective weight of a wrapped layer is ``W + (alpha / rank) * B @ A`` with ``A`` Kaiming
 initialised and ``B`` zero, so a freshly injected model computes exactly what it did before.
-LoRA parameters are always found by module type (:class:`LoRALinear`), never by name.
+LoRA parameters are always found by module type (:class:`LoRALinear`, :class:`LoRAWeight`),
+never by name.
+
+Two forms: :class:`LoRALinear` wraps an ``nn.Linear`` (DINO, SAM; input dropout possible), and
+:class:`LoRAWeight` adds ``B @ A`` to a weight tensor as a ``torch.nn.utils.parametrize``
+parametrization, for weights a module reads itself instead of calling a Linear: the packed
+in-projection of ``nn.MultiheadAttention`` (which also reads ``out_proj.weight`` directly), as
+in the CLIP text towers of open_clip. A spec's ``name`` is a module path for the first form and
+a parameter path (``….attn.in_proj_weight``) for the second.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,51 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha}, dropout={self.dropout_p}"
 
 
+class LoRAWeight(nn.Module):
+    """Parametrization ``W -> W + scale * B @ A`` of one 2-D weight; no input dropout (the
+    adapter never sees the input)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, alpha: float) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if weight.dim() != 2:
+            raise ValueError(f"a weight LoRA needs a 2-D weight, got shape {tuple(weight.shape)}")
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.scale = self.alpha / rank
+        out_features, in_features = weight.shape
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.scale * (self.lora_B @ self.lora_A)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}"
+
+
+def inject_weight_lora(root: nn.Module, names: Iterable[str], rank: int, alpha: float
+                       ) -> list[LoRASpec]:
+    """Parametrize each named weight (``module.path.param``) with :class:`LoRAWeight`; the
+    original weight is frozen. Returns the specs applied."""
+    specs = []
+    for name in names:
+        owner_name, _, attr = name.rpartition(".")
+        owner = root.get_submodule(owner_name) if owner_name else root
+        weight = getattr(owner, attr, None)
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{name} is not a weight tensor")
+        if parametrize.is_parametrized(owner, attr):
+            raise ValueError(f"{name} already carries a LoRA adapter")
+        parametrize.register_parametrization(owner, attr, LoRAWeight(weight, rank, alpha))
+        owner.parametrizations[attr].original.requires_grad_(False)
+        specs.append(LoRASpec(name, rank, float(alpha), 0.0))
+    return specs
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -108,10 +162,22 @@ def inject_lora(root: nn.Module, names: Iterable[str], rank: int, alpha: float,
     return specs
 
 
+def _names_a_weight(root: nn.Module, name: str) -> bool:
+    owner_name, _, attr = name.rpartition(".")
+    try:
+        owner = root.get_submodule(owner_name) if owner_name else root
+    except AttributeError:
+        return False
+    return not isinstance(getattr(owner, attr, None), nn.Module)
+
+
 def apply_specs(root: nn.Module, specs: Iterable[LoRASpec]) -> None:
     """Re-create a recorded LoRA layout (used when loading a checkpoint)."""
     for spec in specs:
-        inject_lora(root, [spec.name], spec.rank, spec.alpha, spec.dropout)
+        if _names_a_weight(root, spec.name):
+            inject_weight_lora(root, [spec.name], spec.rank, spec.alpha)
+        else:
+            inject_lora(root, [spec.name], spec.rank, spec.alpha, spec.dropout)
 
 
 def lora_modules(root: nn.Module, prefix: str = "") -> Iterator[tuple[str, LoRALinear]]:
@@ -120,23 +186,49 @@ def lora_modules(root: nn.Module, prefix: str = "") -> Iterator[tuple[str, LoRAL
             yield f"{prefix}{name}", module
 
 
+def lora_weights(root: nn.Module, prefix: str = "") -> Iterator[tuple[str, LoRAWeight]]:
+    """(``module.path.param``, adapter) for every :class:`LoRAWeight` under ``root``."""
+    for name, module in root.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for attr, chain in module.parametrizations.items():
+            for p in chain:
+                if isinstance(p, LoRAWeight):
+                    yield f"{prefix}{name + '.' if name else ''}{attr}", p
+
+
+def has_lora(root: nn.Module) -> bool:
+    """Whether any adapter, of either form, sits under ``root``."""
+    return any(True for _ in lora_modules(root)) or any(True for _ in lora_weights(root))
+
+
 def lora_specs(root: nn.Module) -> list[LoRASpec]:
-    return [LoRASpec(n, m.rank, m.alpha, m.dropout_p) for n, m in lora_modules(root)]
+    return [LoRASpec(n, m.rank, m.alpha, m.dropout_p) for n, m in lora_modules(root)] + \
+        [LoRASpec(n, w.rank, w.alpha, 0.0) for n, w in lora_weights(root)]
 
 
 def lora_parameters(root: nn.Module) -> list[nn.Parameter]:
     params = []
     for _, module in lora_modules(root):
         params.extend([module.lora_A, module.lora_B])
+    for _, weight in lora_weights(root):
+        params.extend([weight.lora_A, weight.lora_B])
     return params
 
 
 def merge_lora(root: nn.Module) -> int:
-    """Fold every adapter under ``root`` into its base layer; returns how many were merged."""
+    """Fold every adapter under ``root`` into its base layer or weight; returns how many were
+    merged."""
     names = [n for n, _ in lora_modules(root)]
     for name in names:
         _set_submodule(root, name, root.get_submodule(name).merge())
-    return len(names)
+    weights = [n for n, _ in lora_weights(root)]
+    for name in weights:
+        owner_name, _, attr = name.rpartition(".")
+        owner = root.get_submodule(owner_name) if owner_name else root
+        # W + scale·BA written into the original parameter, which stays the module's weight.
+        parametrize.remove_parametrizations(owner, attr, leave_parametrized=True)
+    return len(names) + len(weights)
 
 
 def set_lora_trainable(root: nn.Module, trainable: bool = True) -> None:

@@ -176,11 +176,14 @@ class CDSAM(nn.Module):
                 points: tuple[torch.Tensor, torch.Tensor] | None = None,
                 boxes: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
                 start_block: int = 0, box_valid: torch.Tensor | None = None,
-                rows: np.ndarray | None = None) -> CDSAMOutput:
+                rows: np.ndarray | None = None, text: torch.Tensor | None = None
+                ) -> CDSAMOutput:
         """``prefix``: DINO tokens after blocks ``0 … start_block-1`` for these images (the
         feature cache's output); DINO then runs only from ``start_block``. ``points``: (BxNx2
         pixel xy, BxN labels 1/0/-1), ``boxes``: Bx4 xyxy in input pixels, ``box_valid``: B
-        bool (default: every row has its box); ``rows``: see `decode`."""
+        bool (default: every row has its box); ``rows``: see `decode`. ``text``: the prompts'
+        BxD text features when the caller has them (a step tuning the text tower encodes its
+        vocabulary once, `cdsam.models.forward`); else the text tower encodes ``prompts``."""
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
         grid = dino_grid(self.dino, images)
@@ -188,8 +191,9 @@ class CDSAM(nn.Module):
             tokens = self.encode_image(images)
         else:
             tokens = self.dino_tail(prefix, start_block, grid)
-        text = self.clip_text(prompts).to(tokens.dtype)
-        return self.decode(tokens, grid, text, tuple(images.shape[-2:]), points, boxes,
+        if text is None:
+            text = self.clip_text(prompts)
+        return self.decode(tokens, grid, text.to(tokens.dtype), tuple(images.shape[-2:]), points, boxes,
                            box_valid, rows)
 
 

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from cdsam.config.schema import LossConfig
+from cdsam.data.templates import PromptEnsembles
+from cdsam.models.clip_text import mean_features
 from cdsam.models.dino import dino_patch_tokens
 from cdsam.models.losses import bce_loss, clip_align_loss, dice_loss, feature_distill_loss
 from cdsam.models.model import CDSAM, CDSAMOutput
@@ -28,28 +30,83 @@ class Objective:
     # model's device
     token_proj: nn.Module
     teacher: nn.Module | None = None  # frozen stage-start DINO for the SSL term
+    # Several prompt templates: a prompt's feature is the mean over its class's templates.
+    ensembles: PromptEnsembles | None = None
 
     def __post_init__(self) -> None:
         self.index = {t: i for i, t in enumerate(self.vocab)}
 
     @classmethod
     def for_model(cls, model: CDSAM, cfg: LossConfig, vocab: list[str],
-                  teacher: nn.Module | None = None) -> Objective:
-        """Text features of the vocabulary computed once (the CLIP tower is frozen)."""
-        return cls(cfg, vocab, model.clip_text(vocab).float(), model.token_proj, teacher)
+                  teacher: nn.Module | None = None,
+                  ensembles: PromptEnsembles | None = None) -> Objective:
+        """Text features of the vocabulary computed once (:meth:`refresh` after the text tower
+        moves)."""
+        objective = cls(cfg, vocab, torch.empty(0), model.token_proj, teacher, ensembles)
+        objective.refresh(model, clear=False)
+        return objective
+
+    @property
+    def groups(self) -> list[list[str]]:
+        """Per vocabulary prompt, the texts its feature is the mean of."""
+        if self.ensembles is None:
+            return [[p] for p in self.vocab]
+        return [self.ensembles.variants(p) for p in self.vocab]
+
+    def refresh(self, model: CDSAM, clear: bool = True) -> None:
+        """The vocabulary's features again, from a text tower that trained since."""
+        if clear:
+            model.clip_text.clear_cache()
+        with torch.no_grad():
+            self.vocab_feats = model.clip_text.groups(self.groups).float()
+
+    def step_text(self, model: CDSAM, prompts: list[str], draws: list[int] | None
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(the samples' text features, the vocabulary's) for one batch, or None for what the
+        model and this objective take as they are. Tuning the tower: every text of the
+        vocabulary encoded once, with gradients, for both. ``draws``: each training sample's
+        template (shown alone); without, a prompt's feature is its ensemble's mean."""
+        tower = model.clip_text
+        if tower.tuning:
+            texts = sorted({t for g in self.groups for t in g})
+            at = {t: i for i, t in enumerate(texts)}
+            feats = tower.encode(texts)
+            groups = self.groups
+            vocab = mean_features(feats[torch.tensor([at[t] for g in groups for t in g],
+                                                     device=feats.device)],
+                                  [len(g) for g in groups])
+            if draws is not None and self.ensembles is not None:
+                shown = [at[self.ensembles.variant(p, k)] for p, k in zip(prompts, draws,
+                                                                         strict=True)]
+                return feats[torch.tensor(shown, device=feats.device)], vocab
+            return vocab[self.rows(prompts, vocab.device)], vocab
+        if self.ensembles is None:
+            return None, None
+        if draws is not None:
+            return tower([self.ensembles.variant(p, k)
+                          for p, k in zip(prompts, draws, strict=True)]), None
+        return self.vocab_feats[self.rows(prompts, self.vocab_feats.device)], None
+
+    def rows(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        """Each prompt's row of the vocabulary."""
+        return torch.tensor([self.index[t] for t in prompts], device=device)
 
     def __call__(self, out: CDSAMOutput, images: torch.Tensor, target: torch.Tensor,
-                 valid: torch.Tensor, prompts: list[str]
+                 valid: torch.Tensor, prompts: list[str],
+                 vocab_feats: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``vocab_feats``: this step's VxD features of the vocabulary, with gradients, when the
+        text tower trains; else the ones kept."""
         lc = self.cfg
         logits = out.masks.float()
         parts = {"dice": dice_loss(logits, target, valid), "bce": bce_loss(logits, target, valid)}
         loss = lc.dice_weight * parts["dice"] + lc.bce_weight * parts["bce"]
         if lc.clip_align_weight > 0:
-            labels = torch.tensor([self.index[t] for t in prompts], device=logits.device)
+            labels = self.rows(prompts, logits.device)
             projected = self.token_proj(out.tokens)
+            feats = self.vocab_feats if vocab_feats is None else vocab_feats
             parts["clip_align"] = clip_align_loss(
-                projected.float(), out.grid, target, valid, self.vocab_feats, labels,
+                projected.float(), out.grid, target, valid, feats, labels,
                 lc.clip_temperature)
             loss = loss + lc.clip_align_weight * parts["clip_align"]
         if self.teacher is not None and lc.ssl_weight > 0:

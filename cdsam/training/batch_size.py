@@ -79,7 +79,7 @@ def scale_lrs(optim: OptimConfig, batch: int, world_size: int = 1) -> OptimConfi
     ratio = batch * optim.grad_accum_steps * world_size / REFERENCE_BATCH
     factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[optim.lr_scaling]
     return dataclasses.replace(optim, batch_size=batch, lr=optim.lr * factor,
-                               lora_lr=optim.lora_lr * factor)
+                               lora_lr=optim.lora_lr * factor, clip_lr=optim.clip_lr * factor)
 
 
 def _local_numel(p: torch.Tensor) -> int:

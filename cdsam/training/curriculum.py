@@ -10,6 +10,12 @@ The rules themselves (parents, DINO modes, what each stage reads) are `cdsam.con
 | 4     | DINO LoRA merged, all trainable   | frozen    | trainable | lora / frozen / full     |
 |       | (or only the last K blocks + norm)|           |           |                          |
 
+The CLIP column is ``stageN.clip``, ``frozen`` by default in every stage: ``lora`` puts
+weight-space adapters (`cdsam.models.lora.LoRAWeight`, ``lora.clip``) on the text transformer's
+attention and MLP weights, ``full`` merges any and trains the whole text tower; both at
+``optim.clip_lr``, the seed's "CLIP tuning late, at a low LR" (docs/knobs.md, "The text tower").
+A later stage inherits the tuned tower; a frozen stage keeps it as it came.
+
 "heads" are cdsam's own modules (`HEAD_MODULES`) and SAM's mask head: the hypernetwork MLP
 that turns the decoder's mask token into the per-pixel weights of the one mask cdsam decodes
 (`SAM_MASK_HEAD`, ~140 k parameters at SAM's width). It is trained in full in every stage and SAM
@@ -35,13 +41,14 @@ import re
 import torch
 from torch import nn
 
-from cdsam.config.schema import DinoLoraConfig, OptimConfig, SamLoraConfig
+from cdsam.config.schema import ClipLoraConfig, DinoLoraConfig, OptimConfig, SamLoraConfig
 from cdsam.config.stages import StagePlan, stage_rule
 from cdsam.errors import UserError
 from cdsam.models.lora import (
     find_targets,
+    has_lora,
     inject_lora,
-    lora_modules,
+    inject_weight_lora,
     lora_parameters,
     merge_lora,
 )
@@ -78,8 +85,53 @@ def dino_lora_targets(model: CDSAM, cfg: DinoLoraConfig) -> list[str]:
     return names
 
 
-def _has_lora(module: nn.Module) -> bool:
-    return any(True for _ in lora_modules(module))
+def clip_lora_targets(model: CDSAM, cfg: ClipLoraConfig) -> list[str]:
+    """The text tower's weights that get adapters: the packed attention in-projection of every
+    ``nn.MultiheadAttention`` (or open_clip's own ``Attention``) and the weight of every
+    ``nn.Linear`` whose module path holds a target substring. The projection to the joint
+    space and the logit scale stay as they are."""
+    names = []
+    for name, module in model.clip_text.named_modules(prefix="clip_text"):
+        if not any(t in name.split(".", 2)[-1] for t in cfg.targets) or \
+                "text_projection" in name:
+            continue
+        packed = getattr(module, "in_proj_weight", None)
+        if isinstance(packed, nn.Parameter):
+            names.append(f"{name}.in_proj_weight")
+        elif isinstance(module, nn.Linear):
+            names.append(f"{name}.weight")
+    if not names:
+        raise UserError(f"lora.clip.targets: no attention or linear layer of the text tower "
+                        f"matches {cfg.targets} (module paths such as "
+                        f"{_example_paths(model.clip_text)})")
+    return names
+
+
+def _example_paths(module: nn.Module) -> str:
+    linear = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    return ", ".join(linear[:3]) or "none"
+
+
+# Parameters of the text tower that encode_text never uses (they scale image-text logits).
+_CLIP_UNUSED = ("logit_scale", "logit_bias")
+
+
+def apply_clip_mode(model: CDSAM, mode: str, cfg: ClipLoraConfig) -> None:
+    """The text tower frozen (as it came: adapters a parent trained stay, frozen), with LoRA
+    (kept or injected), or trained in full (adapters merged first)."""
+    tower = model.clip_text
+    tower.requires_grad_(False)
+    if mode == "lora":
+        if not has_lora(tower):
+            inject_weight_lora(model, clip_lora_targets(model, cfg), cfg.rank, cfg.alpha)
+        for p in lora_parameters(tower):
+            p.requires_grad_(True)
+    elif mode == "full":
+        merge_lora(tower)
+        for name, p in tower.named_parameters():
+            p.requires_grad_(name.rsplit(".", 1)[-1] not in _CLIP_UNUSED)
+    elif mode != "frozen":
+        raise ValueError(f"unknown CLIP mode {mode!r}")
 
 
 def dino_trainable_range(model: CDSAM, blocks: int | None) -> range:
@@ -95,7 +147,8 @@ def dino_trainable_range(model: CDSAM, blocks: int | None) -> range:
 
 def apply_stage(model: CDSAM, stage: int, sam_lora: SamLoraConfig,
                 dino_lora: DinoLoraConfig | None = None, sam_mode: str = "lora",
-                dino_trainable_blocks: int | None = None) -> None:
+                dino_trainable_blocks: int | None = None, clip_mode: str = "frozen",
+                clip_lora: ClipLoraConfig | None = None) -> None:
     """Freeze, inject, merge and unfreeze ``model`` in place as the stage table says.
 
     Safe to call on a model loaded from the parent stage's checkpoint: adapters that are
@@ -108,7 +161,7 @@ def apply_stage(model: CDSAM, stage: int, sam_lora: SamLoraConfig,
 
     # SAM: LoRA (base frozen), frozen, or full (adapters merged, all that text prompts reach).
     if sam_mode == "lora":
-        if not _has_lora(model.sam) and sam_lora.enable:
+        if not has_lora(model.sam) and sam_lora.enable:
             inject_lora(model, sam_lora_targets(model, sam_lora), sam_lora.rank,
                         sam_lora.alpha, sam_lora.dropout)
         for p in lora_parameters(model.sam):
@@ -131,7 +184,7 @@ def apply_stage(model: CDSAM, stage: int, sam_lora: SamLoraConfig,
     if rule.dino == "lora":
         if dino_lora is None:
             raise ValueError(f"stage {stage} needs lora.dino")
-        if dino_lora.enable and not _has_lora(model.dino):
+        if dino_lora.enable and not has_lora(model.dino):
             inject_lora(model, dino_lora_targets(model, dino_lora), dino_lora.rank,
                         dino_lora.alpha, dino_lora.dropout)
         for p in lora_parameters(model.dino):
@@ -148,14 +201,14 @@ def apply_stage(model: CDSAM, stage: int, sam_lora: SamLoraConfig,
             for i in dino_trainable_range(model, dino_trainable_blocks):
                 model.dino.blocks[i].requires_grad_(True)
             model.dino.norm.requires_grad_(True)
-    elif _has_lora(model.dino):
+    elif has_lora(model.dino):
         raise ValueError(f"stage {stage} expects a DINO without LoRA")
 
     for name in HEAD_MODULES:
         getattr(model, name).requires_grad_(True)
     for name in sam_heads(model):
         model.sam.get_submodule(name).requires_grad_(True)
-    model.clip_text.requires_grad_(False)
+    apply_clip_mode(model, clip_mode, clip_lora or ClipLoraConfig())
     # Parameters of adapter-free unused SAM outputs stay frozen whatever the mode says.
     for name, p in model.sam.named_parameters():
         if _SAM_UNUSED.search(name) or name.startswith("mask_decoder.iou_prediction_head"):
@@ -165,19 +218,27 @@ def apply_stage(model: CDSAM, stage: int, sam_lora: SamLoraConfig,
 def apply_plan(model: CDSAM, plan: StagePlan) -> None:
     """:func:`apply_stage` with what the stage's plan says."""
     apply_stage(model, plan.stage, plan.lora_sam, plan.lora_dino, plan.sam_mode,
-                plan.dino_trainable_blocks)
+                plan.dino_trainable_blocks, plan.clip_mode, plan.lora_clip)
 
 
 def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
-    """Two AdamW groups: base (lr, wd) and LoRA (lora_lr, wd 0), split by module type."""
+    """AdamW groups: base (lr, wd) and LoRA (lora_lr, wd 0), split by module type, and the CLIP
+    text tower's trainable weights, LoRA or not (clip_lr, wd 0: decay would pull every token
+    embedding a batch never uses towards zero, drift with no gradient behind it)."""
+    clip = getattr(model, "clip_text", None)
+    clip_ids = {id(p) for p in clip.parameters()} if clip is not None else set()
     lora_ids = {id(p) for p in lora_parameters(model)}
-    base = [p for p in model.parameters() if p.requires_grad and id(p) not in lora_ids]
-    lora = [p for p in model.parameters() if p.requires_grad and id(p) in lora_ids]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    base = [p for p in trainable if id(p) not in lora_ids and id(p) not in clip_ids]
+    lora = [p for p in trainable if id(p) in lora_ids and id(p) not in clip_ids]
+    text = [p for p in trainable if id(p) in clip_ids]
     groups = []
     if base:
         groups.append({"name": "base", "params": base, "lr": optim.lr, "weight_decay": optim.wd})
     if lora:
         groups.append({"name": "lora", "params": lora, "lr": optim.lora_lr, "weight_decay": 0.0})
+    if text:
+        groups.append({"name": "clip", "params": text, "lr": optim.clip_lr, "weight_decay": 0.0})
     return groups
 
 
@@ -203,6 +264,7 @@ def component_counts(model: CDSAM) -> dict[str, dict[str, int]]:
         "dino": count(model.dino.parameters(), not_lora),
         "dino_lora": count(model.dino.parameters(), is_lora),
         "clip_text": count(model.clip_text.parameters(), not_lora),
+        "clip_lora": count(model.clip_text.parameters(), is_lora),
         "heads": count(heads, not_lora),  # cdsam's heads and SAM's (sam_heads)
         "sam": count(model.sam.parameters(), lambda p: not_lora(p) and id(p) not in head_ids),
         "sam_lora": count(model.sam.parameters(), is_lora),

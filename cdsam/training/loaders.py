@@ -21,6 +21,7 @@ from cdsam.data.dataset import EpochSampler, ManifestDataset, collate
 from cdsam.data.packed import PackedLoader, normalize_batch
 from cdsam.data.prepared import PreparedSplit
 from cdsam.data.spatial import SpatialPolicy
+from cdsam.data.templates import PromptEnsembles, read_ensembles
 from cdsam.distributed import DistInfo
 
 log = logging.getLogger("cdsam.train")
@@ -33,6 +34,12 @@ class StageData:
     splits: dict[str, PreparedSplit]  # train, val: the shards, opened (nothing decoded)
     train_set: ManifestDataset  # with the stage's augmentation and click/box policy
     val_set: ManifestDataset
+    ensembles: PromptEnsembles | None = None  # prepared with several prompt templates
+
+    @property
+    def templates(self) -> int:
+        """How many templates a training sample draws from."""
+        return len(self.ensembles.templates) if self.ensembles is not None else 1
 
     @property
     def vocab(self) -> list[str]:
@@ -45,10 +52,12 @@ def open_stage_data(root: Path, params: Params) -> StageData:
     p = params
     t0 = time.perf_counter()
     splits = {name: PreparedSplit.open(root, name, p.data) for name in SPLITS}
+    ensembles = read_ensembles(root)
     train_set = ManifestDataset(
         root, "train", p.data, augment=p.data.augment.enable, seed=p.seed,
         spatial=SpatialPolicy(point=p.train.point_prompts, box=p.train.box_prompts),
-        prepared=splits["train"])
+        prepared=splits["train"],
+        templates=len(ensembles.templates) if ensembles is not None else 1)
     val_set = ManifestDataset(root, "val", p.data, prepared=splits["val"])
     log.info("opened %d images (%d samples, %.1f MB of prepared rows%s) in %.3f s",
              sum(len(x.image_keys) for x in splits.values()),
@@ -56,7 +65,11 @@ def open_stage_data(root: Path, params: Params) -> StageData:
              sum(x.nbytes for x in splits.values()) / 2**20,
              ", read from disk per batch" if any(x.on_disk for x in splits.values())
              else ", memory-mapped", time.perf_counter() - t0)
-    return StageData(splits, train_set, val_set)
+    if ensembles is not None:
+        log.info("prompt ensembles: %d templates (%s); training draws one per sample and "
+                 "epoch, validation averages them", len(ensembles.templates),
+                 " | ".join(ensembles.templates))
+    return StageData(splits, train_set, val_set, ensembles)
 
 
 @dataclass
@@ -85,7 +98,7 @@ def build_loaders(data: StageData, params: Params, stage: int, batch_size: int,
         on_gpu = device.type == "cuda"
         train = PackedLoader(data.splits["train"], batch_size, device, sampler=sampler,
                              spatial=data.train_set.spatial, seed=p.seed, prefetch=on_gpu,
-                             augment=p.data.augment)
+                             augment=p.data.augment, templates=data.templates)
         val = PackedLoader(data.splits["val"], val_bs, device, prefetch=on_gpu,
                            indices=val_rows_idx)
         for loader in (train, val):

@@ -7,8 +7,9 @@ TF32, pinned memory, fused AdamW, frozen linear/conv weights held in the autocas
 then eager); the CPU runs the same code in fp32, bit-reproducibly for a given seed and thread
 count. Under torchrun the trainable model is wrapped in DDP (see `cdsam.distributed`), or with
 ``CDSAM_PARALLEL=fsdp`` sharded by FSDP2 (`cdsam.training.sharding`). Frozen
-work is done once: CLIP text features per prompt, the frozen DINO prefix per image
-(`cdsam.training.feature_cache`). After every epoch the full state goes to a resume folder
+work is done once: CLIP text features per prompt (per step while ``stageN.clip`` tunes the
+tower, whose drift from its base every epoch logs: `cdsam.evaluation.text_drift`), the frozen
+DINO prefix per image (`cdsam.training.feature_cache`). After every epoch the full state goes to a resume folder
 (`cdsam.training.resume`), so a killed run continues where it stopped.
 
 Each setup step is a helper of the module that owns it and returns what it builds; ``setup``
@@ -43,6 +44,12 @@ from cdsam.data.packed import PackedLoader
 from cdsam.data.prepared import PreparedSplit, prepared_digest
 from cdsam.errors import UserError
 from cdsam.evaluation.scoring import EvalResult, evaluate_model
+from cdsam.evaluation.text_drift import (
+    TextDrift,
+    general_prompts,
+    rebuild_base_tower,
+    tower_is_base,
+)
 from cdsam.models.checkpoint import CheckpointMeta, parent_ref, save_checkpoint
 from cdsam.models.dino import set_activation_checkpointing
 from cdsam.models.forward import forward_batch
@@ -158,7 +165,7 @@ class StageTrainer:
             "optim": to_dict(self.plan.optim),
             "loss": to_dict(p.loss), "stage_cfg": to_dict(p.stage(self.stage)),
             "train": drop_speed_values("train", to_dict(p.train)),
-            "lora_sam": to_dict(self.plan.lora_sam),
+            "lora_sam": to_dict(self.plan.lora_sam), "lora_clip": to_dict(self.plan.lora_clip),
             "world_size": self.dist.world_size, "device": self.device.type,
         }
         if self.dist.sharded:
@@ -187,6 +194,10 @@ class StageTrainer:
         if p.data.crop % model.patch_size:
             raise UserError(f"data.crop: {p.data.crop} is not divisible by the DINO patch size "
                             f"({model.patch_size})")
+        if self.plan.clip_mode != "frozen" and self.dist.sharded:
+            raise UserError(f"stage{self.stage}.clip: {self.plan.clip_mode} is not supported "
+                            f"under CDSAM_PARALLEL=fsdp (the text tower is replicated, not "
+                            f"sharded, and its gradients would not be averaged); use DDP")
         apply_plan(model, self.plan)
         set_activation_checkpointing(model.dino, p.train.activation_checkpointing)
         if p.loss.clip_align_weight == 0:
@@ -207,8 +218,14 @@ class StageTrainer:
             self.model = model.to(self.device)
         self.vocab = data.vocab
         self.counts = component_counts(self.model)
-        # One objective for train and val loss; CLIP text features once per run (frozen).
-        self.objective = Objective.for_model(self.model, p.loss, self.vocab, teacher)
+        # One objective for train and val loss; the vocabulary's text features once per run
+        # (again after each epoch when the tower trains).
+        self.ensembles = data.ensembles
+        self.objective = Objective.for_model(self.model, p.loss, self.vocab, teacher,
+                                             data.ensembles)
+        # How often training showed each prompt template (prompt ensembling), per template.
+        self.template_draws = [0] * data.templates
+        self.drift, self.fixed_drift = self._text_drift()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.needs_scaler)
         self.cache = build_feature_cache(self.model, p, data, self.precision, bool(self.packs))
         if self.dist.sharded and self.cache is not None and self.cache.full:
@@ -257,6 +274,36 @@ class StageTrainer:
             log.info("spatial prompts next to the text: a click on %.0f %% of samples, a box on "
                      "%.0f %% (train.point_prompts / train.box_prompts)",
                      100 * p.train.point_prompts, 100 * p.train.box_prompts)
+
+    @property
+    def tunes_text(self) -> bool:
+        return self.plan.clip_mode != "frozen"
+
+    def _text_drift(self) -> tuple[TextDrift, dict[str, float] | None]:
+        """The text tower's drift from its base (`cdsam.evaluation.text_drift`), and its value
+        when this stage does not move the tower (measured once, here)."""
+        tower = self.model.clip_text
+        general = general_prompts()
+        if tower_is_base(tower, self.base):
+            # The base itself: it drifts 0 while frozen; tuned, its features now are the base's.
+            drift = TextDrift.against(tower if self.tunes_text else None, self.vocab, general)
+        elif self.base is None:
+            log.warning("stage%d: the parent checkpoint is saved in full, so its base text "
+                        "tower is unknown: val/text_drift is measured from this stage's start",
+                        self.stage)
+            drift = TextDrift.against(tower, self.vocab, general)
+        else:  # an earlier stage tuned it: against the tower as built
+            drift = TextDrift.against(rebuild_base_tower(self.model_cfg, self.base.seed),
+                                      self.vocab, general)
+        return drift, None if self.tunes_text else drift.measure(tower)
+
+    def _drift_note(self, drift: dict[str, float], within: bool) -> str:
+        """The epoch log line's text drift, where there is any to say."""
+        if not self.tunes_text and not drift["text_drift"]:
+            return ""
+        beyond = "" if within else f", beyond stage{self.stage}.max_text_drift"
+        return (f" text_drift={drift['text_drift']:.4f} (general "
+                f"{drift['text_drift_general']:.4f}{beyond})")
 
     def _agree_on_resume(self) -> None:
         """Every rank resumes from the same epoch or none does. Only rank 0 writes the state,
@@ -424,6 +471,8 @@ class StageTrainer:
                 bar.set_postfix(loss=f"{float(step_losses[-1]):.4f}")
             step_losses.append(loss)
             sizes.append(batch["image"].shape[0])
+            for k in batch.get("template", ()):
+                self.template_draws[k] += 1
         losses = torch.stack(step_losses).float().cpu().tolist() if step_losses else []
         self._check_finite(losses, epoch)
         self.step_losses.append(losses)
@@ -447,7 +496,8 @@ class StageTrainer:
         if live is None:
             return
         live.log_metric("train/loss", row["train_loss"])
-        for key in ("loss", "miou", "dice", "sampled_class_iou", "fp_rate"):
+        for key in ("loss", "miou", "dice", "sampled_class_iou", "fp_rate", "text_drift",
+                    "text_drift_general"):
             live.log_metric(f"val/{key}", row[key])
         live.log_metric("lr", row["lr"])
         live.next_step()
@@ -491,13 +541,19 @@ class StageTrainer:
             self.epoch_times.append(elapsed)
             progress.train_time += elapsed
             progress.train_images += tr["images"]
+            if self.tunes_text:  # the tower moved: its cached features are stale
+                self.objective.refresh(self.model)
+            drift = self.fixed_drift if self.fixed_drift is not None else \
+                self.drift.measure(self.model.clip_text)
             # Sharded, every rank scores the whole val split (see loaders): no reduction.
             val = evaluate_model(self.model, self.val_loader, self.objective, self.precision,
                                  cache=self.cache,
                                  reduce=self.dist.enabled and not self.dist.sharded)
             if hooks.after_validation is not None:
                 hooks.after_validation(self, epoch, val)
-            improved = val.miou > progress.best
+            bound = self.plan.max_text_drift
+            within = bound is None or drift["text_drift_general"] <= bound
+            improved = val.miou > progress.best and within
             if self.dist.sharded:
                 # Gathering the best weights is collective: every rank must agree to.
                 improved = bool(distributed.all_reduce_min(int(improved), self.device))
@@ -505,13 +561,15 @@ class StageTrainer:
                 progress.best, progress.best_epoch = val.miou, epoch + 1
                 if self.select == "best":  # the weights the next stage will start from
                     self.best_state = self.trainable_state()
-            row = {"train_loss": tr["loss"], **val.figures, "lr": self.scheduler.get_last_lr()[0]}
+            row = {"train_loss": tr["loss"], **val.figures, **drift,
+                   "lr": self.scheduler.get_last_lr()[0]}
             self.history.append(row)
             progress.history = self.history
             progress.epoch = epoch + 1
             log.info("epoch %d/%d train_loss=%.4f val_loss=%.4f miou=%.4f dice=%.4f "
-                     "sampled_class_iou=%.4f fp_rate=%.3f%s", epoch + 1, self.epochs, tr["loss"],
-                     val.loss, val.miou, val.dice, val.sampled_class_iou, val.fp_rate,
+                     "sampled_class_iou=%.4f fp_rate=%.3f%s%s", epoch + 1, self.epochs,
+                     tr["loss"], val.loss, val.miou, val.dice, val.sampled_class_iou, val.fp_rate,
+                     self._drift_note(drift, within),
                      " (best so far)" if progress.best_epoch == epoch + 1 else "")
             self._log_epoch(live, row)
             full = None
@@ -524,6 +582,11 @@ class StageTrainer:
                     self.store.save(progress, self.model, self.optimizer, self.scheduler,
                                     self.scaler, extra=best, base=self.base, full=full)
             distributed.barrier()
+        if self.select == "best" and progress.best_epoch == 0:
+            least = min(row["text_drift_general"] for row in self.history)
+            raise UserError(f"stage{self.stage}.max_text_drift: every epoch drifted beyond "
+                            f"{self.plan.max_text_drift} (the least: {least:.4f}); raise it or "
+                            f"lower optim.clip_lr. No checkpoint was written")
         self.selected_epoch = progress.best_epoch if self.select == "best" else self.epochs
         if self.best_state is not None and self.selected_epoch != self.epochs:
             if self.dist.sharded:
@@ -541,7 +604,8 @@ class StageTrainer:
         chosen = self.history[self.selected_epoch - 1]
         return {
             **{k: chosen[k]
-               for k in ("loss", "miou", "dice", "sampled_class_iou", "fp_rate")},
+               for k in ("loss", "miou", "dice", "sampled_class_iou", "fp_rate", "text_drift",
+                         "text_drift_general")},
             "best_miou": progress.best, "selected_epoch": self.selected_epoch,
             "epochs": self.epochs,
             "trainable_params": self.trainable_params, "total_params": self.total_params,
@@ -555,6 +619,7 @@ class StageTrainer:
         (`gather_for_save`)."""
         parent = parent_ref(self.paths.parent) if self.paths.parent else None
         extra = {
+            **({"prompt_ensembles": self.ensembles.to_dict()} if self.ensembles else {}),
             "optim": to_dict(self.optim_cfg), "epochs": self.epochs, "sam_mode": self.sam_mode,
             "loss": to_dict(self.params.loss), "seed": self.params.seed,
             "data": drop_speed_values("data", to_dict(self.params.data)),
@@ -594,6 +659,8 @@ class StageTrainer:
             live.summary["batch_size"] = self.optim_cfg.batch_size  # a number, auto resolved
             live.summary["feature_cache_images"] = len(self.cache) if self.cache else 0
             live.summary["text_encoder_calls"] = self.model.clip_text.calls
+            if self.ensembles is not None:
+                live.summary["template_draws"] = self.template_draws
             counts = {k: v["trainable"] for k, v in self.counts.items()}
             live.summary["trainable_by_component"] = counts
         self.store.clear()  # outputs are written: the scratch state has done its job
