@@ -35,6 +35,15 @@ class Objective:
 
     def __post_init__(self) -> None:
         self.index = {t: i for i, t in enumerate(self.vocab)}
+        # Per vocabulary prompt, the texts its feature is the mean of; and every such text
+        # once, sorted, with where each group's texts sit in that list (a tuning step encodes
+        # the list and gathers the groups from it). Fixed for the run: worked out here once.
+        self.groups = [[p] for p in self.vocab] if self.ensembles is None else \
+            [self.ensembles.variants(p) for p in self.vocab]
+        self.texts = sorted({t for g in self.groups for t in g})
+        self.text_row = {t: i for i, t in enumerate(self.texts)}
+        self.group_rows = [self.text_row[t] for g in self.groups for t in g]
+        self.group_sizes = [len(g) for g in self.groups]
 
     @classmethod
     def for_model(cls, model: CDSAM, cfg: LossConfig, vocab: list[str],
@@ -45,13 +54,6 @@ class Objective:
         objective = cls(cfg, vocab, torch.empty(0), model.token_proj, teacher, ensembles)
         objective.refresh(model, clear=False)
         return objective
-
-    @property
-    def groups(self) -> list[list[str]]:
-        """Per vocabulary prompt, the texts its feature is the mean of."""
-        if self.ensembles is None:
-            return [[p] for p in self.vocab]
-        return [self.ensembles.variants(p) for p in self.vocab]
 
     def refresh(self, model: CDSAM, clear: bool = True) -> None:
         """The vocabulary's features again, from a text tower that trained since."""
@@ -68,16 +70,12 @@ class Objective:
         template (shown alone); without, a prompt's feature is its ensemble's mean."""
         tower = model.clip_text
         if tower.tuning:
-            texts = sorted({t for g in self.groups for t in g})
-            at = {t: i for i, t in enumerate(texts)}
-            feats = tower.encode(texts)
-            groups = self.groups
-            vocab = mean_features(feats[torch.tensor([at[t] for g in groups for t in g],
-                                                     device=feats.device)],
-                                  [len(g) for g in groups])
+            feats = tower.encode(self.texts)
+            vocab = mean_features(feats[torch.tensor(self.group_rows, device=feats.device)],
+                                  self.group_sizes)
             if draws is not None and self.ensembles is not None:
-                shown = [at[self.ensembles.variant(p, k)] for p, k in zip(prompts, draws,
-                                                                         strict=True)]
+                shown = [self.text_row[self.ensembles.variant(p, k)]
+                         for p, k in zip(prompts, draws, strict=True)]
                 return feats[torch.tensor(shown, device=feats.device)], vocab
             return vocab[self.rows(prompts, vocab.device)], vocab
         if self.ensembles is None:

@@ -220,7 +220,6 @@ class StageTrainer:
         self.counts = component_counts(self.model)
         # One objective for train and val loss; the vocabulary's text features once per run
         # (again after each epoch when the tower trains).
-        self.ensembles = data.ensembles
         self.objective = Objective.for_model(self.model, p.loss, self.vocab, teacher,
                                              data.ensembles)
         # How often training showed each prompt template (prompt ensembling), per template.
@@ -619,7 +618,8 @@ class StageTrainer:
         (`gather_for_save`)."""
         parent = parent_ref(self.paths.parent) if self.paths.parent else None
         extra = {
-            **({"prompt_ensembles": self.ensembles.to_dict()} if self.ensembles else {}),
+            **({"prompt_ensembles": self.objective.ensembles.to_dict()}
+               if self.objective.ensembles else {}),
             "optim": to_dict(self.optim_cfg), "epochs": self.epochs, "sam_mode": self.sam_mode,
             "loss": to_dict(self.params.loss), "seed": self.params.seed,
             "data": drop_speed_values("data", to_dict(self.params.data)),
@@ -659,7 +659,7 @@ class StageTrainer:
             live.summary["batch_size"] = self.optim_cfg.batch_size  # a number, auto resolved
             live.summary["feature_cache_images"] = len(self.cache) if self.cache else 0
             live.summary["text_encoder_calls"] = self.model.clip_text.calls
-            if self.ensembles is not None:
+            if self.objective.ensembles is not None:
                 live.summary["template_draws"] = self.template_draws
             counts = {k: v["trainable"] for k, v in self.counts.items()}
             live.summary["trainable_by_component"] = counts
