@@ -7,6 +7,7 @@
 ``cdsam predict …``           masks for images and text prompts from a checkpoint
 ``cdsam demo …``              a local web page to try prompts on a checkpoint
 ``cdsam export …``            a merged, self-contained checkpoint, or ONNX graphs (any prompt, or fixed ones)
+``cdsam data check``          what the prepare source holds, per split, and its bad files (exit 1)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 from cdsam import __version__
-from cdsam.config.parse import load_params
+from cdsam.config.parse import load_params, parse_params, read_params_file
 from cdsam.config.stages import check_stage_arg, curriculum_to
 from cdsam.entry import offline_defaults, run
 from cdsam.errors import UserError
@@ -197,6 +198,33 @@ def cmd_init(args: argparse.Namespace) -> None:
           f"then dvc repro")
 
 
+CHECK_KEYS = ("source", "images", "masks", "annotations", "root", "mask_format", "prompt",
+              "instance_classes")
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from cdsam.data.check import check_source
+    from cdsam.data.tasks import resolve_workers
+
+    data = read_params_file(args.params) if Path(args.params).is_file() or args.source is None \
+        else {}
+    prepare = dict(data.get("prepare") or {})
+    given = {k: getattr(args, k) for k in CHECK_KEYS if getattr(args, k) is not None}
+    if args.source is not None and args.source != prepare.get("source"):
+        # Another source: the file's source-specific keys would not describe it.
+        prepare = {k: v for k, v in prepare.items() if k not in CHECK_KEYS}
+    prepare.update(given)
+    if args.classes is not None:
+        prepare["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+    params = parse_params({**data, "prepare": prepare})
+    workers = resolve_workers(args.workers if args.workers is not None
+                              else params.prepare.workers)
+    report = check_source(params.prepare, params.seed, workers,
+                          show_progress=not args.no_progress)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cdsam", description="CLIP–DINO–SAM tools")
     ap.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
@@ -294,6 +322,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a folder whose first images are offered to pick (default: the "
                         "prepared data, when present)")
     s.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command",
+                                                                      required=True)
+    s = data.add_parser("check", help="read the prepare source as prepare would, write "
+                        "nothing: per split images, samples, classes and their pixel shares, "
+                        "empty masks, bad files; exit 1 on any problem")
+    s.add_argument("--params", default="params.yaml",
+                   help="its prepare section is checked; the options below replace keys")
+    s.add_argument("--source", help="prepare.source (another source than the file's drops "
+                                    "the file's source keys)")
+    for key in CHECK_KEYS[1:]:
+        s.add_argument(f"--{key.replace('_', '-')}", dest=key, help=f"prepare.{key}")
+    s.add_argument("--classes", help="prepare.classes, comma-separated")
+    s.add_argument("--workers", type=int, help="processes (default prepare.workers: the cores)")
+    s.add_argument("--json", action="store_true", help="the report as JSON on stdout")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_data_check)
     return ap
 
 

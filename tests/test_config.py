@@ -89,9 +89,15 @@ def test_every_stage_declares_what_it_needs():
             assert k in keys, (n, k)
         assert ("lora.dino" in keys) == stage_rule(n).reads_dino_lora
         assert keys == stage_keys(n)
-    # prepare fits the images once, so it reads the fit's keys of `data` (and no others)
-    assert set(declared_keys("prepare", "dvc.yaml")) == {"seed", "prepare", "data.fit",
-                                                          "data.resize", "data.crop"}
+    # prepare fits the images once, so it reads the fit's keys of `data` (and no others), and
+    # every prepare key but its speed knob (prepare.workers: the same bytes for any number)
+    from dataclasses import fields
+
+    from cdsam.config.schema import PrepareConfig
+
+    prepare_keys = {f"prepare.{f.name}" for f in fields(PrepareConfig)} - {"prepare.workers"}
+    assert set(declared_keys("prepare", "dvc.yaml")) == {"seed", "data.fit", "data.resize",
+                                                          "data.crop"} | prepare_keys
 
 
 def test_speed_knobs_are_no_dvc_params_but_stages_read_them():

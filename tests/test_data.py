@@ -96,13 +96,15 @@ def test_folders_source(tmp_path):
 
 def test_folders_are_decoded_one_image_at_a_time(tmp_path, monkeypatch):
     """Memory stays flat in the image count: when the writer gets image k, only k images and
-    their masks have been opened (holding them all first grew about 5 MB a 1024² image)."""
+    their masks have been opened (holding them all first grew about 5 MB a 1024² image). One
+    worker: in this process, where the counting can see it."""
     from cdsam.data.manifest import BadFiles
     from cdsam.data.shards import ShardWriter
 
     cfg = _folders(tmp_path, n=8)
+    cfg.workers = 1
     opened, at_write = [], []
-    real_open, real_add = BadFiles.open, ShardWriter.add_image
+    real_open, real_add = BadFiles.open, ShardWriter.write
 
     def counting_open(self, *args, **kwargs):
         opened.append(args[0])
@@ -113,16 +115,25 @@ def test_folders_are_decoded_one_image_at_a_time(tmp_path, monkeypatch):
         return real_add(self, *args, **kwargs)
 
     monkeypatch.setattr(BadFiles, "open", counting_open)
-    monkeypatch.setattr(ShardWriter, "add_image", recording_add)
+    monkeypatch.setattr(ShardWriter, "write", recording_add)
     prepare(cfg, 0, tmp_path / "p", show_progress=False, data=whole(24))
     assert at_write == [2 * (k + 1) for k in range(8)]  # an image and its mask each
 
 
+def _a_train_stem(cfg: PrepareConfig, stems: list[str]) -> str:
+    """A stem the split puts in train (skipping it leaves val and test as they are)."""
+    from cdsam.data.manifest import stable_splits
+
+    splits = stable_splits(stems, cfg.val_fraction, cfg.test_fraction, 0)
+    return next(s for s in stems if splits[s] == "train")
+
+
 def test_truncated_png_named_or_skipped(tmp_path):
     cfg = _folders(tmp_path)
-    bad = tmp_path / "masks" / "im2.png"
+    stem = _a_train_stem(cfg, [f"im{i}" for i in range(6)])
+    bad = tmp_path / "masks" / f"{stem}.png"
     bad.write_bytes(bad.read_bytes()[:40])
-    with pytest.raises(DataError, match=r"im2.png: unreadable mask"):
+    with pytest.raises(DataError, match=rf"{stem}.png: unreadable mask"):
         prepare(cfg, 0, tmp_path / "p", show_progress=False)
     assert not (tmp_path / "p").exists()
     cfg.on_bad_file = "skip"

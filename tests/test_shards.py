@@ -119,12 +119,12 @@ def test_files_and_pixels_grow_with_images_not_prompts(tmp_path):
     assert every["files"] == one["files"] == 3 * 3 + 3 + scenes  # shards, tables, scenes
     for split in ("train", "val", "test"):
         for kind in ("images", "labels"):
-            name = f"{split}-{kind}.u8"
+            name = f"{split}-{kind}-00000.u8"
             assert (tmp_path / "one" / name).read_bytes() == \
                 (tmp_path / "every" / name).read_bytes(), name
         # The negatives of an image share one 256-byte table: no pixels at all.
-        assert (tmp_path / "every" / f"{split}-luts.u8").stat().st_size == \
-            (tmp_path / "one" / f"{split}-luts.u8").stat().st_size
+        assert (tmp_path / "every" / f"{split}-luts-00000.u8").stat().st_size == \
+            (tmp_path / "one" / f"{split}-luts-00000.u8").stat().st_size
 
 
 def test_the_digest_changes_with_the_content(tmp_path):
@@ -138,9 +138,9 @@ def test_the_digest_changes_with_the_content(tmp_path):
 
 def test_a_truncated_shard_is_one_line(tmp_path):
     _synthetic(tmp_path, "a")
-    path = tmp_path / "a" / "val-labels.u8"
+    path = tmp_path / "a" / "val-labels-00000.u8"
     path.write_bytes(path.read_bytes()[:-5])
-    with pytest.raises(DataError, match=r"val-labels.u8: \d+ bytes, index.json says"):
+    with pytest.raises(DataError, match=r"val-labels-00000.u8: \d+ bytes, index.json says"):
         PreparedSplit.open(tmp_path / "a", "val", DataConfig(crop=32))
 
 
@@ -157,7 +157,7 @@ def test_a_killed_prepare_leaves_the_previous_output_whole(tmp_path):
               f"{str(tmp_path / 'prepared')!r}, show_progress=False, data=DataConfig())\n")
     proc = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.time() + 60
-    while not list(tmp_path.glob(".prepared.*.tmp/*-images.u8")) and time.time() < deadline:
+    while not list(tmp_path.glob(".prepared.*.tmp/*-images-*.u8")) and time.time() < deadline:
         time.sleep(0.1)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

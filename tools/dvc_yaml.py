@@ -108,7 +108,8 @@ def render() -> str:
     prepare, train, evaluate = (code_deps(f"stages/{s}.py")
                                 for s in ("prepare", "train", "evaluate"))
     parts = [stage_text("prepare", "python stages/prepare.py", prepare + [RAW_DATA],
-                        ["seed", "prepare", "data.fit", "data.resize", "data.crop"],
+                        without_speed_keys(["seed", "prepare", "data.fit", "data.resize",
+                                            "data.crop"]),
                         ["data/prepared"], "metrics/prepare.json")]
     for n in stages():
         rule = stage_rule(n)

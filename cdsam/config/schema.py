@@ -15,9 +15,9 @@ SAM2_TYPES = tuple(f"{v}_hiera_{s}" for v in ("sam2", "sam2.1") for s in ("t", "
 SAM_TYPES = SAM1_TYPES + SAM2_TYPES
 SAM_MODES = ("lora", "frozen", "full")
 CLIP_MODES = ("frozen", "lora", "full")
-SOURCES = ("synthetic", "folders", "voc", "coco")
+SOURCES = ("synthetic", "folders", "voc", "coco", "labelme", "cvat", "yolo")
 NEGATIVES = ("none", "absent")
-MASK_FORMATS = ("binary", "indexed", "per_class")
+MASK_FORMATS = ("binary", "indexed", "per_class", "instances")
 FITS = ("crop", "pad")
 SELECT = ("best", "last")
 
@@ -213,6 +213,12 @@ class PrepareConfig:
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     on_bad_file: str = "error"  # error | skip
+    # Processes that decode and fit images (null or 0: the cores available). A speed knob: the
+    # output is byte-identical for any number.
+    workers: int | None = None
+    # Images per shard file (null: ~1.5 GB of image and label rows at data.crop); a split's
+    # images fill shards in stem order, so added images append shards instead of rewriting.
+    shard_images: int | None = None
     # absent: prompts of classes not in an image become empty-mask samples (seeded)
     negatives: str = "absent"  # none | absent
     negatives_per_image: int = 1  # absent-class prompts drawn per image (0: all absent classes)
@@ -220,7 +226,9 @@ class PrepareConfig:
     # folders source (images also: coco)
     images: str | None = None
     masks: str | None = None
-    mask_format: str = "binary"  # binary (one prompt) | indexed (0 bg, k = classes[k-1]) | per_class
+    # binary (one prompt) | indexed (0 bg, k = classes[k-1]) | per_class | instances (object ids)
+    mask_format: str = "binary"
+    instance_classes: str | None = None  # instances: CSV image,instance,class
     prompt: str | None = None
     # voc source
     root: str | None = None
@@ -230,7 +238,8 @@ class PrepareConfig:
     prompt_templates: list[str] | None = None
     classes: list[str] | None = None  # voc / coco / multi-class folders: the class names
     binary: bool = False
-    # coco source: instances JSON; val/test from their own files, else from the fractions
+    # coco: instances JSON; cvat: annotations.xml (CVAT for images 1.1); yolo: data.yaml.
+    # coco's val/test come from their own files, else from the fractions.
     annotations: str | None = None
     val_annotations: str | None = None
     val_images: str | None = None  # default: prepare.images

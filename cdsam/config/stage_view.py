@@ -29,8 +29,11 @@ from cdsam.io import looks_like_file
 # Params keys naming files a stage reads; prepare's only for the sources that read them.
 MODEL_FILE_KEYS = ("model.dino.checkpoint", "model.clip.pretrained", "model.sam.checkpoint")
 PREPARE_FILE_KEYS = {
-    "folders": ("images", "masks"),
+    "folders": ("images", "masks", "instance_classes"),
     "voc": ("root",),
+    "labelme": ("images",),
+    "cvat": ("images", "annotations"),
+    "yolo": ("annotations", "images"),
     "coco": ("images", "annotations", "val_annotations", "val_images", "test_annotations",
              "test_images"),
 }

@@ -61,7 +61,7 @@ SHARED_TRAIN_KEYS = ("seed", "device", "data", "model", "lora.sam", "optim", "lo
 # so they are neither DVC params (changing one reruns no stage) nor part of a resume state's
 # fingerprint (changing one keeps the state). Any stage may read them.
 SPEED_KEYS = ("data.memory_mb", "train.feature_cache_mb", "train.compile",
-              "train.activation_checkpointing")
+              "train.activation_checkpointing", "prepare.workers")
 
 
 def without_speed_keys(keys: list[str]) -> list[str]:

@@ -168,6 +168,10 @@ def validate(p: Params, errors: list[str]) -> None:
            "must be in [0, 1) and leave room for train next to val_fraction", errors)
     _check(pr.on_bad_file in ("error", "skip"), "prepare.on_bad_file", pr.on_bad_file,
            "must be error or skip", errors)
+    _check(pr.workers is None or pr.workers >= 0, "prepare.workers", pr.workers,
+           "must be >= 0 or null (null or 0: the cores available)", errors)
+    _check(pr.shard_images is None or pr.shard_images >= 1, "prepare.shard_images",
+           pr.shard_images, "must be >= 1 or null (null: ~1.5 GB shards)", errors)
     _check(pr.negatives in NEGATIVES, "prepare.negatives", pr.negatives,
            f"must be one of {', '.join(NEGATIVES)}", errors)
     _check(pr.negatives_per_image >= 0, "prepare.negatives_per_image", pr.negatives_per_image,

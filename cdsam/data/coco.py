@@ -3,7 +3,8 @@
 One binary sample per (image, category present): the union of the category's instances,
 decoded by pycocotools. ``iscrowd`` regions are ignore (255) in that category's mask, as COCO's
 evaluation ignores them. Prompts come from ``prepare.prompt_template`` and the category name;
-``prepare.classes`` picks a subset of categories. With ``prepare.negatives: absent``, categories
+``prepare.classes`` picks a subset of categories. Every non-crowd annotation is also kept as an
+instance. With ``prepare.negatives: absent``, categories
 not in an image give empty-mask samples, and images with no annotation at all are negatives.
 
 Splits: ``prepare.annotations`` is split by ``prepare.val_fraction`` / ``test_fraction``,
@@ -16,11 +17,10 @@ from __future__ import annotations
 import contextlib
 import io as _io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from cdsam.config.schema import PrepareConfig
@@ -32,10 +32,9 @@ from cdsam.data.manifest import (
     Sample,
 )
 from cdsam.data.negatives import absent_samples
+from cdsam.data.tasks import Item, Task
 from cdsam.data.templates import class_prompt
 from cdsam.errors import DataError
-
-Item = tuple[str, Image.Image, list[Sample]]
 
 
 def load_coco(path: str | Path, key: str) -> COCO:
@@ -87,14 +86,27 @@ def _check_polygons(ann: dict, w: int, h: int, where: Path) -> str | None:
     return None
 
 
-def _image_samples(coco: COCO, cfg: PrepareConfig, seed: int, info: dict,
-                   cats: dict[int, str], where: Path) -> list[Sample] | str:
-    """An image's samples, or the reason its annotations are bad."""
+def ann_mask(ann: dict, h: int, w: int) -> np.ndarray:
+    """One annotation's HxW bool mask (polygons or RLE), decoded by pycocotools."""
+    seg = ann["segmentation"]
+    if isinstance(seg, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    elif isinstance(seg.get("counts"), list):  # uncompressed RLE (crowd regions)
+        rle = mask_utils.frPyObjects(seg, h, w)
+    else:
+        rle = seg
+    return mask_utils.decode(rle).astype(bool)
+
+
+def _image_samples(cfg: PrepareConfig, seed: int, info: dict, anns: list[dict],
+                   cats: dict[int, str], where: Path) -> tuple[list[Sample], list[Sample]] | str:
+    """An image's (samples, instances), or the reason its annotations are bad."""
     h, w = int(info["height"]), int(info["width"])
     stem = Path(info["file_name"]).stem
     fg: dict[int, np.ndarray] = {}
     crowd: dict[int, np.ndarray] = {}
-    for ann in coco.imgToAnns.get(info["id"], []):
+    objects: list[tuple[int, np.ndarray]] = []
+    for ann in anns:
         cid = int(ann["category_id"])
         if cid not in cats:
             continue
@@ -104,19 +116,27 @@ def _image_samples(coco: COCO, cfg: PrepareConfig, seed: int, info: dict,
         seg = ann.get("segmentation")
         if isinstance(seg, dict) and list(seg.get("size", [])) != [h, w]:
             return f"annotation {ann.get('id')}: RLE size {seg.get('size')} is not {h}x{w}"
-        m = coco.annToMask(ann).astype(bool)
+        m = ann_mask(ann, h, w)
         target = crowd if ann.get("iscrowd", 0) else fg
         target[cid] = target[cid] | m if cid in target else m
+        if not ann.get("iscrowd", 0):
+            objects.append((cid, m))
     samples = []
     for cid, m in sorted(fg.items()):
         enc = np.where(m, FOREGROUND, BACKGROUND).astype(np.uint8)
         if cid in crowd:
             enc[crowd[cid] & ~m] = IGNORE
         samples.append(Sample(stem, class_prompt(cfg, cats[cid]), enc))
+    instances = []
+    for cid, m in objects:
+        enc = np.where(m, FOREGROUND, BACKGROUND).astype(np.uint8)
+        if cid in crowd:
+            enc[crowd[cid] & ~fg[cid]] = IGNORE
+        instances.append(Sample(stem, class_prompt(cfg, cats[cid]), enc))
     vocab = [class_prompt(cfg, n) for cid, n in cats.items()]
     # A category seen only as a crowd is neither a positive nor absent.
     seen = [class_prompt(cfg, cats[c]) for c in set(fg) | set(crowd)]
-    return samples + absent_samples(cfg, seed, stem, vocab, seen, (h, w))
+    return samples + absent_samples(cfg, seed, stem, vocab, seen, (h, w)), instances
 
 
 def coco_stems(coco: COCO) -> list[str]:
@@ -125,32 +145,44 @@ def coco_stems(coco: COCO) -> list[str]:
                                                       key=lambda i: i["id"])]
 
 
-def iter_coco(cfg: PrepareConfig, seed: int, coco: COCO, where: Path, images: str | None,
-              bad: BadFiles) -> Iterator[Item]:
-    """(stem, RGB image, samples) for every image of one instances file."""
+def load_coco_image(cfg: PrepareConfig, seed: int, info: dict, anns: list[dict],
+                    cats: dict[int, str], where: Path, path: Path, *, bad: BadFiles
+                    ) -> Item | None:
+    """One image of an instances file, checked against what the file says of it."""
+    image = bad.open(path, "RGB")
+    if image is None:
+        return None
+    if image.size != (int(info["width"]), int(info["height"])):
+        bad.bad(path, f"image is {image.size[0]}x{image.size[1]}, {where} says "
+                      f"{info['width']}x{info['height']}", "size")
+        return None
+    found = _image_samples(cfg, seed, info, anns, cats, where)
+    if isinstance(found, str):
+        bad.bad(where, f"image {info['file_name']}: {found}")
+        return None
+    return Item(image, *found)
+
+
+def coco_tasks(cfg: PrepareConfig, seed: int, coco: COCO, where: Path, images: str | None,
+               splits: dict[str, str], bad: BadFiles) -> list[Task]:
+    """A task per image of one instances file (its annotations travel with it)."""
     if not images:
         raise DataError("prepare.images: required for prepare.source: coco")
     cats = select_categories(coco, cfg, where)
     root = Path(images)
     if not root.is_dir():
         raise DataError(f"prepare.images: folder not found: {root}")
+    tasks = []
     for info in sorted(coco.dataset["images"], key=lambda i: i["id"]):
         path = root / info["file_name"]
         if not path.is_file():
-            bad.bad(path, f"image listed in {where} (id {info['id']}) not found")
+            bad.bad(path, f"image listed in {where} (id {info['id']}) not found", "missing")
             continue
-        image = bad.open(path, "RGB")
-        if image is None:
-            continue
-        if image.size != (int(info["width"]), int(info["height"])):
-            bad.bad(path, f"image is {image.size[0]}x{image.size[1]}, {where} says "
-                          f"{info['width']}x{info['height']}")
-            continue
-        samples = _image_samples(coco, cfg, seed, info, cats, where)
-        if isinstance(samples, str):
-            bad.bad(where, f"image {info['file_name']}: {samples}")
-            continue
-        yield Path(info["file_name"]).stem, image, samples
+        stem = Path(info["file_name"]).stem
+        anns = coco.imgToAnns.get(info["id"], [])
+        tasks.append(Task(stem, splits[stem], load_coco_image,
+                          (cfg, seed, info, anns, cats, where, path)))
+    return tasks
 
 
 def coco_files(cfg: PrepareConfig) -> dict[str, tuple[str, str | None, str]]:

@@ -9,9 +9,10 @@ neither foreground nor background in losses and metrics. How ``prepare`` stores 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,24 +39,47 @@ class Sample:
     stem: str
     prompt: str
     mask: np.ndarray  # HxW uint8 in the encoding above
+    absent: bool = False  # an absent-class negative cdsam drew, not a mask the source holds
+
+
+# What a bad file is, for `cdsam data check`'s table (the message says the rest).
+PROBLEM_KINDS = ("unreadable", "size", "annotation", "duplicate", "missing")
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str  # one of PROBLEM_KINDS
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
 
 
 @dataclass
 class BadFiles:
-    """The bad-file policy: raise on the first one, or log it and count it."""
+    """The bad-file policy: ``error`` raises on the first one; ``skip`` logs it and counts it;
+    ``collect`` (``cdsam data check``, prepare's workers) only records it."""
 
     policy: str = "error"
-    skipped: list[str] | None = None
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[Problem] = field(default_factory=list)  # not bad, not prepared: said once
 
-    def __post_init__(self) -> None:
-        self.skipped = []
+    def note(self, path: Path | str, reason: str) -> None:
+        """A file the source holds but does not prepare (an image no annotation names)."""
+        self.notes.append(Problem("unannotated", str(path), reason))
 
-    def bad(self, path: Path | str, reason: str) -> None:
-        msg = f"{path}: {reason}"
+    @property
+    def skipped(self) -> list[str]:
+        return [str(p) for p in self.problems]
+
+    def bad(self, path: Path | str, reason: str, kind: str = "annotation") -> None:
+        problem = Problem(kind, str(path), reason)
         if self.policy == "error":
-            raise DataError(msg + " (set prepare.on_bad_file: skip to skip such files)")
-        log.warning("skipping %s", msg)
-        self.skipped.append(msg)
+            raise DataError(f"{problem} (set prepare.on_bad_file: skip to skip such files)")
+        if self.policy == "skip":
+            log.warning("skipping %s", problem)
+        self.problems.append(problem)
 
     def open(self, path: Path, mode: str | None = None, what: str = "image"
              ) -> Image.Image | None:
@@ -63,8 +87,13 @@ class BadFiles:
         try:
             return open_image(path, mode)
         except UNREADABLE as exc:
-            self.bad(path, f"unreadable {what} ({exc})")
+            self.bad(path, f"unreadable {what} ({exc})", "unreadable")
             return None
+
+    def wrong_size(self, path: Path | str, what: str, size: tuple[int, int],
+                   image_size: tuple[int, int]) -> None:
+        self.bad(path, f"{what} is {size[0]}x{size[1]}, its image is {image_size[0]}x"
+                       f"{image_size[1]}", "size")
 
 
 # One-channel modes with more than 8 bits (16-bit TIFF / PNG, 32-bit integer or float):
@@ -103,9 +132,46 @@ def read_image(path: Path, mode: str, what: str = "image") -> Image.Image:
         raise DataError(f"{path}: unreadable {what} ({exc})") from None
 
 
+def by_stem(files: list[Path], key: str, bad: BadFiles) -> dict[str, Path]:
+    """``files`` by stem; two files of one stem (``cell1.png`` and ``cell1.tif``) are a bad
+    file each after the first, named with the one that is kept."""
+    found: dict[str, Path] = {}
+    for path in sorted(files):
+        if path.stem in found:
+            bad.bad(path, f"same stem as {found[path.stem].name} in {key}: rename one "
+                          f"(the first, {found[path.stem].name}, is kept)", "duplicate")
+            continue
+        found[path.stem] = path
+    return found
+
+
+def stable_splits(ids: list[str], val_fraction: float, test_fraction: float, seed: int
+                  ) -> dict[str, str]:
+    """Each id's split from a hash of (seed, id) alone, so adding images never moves the
+    ones already there (their shards stay as they were). A split that is needed (train; val
+    from 2 ids; test, when asked for, from 3) but drew no id takes the id nearest its range
+    from a split that is not needed or has more than one (tiny sets only)."""
+    u = {i: int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "little")
+         / 2.0**64 for i in ids}
+    out = {i: "val" if x < val_fraction else "test" if x < val_fraction + test_fraction
+           else "train" for i, x in u.items()}
+    centres = {"train": (1 + val_fraction + test_fraction) / 2, "val": val_fraction / 2,
+               "test": val_fraction + test_fraction / 2}
+    wanted = ["train", "val", "test"][:min(len(ids), 3 if test_fraction > 0 else 2)]
+    for split in wanted:
+        have = list(out.values())
+        if split in have:
+            continue
+        # An id of a split that is not needed, or of one with ids to spare.
+        donors = [i for i in ids if out[i] not in wanted or have.count(out[i]) > 1]
+        out[min(donors, key=lambda i: (out[i] in wanted, abs(u[i] - centres[split]), i))] = split
+    return out
+
+
 def split_ids(ids: list[str], val_fraction: float, test_fraction: float, seed: int
               ) -> dict[str, str]:
-    """Seeded split of image ids; each split that is asked for gets at least one image."""
+    """Seeded split of image ids by one permutation of the list (the synthetic scenes,
+    numbered from 0); each split that is asked for gets at least one image."""
     rng = np.random.default_rng(seed)
     order = [ids[i] for i in rng.permutation(len(ids))]
     n = len(order)

@@ -36,4 +36,4 @@ def absent_samples(cfg: PrepareConfig, seed: int, stem: str, vocabulary: Iterabl
     mask = np.full(shape, BACKGROUND, np.uint8)
     if ignore is not None:
         mask[ignore] = IGNORE
-    return [Sample(stem, prompt, mask) for prompt in absent]
+    return [Sample(stem, prompt, mask, absent=True) for prompt in absent]

@@ -1,104 +1,62 @@
-"""The prepare stage's work: read a source, fit every image once, write the training-ready
-shards of ``data/prepared/`` (`cdsam.data.shards`) atomically."""
+"""The prepare stage's work: list a source's images, load, fit and encode each in
+``prepare.workers`` processes, append them in order to the shards of ``data/prepared/``
+(`cdsam.data.shards`), atomically."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
-from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from cdsam import io
 from cdsam.config.schema import DataConfig, PrepareConfig
-from cdsam.data.coco import coco_files, coco_stems, iter_coco, load_coco
-from cdsam.data.folders import iter_folders, list_folders
-from cdsam.data.manifest import BadFiles, Sample, split_ids
-from cdsam.data.negatives import absent_samples
-from cdsam.data.shards import ShardWriter
-from cdsam.data.synthetic import COMBOS, make_scene, prompt_for
-from cdsam.data.templates import PromptEnsembles, class_prompt, templates_of
-from cdsam.data.voc import iter_voc, list_voc, voc_splits
+from cdsam.data.check import DataReport, ItemStats, item_stats
+from cdsam.data.geometry import fit_transform
+from cdsam.data.manifest import BadFiles, Problem
+from cdsam.data.shards import Encoded, ShardWriter, encode_image
+from cdsam.data.sources import source_tasks
+from cdsam.data.tasks import Task, pool_map, resolve_workers
+from cdsam.data.templates import PromptEnsembles, templates_of
 from cdsam.errors import DataError
 
 log = logging.getLogger(__name__)
 
-# (stem, image, samples, split)
-Entry = tuple[str, Image.Image, list[Sample], str]
+
+@dataclass
+class Done:
+    """A worker's result for one task: the encoded image (None when it was bad or had no
+    sample), its figures, the bad files it found, and the image itself when the task keeps it."""
+
+    encoded: Encoded | None
+    stats: ItemStats | None
+    problems: list[Problem] = field(default_factory=list)
+    image: np.ndarray | None = None
 
 
-def _synthetic(cfg: PrepareConfig, seed: int) -> Iterator[Entry]:
-    n = cfg.synthetic.num_images
-    splits = split_ids(list(range(n)), cfg.val_fraction, cfg.test_fraction, seed)
-    # The scenes name their shapes "a red circle"; with prompt_templates the class name ("red
-    # circle") goes into the first template instead (one template: the names stay as they are).
-    named = {prompt_for(c, s): class_prompt(cfg, f"{c} {s}") if cfg.prompt_templates
-             else prompt_for(c, s) for c, s in COMBOS}
-    vocab = list(named.values())
-    for i in range(n):
-        image, samples = make_scene(seed, i, cfg.synthetic)
-        for sample in samples:
-            sample.prompt = named[sample.prompt]
-        stem = samples[0].stem
-        samples += absent_samples(cfg, seed, stem, vocab, [s.prompt for s in samples],
-                                  (image.height, image.width))
-        yield stem, image, samples, splits[i]
+@functools.lru_cache(maxsize=4)
+def _fit(fit: str, resize: int, crop: int) -> Any:
+    return fit_transform(fit, resize, crop)
 
 
-def _folders(cfg: PrepareConfig, seed: int, bad: BadFiles) -> Iterator[Entry]:
-    # The split is drawn over the listed stems, so images are decoded one at a time (holding
-    # them all until the last was read grew with the data: about 5 MB a 1024² image).
-    listing = list_folders(cfg)
-    splits = split_ids(listing.stems, cfg.val_fraction, cfg.test_fraction, seed)
-    for stem, image, samples in iter_folders(cfg, bad, seed, listing):
-        yield stem, image, samples, splits[stem]
-
-
-def _voc(cfg: PrepareConfig, seed: int, bad: BadFiles, required: list[str]) -> Iterator[Entry]:
-    stems = list_voc(cfg)
-    listed = voc_splits(Path(cfg.root))
-    if listed is not None:
-        stems = [s for s in stems if s in listed]
-        splits = listed
-        if "test" not in listed.values() and "test" in required:
-            required.remove("test")
-    else:
-        splits = split_ids(stems, cfg.val_fraction, cfg.test_fraction, seed)
-    for stem, image, samples in iter_voc(cfg, stems, bad, seed):
-        yield stem, image, samples, splits[stem]
-
-
-def _coco(cfg: PrepareConfig, seed: int, bad: BadFiles, required: list[str]) -> Iterator[Entry]:
-    files = coco_files(cfg)
-    if "test" in files and "test" not in required:
-        required.append("test")
-    for which, (ann_file, images, key) in files.items():
-        coco = load_coco(ann_file, key)
-        stems = coco_stems(coco)
-        if which == "main":
-            splits = split_ids(stems, cfg.val_fraction, cfg.test_fraction, seed)
-            # A split with its own file takes nothing from the main one.
-            splits = {s: "train" if sp in files else sp for s, sp in splits.items()}
-        else:
-            splits = dict.fromkeys(stems, which)
-        for stem, image, samples in iter_coco(cfg, seed, coco, Path(ann_file), images, bad):
-            yield stem, image, samples, splits[stem]
-
-
-def _entries(cfg: PrepareConfig, seed: int, bad: BadFiles, required: list[str]
-             ) -> Iterable[Entry]:
-    if cfg.source == "synthetic":
-        return _synthetic(cfg, seed)
-    if cfg.source == "folders":
-        return _folders(cfg, seed, bad)
-    if cfg.source == "voc":
-        return _voc(cfg, seed, bad, required)
-    if cfg.source == "coco":
-        return _coco(cfg, seed, bad, required)
-    raise DataError(f"prepare.source: unknown source {cfg.source!r}")
+def _prepare_one(task: Task, policy: str, fit: tuple[str, int, int]) -> Done:
+    # An error policy raises in the worker, and the pool raises it again in prepare; a skip
+    # policy collects, and prepare logs what was skipped in task order.
+    bad = BadFiles("error" if policy == "error" else "collect")
+    item = task.run(bad)
+    if item is None:
+        return Done(None, None, bad.problems)
+    stats = item_stats(item)
+    encoded = encode_image(_fit(*fit), task.stem, item.image, item.samples,
+                           item.instances) if item.samples else None
+    kept = np.asarray(item.image) if task.keep_image else None
+    return Done(encoded, stats, bad.problems, kept)
 
 
 def remove_stale_temps(out: Path) -> list[Path]:
@@ -113,7 +71,7 @@ def remove_stale_temps(out: Path) -> list[Path]:
 def prepare(cfg: PrepareConfig, seed: int, out: str | Path, show_progress: bool = True,
             data: DataConfig | None = None) -> dict[str, Any]:
     """Write the shards for ``cfg.source`` into ``out``, fitted as ``data`` says (``fit``,
-    ``resize``, ``crop``); return a summary.
+    ``resize``, ``crop``); return a summary (and log the source's :class:`DataReport`).
 
     The folder is built in a temporary sibling and renamed into place at the end, so a
     failure or a kill leaves any earlier ``out`` untouched (a killed run's sibling is removed
@@ -125,20 +83,31 @@ def prepare(cfg: PrepareConfig, seed: int, out: str | Path, show_progress: bool 
     required = ["train", "val"] + (["test"] if cfg.test_fraction > 0 else [])
     without = 0
     remove_stale_temps(out)
+    tasks = source_tasks(cfg, seed, bad, required)
+    report = DataReport(cfg.source, required)
+    report.listed(bad)
+    workers = resolve_workers(cfg.workers)
+    work = functools.partial(_prepare_one, policy=cfg.on_bad_file,
+                             fit=(data.fit, data.resize, data.crop))
     with io.atomic_dir(out) as tmp:
-        writer = ShardWriter(tmp, data)
-        entries = _entries(cfg, seed, bad, required)
-        for stem, image, samples, split in tqdm(entries, desc=f"prepare {cfg.source}",
-                                                disable=not show_progress):
-            if not samples:  # e.g. a VOC image with no class, and no negatives asked for
-                without += 1
+        writer = ShardWriter(tmp, data, cfg.shard_images)
+        results = pool_map(work, tasks, workers, len(tasks))
+        bar = tqdm(results, total=len(tasks), disable=not show_progress,
+                   desc=f"prepare {cfg.source} ({workers} worker{'s' * (workers > 1)})")
+        for task, done in zip(tasks, bar, strict=True):
+            for problem in done.problems:
+                bad.bad(problem.path, problem.reason, problem.kind)
+            report.extend(done.problems)
+            if done.stats is not None:
+                report.add(task, done.stats)
+            if done.encoded is None:
+                without += done.stats is not None  # e.g. a VOC image with no class, no negatives
                 continue
-            writer.add_image(stem, image, samples, split)
-            if cfg.source == "synthetic" and split == "test":
-                # The generated scenes exist nowhere else: the held-out ones as PNG files, to
-                # predict on (`cdsam predict --input data/prepared/images`, the demo's examples).
+            writer.write(done.encoded, task.split)
+            if done.image is not None:
                 (tmp / "images").mkdir(exist_ok=True)
-                image.save(tmp / "images" / f"{stem}.png", optimize=False)
+                Image.fromarray(done.image).save(tmp / "images" / f"{task.stem}.png",
+                                                 optimize=False)
         if not writer.rows:
             raise DataError(f"prepare.source: {cfg.source} produced no samples")
         ensembles = None
@@ -147,6 +116,7 @@ def prepare(cfg: PrepareConfig, seed: int, out: str | Path, show_progress: bool 
                                                     [r["prompt"] for r in writer.rows])
             ensembles.write(tmp)  # before finish: index.json hashes it with the shards
         df = writer.finish(required)
+    log.info("what prepare read:\n%s", report.render())
     files = [f for f in out.rglob("*") if f.is_file()]
     summary: dict[str, Any] = {
         "images": int(df["image"].nunique()),
@@ -158,6 +128,7 @@ def prepare(cfg: PrepareConfig, seed: int, out: str | Path, show_progress: bool 
         "prompts": int(df["prompt"].nunique()),
         **({"prompt_templates": len(ensembles.templates),
             "ensembled_prompts": len(ensembles.names)} if ensembles else {}),
+        **({"instances": len(writer.instances)} if writer.instances else {}),
         "skipped_files": len(bad.skipped),
         "images_without_samples": without,
         "emptied_by_fit": writer.emptied_by_fit,

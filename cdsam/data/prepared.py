@@ -22,7 +22,15 @@ import numpy as np
 import pandas as pd
 
 from cdsam.config.schema import DataConfig
-from cdsam.data.shards import FORMAT, IMAGES, INDEX, SAMPLE_COLUMNS, SAMPLES, shard_name
+from cdsam.data.shards import (
+    FORMAT,
+    IMAGES,
+    INDEX,
+    INSTANCES,
+    SAMPLE_COLUMNS,
+    SAMPLES,
+    shard_name,
+)
 from cdsam.errors import DataError
 
 log = logging.getLogger("cdsam.data")
@@ -91,6 +99,18 @@ def read_images(root: str | Path) -> pd.DataFrame:
                        keep_default_na=False)
 
 
+def read_instances(root: str | Path, split: str) -> pd.DataFrame:
+    """``instances.csv`` rows of one split (empty when the source had no objects): per object
+    its class prompt and the (label_row, lut) that decode its mask, as a sample's do."""
+    path = Path(root) / INSTANCES
+    if not path.is_file():
+        return pd.DataFrame(columns=["split", "image", "instance", "prompt", "image_row",
+                                     "label_row", "lut"])
+    df = pd.read_csv(path, dtype={"split": str, "image": str, "prompt": str},
+                     keep_default_na=False)
+    return df[df["split"] == split].reset_index(drop=True)
+
+
 class Rows:
     """A shard of fixed-size uint8 rows: memory-mapped, or read row by row with ``pread``."""
 
@@ -147,6 +167,48 @@ class Rows:
         self.close()
 
 
+class ShardedRows:
+    """A split's rows of one kind across its shard files, numbered as one."""
+
+    def __init__(self, parts: list[Rows]) -> None:
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.row_shape = parts[0].row_shape
+        self.mapped = parts[0].mapped
+
+    @classmethod
+    def open(cls, root: Path, split: str, kind: str, index: dict[str, Any], mapped: bool
+             ) -> ShardedRows:
+        shape = index["row_shapes"][kind]
+        return cls([Rows(root / shard_name(split, kind, k), [n[kind], *shape], mapped)
+                    for k, n in enumerate(index["splits"][split]["shards"])])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def take(self, rows: Sequence[int] | np.ndarray, out: np.ndarray | None = None
+             ) -> np.ndarray:
+        """Rows ``rows`` (split-wide numbers, in that order) as one array."""
+        if len(self.parts) == 1:
+            return self.parts[0].take(rows, out)
+        rows = np.asarray(rows, dtype=np.int64)
+        if out is None:
+            out = np.empty((len(rows), *self.row_shape), np.uint8)
+        shard = np.searchsorted(self.starts, rows, side="right") - 1
+        for k in np.unique(shard).tolist():
+            at = np.flatnonzero(shard == k)
+            out[at] = self.parts[k].take(rows[at] - self.starts[k])
+        return out
+
+    def close(self) -> None:
+        for p in self.parts:
+            p.close()
+
+
 @dataclass
 class PreparedSplit:
     """One split of the prepared folder, opened: rows of images, label maps and tables, and the
@@ -156,8 +218,8 @@ class PreparedSplit:
     split: str
     crop: int
     df: pd.DataFrame
-    images: Rows
-    labels: Rows
+    images: ShardedRows
+    labels: ShardedRows
     luts: np.ndarray  # T x 256
     image_row: np.ndarray  # N int64
     label_row: np.ndarray  # N int64
@@ -192,13 +254,10 @@ class PreparedSplit:
         if not mapped:
             log.info("%s split: %.0f MB of prepared rows > data.memory_mb (%d): each batch reads "
                      "its rows from disk", split, need / 2**20, data.memory_mb)
-        images = Rows(root / shard_name(split, "images"), [counts["images"], *shapes["images"]],
-                      mapped)
-        labels = Rows(root / shard_name(split, "labels"), [counts["labels"], *shapes["labels"]],
-                      mapped)
-        lut_shard = Rows(root / shard_name(split, "luts"), [counts["luts"], *shapes["luts"]],
-                         True)
-        luts = lut_shard.take(np.arange(len(lut_shard)))
+        images = ShardedRows.open(root, split, "images", index, mapped)
+        labels = ShardedRows.open(root, split, "labels", index, mapped)
+        lut_shards = ShardedRows.open(root, split, "luts", index, True)
+        luts = lut_shards.take(np.arange(len(lut_shards)))
         keys = df.drop_duplicates("image_row").sort_values("image_row")
         if keys["image_row"].tolist() != list(range(counts["images"])):
             raise DataError(f"{root / SAMPLES}: {split} rows do not cover its {counts['images']}"
@@ -229,9 +288,15 @@ class PreparedSplit:
         """BxCxC uint8 masks (0 / 1 / 255) of samples ``idx``: each its label map through its
         table."""
         idx = np.asarray(idx, dtype=np.int64)
-        labels = self.labels.take(self.label_row[idx])
+        return self.decode(self.label_row[idx], self.lut_row[idx], out)
+
+    def decode(self, label_rows: np.ndarray, luts: np.ndarray, out: np.ndarray | None = None
+               ) -> np.ndarray:
+        """BxCxC masks of (label map, table) pairs: samples', or instances' from
+        :func:`read_instances`."""
+        labels = self.labels.take(np.asarray(label_rows, dtype=np.int64))
         if out is None:
             out = np.empty_like(labels)
-        for j, t in enumerate(self.lut_row[idx].tolist()):
+        for j, t in enumerate(np.asarray(luts, dtype=np.int64).tolist()):
             np.take(self.luts[t], labels[j], out=out[j])
         return out

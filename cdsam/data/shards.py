@@ -1,15 +1,21 @@
 """The prepared layout: training-ready shards that every stage opens instead of decoding.
 
 ``prepare`` is the only step that decodes. It fits every image once (``data.fit`` / ``resize`` /
-``crop``, `cdsam.data.geometry`) and writes, per split:
+``crop``, `cdsam.data.geometry`) and writes, per split and per ``prepare.shard_images`` images
+(shard ``K``, numbered from 0):
 
-- ``{split}-images.u8``: I x 3 x C x C uint8, one row per image (fitted, CHW);
-- ``{split}-labels.u8``: L x C x C uint8 label maps, one per image (rarely more, see below);
-- ``{split}-luts.u8``: T x 256 uint8 look-up tables, label → mask value;
+- ``{split}-images-K.u8``: I x 3 x C x C uint8, one row per image (fitted, CHW);
+- ``{split}-labels-K.u8``: L x C x C uint8 label maps, one per image (rarely more, see below);
+- ``{split}-luts-K.u8``: T x 256 uint8 look-up tables, label → mask value;
 
 and, for all splits, ``samples.csv`` (one row per (image, prompt): ``id, split, image, prompt,
 negative, image_row, label_row, lut``), ``images.csv`` (``split, row, image, width, height``:
-the original size) and ``index.json`` (fit, shapes, a sha256 of every file, one ``digest``).
+the original size), ``instances.csv`` where the source has objects (one row per object: ``split,
+image, instance, prompt, image_row, label_row, lut``) and ``index.json`` (fit, shapes, the rows
+of each shard, a sha256 of every file, one ``digest``). Row numbers count across a split's
+shards. A split's images fill its shards in order, so images added after the last ones append
+to the last shard or start new ones: the earlier shard files stay byte for byte as they were,
+and DVC stores and moves only what changed.
 
 A sample's mask is ``luts[lut][labels[label_row]]``: value for value the fitted binary mask
 (0 background, 1 target, 255 ignore) of that prompt. The label of a pixel numbers the distinct
@@ -17,7 +23,9 @@ combination of all the image's masks at that pixel, so overlapping objects, per-
 (COCO crowd regions, VOC borders) and padding are all kept exactly; a prompt's table says what
 each combination is for it. An image with more than 256 combinations (many overlapping classes)
 gets a second label map for the rest of its masks. Files and bytes grow with the images: a
-negative prompt is a row and a table entry it shares with the image's other negatives, no pixels.
+negative prompt is a row and a table entry it shares with the image's other negatives, no pixels;
+an instance is a row and a table (its pixels are combinations the label map already numbers,
+unless the image has more than 256 of them).
 
 The shards are raw little-endian uint8 (shapes in ``index.json``), written by appending while
 the sha256 of each is computed, so nothing is read back to hash it; stages open them
@@ -44,11 +52,14 @@ from cdsam.data.geometry import fit_transform
 from cdsam.data.manifest import FOREGROUND, Sample, slug
 from cdsam.errors import DataError
 
-FORMAT = 2
+FORMAT = 3
 INDEX, SAMPLES, IMAGES = "index.json", "samples.csv", "images.csv"
+INSTANCES = "instances.csv"  # one row per object, where the source has objects
 PROMPTS = "prompts.json"  # prompt ensembles (cdsam.data.templates), with several templates
 SAMPLE_COLUMNS = ["id", "split", "image", "prompt", "negative", "image_row", "label_row", "lut"]
 IMAGE_COLUMNS = ["split", "row", "image", "width", "height"]
+INSTANCE_COLUMNS = ["split", "image", "instance", "prompt", "image_row", "label_row", "lut"]
+SHARD_BYTES = 3 * 2**29  # ~1.5 GiB of image and label rows a shard file
 SHARDS = ("images", "labels", "luts")
 LUT_SIZE = 256  # uint8 labels
 _DIGIT = np.full(256, -1, np.int64)
@@ -57,8 +68,8 @@ _VALUE = np.array([0, 1, 255], np.uint8)
 _MAX_COLUMNS = 39  # 3**39 < 2**63: a pixel's combination of up to 39 masks fits one int64 key
 
 
-def shard_name(split: str, kind: str) -> str:
-    return f"{split}-{kind}.u8"
+def shard_name(split: str, kind: str, shard: int) -> str:
+    return f"{split}-{kind}-{shard:05d}.u8"
 
 
 def _key(masks: list[np.ndarray]) -> np.ndarray:
@@ -137,6 +148,72 @@ def encode_masks(masks: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.nda
 
 
 @dataclass
+class Encoded:
+    """One image fitted and encoded (in a worker), ready to append: its pixels, label maps,
+    tables, and per sample / instance its (label map, table) index within the image."""
+
+    stem: str
+    width: int
+    height: int
+    pixels: np.ndarray  # 3xCxC
+    labels: list[np.ndarray]
+    tables: list[np.ndarray]
+    rows: list[tuple[str, bool, int, int]]  # (prompt, negative after the fit, label, table)
+    instances: list[tuple[str, int, int]]  # (class prompt, label, table)
+    emptied_by_fit: int  # positives whose object the fit left outside the input
+
+
+def fitted(fit: Any, image: Image.Image, masks: list[np.ndarray]
+           ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The image (3xCxC) and its masks (CxC) at the model's input size, as training used to
+    fit them at every stage start (the same transform, masks nearest)."""
+    img = tv_tensors.Image(torch.from_numpy(np.asarray(image.convert("RGB")).copy())
+                           .permute(2, 0, 1))
+    out_image, first = fit(img, tv_tensors.Mask(torch.from_numpy(masks[0])[None]))
+    rest = [fit(tv_tensors.Mask(torch.from_numpy(m)[None])) for m in masks[1:]]
+    return out_image.numpy(), [m.numpy()[0] for m in [first, *rest]]
+
+
+def encode_image(fit: Any, stem: str, image: Image.Image, samples: Iterable[Sample],
+                 instances: Iterable[Sample] = ()) -> Encoded:
+    """Fit ``image`` and its masks once and encode them (`encode_masks`); each distinct mask
+    (an image's negatives share one, an object alone in its class is its class's mask) is
+    fitted once."""
+    samples, instances = list(samples), list(instances)
+    w, h = image.size
+    for s in samples + instances:
+        if s.mask.shape != (h, w):
+            raise DataError(f"{stem}: mask of {s.prompt!r} is {s.mask.shape[1]}x"
+                            f"{s.mask.shape[0]}, its image {w}x{h}")
+    distinct: dict[bytes, int] = {}
+    masks, of_mask = [], []
+    for s in samples + instances:
+        m = np.ascontiguousarray(s.mask, dtype=np.uint8)
+        k = distinct.setdefault(m.tobytes(), len(masks))
+        if k == len(masks):
+            masks.append(m)
+        of_mask.append(k)
+    pixels, fitted_masks = fitted(fit, image, masks)
+    labels, tables, where = encode_masks(fitted_masks)
+    # Negative is what the model is shown: a ``crop`` fit can cut an object out entirely.
+    empty = [not (m == FOREGROUND).any() for m in fitted_masks]
+    rows, emptied = [], 0
+    for s, k in zip(samples, of_mask, strict=False):
+        emptied += empty[k] and bool((s.mask == FOREGROUND).any())
+        rows.append((s.prompt, empty[k], *where[k]))
+    objects = [(s.prompt, *where[k]) for s, k in zip(instances, of_mask[len(samples):],
+                                                     strict=True)]
+    return Encoded(stem, w, h, pixels, labels, tables, rows, objects, emptied)
+
+
+def auto_shard_images(crop: int) -> int:
+    """Images per shard for ~1.5 GB of image and label rows at ``crop``: large enough that
+    DVC hashes and moves few files, small enough that one changed image re-uploads a bounded
+    part of a split."""
+    return max(1, SHARD_BYTES // (4 * crop * crop))
+
+
+@dataclass
 class _Shard:
     """One append-only shard file and the sha256 of what was appended."""
 
@@ -160,76 +237,70 @@ class _Shard:
 
 
 class ShardWriter:
-    """Fits and encodes each image as it arrives and appends it to its split's shards."""
+    """Appends encoded images to their split's shards, ``shard_images`` images a shard file,
+    and writes the indexes at the end."""
 
-    def __init__(self, root: Path, data: DataConfig) -> None:
+    def __init__(self, root: Path, data: DataConfig, shard_images: int | None = None) -> None:
         self.root = root
         self.data = data
         self.fit = fit_transform(data.fit, data.resize, data.crop)
-        self.shards: dict[tuple[str, str], _Shard] = {}
+        self.shard_images = shard_images or auto_shard_images(data.crop)
+        self.shards: dict[str, list[dict[str, _Shard]]] = {}  # split -> per shard, kind -> file
+        self.counts: dict[str, dict[str, int]] = {}  # split -> kind -> rows so far
         self.rows: list[dict[str, Any]] = []
         self.images: list[dict[str, Any]] = []
+        self.instances: list[dict[str, Any]] = []
         self.emptied_by_fit = 0  # positives whose object the fit left outside the input
 
-    def _shard(self, split: str, kind: str) -> _Shard:
-        key = (split, kind)
-        if key not in self.shards:
-            self.shards[key] = _Shard(self.root / shard_name(split, kind))
-        return self.shards[key]
-
-    def fitted(self, image: Image.Image, masks: list[np.ndarray]
-               ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The image (3xCxC) and its masks (CxC) at the model's input size, as training used
-        to fit them at every stage start (the same transform, masks nearest)."""
-        img = tv_tensors.Image(torch.from_numpy(np.asarray(image.convert("RGB")).copy())
-                               .permute(2, 0, 1))
-        out_image, first = self.fit(img, tv_tensors.Mask(torch.from_numpy(masks[0])[None]))
-        fitted = [first] + [self.fit(tv_tensors.Mask(torch.from_numpy(m)[None]))
-                            for m in masks[1:]]
-        return out_image.numpy(), [m.numpy()[0] for m in fitted]
+    def _files(self, split: str) -> dict[str, _Shard]:
+        """The shard files the split's next image goes to (a new set every shard_images)."""
+        counts = self.counts.setdefault(split, dict.fromkeys(SHARDS, 0))
+        shards = self.shards.setdefault(split, [])
+        k = counts["images"] // self.shard_images
+        if k == len(shards):
+            if shards:
+                for shard in shards[-1].values():
+                    shard.close()
+            shards.append({kind: _Shard(self.root / shard_name(split, kind, k))
+                           for kind in SHARDS})
+        return shards[k]
 
     def add_image(self, stem: str, image: Image.Image, samples: Iterable[Sample],
-                  split: str) -> None:
-        samples = list(samples)
-        w, h = image.size
-        for s in samples:
-            if s.mask.shape != (h, w):
-                raise DataError(f"{stem}: mask of {s.prompt!r} is {s.mask.shape[1]}x"
-                                f"{s.mask.shape[0]}, its image {w}x{h}")
-        # Fit each distinct mask once (an image's negatives share one).
-        distinct: dict[bytes, int] = {}
-        masks, of_sample = [], []
-        for s in samples:
-            m = np.ascontiguousarray(s.mask, dtype=np.uint8)
-            k = distinct.setdefault(m.tobytes(), len(masks))
-            if k == len(masks):
-                masks.append(m)
-            of_sample.append(k)
-        pixels, fitted = self.fitted(image, masks)
-        labels, tables, where = encode_masks(fitted)
-        images, label_shard, lut_shard = (self._shard(split, k) for k in SHARDS)
-        image_row, label_base, lut_base = images.rows, label_shard.rows, lut_shard.rows
-        images.append(pixels)
-        for label in labels:
-            label_shard.append(label)
-        for table in tables:
-            lut_shard.append(table)
-        self.images.append({"split": split, "row": image_row, "image": stem, "width": w,
-                            "height": h})
-        # Negative is what the model is shown: a ``crop`` fit can cut an object out entirely.
-        empty = [not (m == FOREGROUND).any() for m in fitted]
-        for s, k in zip(samples, of_sample, strict=True):
-            g, t = where[k]
-            self.emptied_by_fit += empty[k] and bool((s.mask == FOREGROUND).any())
+                  split: str, instances: Iterable[Sample] = ()) -> None:
+        """Fit, encode and append one image (in this process)."""
+        self.write(encode_image(self.fit, stem, image, samples, instances), split)
+
+    def write(self, enc: Encoded, split: str) -> None:
+        """Append one encoded image to ``split``'s current shard."""
+        files = self._files(split)
+        counts = self.counts[split]
+        image_row, label_base, lut_base = (counts[k] for k in SHARDS)
+        files["images"].append(enc.pixels)
+        for label in enc.labels:
+            files["labels"].append(label)
+        for table in enc.tables:
+            files["luts"].append(table)
+        counts["images"] += 1
+        counts["labels"] += len(enc.labels)
+        counts["luts"] += len(enc.tables)
+        self.images.append({"split": split, "row": image_row, "image": enc.stem,
+                            "width": enc.width, "height": enc.height})
+        self.emptied_by_fit += enc.emptied_by_fit
+        for prompt, negative, g, t in enc.rows:
             self.rows.append({
-                "id": f"{stem}__{slug(s.prompt)}", "split": split, "image": stem,
-                "prompt": s.prompt, "negative": int(empty[k]),
+                "id": f"{enc.stem}__{slug(prompt)}", "split": split, "image": enc.stem,
+                "prompt": prompt, "negative": int(negative), "image_row": image_row,
+                "label_row": label_base + g, "lut": lut_base + t})
+        for n, (prompt, g, t) in enumerate(enc.instances):
+            self.instances.append({
+                "split": split, "image": enc.stem, "instance": n, "prompt": prompt,
                 "image_row": image_row, "label_row": label_base + g, "lut": lut_base + t})
 
     def finish(self, required_splits: Iterable[str]) -> pd.DataFrame:
         """Check the splits and ids, write the sample index and ``index.json``."""
-        for shard in self.shards.values():
-            shard.close()
+        for shards in self.shards.values():
+            for shard in shards[-1].values():
+                shard.close()
         df = pd.DataFrame(self.rows, columns=SAMPLE_COLUMNS)
         for split in required_splits:
             if not (df["split"] == split).any():
@@ -237,24 +308,35 @@ class ShardWriter:
                                 f"prepare.val_fraction / prepare.test_fraction")
         if df["id"].duplicated().any():
             dup = df.loc[df["id"].duplicated(), "id"].iloc[0]
-            raise DataError(f"two samples share the id {dup!r} (same image stem and prompt)")
+            where = sorted(df.loc[df["id"] == dup, "split"])
+            raise DataError(f"two samples share the id {dup!r} (same image stem and prompt, in "
+                            f"{' and '.join(where)}): rename one of the images")
         io.write_text(self.root / SAMPLES, df.to_csv(index=False, lineterminator="\n"))
         io.write_text(self.root / IMAGES, pd.DataFrame(self.images, columns=IMAGE_COLUMNS)
                       .to_csv(index=False, lineterminator="\n"))
+        if self.instances:
+            io.write_text(self.root / INSTANCES, pd.DataFrame(
+                self.instances, columns=INSTANCE_COLUMNS).to_csv(index=False,
+                                                                 lineterminator="\n"))
         c = self.data.crop
         shapes = {"images": [3, c, c], "labels": [c, c], "luts": [LUT_SIZE]}
         splits = {}
+        files = {}
         for split in dict.fromkeys(df["split"]):
+            shards = self.shards[split]
             splits[split] = {"samples": int((df["split"] == split).sum()),
-                             **{k: self._shard(split, k).rows for k in SHARDS}}
-        files = {shard.path.name: shard.sha.hexdigest() for shard in self.shards.values()}
-        for name in (SAMPLES, IMAGES, PROMPTS):
-            if name == PROMPTS and not (self.root / name).is_file():
-                continue  # one prompt template: nothing written beside the rows
+                             **self.counts[split],
+                             "shards": [{k: f[k].rows for k in SHARDS} for f in shards]}
+            for f in shards:
+                files.update({shard.path.name: shard.sha.hexdigest() for shard in f.values()})
+        for name in (SAMPLES, IMAGES, PROMPTS, INSTANCES):
+            if name in (PROMPTS, INSTANCES) and not (self.root / name).is_file():
+                continue  # one prompt template / no instances: nothing written beside the rows
             files[name] = hashlib.sha256((self.root / name).read_bytes()).hexdigest()
         files = dict(sorted(files.items()))
         digest = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()
         io.write_json(self.root / INDEX, {
             "format": FORMAT, "fit": self.data.fit, "resize": self.data.resize, "crop": c,
-            "row_shapes": shapes, "splits": splits, "files": files, "digest": digest})
+            "shard_images": self.shard_images, "row_shapes": shapes, "splits": splits,
+            "files": files, "digest": digest})
         return df.assign(negative=df["negative"].astype(bool))

@@ -8,11 +8,9 @@ and is never a class.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from cdsam.config.schema import PrepareConfig
 from cdsam.data.manifest import (
@@ -21,8 +19,10 @@ from cdsam.data.manifest import (
     IGNORE,
     BadFiles,
     Sample,
+    stable_splits,
 )
 from cdsam.data.negatives import absent_samples
+from cdsam.data.tasks import Item, Task
 from cdsam.data.templates import class_prompt
 from cdsam.errors import DataError
 
@@ -54,58 +54,77 @@ def _image_path(root: Path, stem: str) -> Path | None:
     return None
 
 
-def iter_voc(cfg: PrepareConfig, stems: list[str], bad: BadFiles, seed: int = 0
-             ) -> Iterator[tuple[str, Image.Image, list[Sample]]]:
+def load_voc_image(cfg: PrepareConfig, seed: int, stem: str, image_path: Path,
+                   label_path: Path, classes: tuple[str, ...], *, bad: BadFiles) -> Item | None:
+    """One VOC image and its class samples."""
+    image = bad.open(image_path, "RGB")
+    if image is None:
+        return None
+    label = bad.open(label_path, what="label PNG")
+    if label is None:
+        return None
+    if label.mode not in ("P", "L"):
+        bad.bad(label_path, f"expected a palette (P) or L label PNG, got mode {label.mode}")
+        return None
+    labels = np.asarray(label)
+    if (labels.shape[1], labels.shape[0]) != image.size:
+        bad.wrong_size(label_path, "label", (labels.shape[1], labels.shape[0]), image.size)
+        return None
+    ignore = labels == VOC_BORDER
+    present = [int(c) for c in np.unique(labels) if c not in (0, VOC_BORDER)]
+    groups: list[tuple[str, np.ndarray]] = []
+    if cfg.binary:
+        vocab = [cfg.prompt]
+        if present:
+            groups.append((cfg.prompt, (labels != 0) & ~ignore))
+    else:
+        vocab = [class_prompt(cfg, c) for c in classes]
+        unknown = [c for c in present if c > len(classes)]
+        if unknown:
+            bad.bad(label_path, f"label value {unknown[0]} has no class name "
+                                f"({len(classes)} known; set prepare.classes)")
+            return None
+        for c in present:
+            groups.append((vocab[c - 1], labels == c))
+    samples = []
+    for prompt, fg in groups:
+        enc = np.full(labels.shape, BACKGROUND, np.uint8)
+        enc[fg] = FOREGROUND
+        enc[ignore] = IGNORE
+        samples.append(Sample(stem, prompt, enc))
+    samples += absent_samples(cfg, seed, stem, vocab, [s.prompt for s in samples],
+                              labels.shape, ignore)
+    return Item(image, samples)
+
+
+def voc_tasks(cfg: PrepareConfig, seed: int, bad: BadFiles, required: list[str]) -> list[Task]:
+    """A task per labelled image; splits from ImageSets/Segmentation when it exists (then
+    test is required only if listed), else :func:`stable_splits`."""
+    stems = list_voc(cfg)
     root = Path(cfg.root)
+    listed = voc_splits(root)
+    if listed is not None:
+        stems = [s for s in stems if s in listed]
+        splits = listed
+        if "test" not in listed.values() and "test" in required:
+            required.remove("test")
+    else:
+        splits = stable_splits(stems, cfg.val_fraction, cfg.test_fraction, seed)
     classes = tuple(cfg.classes) if cfg.classes else VOC_CLASSES
     if cfg.binary and not cfg.prompt:
         raise DataError("prepare.prompt: required with prepare.binary: true (one prompt for "
                         "the single foreground class)")
+    tasks = []
     for stem in stems:
-        label_path = root / "SegmentationClass" / f"{stem}.png"
         image_path = _image_path(root, stem)
         if image_path is None:
-            bad.bad(root / "JPEGImages" / f"{stem}.jpg", "image missing for its label PNG")
+            bad.bad(root / "JPEGImages" / f"{stem}.jpg", "image missing for its label PNG",
+                    "missing")
             continue
-        image = bad.open(image_path, "RGB")
-        if image is None:
-            continue
-        label = bad.open(label_path, what="label PNG")
-        if label is None:
-            continue
-        if label.mode not in ("P", "L"):
-            bad.bad(label_path, f"expected a palette (P) or L label PNG, got mode {label.mode}")
-            continue
-        labels = np.asarray(label)
-        if (labels.shape[1], labels.shape[0]) != image.size:
-            bad.bad(label_path, f"label is {labels.shape[1]}x{labels.shape[0]}, its image is "
-                                f"{image.size[0]}x{image.size[1]}")
-            continue
-        ignore = labels == VOC_BORDER
-        present = [int(c) for c in np.unique(labels) if c not in (0, VOC_BORDER)]
-        groups: list[tuple[str, np.ndarray]] = []
-        if cfg.binary:
-            vocab = [cfg.prompt]
-            if present:
-                groups.append((cfg.prompt, (labels != 0) & ~ignore))
-        else:
-            vocab = [class_prompt(cfg, c) for c in classes]
-            unknown = [c for c in present if c > len(classes)]
-            if unknown:
-                bad.bad(label_path, f"label value {unknown[0]} has no class name "
-                                    f"({len(classes)} known; set prepare.classes)")
-                continue
-            for c in present:
-                groups.append((vocab[c - 1], labels == c))
-        samples = []
-        for prompt, fg in groups:
-            enc = np.full(labels.shape, BACKGROUND, np.uint8)
-            enc[fg] = FOREGROUND
-            enc[ignore] = IGNORE
-            samples.append(Sample(stem, prompt, enc))
-        samples += absent_samples(cfg, seed, stem, vocab, [s.prompt for s in samples],
-                                  labels.shape, ignore)
-        yield stem, image, samples
+        tasks.append(Task(stem, splits[stem], load_voc_image,
+                          (cfg, seed, stem, image_path,
+                           root / "SegmentationClass" / f"{stem}.png", classes)))
+    return tasks
 
 
 def list_voc(cfg: PrepareConfig) -> list[str]:

@@ -1,0 +1,51 @@
+"""Objects (a class name and a mask each, as annotation tools hold them) → cdsam's samples:
+one per class present, the union of its objects, and each object kept as an instance."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from cdsam.config.schema import PrepareConfig
+from cdsam.data.manifest import BACKGROUND, FOREGROUND, IGNORE, Sample
+from cdsam.data.negatives import absent_samples
+from cdsam.data.templates import class_prompt
+
+IGNORE_CLASS = "__ignore__"  # labelme's name for regions no class is scored on
+
+
+def objects_to_samples(cfg: PrepareConfig, seed: int, stem: str,
+                       objects: list[tuple[str, np.ndarray]], classes: list[str],
+                       shape: tuple[int, int], prompt_of: Callable[[str], str] | None = None
+                       ) -> tuple[list[Sample], list[Sample]]:
+    """Objects (class name or ``__ignore__``, HxW bool) → (one sample per class present, the
+    union of its objects, plus absent-class negatives from ``classes``; one instance per
+    object). Ignore regions are 255 in every mask that does not claim the pixel. Prompts are
+    ``prompt_of(name)``, by default the name in ``prepare.prompt_template``."""
+    prompt_of = prompt_of or (lambda name: class_prompt(cfg, name))
+    ignore = np.zeros(shape, bool)
+    for name, m in objects:
+        if name == IGNORE_CLASS:
+            ignore |= m
+    union: dict[str, np.ndarray] = {}
+    instances = []
+    for name, m in objects:
+        if name == IGNORE_CLASS:
+            continue
+        union[name] = union[name] | m if name in union else m.copy()
+        instances.append(Sample(stem, prompt_of(name), encode_binary(m, ignore)))
+    samples = [Sample(stem, prompt_of(name), encode_binary(m, ignore))
+               for name, m in sorted(union.items())]
+    samples += absent_samples(cfg, seed, stem, [prompt_of(c) for c in classes],
+                              [s.prompt for s in samples], shape,
+                              ignore if ignore.any() else None)
+    return samples, instances
+
+
+def encode_binary(fg: np.ndarray, ignore: np.ndarray | None = None) -> np.ndarray:
+    """HxW bool → the mask encoding: 1 where ``fg``, else 255 where ``ignore``, else 0."""
+    enc = np.where(fg, FOREGROUND, BACKGROUND).astype(np.uint8)
+    if ignore is not None:
+        enc[ignore & ~fg] = IGNORE
+    return enc

@@ -1,0 +1,89 @@
+"""``prepare.source`` → the tasks of its images (`cdsam.data.tasks`), listed before any decode.
+
+Every source but ``synthetic`` lists its images in stem order and splits them by a hash of
+(seed, stem), so images added later go to the end of their split's shards and never move the
+ones already prepared. The synthetic scenes are numbered and keep their seeded permutation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cdsam.config.schema import PrepareConfig
+from cdsam.data.coco import coco_files, coco_stems, coco_tasks, load_coco
+from cdsam.data.cvat import cvat_tasks
+from cdsam.data.folders import folder_tasks
+from cdsam.data.labelme import labelme_tasks
+from cdsam.data.manifest import BadFiles, split_ids, stable_splits
+from cdsam.data.negatives import absent_samples
+from cdsam.data.synthetic import COMBOS, make_scene, prompt_for
+from cdsam.data.tasks import Item, Task
+from cdsam.data.templates import class_prompt
+from cdsam.data.voc import voc_tasks
+from cdsam.data.yolo import yolo_tasks
+from cdsam.errors import DataError
+
+
+def load_scene(cfg: PrepareConfig, seed: int, index: int, named: dict[str, str], *,
+               bad: BadFiles) -> Item:
+    """Synthetic scene ``index`` with its prompts named as ``prepare`` asks."""
+    image, samples = make_scene(seed, index, cfg.synthetic)
+    for sample in samples:
+        sample.prompt = named[sample.prompt]
+    samples += absent_samples(cfg, seed, samples[0].stem, list(named.values()),
+                              [s.prompt for s in samples], (image.height, image.width))
+    return Item(image, samples)
+
+
+def _synthetic(cfg: PrepareConfig, seed: int) -> list[Task]:
+    n = cfg.synthetic.num_images
+    splits = split_ids(list(range(n)), cfg.val_fraction, cfg.test_fraction, seed)
+    # The scenes name their shapes "a red circle"; with prompt_templates the class name ("red
+    # circle") goes into the first template instead (one template: the names stay as they are).
+    named = {prompt_for(c, s): class_prompt(cfg, f"{c} {s}") if cfg.prompt_templates
+             else prompt_for(c, s) for c, s in COMBOS}
+    # The held-out scenes exist nowhere else: prepare saves them as PNG files, to predict on
+    # (`cdsam predict --input data/prepared/images`, the demo's examples).
+    return [Task(f"scene{i:05d}", splits[i], load_scene, (cfg, seed, i, named),
+                 keep_image=splits[i] == "test") for i in range(n)]
+
+
+def _coco(cfg: PrepareConfig, seed: int, bad: BadFiles, required: list[str]) -> list[Task]:
+    files = coco_files(cfg)
+    if "test" in files and "test" not in required:
+        required.append("test")
+    tasks = []
+    for which, (ann_file, images, key) in files.items():
+        coco = load_coco(ann_file, key)
+        stems = coco_stems(coco)
+        if which == "main":
+            splits = stable_splits(stems, cfg.val_fraction, cfg.test_fraction, seed)
+            # A split with its own file takes nothing from the main one.
+            splits = {s: "train" if sp in files else sp for s, sp in splits.items()}
+        else:
+            splits = dict.fromkeys(stems, which)
+        tasks += coco_tasks(cfg, seed, coco, Path(ann_file), images, splits, bad)
+    return tasks
+
+
+def source_tasks(cfg: PrepareConfig, seed: int, bad: BadFiles, required: list[str]
+                 ) -> list[Task]:
+    """The source's images as tasks, in the order their rows are written. ``required``: the
+    splits that must have samples (a source with its own split lists may change it)."""
+    if cfg.source == "synthetic":
+        return _synthetic(cfg, seed)
+    if cfg.source == "folders":
+        tasks = folder_tasks(cfg, seed, bad)
+    elif cfg.source == "voc":
+        tasks = voc_tasks(cfg, seed, bad, required)
+    elif cfg.source == "coco":
+        tasks = _coco(cfg, seed, bad, required)
+    elif cfg.source == "labelme":
+        tasks = labelme_tasks(cfg, seed, bad)
+    elif cfg.source == "cvat":
+        tasks = cvat_tasks(cfg, seed, bad)
+    elif cfg.source == "yolo":
+        tasks = yolo_tasks(cfg, seed, bad, required)
+    else:
+        raise DataError(f"prepare.source: unknown source {cfg.source!r}")
+    return sorted(tasks, key=lambda t: t.stem)
