@@ -175,8 +175,7 @@ def check_source(cfg: PrepareConfig, seed: int, workers: int = 1, show_progress:
                  ) -> DataReport:
     """Read every file of ``cfg``'s source as ``prepare`` would, write nothing, and report."""
     bad = BadFiles("collect")
-    required = ["train", "val"] + (["test"] if cfg.test_fraction > 0 else [])
-    tasks = source_tasks(cfg, seed, bad, required)
+    tasks, required = source_tasks(cfg, seed, bad)
     report = DataReport(cfg.source, required)
     report.listed(bad)
     results = pool_map(_check_one, tasks, workers, len(tasks))

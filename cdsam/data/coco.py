@@ -25,13 +25,11 @@ from pycocotools.coco import COCO
 
 from cdsam.config.schema import PrepareConfig
 from cdsam.data.manifest import (
-    BACKGROUND,
-    FOREGROUND,
-    IGNORE,
     BadFiles,
     Sample,
 )
 from cdsam.data.negatives import absent_samples
+from cdsam.data.objects import encode_binary
 from cdsam.data.tasks import Item, Task
 from cdsam.data.templates import class_prompt
 from cdsam.errors import DataError
@@ -121,18 +119,11 @@ def _image_samples(cfg: PrepareConfig, seed: int, info: dict, anns: list[dict],
         target[cid] = target[cid] | m if cid in target else m
         if not ann.get("iscrowd", 0):
             objects.append((cid, m))
-    samples = []
-    for cid, m in sorted(fg.items()):
-        enc = np.where(m, FOREGROUND, BACKGROUND).astype(np.uint8)
-        if cid in crowd:
-            enc[crowd[cid] & ~m] = IGNORE
-        samples.append(Sample(stem, class_prompt(cfg, cats[cid]), enc))
-    instances = []
-    for cid, m in objects:
-        enc = np.where(m, FOREGROUND, BACKGROUND).astype(np.uint8)
-        if cid in crowd:
-            enc[crowd[cid] & ~fg[cid]] = IGNORE
-        instances.append(Sample(stem, class_prompt(cfg, cats[cid]), enc))
+    samples = [Sample(stem, class_prompt(cfg, cats[cid]), encode_binary(m, crowd.get(cid)))
+               for cid, m in sorted(fg.items())]
+    # An instance's ignore is its category's crowd region, less the category's other objects.
+    instances = [Sample(stem, class_prompt(cfg, cats[cid]), encode_binary(
+        m, crowd[cid] & ~fg[cid] if cid in crowd else None)) for cid, m in objects]
     vocab = [class_prompt(cfg, n) for cid, n in cats.items()]
     # A category seen only as a crowd is neither a positive nor absent.
     seen = [class_prompt(cfg, cats[c]) for c in set(fg) | set(crowd)]

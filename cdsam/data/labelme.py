@@ -146,6 +146,8 @@ def labelme_tasks(cfg: PrepareConfig, seed: int, bad: BadFiles) -> list[Task]:
     images = image_files(folder, "prepare.images", bad)
     found: dict[str, Path] = {}
     labels: set[str] = set()
+    # Parsed here for the labels and the image name only; the worker parses it again rather
+    # than carry every JSON (imageData can be megabytes) from the listing to the pool.
     for path in sorted(folder.glob("*.json")):
         data = _read_json(path, bad)
         if data is None:

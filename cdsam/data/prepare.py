@@ -80,10 +80,9 @@ def prepare(cfg: PrepareConfig, seed: int, out: str | Path, show_progress: bool 
     out = Path(out)
     data = data or DataConfig()
     bad = BadFiles(cfg.on_bad_file)
-    required = ["train", "val"] + (["test"] if cfg.test_fraction > 0 else [])
     without = 0
     remove_stale_temps(out)
-    tasks = source_tasks(cfg, seed, bad, required)
+    tasks, required = source_tasks(cfg, seed, bad)
     report = DataReport(cfg.source, required)
     report.listed(bad)
     workers = resolve_workers(cfg.workers)

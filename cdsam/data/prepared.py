@@ -26,6 +26,7 @@ from cdsam.data.shards import (
     FORMAT,
     IMAGES,
     INDEX,
+    INSTANCE_COLUMNS,
     INSTANCES,
     SAMPLE_COLUMNS,
     SAMPLES,
@@ -104,8 +105,7 @@ def read_instances(root: str | Path, split: str) -> pd.DataFrame:
     its class prompt and the (label_row, lut) that decode its mask, as a sample's do."""
     path = Path(root) / INSTANCES
     if not path.is_file():
-        return pd.DataFrame(columns=["split", "image", "instance", "prompt", "image_row",
-                                     "label_row", "lut"])
+        return pd.DataFrame(columns=INSTANCE_COLUMNS)
     df = pd.read_csv(path, dtype={"split": str, "image": str, "prompt": str},
                      keep_default_na=False)
     return df[df["split"] == split].reset_index(drop=True)

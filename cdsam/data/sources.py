@@ -66,12 +66,14 @@ def _coco(cfg: PrepareConfig, seed: int, bad: BadFiles, required: list[str]) -> 
     return tasks
 
 
-def source_tasks(cfg: PrepareConfig, seed: int, bad: BadFiles, required: list[str]
-                 ) -> list[Task]:
-    """The source's images as tasks, in the order their rows are written. ``required``: the
-    splits that must have samples (a source with its own split lists may change it)."""
+def source_tasks(cfg: PrepareConfig, seed: int, bad: BadFiles
+                 ) -> tuple[list[Task], list[str]]:
+    """The source's images as tasks, in the order their rows are written, and the splits that
+    must have samples (train, val, test when asked for; a source with its own split lists
+    may say otherwise)."""
+    required = ["train", "val"] + (["test"] if cfg.test_fraction > 0 else [])
     if cfg.source == "synthetic":
-        return _synthetic(cfg, seed)
+        return _synthetic(cfg, seed), required
     if cfg.source == "folders":
         tasks = folder_tasks(cfg, seed, bad)
     elif cfg.source == "voc":
@@ -86,4 +88,4 @@ def source_tasks(cfg: PrepareConfig, seed: int, bad: BadFiles, required: list[st
         tasks = yolo_tasks(cfg, seed, bad, required)
     else:
         raise DataError(f"prepare.source: unknown source {cfg.source!r}")
-    return sorted(tasks, key=lambda t: t.stem)
+    return sorted(tasks, key=lambda t: t.stem), required

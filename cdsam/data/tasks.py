@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import itertools
 import multiprocessing
-import os
 import signal
 import sys
 from collections import deque
@@ -22,6 +21,7 @@ from typing import TypeVar
 from PIL import Image
 
 from cdsam.data.manifest import BadFiles, Sample
+from cdsam.runtime import usable_cores
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -52,17 +52,9 @@ class Task:
         return self.load(*self.args, bad=bad)
 
 
-def available_cores() -> int:
-    """The cores this process may run on (a container's or taskset's share, not the host's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def resolve_workers(workers: int | None) -> int:
     """``prepare.workers``: null or 0 = the cores available."""
-    return workers if workers and workers > 0 else available_cores()
+    return workers if workers and workers > 0 else usable_cores()
 
 
 def _worker_start() -> None:

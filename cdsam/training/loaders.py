@@ -39,12 +39,17 @@ class StageData:
     @property
     def templates(self) -> int:
         """How many templates a training sample draws from."""
-        return len(self.ensembles.templates) if self.ensembles is not None else 1
+        return template_count(self.ensembles)
 
     @property
     def vocab(self) -> list[str]:
         """Every prompt of both splits, sorted: the text features the run encodes once."""
         return sorted(set(self.train_set.prompts) | set(self.val_set.prompts))
+
+
+def template_count(ensembles: PromptEnsembles | None) -> int:
+    """Templates per prompt: those of the prepared ensembles, else the one."""
+    return len(ensembles.templates) if ensembles is not None else 1
 
 
 def open_stage_data(root: Path, params: Params) -> StageData:
@@ -57,7 +62,7 @@ def open_stage_data(root: Path, params: Params) -> StageData:
         root, "train", p.data, augment=p.data.augment.enable, seed=p.seed,
         spatial=SpatialPolicy(point=p.train.point_prompts, box=p.train.box_prompts),
         prepared=splits["train"],
-        templates=len(ensembles.templates) if ensembles is not None else 1)
+        templates=template_count(ensembles))
     val_set = ManifestDataset(root, "val", p.data, prepared=splits["val"])
     log.info("opened %d images (%d samples, %.1f MB of prepared rows%s) in %.3f s",
              sum(len(x.image_keys) for x in splits.values()),
