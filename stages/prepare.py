@@ -16,8 +16,9 @@ import argparse
 import logging
 
 from cdsam import io
-from cdsam.config.stage_view import load_stage_params
+from cdsam.config.stage_view import check_paths_tracked, load_stage_params
 from cdsam.data.prepare import prepare
+from cdsam.data.sources.listing import source_inputs
 from cdsam.entry import run
 
 
@@ -30,6 +31,9 @@ def main() -> None:
     ap.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     args = ap.parse_args()
     params = load_stage_params("prepare", args.params)
+    # The files a source's annotation file names (a YOLO data.yaml's folders and lists) must
+    # be dvc.yaml deps too, or editing them would leave prepare stale.
+    check_paths_tracked("prepare", source_inputs(params.prepare))
     summary = prepare(params.prepare, params.seed, args.out, show_progress=not args.no_progress,
                       data=params.data)
     io.write_json(args.metrics, summary)

@@ -74,6 +74,13 @@ def write_labelme(root: Path) -> dict:
     return {"source": "labelme", "images": str(root)}
 
 
+def _edges(box: Box) -> Box:
+    """A box of pixels in CVAT's coordinates, which are pixel edges: pixels x0..x1 run from
+    x0 to x1 + 1 (what pycocotools' polygon rule, CVAT's mask export, fills back)."""
+    x0, y0, x1, y1 = box
+    return x0, y0, x1 + 1, y1 + 1
+
+
 def cvat_rle(box: Box) -> dict[str, str]:
     """A box as CVAT 1.1 writes a ``<mask>``: runs over its box, 0s first."""
     x0, y0, x1, y1 = box
@@ -100,10 +107,10 @@ def write_cvat(root: Path) -> dict:
                 attrs = " ".join(f'{k}="{v}"' for k, v in cvat_rle(box).items())
                 lines.append(f"    <mask {common} {attrs}></mask>")
             elif name == "cat":
-                points = ";".join(f"{x:.2f},{y:.2f}" for x, y in _corners(box))
+                points = ";".join(f"{x:.2f},{y:.2f}" for x, y in _corners(_edges(box)))
                 lines.append(f'    <polygon {common} points="{points}"></polygon>')
             else:
-                x0, y0, x1, y1 = box
+                x0, y0, x1, y1 = _edges(box)
                 lines.append(f'    <box {common} xtl="{x0:.2f}" ytl="{y0:.2f}" xbr="{x1:.2f}" '
                              f'ybr="{y1:.2f}"></box>')
         lines.append("  </image>")

@@ -11,7 +11,7 @@ from cdsam.config.schema import DataConfig, PrepareConfig
 from cdsam.data.manifest import FOREGROUND, IGNORE
 from cdsam.data.prepare import prepare
 from cdsam.data.prepared import read_samples
-from cdsam.data.voc import VOC_CLASSES
+from cdsam.data.sources.voc import VOC_CLASSES
 from cdsam.errors import DataError
 from tests.conftest import prepared_arrays, real_data
 

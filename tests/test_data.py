@@ -54,7 +54,7 @@ def test_distractors_share_colour_or_shape(tmp_path):
 
 
 def test_four_object_scenes_make_both_cues_ambiguous(tmp_path):
-    from cdsam.data.synthetic import attributes
+    from cdsam.data.sources.synthetic import attributes
 
     prepare(PrepareConfig(synthetic=SyntheticConfig(num_images=30, min_objects=4,
                                                     max_objects=5)), 2, tmp_path / "p",

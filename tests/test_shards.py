@@ -79,8 +79,8 @@ def _classes(tmp_path: Path) -> tuple[PrepareConfig, dict[str, list[np.ndarray]]
                          ids=["pad", "crop", "crop-smaller"])
 def test_prepared_masks_are_each_mask_fitted_on_its_own(tmp_path, data):
     """What stages used to do at every start (decode, fit each mask nearest), value for value."""
-    from cdsam.data.folders import iter_folders
     from cdsam.data.manifest import BadFiles
+    from cdsam.data.sources.folders import iter_folders
 
     cfg, _ = _classes(tmp_path)
     prepare(cfg, 0, tmp_path / "p", show_progress=False, data=data)

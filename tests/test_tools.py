@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from cdsam.data.prepared import read_samples
-from cdsam.data.synthetic import SHAPES, attributes
+from cdsam.data.sources.synthetic import SHAPES, attributes
 from tests.conftest import TINY, prepared_arrays
 from tests.test_train import data_dir  # noqa: F401  (the small prepared set)
 

@@ -109,7 +109,7 @@ def _scenes(args: tuple[str, int, int, int, int]) -> None:
     from PIL import Image
 
     from cdsam.config.schema import SyntheticConfig
-    from cdsam.data.synthetic import COMBOS, make_scene, prompt_for
+    from cdsam.data.sources.synthetic import COMBOS, make_scene, prompt_for
 
     index = {prompt_for(c, s): k + 1 for k, (c, s) in enumerate(COMBOS)}
     cfg = SyntheticConfig(num_images=hi, image_size=size, min_objects=4, max_objects=6)
@@ -132,7 +132,7 @@ def write_scenes(raw: Path, lo: int, hi: int, size: int, seed: int = 0) -> None:
 
 
 def class_names() -> list[str]:
-    from cdsam.data.synthetic import COMBOS
+    from cdsam.data.sources.synthetic import COMBOS
 
     return [f"{c} {s}" for c, s in COMBOS]
 

@@ -43,7 +43,7 @@ from cdsam.config.parse import parse_params, read_params_file
 from cdsam.data.manifest import FOREGROUND
 from cdsam.data.packed import normalize_batch
 from cdsam.data.prepared import PreparedSplit
-from cdsam.data.synthetic import SHAPES, attributes
+from cdsam.data.sources.synthetic import SHAPES, attributes
 from cdsam.entry import run
 from cdsam.errors import UserError
 from cdsam.models.dino import build_dino, dino_patch_size, dino_patch_tokens

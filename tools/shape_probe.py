@@ -31,7 +31,7 @@ require_checkout(__file__)
 from cdsam.data.manifest import FOREGROUND
 from cdsam.data.packed import normalize_batch
 from cdsam.data.prepared import PreparedSplit
-from cdsam.data.synthetic import COLOURS, SHAPES, attributes
+from cdsam.data.sources.synthetic import COLOURS, SHAPES, attributes
 from cdsam.entry import offline_defaults
 from cdsam.models.checkpoint import load_checkpoint
 

@@ -30,8 +30,8 @@ from cdsam.config.parse import load_params
 from cdsam.config.schema import LossConfig
 from cdsam.data.packed import PackedLoader
 from cdsam.data.prepared import PreparedSplit
+from cdsam.data.sources.synthetic import attributes
 from cdsam.data.spatial import BOX, CLICK
-from cdsam.data.synthetic import attributes
 from cdsam.entry import offline_defaults
 from cdsam.evaluation.report import scored_split
 from cdsam.evaluation.scoring import EvalResult, evaluate_model

@@ -119,10 +119,17 @@ def file_inputs(params: Params, declared: list[str]) -> list[tuple[str, str]]:
 def check_inputs_tracked(params: Params, stage: str, dvc_yaml: str | Path = "dvc.yaml") -> None:
     """Every file the stage's params name lies under one of its dvc.yaml ``deps``, reached
     without a symlinked folder (DVC follows symlinks to files, not to folders)."""
+    check_paths_tracked(stage, file_inputs(params, declared_keys(stage, dvc_yaml)), dvc_yaml)
+
+
+def check_paths_tracked(stage: str, inputs: list[tuple[str, str]],
+                        dvc_yaml: str | Path = "dvc.yaml") -> None:
+    """:func:`check_inputs_tracked` for (what names it, path) pairs: also the files a
+    source's own annotation file names (a YOLO data.yaml's folders and lists)."""
     root = Path(dvc_yaml).absolute().parent
     deps = [os.path.normpath(os.path.join(root, d))
             for d in stage_spec(stage, dvc_yaml).get("deps", []) or [] if isinstance(d, str)]
-    for key, value in file_inputs(params, declared_keys(stage, dvc_yaml)):
+    for key, value in inputs:
         home = "weights/" if key.startswith("model.") else "data/raw/"
         path = os.path.normpath(os.path.join(root, value))  # not resolved: links stay links
         dep = next((d for d in deps if path == d or path.startswith(d + os.sep)), None)

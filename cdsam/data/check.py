@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from cdsam.config.schema import PrepareConfig
 from cdsam.data.manifest import FOREGROUND, PROBLEM_KINDS, BadFiles, Problem
-from cdsam.data.sources import source_tasks
+from cdsam.data.sources.listing import source_tasks
 from cdsam.data.tasks import Item, Task, pool_map
 
 SPLIT_ORDER = ("train", "val", "test")

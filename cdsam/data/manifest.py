@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cdsam.errors import DataError
 
@@ -112,12 +112,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.rint(scaled).astype(np.uint8)).convert("RGB")
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """The image as viewers show it: its EXIF ``Orientation`` applied (a phone photo stored
+    sideways). labelme, CVAT and Ultralytics all annotate the image so displayed."""
+    return ImageOps.exif_transpose(image)
+
+
 def open_image(path: Path, mode: str | None = None) -> Image.Image:
-    """Open and fully decode an image (truncated files fail here, not later)."""
+    """Open and fully decode an image (truncated files fail here, not later). ``"RGB"``: a
+    photo to segment, upright (:func:`upright`); other modes read a mask's pixels as stored
+    (annotation tools write masks without an orientation)."""
     with Image.open(path) as im:
         im.load()
         if mode == "RGB":
-            return to_rgb(im)
+            return to_rgb(upright(im))
         return im.convert(mode) if mode else im.copy()
 
 

@@ -21,7 +21,7 @@ from cdsam.data.check import DataReport, ItemStats, item_stats
 from cdsam.data.geometry import fit_transform
 from cdsam.data.manifest import BadFiles, Problem
 from cdsam.data.shards import Encoded, ShardWriter, encode_image
-from cdsam.data.sources import source_tasks
+from cdsam.data.sources.listing import source_tasks
 from cdsam.data.tasks import Task, pool_map, resolve_workers
 from cdsam.data.templates import PromptEnsembles, templates_of
 from cdsam.errors import DataError

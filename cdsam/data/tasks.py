@@ -15,6 +15,7 @@ import signal
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -82,10 +83,20 @@ def pool_map(fn: Callable[[T], R], items: Iterable[T], workers: int, total: int
     ctx = multiprocessing.get_context("fork")
     window = 4 * workers
     it = iter(items)
-    with ctx.Pool(min(workers, total), initializer=_worker_start) as pool:
-        pending = deque(pool.apply_async(fn, (x,)) for x in itertools.islice(it, window))
+    # An executor, not multiprocessing.Pool: a task that raises leaves its worker alive and
+    # the pool usable, a worker that dies (the OOM killer) fails the run with
+    # BrokenProcessPool instead of a wait for ever, and shutting down never kills a worker
+    # mid-write on the result queue (Pool.terminate() can, and then hangs in its join).
+    pool = ProcessPoolExecutor(min(workers, total), mp_context=ctx, initializer=_worker_start)
+    pending: deque[Future] = deque()
+    try:
+        pending.extend(pool.submit(fn, x) for x in itertools.islice(it, window))
         while pending:
-            result = pending.popleft().get()
+            result = pending.popleft().result()
             for x in itertools.islice(it, 1):
-                pending.append(pool.apply_async(fn, (x,)))
+                pending.append(pool.submit(fn, x))
             yield result
+    finally:
+        # A failed task, or a caller that stops early: nothing more is submitted, the tasks
+        # in flight finish (at most ``window``), then the workers exit and are joined.
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cdsam.data.synthetic import attributes
+from cdsam.data.sources.synthetic import attributes
 
 
 def pair_rows(samples: pd.DataFrame) -> list[tuple[int, int]]:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from cdsam.data.dataset import pil_to_tv_image
 from cdsam.data.geometry import Geometry, fit_transform, normalize_transform
-from cdsam.data.manifest import read_image, to_rgb
+from cdsam.data.manifest import read_image, to_rgb, upright
 from cdsam.data.spatial import POINT_SLOTS
 from cdsam.data.templates import PromptEnsembles
 from cdsam.errors import DataError, UserError
@@ -50,7 +50,8 @@ def to_pil(image: ImageLike) -> Image.Image:
             raise DataError(f"{path}: image not found")
         return read_image(path, "RGB")
     if isinstance(image, Image.Image):
-        return to_rgb(image)
+        # A PIL image keeps its EXIF: segment it as displayed (a no-op once applied).
+        return to_rgb(upright(image))
     if isinstance(image, np.ndarray):
         arr = image
         if arr.dtype != np.uint8:

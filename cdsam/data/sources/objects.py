@@ -3,13 +3,13 @@ one per class present, the union of its objects, and each object kept as an inst
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
 from cdsam.config.schema import PrepareConfig
 from cdsam.data.manifest import BACKGROUND, FOREGROUND, IGNORE, Sample
-from cdsam.data.negatives import absent_samples
+from cdsam.data.sources.negatives import absent_samples
 from cdsam.data.templates import class_prompt
 
 IGNORE_CLASS = "__ignore__"  # labelme's name for regions no class is scored on
@@ -17,12 +17,14 @@ IGNORE_CLASS = "__ignore__"  # labelme's name for regions no class is scored on
 
 def objects_to_samples(cfg: PrepareConfig, seed: int, stem: str,
                        objects: list[tuple[str, np.ndarray]], classes: list[str],
-                       shape: tuple[int, int], prompt_of: Callable[[str], str] | None = None
-                       ) -> tuple[list[Sample], list[Sample]]:
+                       shape: tuple[int, int], prompt_of: Callable[[str], str] | None = None,
+                       seen: Iterable[str] = ()) -> tuple[list[Sample], list[Sample]]:
     """Objects (class name or ``__ignore__``, HxW bool) → (one sample per class present, the
     union of its objects, plus absent-class negatives from ``classes``; one instance per
-    object). Ignore regions are 255 in every mask that does not claim the pixel. Prompts are
-    ``prompt_of(name)``, by default the name in ``prepare.prompt_template``."""
+    object). Ignore regions are 255 in every mask that does not claim the pixel. ``seen``:
+    classes marked on the image without area (lines, points, skeletons), which are neither
+    positives nor absent there. Prompts are ``prompt_of(name)``, by default the name in
+    ``prepare.prompt_template``."""
     prompt_of = prompt_of or (lambda name: class_prompt(cfg, name))
     ignore = np.zeros(shape, bool)
     for name, m in objects:
@@ -37,9 +39,9 @@ def objects_to_samples(cfg: PrepareConfig, seed: int, stem: str,
         instances.append(Sample(stem, prompt_of(name), encode_binary(m, ignore)))
     samples = [Sample(stem, prompt_of(name), encode_binary(m, ignore))
                for name, m in sorted(union.items())]
-    samples += absent_samples(cfg, seed, stem, [prompt_of(c) for c in classes],
-                              [s.prompt for s in samples], shape,
-                              ignore if ignore.any() else None)
+    present = [s.prompt for s in samples] + [prompt_of(name) for name in seen]
+    samples += absent_samples(cfg, seed, stem, [prompt_of(c) for c in classes], present,
+                              shape, ignore if ignore.any() else None)
     return samples, instances
 
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from cdsam.config.schema import PrepareConfig
-from cdsam.data.coco import coco_files, coco_stems, coco_tasks, load_coco
-from cdsam.data.cvat import cvat_tasks
-from cdsam.data.folders import folder_tasks
-from cdsam.data.labelme import labelme_tasks
 from cdsam.data.manifest import BadFiles, split_ids, stable_splits
-from cdsam.data.negatives import absent_samples
-from cdsam.data.synthetic import COMBOS, make_scene, prompt_for
+from cdsam.data.sources.coco import coco_files, coco_stems, coco_tasks, load_coco
+from cdsam.data.sources.cvat import cvat_tasks
+from cdsam.data.sources.folders import folder_tasks
+from cdsam.data.sources.labelme import labelme_tasks
+from cdsam.data.sources.negatives import absent_samples
+from cdsam.data.sources.synthetic import COMBOS, make_scene, prompt_for
+from cdsam.data.sources.voc import voc_tasks
+from cdsam.data.sources.yolo import yolo_inputs, yolo_tasks
 from cdsam.data.tasks import Item, Task
 from cdsam.data.templates import class_prompt
-from cdsam.data.voc import voc_tasks
-from cdsam.data.yolo import yolo_tasks
 from cdsam.errors import DataError
 
 
@@ -89,3 +89,12 @@ def source_tasks(cfg: PrepareConfig, seed: int, bad: BadFiles
     else:
         raise DataError(f"prepare.source: unknown source {cfg.source!r}")
     return sorted(tasks, key=lambda t: t.stem), required
+
+
+def source_inputs(cfg: PrepareConfig) -> list[tuple[str, str]]:
+    """(what names it, path) of the files a source's own annotation file makes prepare read,
+    beyond the ``prepare`` keys (which the stage checks itself): a YOLO data.yaml's folders,
+    image lists and the images they list."""
+    if cfg.source == "yolo" and not cfg.images:
+        return yolo_inputs(cfg)
+    return []

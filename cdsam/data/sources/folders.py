@@ -9,9 +9,15 @@
 - ``per_class``: ``masks/<class>/<stem>.png``, one binary mask folder per name in
   ``prepare.classes``; a class whose folder has no file for an image is absent from it.
 - ``instances``: ``masks/<stem>.png`` (8 or 16 bit, one channel) whose values are object ids,
-  0 background. ``prepare.instance_classes`` names a CSV ``image,instance,class`` (class
-  ``__ignore__``: an ignore region); without it every object is ``prepare.prompt``. One sample
-  per class (the union of its objects); each object is kept as an instance.
+  0 background; in an 8-bit file 255 is an ignore region (VOC's ``SegmentationObject`` void
+  border) unless the class table names an object 255. ``prepare.instance_classes`` names a
+  CSV ``image,instance,class`` (class ``__ignore__``: an ignore region); without it every
+  object is ``prepare.prompt``. One sample per class (the union of its objects); each object
+  is kept as an instance.
+
+Colour masks count their largest colour channel; an alpha channel is opacity (a transparent
+pixel is background; a mask drawn in opacity alone is its alpha). Images are read upright
+(EXIF orientation applied); masks as stored.
 
 With ``prepare.negatives: absent`` classes absent from an image also give empty-mask samples.
 """
@@ -38,11 +44,14 @@ from cdsam.data.manifest import (
     by_stem,
     stable_splits,
 )
-from cdsam.data.negatives import absent_samples
-from cdsam.data.objects import IGNORE_CLASS, objects_to_samples
+from cdsam.data.sources.negatives import absent_samples
+from cdsam.data.sources.objects import IGNORE_CLASS, objects_to_samples
 from cdsam.data.tasks import Item, Task
 from cdsam.data.templates import class_prompt
 from cdsam.errors import DataError
+
+
+VOC_VOID = 255
 
 
 def image_files(folder: Path, key: str, bad: BadFiles) -> dict[str, Path]:
@@ -63,11 +72,23 @@ def _read_mask(path: Path, size: tuple[int, int], bad: BadFiles, one_channel: bo
         if one_channel:
             bad.bad(path, f"an instance mask must have one channel (ids), not mode {pil.mode}")
             return None
-        mask = mask.max(axis=2)
+        mask = _flatten(mask, "A" in pil.getbands())
     if (mask.shape[1], mask.shape[0]) != size:
         bad.wrong_size(path, "mask", (mask.shape[1], mask.shape[0]), size)
         return None
     return mask
+
+
+def _flatten(mask: np.ndarray, alpha: bool) -> np.ndarray:
+    """HxWxC → HxW: the largest colour channel. An alpha channel is opacity, not a colour:
+    a fully transparent pixel is background, and a mask whose colours are all zero (drawn
+    in opacity alone) is its alpha."""
+    if not alpha:
+        return mask.max(axis=2)
+    colour, opacity = mask[..., :-1].max(axis=2), mask[..., -1]
+    if not colour.any():
+        return opacity
+    return np.where(opacity > 0, colour, 0).astype(mask.dtype)
 
 
 def read_binary_mask(path: Path, size: tuple[int, int], bad: BadFiles) -> np.ndarray | None:
@@ -156,6 +177,12 @@ def _instance_item(cfg: PrepareConfig, seed: int, stem: str, path: Path, image: 
         return None
     objects = []
     for k in (int(v) for v in np.unique(ids) if v != 0):
+        if k == VOC_VOID and ids.dtype == np.uint8 and (table is None
+                                                         or (stem, k) not in table):
+            # An 8-bit id map's 255 is VOC's void border (SegmentationObject), an ignore
+            # region, unless the class table names an object 255.
+            objects.append((IGNORE_CLASS, ids == k))
+            continue
         name = cfg.prompt if table is None else table.get((stem, k))
         if name is None:
             bad.bad(path, f"instance {k} has no row in {cfg.instance_classes}")

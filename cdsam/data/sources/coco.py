@@ -28,8 +28,8 @@ from cdsam.data.manifest import (
     BadFiles,
     Sample,
 )
-from cdsam.data.negatives import absent_samples
-from cdsam.data.objects import encode_binary
+from cdsam.data.sources.negatives import absent_samples
+from cdsam.data.sources.objects import encode_binary
 from cdsam.data.tasks import Item, Task
 from cdsam.data.templates import class_prompt
 from cdsam.errors import DataError

@@ -1,13 +1,22 @@
 """The ``cvat`` source: a "CVAT for images 1.1" XML export (``prepare.annotations``) and the
 image folder ``prepare.images`` (image ``name`` attributes are paths below it).
 
-Shapes → masks: ``polygon`` (``points="x,y;x,y;…"``), ``box`` (``xtl ytl xbr ybr``),
-``ellipse`` (``cx cy rx ry``) and ``mask`` (CVAT's RLE: run lengths over the box ``left top
-width height``, row by row, starting with a run of 0s). Polylines, points, cuboids and tags
-have no area and are left out. Labels are the classes (``prepare.classes`` picks and orders
-them; default: the labels in ``<meta>``, else every label used); ``__ignore__`` marks an
-ignore region. Shapes of one label sharing a ``group_id`` are one object. An image element
-with no shape is a negative image; an image file no element names is not prepared (listed).
+Shapes → masks as CVAT's own mask export draws them (``cvat/apps/dataset_manager/formats``:
+``RotatedBoxesToPolygons``, ``EllipsesToMasks``, ``CVATRleToCOCORle``, then pycocotools):
+``polygon`` (``points="x,y;x,y;…"``) and ``box`` (``xtl ytl xbr ybr``) by pycocotools' polygon
+rule, a box's ``rotation`` (degrees, clockwise on screen) turning its corners about its
+centre; ``ellipse`` (``cx cy rx ry rotation``) by ``cv2.ellipse`` at the rounded centre and
+semi-axes; ``mask`` (CVAT's RLE: run lengths over the box ``left top width height``, row by
+row, starting with a run of 0s) as stored. Images are read upright (EXIF orientation applied),
+as CVAT shows them.
+
+Polylines, points, skeletons, cuboids and tags have no area: their label is neither a positive
+nor "absent" on that image (a crack drawn as a polyline must not teach "no crack here").
+Skeleton sub-labels (``<label>`` with a ``<parent>``: a skeleton's keypoints) are never
+classes. Labels are the classes (``prepare.classes`` picks and orders them; default: the
+labels drawn with area somewhere, in ``<meta>`` order); ``__ignore__`` marks an ignore region.
+Shapes of one label sharing a ``group_id`` are one object. An image element with no shape is
+a negative image; an image file no element names is not prepared (listed).
 """
 
 from __future__ import annotations
@@ -18,13 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from cdsam.config.schema import PrepareConfig
-from cdsam.data.draw import box_mask, ellipse_mask, outside, polygon_mask
 from cdsam.data.manifest import IMAGE_EXTS, BadFiles, stable_splits
-from cdsam.data.objects import IGNORE_CLASS, objects_to_samples
+from cdsam.data.sources.draw import coco_polygon, cv2_ellipse, outside, rotated_corners
+from cdsam.data.sources.objects import IGNORE_CLASS, objects_to_samples
 from cdsam.data.tasks import Item, Task
 from cdsam.errors import DataError
 
 AREA_SHAPES = ("polygon", "box", "ellipse", "mask")
+MARK_SHAPES = ("polyline", "points", "skeleton", "cuboid", "tag")  # a label without area
 Shape = tuple[str, str, dict[str, str]]  # (element tag, label, attributes)
 
 
@@ -53,6 +63,7 @@ def shape_mask(tag: str, attrs: dict[str, str], size: tuple[int, int]) -> np.nda
     """One area shape's mask (ValueError / KeyError say why it cannot be drawn)."""
     if tag == "mask":
         return rle_mask(attrs, size)
+    rotation = float(attrs.get("rotation") or 0.0)
     if tag == "polygon":
         points = [tuple(float(v) for v in p.split(",")) for p in attrs["points"].split(";")]
         if len(points) < 3 or any(len(p) != 2 for p in points):
@@ -60,23 +71,27 @@ def shape_mask(tag: str, attrs: dict[str, str], size: tuple[int, int]) -> np.nda
         check = points
     elif tag == "box":
         x0, y0, x1, y1 = _floats(attrs, "xtl", "ytl", "xbr", "ybr")
-        check = [(x0, y0), (x1, y1)]
+        points = rotated_corners(x0, y0, x1, y1, rotation)
+        check = points
     else:
         cx, cy, rx, ry = _floats(attrs, "cx", "cy", "rx", "ry")
-        check = [(cx - rx, cy - ry), (cx + rx, cy + ry)]
+        # The box of the turned ellipse (CVAT keeps a rotated ellipse inside the image).
+        a = np.radians(rotation)
+        ex = float(np.hypot(rx * np.cos(a), ry * np.sin(a)))
+        ey = float(np.hypot(rx * np.sin(a), ry * np.cos(a)))
+        check = [(cx - ex, cy - ey), (cx + ex, cy + ey)]
     if outside(check, size):
         raise ValueError(f"a {tag} point lies outside the image {size[0]}x{size[1]}")
-    if tag == "polygon":
-        return polygon_mask(check, size)
-    if tag == "box":
-        return box_mask(x0, y0, x1, y1, size)
-    return ellipse_mask(cx, cy, rx, ry, size)
+    if tag == "ellipse":
+        return cv2_ellipse(cx, cy, rx, ry, rotation, size)
+    return coco_polygon(points, size)
 
 
 def load_cvat_image(cfg: PrepareConfig, seed: int, stem: str, path: Path, where: Path,
-                    size: tuple[int, int], shapes: list[Shape], classes: list[str], *,
-                    bad: BadFiles) -> Item | None:
-    """One ``<image>`` element's file and shapes → samples and instances."""
+                    size: tuple[int, int], shapes: list[Shape], classes: list[str],
+                    seen: frozenset[str], *, bad: BadFiles) -> Item | None:
+    """One ``<image>`` element's file and area shapes → samples and instances; ``seen``:
+    the labels marked on it without area."""
     image = bad.open(path, "RGB")
     if image is None:
         return None
@@ -96,7 +111,7 @@ def load_cvat_image(cfg: PrepareConfig, seed: int, stem: str, path: Path, where:
         groups[key] = groups[key] | m if key in groups else m
     objects = [(label, m) for (label, _), m in groups.items()]
     samples, instances = objects_to_samples(cfg, seed, stem, objects, classes,
-                                            (size[1], size[0]))
+                                            (size[1], size[0]), seen=seen)
     return Item(image, samples, instances)
 
 
@@ -125,9 +140,12 @@ def cvat_tasks(cfg: PrepareConfig, seed: int, bad: BadFiles) -> list[Task]:
     folder = Path(cfg.images)
     if not folder.is_dir():
         raise DataError(f"prepare.images: folder not found: {folder}")
-    meta = [e.findtext("name") for e in root.iter("label") if e.findtext("name")]
-    entries: dict[str, tuple[Path, tuple[int, int], list[Shape]]] = {}
-    used: set[str] = set()
+    # Skeleton keypoints are labels of their own in <meta>, each naming its skeleton in
+    # <parent>: parts of an object, never a class.
+    meta = [e.findtext("name") for e in root.iter("label")
+            if e.findtext("name") and not (e.findtext("parent") or "").strip()]
+    entries: dict[str, tuple[Path, tuple[int, int], list[Shape], frozenset[str]]] = {}
+    drawn: set[str] = set()  # labels with area somewhere
     for el in root.findall("image"):
         name = el.get("name", "")
         path = folder / name
@@ -137,7 +155,8 @@ def cvat_tasks(cfg: PrepareConfig, seed: int, bad: BadFiles) -> list[Task]:
             continue
         shapes = [(s.tag, s.get("label", ""), dict(s.attrib)) for s in el
                   if s.tag in AREA_SHAPES]
-        used |= {label for _, label, _ in shapes}
+        marks = frozenset(s.get("label", "") for s in el if s.tag in MARK_SHAPES)
+        drawn |= {label for _, label, _ in shapes}
         if not path.is_file():
             bad.bad(path, f"image listed in {where.name} not found", "missing")
             continue
@@ -146,16 +165,16 @@ def cvat_tasks(cfg: PrepareConfig, seed: int, bad: BadFiles) -> list[Task]:
         except ValueError:
             bad.bad(where, f"image {name}: width and height must be integers")
             continue
-        entries[stem] = (path, size, shapes)
-    classes = list(cfg.classes or [c for c in dict.fromkeys(meta or sorted(used))
-                                   if c != IGNORE_CLASS])
+        entries[stem] = (path, size, shapes, marks)
+    order = list(dict.fromkeys(meta)) + sorted(drawn - set(meta))
+    classes = list(cfg.classes or [c for c in order if c in drawn and c != IGNORE_CLASS])
     keep = set(classes) | {IGNORE_CLASS}
-    named = {p.resolve() for p, _, _ in entries.values()}
+    named = {e[0].resolve() for e in entries.values()}
     for p in sorted(folder.rglob("*")):
         if p.suffix.lower() in IMAGE_EXTS and p.resolve() not in named:
             bad.note(p, f"no <image> in {where.name} names it: not prepared")
     splits = stable_splits(list(entries), cfg.val_fraction, cfg.test_fraction, seed)
     return [Task(stem, splits[stem], load_cvat_image,
                  (cfg, seed, stem, path, where, size,
-                  [s for s in shapes if s[1] in keep], classes))
-            for stem, (path, size, shapes) in entries.items()]
+                  [s for s in shapes if s[1] in keep], classes, marks & frozenset(classes)))
+            for stem, (path, size, shapes, marks) in entries.items()]

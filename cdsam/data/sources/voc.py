@@ -21,7 +21,7 @@ from cdsam.data.manifest import (
     Sample,
     stable_splits,
 )
-from cdsam.data.negatives import absent_samples
+from cdsam.data.sources.negatives import absent_samples
 from cdsam.data.tasks import Item, Task
 from cdsam.data.templates import class_prompt
 from cdsam.errors import DataError
