@@ -160,11 +160,6 @@ def cmd_export(args: argparse.Namespace) -> None:
                  info["input"]["shape"], info["bytes"] / 2**20, args.out, checked,
                  parity.get("max_abs_diff", float("nan")),
                  100 * parity.get("mask_agreement", float("nan")))
-        check = info.get("text", {}).get("tokenizer_check")
-        if check and check["differ"]:
-            log.warning("onnx export: tokenizer.json splits %d of %d checked texts otherwise "
-                        "than the tower's tokenizer (e.g. %r); tokenize those with open_clip",
-                        len(check["differ"]), check["texts"], check["differ"][0])
     else:
         log.info("merged export: %d LoRA layers folded in, %.2f MiB -> %s",
                  info["merged_lora"], info["bytes"] / 2**20, args.out)

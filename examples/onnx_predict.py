@@ -1,7 +1,7 @@
-"""Masks from a `cdsam export --mode onnx` folder with numpy, Pillow, tokenizers and
+"""Masks from a `cdsam export --mode onnx` folder with numpy, Pillow, tokenizers, ftfy and
 onnxruntime only.
 
-    pip install onnxruntime numpy pillow tokenizers
+    pip install onnxruntime numpy pillow tokenizers ftfy
     python onnx_predict.py EXPORT_DIR IMAGE [IMAGE ...] --prompt "a red circle" --out masks/
 
 Writes ``<stem>__<prompt>.png`` (0/255) per image and prompt. Any text works with the default
@@ -15,13 +15,16 @@ needed: the fit and the tokenization are read from EXPORT_DIR/cdsam-onnx.json.
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import re
+import string
 from pathlib import Path
 
+import ftfy
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def fit(image: Image.Image, spec: dict) -> tuple[np.ndarray, tuple[int, int, int, int]]:
@@ -72,14 +75,23 @@ def resize_bilinear(a: np.ndarray, h: int, w: int) -> np.ndarray:
     return rows[:, x0] * (1 - wx) + rows[:, x1] * wx
 
 
+def clean(text: str, how: str) -> str:
+    """open_clip's cleaning before its tokenizer (the sidecar's ``clean``)."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    if how == "canonicalize":
+        text = text.replace("_", " ").translate(str.maketrans("", "", string.punctuation))
+    text = " ".join(text.split())
+    return text if how == "whitespace" else text.lower()
+
+
 def token_ids(tokenizer, spec: dict, texts: list[str]) -> np.ndarray:
-    """PxL int64 ids, as the sidecar's ``text`` entry says: the tokenizer's ids (start and end
-    tokens included), cut to ``context_length`` (the last id then ``end_id``), padded with
-    ``pad_id``. (cdsam's export checks itself with the same rule, `cdsam.inference.text_onnx`;
-    this file stays free of cdsam.)"""
+    """PxL int64 ids, as the sidecar's ``text`` entry says: the text cleaned as ``clean``
+    names, the tokenizer's ids (start and end tokens included), cut to ``context_length``
+    (the last id then ``end_id``), padded with ``pad_id``. (cdsam's export checks itself with
+    the same rule, `cdsam.inference.text_onnx`; this file stays free of cdsam.)"""
     length, rows = spec["context_length"], []
     for text in texts:
-        ids = list(tokenizer.encode(text).ids)
+        ids = list(tokenizer.encode(clean(text, spec["clean"])).ids)
         if len(ids) > length:
             ids = ids[:length]
             if spec.get("end_id") is not None:
@@ -130,7 +142,7 @@ def main() -> None:
     session = ort.InferenceSession(str(args.export_dir / "model.onnx"))
     args.out.mkdir(parents=True, exist_ok=True)
     for path in args.images:
-        image = Image.open(path).convert("RGB")
+        image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")  # as displayed
         x, window = fit(image, spec)
         logits = session.run(["logits"], {"images": x[None], **feeds})[0][0]  # P x C x C
         for prompt, frame in zip(prompts, logits, strict=True):

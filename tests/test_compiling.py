@@ -162,3 +162,23 @@ def test_a_backward_that_fails_to_compile_leaves_ddp_training(data_dir, tmp_path
     r0 = load_file(str(tmp_path / "rank0.safetensors"))
     r1 = load_file(str(tmp_path / "rank1.safetensors"))
     assert r0 and all(torch.equal(r0[k], r1[k]) for k in r0)
+
+
+def oom_backend(gm, example_inputs):
+    """A backend whose graph compiles but runs out of device memory when called."""
+    def run(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return run
+
+
+def test_an_out_of_memory_in_a_compiled_call_is_raised_not_rerun_eagerly(params):
+    """An OOM is the batch's, not the compiler's: the guard must not hide it by rerunning the
+    call eagerly (optim.batch_size: auto searches by it; dropout would be drawn twice)."""
+    model = build_model(params.model, seed=0)
+    compile_parts(model, backend=oom_backend)
+    block = model.dino.blocks[0]
+    x = torch.zeros(1, 4, model.dino.embed_dim)
+    with pytest.raises(torch.OutOfMemoryError):
+        block(x)
+    assert is_compiled(model)  # not sent back to eager
+    uncompile_parts(model)

@@ -45,6 +45,66 @@ def test_activation_estimate_is_within_a_quarter_of_the_measured(checkpointing):
     assert abs(estimate - measured) <= 0.25 * measured, (estimate, measured)
 
 
+def _measure(data: dict, stage: int, batch: int, checkpointing: bool, amp: bool) -> int:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, str(PROBE), json.dumps(data), str(stage), str(batch),
+                          str(int(checkpointing)), str(int(amp))], env=env, capture_output=True,
+                         text=True, check=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])["bytes"]
+
+
+@pytest.mark.parametrize("stage", [1, 4])
+def test_activation_estimate_under_bf16_autocast_is_within_a_quarter(stage):
+    """The CPU's bf16 autocast, frozen weights held as the trainer holds them: per image is
+    the growth from 16 to 32 images (autocast's weight copies do not grow with the batch)."""
+    data = _data(model={"dino": {"img_size": 64, "patch_size": 8, "embed_dim": 96, "depth": 4,
+                                 "num_heads": 2}}, data={"resize": 64, "crop": 64},
+                 train={"feature_cache": False})
+    measured = (_measure(data, stage, 32, False, True) - _measure(data, stage, 16, False, True)
+                ) / 16
+    estimate = plan_memory(parse_params(data), stage, amp=True).activations_per_image(False)
+    assert abs(estimate - measured) <= 0.25 * measured, (estimate, measured)
+
+
+def test_per_image_activations_do_not_depend_on_the_probe_batch():
+    """Under AMP the weight copies are a fixed term, not activations divided by the probe's
+    images (which overstated them and understated the largest batch)."""
+    from cdsam.training import memory_plan
+
+    p = parse_params(_data())
+    got = []
+    for probes in ((2, 4), (4, 8)):
+        memory_plan.PROBE_IMAGES = probes
+        try:
+            got.append(plan_memory(p, 1, amp=True))
+        finally:
+            memory_plan.PROBE_IMAGES = (2, 4)
+    assert got[0].activations == got[1].activations
+    assert got[0].saved_fixed == got[1].saved_fixed and got[0].saved_fixed["plain"] > 0
+
+
+def test_frozen_bytes_are_what_the_trainer_holds():
+    """Under AMP the plan counts the frozen weights as `hold_for_stage` leaves them (bf16
+    linears, fp32 text tower, norms and embeddings), on the real model."""
+    import torch
+
+    from cdsam.config.stages import curriculum_to
+    from cdsam.models.model import build_model
+    from cdsam.runtime import Precision
+    from cdsam.training.curriculum import apply_plan
+    from cdsam.training.frozen_weights import hold_for_stage
+
+    p = parse_params(_data())
+    for stage in (1, 2, 4):
+        model = build_model(p.model, seed=0)
+        for step in curriculum_to(p, stage):
+            apply_plan(model, step)
+        hold_for_stage(model, None, Precision(torch.device("cpu"), True, torch.bfloat16))
+        held = sum(q.numel() * q.element_size() for q in model.parameters()
+                   if not q.requires_grad)
+        assert plan_memory(p, stage, amp=True).frozen_weights == held, stage
+
+
 def test_counts_follow_the_stage_and_the_knobs():
     p = parse_params(_data())
     m1, m4 = plan_memory(p, 1), plan_memory(p, 4)

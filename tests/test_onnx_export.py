@@ -101,6 +101,23 @@ def test_onnxruntime_matches_pytorch_logits_with_a_dynamic_batch(exported, promp
 
 
 @pytest.mark.slow  # an export takes ~15 s
+def test_the_tokenizer_cleans_as_open_clip_and_a_disagreeing_one_is_refused(exported):
+    """Curly quotes, HTML entities, full-width letters, ligatures: open_clip cleans them with
+    ftfy and html before its BPE; the export's ids agree on every probe, and a tokenizer that
+    cleaned otherwise would be refused."""
+    from cdsam.errors import UserError
+    from cdsam.inference.onnx_export import TOKENIZER_PROBES
+    from cdsam.inference.text_onnx import tokenizer_agrees
+
+    checkpoint, out, sidecar = exported
+    tower = load_model(checkpoint).model.clip_text
+    probes = list(TOKENIZER_PROBES)
+    assert "Tom &amp; Jerry" in probes and "a \ufb01sh" in probes
+    assert tokenizer_agrees(tower, out, sidecar["text"], probes)["identical"] == len(probes)
+    with pytest.raises(UserError, match="other ids than the text tower"):
+        tokenizer_agrees(tower, out, dict(sidecar["text"], clean="canonicalize"), probes)
+
+
 def test_standalone_example_gives_the_masks_cdsam_predict_gives(exported, tmp_path):
     checkpoint, out, _ = exported
     paths = []

@@ -286,3 +286,15 @@ def test_python_m_cdsam_cli_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "cdsam.cli", "--help"], capture_output=True,
                          text=True)
     assert out.returncode == 0 and "predict" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("prompt", ["Overlay", "semantic!"])
+def test_a_prompt_named_like_an_images_own_file_is_refused(prompt):
+    """``{stem}__overlay.png`` and ``{stem}__semantic.png`` are the overlay's and the label
+    map's: a prompt with that slug would overwrite one of them."""
+    from cdsam.errors import UserError
+    from cdsam.inference.files import read_prompts
+
+    with pytest.raises(UserError, match="reword it"):
+        read_prompts(["a cell", prompt], None)
+    assert read_prompts(["an overlay"], None) == ["an overlay"]

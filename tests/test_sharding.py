@@ -190,3 +190,47 @@ def test_parallel_mode_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("CDSAM_NPROC", "2")
     with pytest.raises(UserError, match="CDSAM_PARALLEL"):  # before any rank starts
         relaunch_command(["x.py"])
+
+
+def _load_state_worker(rank: int, port: int, out: str) -> None:
+    """A partial state into an FSDP2 model: the missing key is reported and the caller's
+    dict is left as it was."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+                       "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from cdsam.training.sharding import is_sharded, load_state
+
+    dist.init_process_group("gloo")
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+        state = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+        del state["1.bias"]
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        before = {k: (v, v.clone()) for k, v in state.items()}
+        keys = load_state(model, state)
+        Path(out).write_text(json.dumps({
+            "sharded": is_sharded(model), "missing": keys.missing_keys,
+            "unexpected": keys.unexpected_keys, "same_keys": sorted(state) == sorted(before),
+            "untouched": all(state[k] is v and type(v) is torch.Tensor and torch.equal(v, c)
+                             for k, (v, c) in before.items()),
+            "loaded": bool(torch.equal(model[0].weight.full_tensor(), before["0.weight"][1]))}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_load_state_reports_missing_keys_and_leaves_the_state_alone(tmp_path):
+    out = tmp_path / "keys.json"
+    mp.start_processes(_load_state_worker, args=(_free_port(), str(out)), nprocs=1, join=True,
+                       start_method="spawn")
+    got = json.loads(out.read_text())
+    assert got["sharded"] and got["loaded"]
+    assert got["missing"] == ["1.bias"] and got["unexpected"] == []
+    assert got["same_keys"] and got["untouched"]

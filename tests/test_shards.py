@@ -166,3 +166,23 @@ def test_a_killed_prepare_leaves_the_previous_output_whole(tmp_path):
     read_samples(tmp_path / "prepared")  # still opens
     _synthetic(tmp_path, "prepared")  # the next run clears what the killed one left
     assert not list(tmp_path.glob(".prepared.*.tmp"))
+
+
+def test_resharding_keeps_the_rows_digest_resume_states_are_keyed_by(tmp_path):
+    """prepare.shard_images cuts the same rows into other files: the files' digest changes,
+    the rows' (what a stage's resume state checks) does not."""
+    from cdsam.config.schema import PrepareConfig, SyntheticConfig
+    from cdsam.data.prepare import prepare
+    from cdsam.data.prepared import prepared_digest, read_index
+    from tests.conftest import tiny_params
+
+    digests = []
+    for n in (2, 5):
+        cfg = PrepareConfig(val_fraction=0.25, test_fraction=0.0, shard_images=n,
+                            synthetic=SyntheticConfig(num_images=12, image_size=32))
+        prepare(cfg, seed=0, out=tmp_path / str(n), show_progress=False,
+                data=tiny_params().data)
+        index = read_index(tmp_path / str(n))
+        assert len(index["splits"]["train"]["shards"]) == -(-9 // n)
+        digests.append((index["digest"], prepared_digest(tmp_path / str(n))))
+    assert digests[0][0] != digests[1][0] and digests[0][1] == digests[1][1]

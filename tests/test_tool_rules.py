@@ -5,8 +5,12 @@ labelme's ``shapes_to_label``, Ultralytics' ``polygon2mask``, pycocotools."""
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -429,14 +433,30 @@ def test_each_source_rasterizes_as_its_tool():
     assert cv2_polygon(square, (20, 20)).sum() == 121  # Ultralytics
 
 
-def test_yolo_polygons_equal_ultralytics_polygon2mask():
-    polygon2mask = pytest.importorskip("ultralytics.data.utils").polygon2mask
+ULTRALYTICS_ORACLE = """
+import json, sys
+import numpy as np
+from ultralytics.data.utils import polygon2mask
+polygons, size, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+np.save(out, np.stack([polygon2mask(tuple(size), [np.asarray(p, float)]) for p in polygons]))
+"""
+
+
+def test_yolo_polygons_equal_ultralytics_polygon2mask(tmp_path):
+    """Ultralytics' own ``polygon2mask``, in a child process: importing ultralytics patches
+    PIL's ``Image.open`` for the whole process (and tries to pip-install HEIF support)."""
+    if importlib.util.find_spec("ultralytics") is None:
+        pytest.skip("ultralytics (the dev extra) is not installed")
     rng = np.random.default_rng(0)
-    for _ in range(50):
-        n = int(rng.integers(3, 9))
-        xy = rng.uniform(0, 1, (n, 2)) * (37, 23)
-        want = polygon2mask((23, 37), [xy.reshape(-1)]).astype(bool)
-        np.testing.assert_array_equal(cv2_polygon(xy, (37, 23)), want)
+    polygons = [rng.uniform(0, 1, (int(rng.integers(3, 9)), 2)) * (37, 23) for _ in range(50)]
+    out = tmp_path / "masks.npy"
+    env = dict(os.environ, YOLO_OFFLINE="1", YOLO_VERBOSE="False",
+               YOLO_CONFIG_DIR=str(tmp_path / "cfg"))
+    subprocess.run([sys.executable, "-c", ULTRALYTICS_ORACLE,
+                    json.dumps([p.reshape(-1).tolist() for p in polygons]), "[23, 37]",
+                    str(out)], check=True, env=env, capture_output=True, timeout=120)
+    for xy, want in zip(polygons, np.load(out), strict=True):
+        np.testing.assert_array_equal(cv2_polygon(xy, (37, 23)), want.astype(bool))
 
 
 def test_cvat_polygons_equal_pycocotools(tmp_path):

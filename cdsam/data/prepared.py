@@ -54,8 +54,10 @@ def read_index(root: str | Path) -> dict[str, Any]:
 
 
 def prepared_digest(root: str | Path) -> str:
-    """One sha256 over every prepared file, computed by ``prepare`` as it wrote them."""
-    return read_index(root)["digest"]
+    """One sha256 over the prepared rows and tables, computed by ``prepare`` as it wrote them;
+    the same whatever shards the rows were cut into (``prepare.shard_images``)."""
+    index = read_index(root)
+    return index.get("rows_digest") or index["digest"]
 
 
 def check_fit(root: str | Path, data: DataConfig) -> dict[str, Any]:

@@ -222,12 +222,15 @@ class _Shard:
     sha: Any = field(default_factory=hashlib.sha256)
     fh: Any = None
 
-    def append(self, array: np.ndarray) -> None:
+    def append(self, array: np.ndarray, stream: Any) -> None:
+        """Append one row; ``stream``: the hash of the split's rows of this kind, across its
+        shards."""
         data = np.ascontiguousarray(array, dtype=np.uint8).tobytes()
         if self.fh is None:
             self.fh = open(self.path, "wb")  # noqa: SIM115 (closed by close())
         self.fh.write(data)
         self.sha.update(data)
+        stream.update(data)
         self.rows += 1
 
     def close(self) -> None:
@@ -247,6 +250,7 @@ class ShardWriter:
         self.shard_images = shard_images or auto_shard_images(data.crop)
         self.shards: dict[str, list[dict[str, _Shard]]] = {}  # split -> per shard, kind -> file
         self.counts: dict[str, dict[str, int]] = {}  # split -> kind -> rows so far
+        self.streams: dict[str, dict[str, Any]] = {}  # split -> kind -> sha256 of all rows
         self.rows: list[dict[str, Any]] = []
         self.images: list[dict[str, Any]] = []
         self.instances: list[dict[str, Any]] = []
@@ -274,12 +278,13 @@ class ShardWriter:
         """Append one encoded image to ``split``'s current shard."""
         files = self._files(split)
         counts = self.counts[split]
+        streams = self.streams.setdefault(split, {k: hashlib.sha256() for k in SHARDS})
         image_row, label_base, lut_base = (counts[k] for k in SHARDS)
-        files["images"].append(enc.pixels)
+        files["images"].append(enc.pixels, streams["images"])
         for label in enc.labels:
-            files["labels"].append(label)
+            files["labels"].append(label, streams["labels"])
         for table in enc.tables:
-            files["luts"].append(table)
+            files["luts"].append(table, streams["luts"])
         counts["images"] += 1
         counts["labels"] += len(enc.labels)
         counts["luts"] += len(enc.tables)
@@ -335,8 +340,15 @@ class ShardWriter:
             files[name] = hashlib.sha256((self.root / name).read_bytes()).hexdigest()
         files = dict(sorted(files.items()))
         digest = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()
+        # The same rows cut into other shards (prepare.shard_images, a storage knob) are the
+        # same data: what a stage's resume state is keyed by.
+        rows = {f"{split}/{kind}": h.hexdigest() for split, kinds in self.streams.items()
+                for kind, h in kinds.items()}
+        rows.update({name: sha for name, sha in files.items() if not name.endswith(".u8")})
+        rows_digest = hashlib.sha256(repr((self.data.fit, self.data.resize, c,
+                                           sorted(rows.items()))).encode()).hexdigest()
         io.write_json(self.root / INDEX, {
             "format": FORMAT, "fit": self.data.fit, "resize": self.data.resize, "crop": c,
             "shard_images": self.shard_images, "row_shapes": shapes, "splits": splits,
-            "files": files, "digest": digest})
+            "files": files, "digest": digest, "rows_digest": rows_digest})
         return df.assign(negative=df["negative"].astype(bool))

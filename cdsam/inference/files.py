@@ -123,6 +123,11 @@ def _check_inside(path: Path, pil: Image.Image, opts: PredictOptions) -> None:
             raise UserError(f"{flag}: ({x:g}, {y:g}) is outside {path} ({w}x{h} pixels)")
 
 
+# Each image's own files beside its masks (``{stem}__overlay.png``, ``{stem}__semantic.png``): a
+# prompt with such a slug would overwrite one of them, or be overwritten.
+RESERVED_SLUGS = ("overlay", "semantic")
+
+
 def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> list[str]:
     """``--prompt`` values, then the lines of ``--prompts-file`` (blank and # lines skipped)."""
     out = list(prompts or [])
@@ -141,6 +146,11 @@ def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> lis
     if "" in slugs or len(set(slugs)) != len(slugs):
         raise UserError(f"--prompt: prompts must have distinct, non-empty file slugs, got "
                         f"{slugs}")
+    taken = [(p, s) for p, s in zip(out, slugs, strict=True) if s in RESERVED_SLUGS]
+    if taken:
+        raise UserError(f"--prompt: {taken[0][0]!r} would be written as {{stem}}__"
+                        f"{taken[0][1]}.png, the {taken[0][1]} file's name; reword it "
+                        f"(e.g. 'the {taken[0][0]}')")
     return out
 
 

@@ -55,8 +55,13 @@ SIDECAR = "cdsam-onnx.json"
 UNSEEN_PROMPTS = ("a photo of a dog", "a small purple hexagon", "something red")
 # Texts the exported tokenizer must split as the tower's own does, beside the vocabulary:
 # case, runs of spaces, punctuation, contractions, digits, and one longer than any context.
+# Texts open_clip's cleaning changes (ftfy: curly quotes, full-width letters, ligatures,
+# mojibake; HTML entities, twice unescaped) and a prompt longer than the context.
 TOKENIZER_PROBES = (*UNSEEN_PROMPTS, "A  Green   TRIANGLE!", "it's the cell's 2nd nucleus",
-                    "lesion, 3 mm; left-lower lobe", " ".join(["word"] * 80))
+                    "lesion, 3 mm; left-lower lobe", " ".join(["word"] * 80),
+                    "a cat\u2019s toy", "Tom &amp; Jerry", "Tom &amp;amp; Jerry",
+                    "\uff32\uff25\uff24 circle", "a \ufb01sh", "caf\u00c3\u00a9 table",
+                    "a \u201cred\u201d\tsquare\n", "snake_case_label")
 # Above this many bytes of weights the model goes to an external-data file (protobuf's 2 GB
 # limit on one message); below it one self-contained .onnx is easier to ship.
 SINGLE_FILE_BYTES = 1_500_000_000

@@ -3,12 +3,17 @@
 ``tokenizers`` library reads (Rust, no torch), so a deployed model takes any prompt.
 
 How an id row is made, in words a non-cdsam caller can follow (the sidecar's ``text`` entry
-and ``examples/onnx_predict.py``): ``tokenizer.encode(text).ids`` (its post-processor adds the
-start and end tokens), cut to ``context_length`` with the last id set to ``end_id`` when it
-was cut, padded with ``pad_id``. For open_clip's CLIP BPE (OpenAI CLIP, the tiny default) the
+and ``examples/onnx_predict.py``): the text cleaned as open_clip cleans it (``clean``:
+``ftfy.fix_text``, ``html.unescape`` twice, strip; then ``lower``: whitespace runs → one
+space, lower case; ``whitespace``: the same without lower case; ``canonicalize``: ``_`` →
+space, punctuation removed, whitespace runs → one space, lower case), then
+``tokenizer.encode(text).ids`` (its post-processor adds the start and end tokens; a Hugging
+Face tokenizer also truncates, keeping its end token), cut to ``context_length`` with the last
+id set to ``end_id`` when it was cut, padded with ``pad_id``. For open_clip's CLIP BPE (OpenAI CLIP, the tiny default) the
 file is built here from open_clip's own vocabulary and merges; a Hugging Face tokenizer (SigLIP
 2's Gemma) is saved as it is. The export compares both ways of tokenizing on the vocabulary
-and held-out phrases, and says so in the sidecar.
+and probes open_clip's cleaning changes (curly quotes, HTML entities, full-width letters,
+ligatures, long prompts), and refuses to write a tokenizer that disagrees on any of them.
 """
 
 from __future__ import annotations
@@ -66,30 +71,51 @@ def _clip_bpe(tok) -> Any:
     return out, {"pad_id": 0, "end_id": eot}
 
 
+def clean_name(tok) -> str:
+    """Which of open_clip's cleanings the tower's tokenizer applies before tokenizing."""
+    from open_clip.tokenizer import get_clean_fn
+
+    fn = getattr(tok, "clean_fn", None)
+    for name in ("lower", "whitespace", "canonicalize"):
+        if fn is get_clean_fn(name):
+            return name
+    raise UserError(f"--mode onnx: the text tower's tokenizer ({type(tok).__name__}) cleans "
+                    f"text in a way the export cannot name; export with --fixed-prompts")
+
+
 def export_tokenizer(tower: ClipTextEncoder, out: Path) -> dict[str, Any]:
     """Write ``out/tokenizer.json``; returns how to make an id row from it."""
     from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+    from tokenizers import Tokenizer
 
     tok = tower.tokenizer
     length = int(getattr(tok, "context_length", None) or tower.clip.context_length)
     if isinstance(tok, SimpleTokenizer):
         fast, ids = _clip_bpe(tok)
     elif isinstance(tok, HFTokenizer) and hasattr(tok.tokenizer, "backend_tokenizer"):
-        fast = tok.tokenizer.backend_tokenizer
+        # A copy that truncates as transformers does for open_clip (truncation=True keeps the
+        # post-processor's special tokens), so a long prompt keeps its end token.
+        fast = Tokenizer.from_str(tok.tokenizer.backend_tokenizer.to_str())
+        fast.no_padding()
+        fast.enable_truncation(max_length=length)
         pad = tok.tokenizer.pad_token_id
         ids = {"pad_id": int(pad if pad is not None else 0), "end_id": None}
     else:
         raise UserError(f"--mode onnx: the text tower's tokenizer ({type(tok).__name__}) has no "
                         f"tokenizers-library form here; export with --fixed-prompts")
     fast.save(str(out / TOKENIZER_FILE))
-    return {"tokenizer": TOKENIZER_FILE, "context_length": length, **ids}
+    return {"tokenizer": TOKENIZER_FILE, "context_length": length, "clean": clean_name(tok),
+            **ids}
 
 
 def token_ids(tokenizer, spec: dict[str, Any], texts: list[str]) -> np.ndarray:
     """The id rows of ``texts``, made as the sidecar says (see the module doc)."""
+    from open_clip.tokenizer import get_clean_fn
+
+    clean = get_clean_fn(spec["clean"])
     length, rows = spec["context_length"], []
     for text in texts:
-        ids = list(tokenizer.encode(text).ids)
+        ids = list(tokenizer.encode(clean(text)).ids)
         if len(ids) > length:
             ids = ids[:length]
             if spec.get("end_id") is not None:
@@ -100,7 +126,8 @@ def token_ids(tokenizer, spec: dict[str, Any], texts: list[str]) -> np.ndarray:
 
 def tokenizer_agrees(tower: ClipTextEncoder, out: Path, spec: dict[str, Any],
                      texts: list[str]) -> dict[str, Any]:
-    """The exported tokenizer's ids vs the tower's own on ``texts``."""
+    """The exported tokenizer's ids vs the tower's own on ``texts``; a disagreement is a
+    UserError naming the texts (a deployed model would embed other ids than it trained on)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(out / TOKENIZER_FILE))
@@ -108,4 +135,8 @@ def tokenizer_agrees(tower: ClipTextEncoder, out: Path, spec: dict[str, Any],
     theirs = tower.tokenizer(list(texts)).numpy()
     same = [bool(np.array_equal(a, b)) for a, b in zip(ours, theirs, strict=True)]
     differ = [t for t, s in zip(texts, same, strict=True) if not s]
-    return {"texts": len(texts), "identical": sum(same), "differ": differ[:5]}
+    if differ:
+        raise UserError(f"--mode onnx: the exported tokenizer.json gives other ids than the "
+                        f"text tower's tokenizer for {len(differ)} of {len(texts)} probe texts "
+                        f"(e.g. {differ[:3]}); export with --fixed-prompts")
+    return {"texts": len(texts), "identical": sum(same)}

@@ -52,6 +52,11 @@ class Guard:
                 with _backward_with_forward():
                     return compiled(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - dynamo/inductor raise many types
+                if out_of_memory(exc):
+                    # The graph ran and ran out of memory: not the compiler's failure. Rerun
+                    # eagerly it could pass (hiding the OOM from optim.batch_size: auto) and
+                    # would draw its dropout a second time.
+                    raise
                 self.fall_back(exc)
             # Compilation fails before the graph runs, so nothing ran twice; an error of the
             # model itself raises again here, eagerly, with its own traceback.
@@ -105,8 +110,20 @@ def compile_or_fall_back(model: nn.Module, probe: Callable[[], None],
     try:
         probe()
     except Exception as exc:  # noqa: BLE001 - dynamo/inductor raise many types; all mean "no"
+        if out_of_memory(exc):
+            raise
         guard.fall_back(exc)
     return guard.failure is None
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or wraps, a device out-of-memory error."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, torch.OutOfMemoryError):
+            return True
+        seen = getattr(seen, "inner_exception", None) or seen.__cause__
+    return False
 
 
 def describe_failure(exc: BaseException) -> str:

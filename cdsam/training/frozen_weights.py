@@ -17,7 +17,7 @@ saved bytes (and the delta over the base) are the ones the stage started from.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -66,11 +66,13 @@ class FrozenHold:
         self.held = []
 
 
-def hold_frozen(modules: Iterable[nn.Module], dtype: torch.dtype) -> FrozenHold:
-    """Cast the frozen weights of ``modules``' linears and convolutions to ``dtype`` in place.
-
-    Parameters that train, are already in ``dtype``, or are shared with a layer of another
-    kind are left alone (a tied weight may also feed an fp32 op)."""
+def held_parameters(modules: Iterable[nn.Module], dtype: torch.dtype,
+                    frozen: Callable[[nn.Parameter], bool] = lambda p: not p.requires_grad
+                    ) -> list[nn.Parameter]:
+    """The parameters :func:`hold_frozen` casts to ``dtype``: the ``frozen`` weights and biases
+    of linears and convolutions. Parameters that train, are already in ``dtype``, or are
+    shared with a layer of another kind are left alone (a tied weight may also feed an fp32
+    op). Works on the meta device (``cdsam plan`` counts with it)."""
     layer_params: dict[int, nn.Parameter] = {}
     other_params: set[int] = set()
     for module in modules:
@@ -80,27 +82,35 @@ def hold_frozen(modules: Iterable[nn.Module], dtype: torch.dtype) -> FrozenHold:
                 layer_params.update((id(p), p) for p in own)
             else:
                 other_params.update(id(p) for p in own)
+    return [param for key, param in layer_params.items()
+            if frozen(param) and key not in other_params and param.dtype != dtype
+            and param.is_floating_point()]
+
+
+def hold_frozen(modules: Iterable[nn.Module], dtype: torch.dtype) -> FrozenHold:
+    """Cast :func:`held_parameters` of ``modules`` to ``dtype`` in place."""
     hold = FrozenHold(dtype)
-    for key, param in layer_params.items():
-        if param.requires_grad or key in other_params or param.dtype == dtype \
-                or not param.is_floating_point():
-            continue
+    for param in held_parameters(modules, dtype):
         hold.held.append((param, param.detach().to("cpu", copy=True)))
         param.data = param.data.to(dtype)
     return hold
 
 
+def held_parts(model: CDSAM, teacher: nn.Module | None) -> list[nn.Module]:
+    """The modules whose frozen weights a step holds in the autocast dtype: every part the
+    step runs and the objective's teacher; not the CLIP text tower, which runs once per prompt
+    and in which open_clip picks its compute dtype from its weights'."""
+    parts = [m for name, m in model.named_children() if name != "clip_text"]
+    return parts + ([teacher] if teacher is not None else [])
+
+
 def hold_for_stage(model: CDSAM, teacher: nn.Module | None, precision: Precision,
                    enabled: bool = True) -> FrozenHold:
-    """Under autocast, the frozen weights of the parts a step runs, held in its dtype (the
-    objective's teacher included; not the CLIP text tower, which runs once per prompt and in
-    which open_clip picks its compute dtype from its weights'). Nothing without autocast."""
+    """Under autocast, the frozen weights of :func:`held_parts`, held in its dtype. Nothing
+    without autocast."""
     if not (precision.amp and enabled):
         return FrozenHold()
-    parts = [m for name, m in model.named_children() if name != "clip_text"]
-    if teacher is not None:
-        parts.append(teacher)
-    hold = hold_frozen(parts, precision.dtype)
+    hold = hold_frozen(held_parts(model, teacher), precision.dtype)
     log.info("%d frozen weight tensors held in %s on %s (%.0f MB less than fp32)",
              len(hold.held), str(precision.dtype).removeprefix("torch."), precision.device,
              hold.nbytes_saved / 2**20)

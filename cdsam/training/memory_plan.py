@@ -6,13 +6,17 @@ replayed on it as ``cdsam summary`` does, so the parameter counts are exact. Byt
 - trainable parameters: fp32 weights, fp32 gradients and AdamW's two fp32 moments
   (`cdsam.training.batch_size.adamw_state_bytes`, the accounting ``optim.batch_size: auto``
   uses); under DDP one more copy of every gradient in its buckets (`ddp_bucket_bytes`);
-- frozen parameters: held in the autocast dtype under AMP (`cdsam.training.frozen_weights`),
-  fp32 otherwise; the SSL teacher (``loss.ssl_weight`` > 0) is a frozen copy of DINO;
+- frozen parameters: as the trainer holds them (`cdsam.training.frozen_weights`'s own rule):
+  under AMP the frozen linears and convolutions of the parts a step runs in bf16, the CLIP text
+  tower, norms and embeddings in fp32; the SSL teacher (``loss.ssl_weight`` > 0) is a frozen
+  copy of DINO held by the same rule;
 - the feature cache: the frozen DINO prefix of every training image, at most
   ``train.feature_cache_mb`` (it lives on the training device);
 - activations per image: the forward pass runs on fake tensors (`FakeTensorMode`: shapes,
-  dtypes and the real kernels' choices, no data) under the run's autocast, and every tensor
-  autograd saves for the backward pass is counted once (parameters left out). With
+  dtypes and the real kernels' choices, no data) under the run's autocast, with the frozen
+  weights held as above, and every tensor autograd saves for the backward pass is counted once
+  (parameters left out), at two batch sizes: per image is the slope, and what does not grow
+  with the batch (autocast's bf16 copies of the weights that train) is a fixed term. With
   ``train.activation_checkpointing`` a trained block keeps only its input, and one block's
   activations come back while it is recomputed.
 
@@ -40,9 +44,11 @@ from cdsam.models.model import CDSAM, build_model
 from cdsam.training.batch_size import AUTO_MEMORY_SHARE, adamw_state_bytes, ddp_bucket_bytes
 from cdsam.training.curriculum import apply_plan
 from cdsam.training.feature_cache import frozen_prefix_end
+from cdsam.training.frozen_weights import held_parameters, held_parts
 
 MODES = ("ddp", "fsdp")
-PROBE_IMAGES = 2  # the fake forward's batch; activations are linear in it
+PROBE_IMAGES = (2, 4)  # the fake forward's batches: activations are the slope between them
+AMP_DTYPE = torch.bfloat16
 
 
 @dataclass
@@ -62,6 +68,8 @@ class StageMemory:
     feature_cache: int
     largest_block: int  # one DINO block's parameters in the compute dtype (FSDP gathers)
     activations: dict[str, int] = field(default_factory=dict)  # per image: plain, checkpointed
+    # Saved for the backward pass whatever the batch (autocast's copies of trained weights).
+    saved_fixed: dict[str, int] = field(default_factory=dict)
     checkpointing: bool = False
     batch: int | str = 1
     start_block: int = 0  # the first DINO block a step runs (the cache holds the ones before)
@@ -70,23 +78,27 @@ class StageMemory:
         on = self.checkpointing if checkpointing is None else checkpointing
         return self.activations["checkpointed" if on else "plain"]
 
-    def fixed(self, mode: str, gpus: int) -> int:
-        """Bytes a rank holds before any activation."""
+    def fixed(self, mode: str, gpus: int, checkpointing: bool | None = None) -> int:
+        """Bytes a rank holds before any activation that grows with the batch."""
         trainable = self.weights - self.frozen_weights + self.gradients + self.optimizer
         if mode == "ddp":
             buckets = self.ddp_buckets if gpus > 1 else 0
-            return trainable + buckets + self.frozen_weights + self.feature_cache
+            on = self.checkpointing if checkpointing is None else checkpointing
+            saved = self.saved_fixed.get("checkpointed" if on else "plain", 0)
+            return trainable + buckets + self.frozen_weights + self.feature_cache + saved
+        # FSDP gathers the weights in the compute dtype: autocast makes no copies of them.
         shards = math.ceil((trainable + self.fsdp_sharded_frozen) / gpus)
         return shards + self.fsdp_replicated + 2 * self.largest_block + self.feature_cache
 
     def per_rank(self, mode: str, gpus: int, batch: int,
                  checkpointing: bool | None = None) -> int:
-        return self.fixed(mode, gpus) + batch * self.activations_per_image(checkpointing)
+        return self.fixed(mode, gpus, checkpointing) + \
+            batch * self.activations_per_image(checkpointing)
 
     def max_batch(self, mode: str, gpus: int, memory: int,
                   checkpointing: bool | None = None) -> int:
         """The largest batch a rank holds within the usable share of ``memory`` (0: none)."""
-        room = AUTO_MEMORY_SHARE * memory - self.fixed(mode, gpus)
+        room = AUTO_MEMORY_SHARE * memory - self.fixed(mode, gpus, checkpointing)
         return max(0, int(room // max(self.activations_per_image(checkpointing), 1)))
 
     @property
@@ -98,37 +110,70 @@ def _held_bytes(n: int, amp: bool) -> int:
     return n * (2 if amp else 4)
 
 
-def _saved_activations(model: CDSAM, start: int, amp: bool, crop: int) -> dict[str, int]:
-    """Bytes autograd saves for one image's backward pass through ``model`` (turned into fake
-    tensors in place), without and with activation checkpointing."""
+def _frozen_bytes(model: CDSAM, amp: bool) -> int:
+    """Device bytes of the frozen parameters as the trainer holds them: under AMP the ones
+    `hold_for_stage` casts (`held_parameters` of `held_parts`) in bf16, the rest (the CLIP
+    text tower, norms, embeddings) fp32."""
+    held = {id(p) for p in held_parameters(held_parts(model, None), AMP_DTYPE)} if amp \
+        else set()
+    return sum(p.numel() * (2 if id(p) in held else 4) for p in model.parameters()
+               if not p.requires_grad)
+
+
+def _teacher_bytes(model: CDSAM, amp: bool) -> int:
+    """The SSL teacher: a frozen copy of DINO, held by the same rule."""
+    every = list(model.dino.parameters())
+    held = {id(p) for p in held_parameters([model.dino], AMP_DTYPE, lambda p: True)} \
+        if amp else set()
+    return sum(p.numel() * (2 if id(p) in held else 4) for p in every)
+
+
+def _saved_activations(model: CDSAM, start: int, amp: bool, crop: int
+                       ) -> tuple[dict[str, int], dict[str, int]]:
+    """Bytes autograd saves for the backward pass through ``model`` (turned into fake tensors
+    in place), without and with activation checkpointing: (per image, whatever the batch).
+
+    Per image is the slope between two batch sizes; what does not grow with the batch (under
+    AMP, autocast's bf16 copies of the weights that train, saved once per use) is the
+    intercept. The frozen weights are first held in bf16 as the trainer holds them, so their
+    casts are not counted."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    out: dict[str, int] = {}
+    per_image: dict[str, int] = {}
+    fixed: dict[str, int] = {}
     with FakeTensorMode(allow_non_fake_inputs=True):
         fake = model.to_empty(device="cpu")
+        if amp:
+            for p in held_parameters(held_parts(fake, None), AMP_DTYPE):
+                p.data = p.data.to(AMP_DTYPE)
         params = {p.untyped_storage()._cdata for p in fake.parameters()}
-        images = torch.empty(PROBE_IMAGES, 3, crop, crop)
-        prompts = [f"prompt {i}" for i in range(PROBE_IMAGES)]
         for name, on in (("plain", False), ("checkpointed", True)):
             set_activation_checkpointing(fake.dino, on)
-            seen: dict[int, int] = {}
+            saved = []
+            for n in PROBE_IMAGES:
+                images = torch.empty(n, 3, crop, crop)
+                prompts = [f"prompt {i}" for i in range(n)]
+                seen: dict[int, int] = {}
 
-            def pack(t: torch.Tensor, seen: dict[int, int] = seen) -> torch.Tensor:
-                storage = t.untyped_storage()
-                if storage._cdata not in params:
-                    seen[storage._cdata] = storage.nbytes()
-                return t
+                def pack(t: torch.Tensor, seen: dict[int, int] = seen) -> torch.Tensor:
+                    storage = t.untyped_storage()
+                    if storage._cdata not in params:
+                        seen[storage._cdata] = storage.nbytes()
+                    return t
 
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                    torch.autocast("cpu", torch.bfloat16, enabled=amp):
-                prefix = None
-                if start:
-                    with torch.no_grad():
-                        prefix = fake.dino_prefix(images, start)
-                result = fake(images, prompts, prefix=prefix, start_block=start)
-                del result
-            out[name] = sum(seen.values()) // PROBE_IMAGES
-    return out
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                        torch.autocast("cpu", AMP_DTYPE, enabled=amp):
+                    prefix = None
+                    if start:
+                        with torch.no_grad():
+                            prefix = fake.dino_prefix(images, start)
+                    result = fake(images, prompts, prefix=prefix, start_block=start)
+                    del result
+                saved.append(sum(seen.values()))
+            (a, na), (b, nb) = zip(saved, PROBE_IMAGES, strict=True)
+            per_image[name] = max(0, (b - a) // (nb - na))
+            fixed[name] = max(0, a - na * per_image[name])
+    return per_image, fixed
 
 
 def _stage_model(params: Params, chain: list[StagePlan]) -> CDSAM:
@@ -149,7 +194,7 @@ def plan_memory(params: Params, stage: int, amp: bool = True) -> StageMemory:
     dino_trains = any(p.requires_grad for p in model.dino.parameters())
     teacher = sum(p.numel() for p in model.dino.parameters()) \
         if params.loss.ssl_weight > 0 and dino_trains else 0
-    frozen_bytes = _held_bytes(frozen + teacher, amp)
+    frozen_bytes = _frozen_bytes(model, amp) + (_teacher_bytes(model, amp) if teacher else 0)
     clip = sum(p.numel() for p in model.clip_text.parameters())
 
     cache_on = params.train.feature_cache and not params.data.augment.enable
@@ -162,7 +207,7 @@ def plan_memory(params: Params, stage: int, amp: bool = True) -> StageMemory:
         cache = min(params.train.feature_cache_mb * 2**20, per_image * images)
     block = max(sum(p.numel() for p in b.parameters()) for b in model.dino.blocks)
     ddp_buckets, adam = ddp_bucket_bytes(model, 2), adamw_state_bytes(model)
-    activations = _saved_activations(model, start, amp, params.data.crop)
+    activations, saved_fixed = _saved_activations(model, start, amp, params.data.crop)
     ran = model.depth - start
     if dino_trains and ran:
         # While a checkpointed block is recomputed its activations are held again.
@@ -170,6 +215,7 @@ def plan_memory(params: Params, stage: int, amp: bool = True) -> StageMemory:
             0, (activations["plain"] - activations["checkpointed"]) // ran)
     else:
         activations["checkpointed"] = activations["plain"]
+        saved_fixed["checkpointed"] = saved_fixed["plain"]
 
     return StageMemory(
         stage=stage, trainable_params=trainable, frozen_params=frozen + teacher,
@@ -178,6 +224,7 @@ def plan_memory(params: Params, stage: int, amp: bool = True) -> StageMemory:
         frozen_weights=frozen_bytes, fsdp_sharded_frozen=4 * (frozen - clip),
         fsdp_replicated=4 * (clip + teacher), feature_cache=cache,
         largest_block=_held_bytes(block, amp), activations=activations,
+        saved_fixed=saved_fixed,
         checkpointing=params.train.activation_checkpointing,
         batch=chain[-1].optim.batch_size, start_block=start)
 
@@ -205,7 +252,9 @@ def _advice(mem: StageMemory, params: Params, gpus: int, memory: int) -> str:
         if part is not None and part[1].max_batch("ddp", gpus, memory, True) >= batch:
             ideas.append(f"stage{mem.stage}.dino_trainable_blocks: {part[0]} "
                          f"(with checkpointing)")
-    if mem.max_batch("fsdp", gpus, memory, True) >= batch and gpus > 1:
+    if mem.max_batch("fsdp", gpus, memory) >= batch and gpus > 1:
+        ideas.append(f"CDSAM_PARALLEL=fsdp over the {gpus} GPUs")
+    elif mem.max_batch("fsdp", gpus, memory, True) >= batch and gpus > 1:
         ideas.append(f"CDSAM_PARALLEL=fsdp over the {gpus} GPUs (with checkpointing)")
     fit = mem.max_batch("ddp", gpus, memory, True)
     if fit >= 1:
@@ -238,7 +287,9 @@ def plan_report(params: Params, gpu_memory: int, gpus: int, amp: bool = True
             "trainable_params": mem.trainable_params, "frozen_params": mem.frozen_params,
             "bytes": {"weights": mem.weights, "gradients": mem.gradients,
                       "optimizer": mem.optimizer, "ddp_buckets": mem.ddp_buckets,
-                      "frozen_weights": mem.frozen_weights, "feature_cache": mem.feature_cache},
+                      "frozen_weights": mem.frozen_weights, "feature_cache": mem.feature_cache,
+                      "saved_whatever_batch": mem.saved_fixed[
+                          "checkpointed" if mem.checkpointing else "plain"]},
             "activations_per_image": mem.activations,
             "bytes_per_rank": {m: mem.per_rank(m, gpus, batch) for m in MODES},
             "max_batch": {m: mem.max_batch(m, gpus, gpu_memory) for m in MODES},
@@ -257,7 +308,8 @@ def plan_table(report: dict[str, Any]) -> str:
              f"{'DDP/rank':>10}{'FSDP/rank':>10}{'max b DDP':>10}{'FSDP':>6}"]
     for name, s in report["stages"].items():
         b = s["bytes"]
-        fixed = sum(b[k] for k in ("weights", "gradients", "optimizer", "feature_cache")) + (
+        fixed = sum(b[k] for k in ("weights", "gradients", "optimizer", "feature_cache",
+                                   "saved_whatever_batch")) + (
             b["ddp_buckets"] if report["gpus"] > 1 else 0)
         act = s["activations_per_image"]
         lines.append(f"{name:<7}{s['trainable_params']:>13,}{fixed / gib:>10.2f}G"

@@ -113,12 +113,16 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], from_rank0: boo
     if not is_sharded(model):
         return model.load_state_dict(state, strict=False)
     own = model.state_dict().keys()
-    set_model_state_dict(model, state, options=StateDictOptions(
-        full_state_dict=True, broadcast_from_rank0=from_rank0, strict=False))
-    # set_model_state_dict fills what a partial state leaves out with the current values and
-    # drops unknown keys: say which, as load_state_dict does.
-    return _IncompatibleKeys([k for k in own if k not in state] if state else [],
+    # Worked out before loading, on a copy: set_model_state_dict fills the dict it is given
+    # with the model's own values for what a partial state leaves out (and turns its values
+    # into DTensors), so afterwards nothing would look missing and the caller's dict (the
+    # trainer's best state) would have changed. It drops unknown keys: say which, as
+    # load_state_dict does.
+    keys = _IncompatibleKeys([k for k in own if k not in state] if state else [],
                              [k for k in state if k not in own])
+    set_model_state_dict(model, dict(state), options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=from_rank0, strict=False))
+    return keys
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -50,7 +50,6 @@ from cdsam.data.tasks import Item, Task
 from cdsam.data.templates import class_prompt
 from cdsam.errors import DataError
 
-
 VOC_VOID = 255
 
 
