@@ -119,3 +119,20 @@ def test_clip_lora_finds_four_weights_a_layer_in_every_tower(name):
         assert sum(n.endswith("in_proj_weight") for n in names) == layers
         inject_weight_lora(model.clip_text, [n[len("clip_text."):] for n in names], 8, 16)
     assert sum(p.numel() for p in lora_parameters(model.clip_text)) > 0
+
+
+def test_siglip2_style_tokenizer_exports_with_its_cleaning_and_end_token(tiny_siglip2,
+                                                                         tmp_path):
+    """A Hugging Face tokenizer (open_clip's clean="canonicalize") in the ONNX export: the
+    sidecar names the cleaning, and a prompt longer than the context keeps its end token as
+    transformers' truncation keeps it; every probe gives the tower's own ids."""
+    from cdsam.inference.onnx_export import TOKENIZER_PROBES
+    from cdsam.inference.text_onnx import export_tokenizer, tokenizer_agrees
+
+    repo = write_open_clip_repo(tmp_path / "repo", tiny_siglip2)
+    tower = build_clip_text(ClipConfig(name=tiny_siglip2, pretrained=str(repo)))
+    spec = export_tokenizer(tower, tmp_path)
+    assert spec["clean"] == "canonicalize"
+    probes = [*TOKENIZER_PROBES, " ".join(["red"] * 100)]
+    assert tokenizer_agrees(tower, tmp_path, spec, probes)["identical"] == len(probes)
+    assert tower.tokenizer([probes[-1]])[0][-1].item() == 1  # <eos> kept at the cut
