@@ -166,7 +166,7 @@ def yolo_inputs(cfg: PrepareConfig) -> list[tuple[str, str]]:
     """(what, path) of every folder, list and listed image data.yaml makes prepare read, for
     the check that dvc.yaml's deps cover them."""
     found = read_data_yaml(cfg)
-    key = f"prepare.annotations ({found.where.name})"
+    key = str(found.where)  # the file that names them, in the one-line error
     paths = dict.fromkeys([*found.read, *(p for files in found.splits.values() for p in files)])
     return [(key, str(p)) for p in paths]
 
