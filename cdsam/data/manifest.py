@@ -14,6 +14,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -118,7 +119,7 @@ def upright(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
-def open_image(path: Path, mode: str | None = None) -> Image.Image:
+def open_image(path: Path | BinaryIO, mode: str | None = None) -> Image.Image:
     """Open and fully decode an image (truncated files fail here, not later). ``"RGB"``: a
     photo to segment, upright (:func:`upright`); other modes read a mask's pixels as stored
     (annotation tools write masks without an orientation)."""

@@ -116,24 +116,26 @@ def compile_or_fall_back(model: nn.Module, probe: Callable[[], None],
     return guard.failure is None
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps, outermost first: dynamo keeps a backend's exception as
+    `inner_exception` (raised "from None") or as the cause; inductor wraps its own the same
+    way."""
+    chain = [exc]
+    while (inner := getattr(chain[-1], "inner_exception", None) or chain[-1].__cause__) \
+            is not None:
+        chain.append(inner)
+    return chain
+
+
 def out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is, or wraps, a device out-of-memory error."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, torch.OutOfMemoryError):
-            return True
-        seen = getattr(seen, "inner_exception", None) or seen.__cause__
-    return False
+    return any(isinstance(e, torch.OutOfMemoryError) for e in _chain(exc))
 
 
 def describe_failure(exc: BaseException) -> str:
     """One line for a compiler error: the wrapper's type, the original error, its first
     message line, and where it was raised (an inductor assertion often has no message)."""
-    root = exc
-    # dynamo keeps a backend's exception as `inner_exception` (raised "from None") or as the
-    # cause; inductor wraps its own the same way.
-    while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
-        root = inner
+    root = _chain(exc)[-1]
     text = next((line.strip() for line in str(root).splitlines() if line.strip()), "")
     frames = traceback.extract_tb(root.__traceback__)
     where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name}" \

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,22 +111,14 @@ def _held_bytes(n: int, amp: bool) -> int:
     return n * (2 if amp else 4)
 
 
-def _frozen_bytes(model: CDSAM, amp: bool) -> int:
-    """Device bytes of the frozen parameters as the trainer holds them: under AMP the ones
-    `hold_for_stage` casts (`held_parameters` of `held_parts`) in bf16, the rest (the CLIP
-    text tower, norms, embeddings) fp32."""
-    held = {id(p) for p in held_parameters(held_parts(model, None), AMP_DTYPE)} if amp \
-        else set()
-    return sum(p.numel() * (2 if id(p) in held else 4) for p in model.parameters()
-               if not p.requires_grad)
-
-
-def _teacher_bytes(model: CDSAM, amp: bool) -> int:
-    """The SSL teacher: a frozen copy of DINO, held by the same rule."""
-    every = list(model.dino.parameters())
-    held = {id(p) for p in held_parameters([model.dino], AMP_DTYPE, lambda p: True)} \
-        if amp else set()
-    return sum(p.numel() * (2 if id(p) in held else 4) for p in every)
+def _bytes_as_held(params: list[torch.nn.Parameter], modules: list[torch.nn.Module],
+                   amp: bool, frozen: Callable[[torch.nn.Parameter], bool] | None = None) -> int:
+    """Device bytes of ``params`` as the trainer holds them: under AMP the ones
+    `hold_for_stage`'s rule (`held_parameters` of ``modules``) casts in bf16, the rest (the
+    CLIP text tower, norms, embeddings) fp32."""
+    rule = {} if frozen is None else {"frozen": frozen}
+    held = {id(p) for p in held_parameters(modules, AMP_DTYPE, **rule)} if amp else set()
+    return sum(p.numel() * (2 if id(p) in held else 4) for p in params)
 
 
 def _saved_activations(model: CDSAM, start: int, amp: bool, crop: int
@@ -194,7 +187,11 @@ def plan_memory(params: Params, stage: int, amp: bool = True) -> StageMemory:
     dino_trains = any(p.requires_grad for p in model.dino.parameters())
     teacher = sum(p.numel() for p in model.dino.parameters()) \
         if params.loss.ssl_weight > 0 and dino_trains else 0
-    frozen_bytes = _frozen_bytes(model, amp) + (_teacher_bytes(model, amp) if teacher else 0)
+    frozen_bytes = _bytes_as_held([p for p in model.parameters() if not p.requires_grad],
+                                  held_parts(model, None), amp)
+    if teacher:  # a frozen copy of DINO, held by the same rule
+        frozen_bytes += _bytes_as_held(list(model.dino.parameters()), [model.dino], amp,
+                                       frozen=lambda p: True)
     clip = sum(p.numel() for p in model.clip_text.parameters())
 
     cache_on = params.train.feature_cache and not params.data.augment.enable

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from cdsam.config.schema import PrepareConfig
-from cdsam.data.manifest import UNREADABLE, BadFiles, stable_splits, to_rgb, upright
+from cdsam.data.manifest import UNREADABLE, BadFiles, open_image, stable_splits
 from cdsam.data.sources.draw import outside, pil_box, pil_circle, pil_polygon
 from cdsam.data.sources.folders import image_files
 from cdsam.data.sources.objects import IGNORE_CLASS, objects_to_samples
@@ -117,9 +117,7 @@ def _mask_shape(shape: dict[str, Any], points: list, size: tuple[int, int]) -> n
 def _open_image(path: Path, data: dict[str, Any], bad: BadFiles) -> Image.Image | None:
     if data.get("imageData"):
         try:
-            with Image.open(_io.BytesIO(base64.b64decode(data["imageData"]))) as im:
-                im.load()
-                return to_rgb(upright(im))
+            return open_image(_io.BytesIO(base64.b64decode(data["imageData"])), "RGB")
         except (*UNREADABLE, TypeError, binascii.Error) as exc:
             bad.bad(path, f"unreadable imageData ({exc})", "unreadable")
             return None
@@ -139,7 +137,7 @@ def paint(shapes: list[dict[str, Any]], classes: list[str], size: tuple[int, int
     values[IGNORE_CLASS], values[BACKGROUND_LABEL] = -1, 0
     cls = np.zeros((size[1], size[0]), np.int32)
     ins = np.zeros_like(cls)
-    keys: list[tuple[str, Any]] = []
+    ids: dict[tuple[str, Any], int] = {}  # (label, group) -> instance id, in first-seen order
     seen: set[str] = set()
     for n, shape in enumerate(shapes):
         label, kind = str(shape.get("label", "")), kind_of(shape)
@@ -155,12 +153,10 @@ def paint(shapes: list[dict[str, Any]], classes: list[str], size: tuple[int, int
             return f"shape {n} ({label!r}): {m}"
         gid = shape.get("group_id")
         key = (label, ("group", gid) if gid is not None else ("shape", n))
-        if key not in keys:
-            keys.append(key)
         cls[m] = values[label]
-        ins[m] = keys.index(key) + 1
+        ins[m] = ids.setdefault(key, len(ids) + 1)
     objects = []
-    for k, (label, _) in enumerate(keys, start=1):
+    for (label, _), k in ids.items():
         if label == BACKGROUND_LABEL:
             continue
         m = ins == k
