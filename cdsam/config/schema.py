@@ -19,6 +19,7 @@ SOURCES = ("synthetic", "folders", "voc", "coco", "labelme", "cvat", "yolo")
 NEGATIVES = ("none", "absent")
 MASK_FORMATS = ("binary", "indexed", "per_class", "instances")
 FITS = ("crop", "pad")
+BATCH_BY = ("sample", "image")  # data.batch_by
 SELECT = ("best", "last")
 
 
@@ -178,6 +179,13 @@ class DataConfig:
     crop: int = 64  # square input fed to DINO; a multiple of the patch size
     memory_mb: int = 4096  # a split's prepared rows memory-mapped up to this; beyond, read per batch
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # sample: a batch is optim.batch_size (image, prompt) rows, each encoding its image;
+    # image: optim.batch_size images, each with its prompts, DINO once per image
+    # (cdsam.data.packed). Validation and evaluation follow it.
+    batch_by: str = "sample"
+    # image batches: at most this many prompts of an image a step, a seeded subset drawn per
+    # (seed, epoch, image) when it has more; null: every prompt.
+    prompts_per_image: int | None = None
 
 
 @dataclass

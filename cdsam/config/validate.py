@@ -6,6 +6,7 @@ from typing import Any
 
 from cdsam.config.schema import (
     AUTO,
+    BATCH_BY,
     CLIP_MODES,
     FITS,
     LR_SCALINGS,
@@ -134,6 +135,11 @@ def validate(p: Params, errors: list[str]) -> None:
     dc = p.data
     _check(dc.fit in FITS, "data.fit", dc.fit, f"must be one of {', '.join(FITS)}", errors)
     _check(dc.crop >= 1, "data.crop", dc.crop, "must be >= 1", errors)
+    _check(dc.batch_by in BATCH_BY, "data.batch_by", dc.batch_by,
+           f"must be one of {', '.join(BATCH_BY)}", errors)
+    if dc.prompts_per_image is not None:
+        _check(dc.prompts_per_image >= 1, "data.prompts_per_image", dc.prompts_per_image,
+               "must be >= 1 or null (every prompt)", errors)
     if dc.fit == "crop":
         _check(dc.crop <= dc.resize, "data.crop", dc.crop,
                f"must be <= data.resize ({dc.resize})", errors)

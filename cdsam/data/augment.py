@@ -44,6 +44,16 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
                >> np.uint64(1))
 
 
+IMAGE_STREAM = 0x1A6E  # image-major draws: apart from every sample's (seed, epoch, index)
+
+
+def image_seed(seed: int, epoch: int, image: int) -> int:
+    """One well-mixed 63-bit seed per (run seed, epoch, image row): the draws an image-major
+    batch makes once per image (its warp, its prompt subset)."""
+    return int(np.random.SeedSequence([seed, epoch, image, IMAGE_STREAM])
+               .generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
 def augment_pair(transform: v2.Compose, image: tv_tensors.Image, mask: tv_tensors.Mask,
                  seed: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
     """Apply ``transform`` under its own seed, leaving the global torch RNG untouched."""

@@ -59,9 +59,14 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
 
 
 def augment_batch(images: torch.Tensor, masks: torch.Tensor, theta: torch.Tensor,
-                  colour: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  colour: torch.Tensor, image_of: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """``images`` Bx3xCxC uint8, ``masks`` Bx1xCxC uint8 (0/1/255), on one device →
-    (normalised float32 images, uint8 masks), warped and colour-jittered per sample."""
+    (normalised float32 images, uint8 masks), warped and colour-jittered per sample.
+
+    ``image_of``: an image-major batch, ``masks`` then Sx1xCxC with sample s on image
+    ``image_of[s]``: each image is warped once (its own ``theta``, ``colour``) and its masks
+    with the same warp."""
     x = images.float() / 255
     b, c, s = (colour[:, i].view(-1, 1, 1, 1).to(x) for i in range(3))
     x = (x * b).clamp_(0, 1)
@@ -75,6 +80,8 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, theta: torch.Tensor
     grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
     # Zero padding: the normalised ImageNet mean, what the pad fit fills with.
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if image_of is not None:
+        grid = grid[image_of]  # each sample's mask takes its image's warp
     # Masks shifted by one so that "uncovered" (0 after zero padding) is told apart.
     m = F.grid_sample(masks.float() + 1, grid, mode="nearest", padding_mode="zeros",
                       align_corners=False)

@@ -19,12 +19,13 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 from torchvision import tv_tensors
 
 from cdsam.config.schema import AugmentConfig
-from cdsam.data.augment import sample_seed
+from cdsam.data.augment import image_seed, sample_seed
 from cdsam.data.batch_augment import augment_batch, draw_augment
 from cdsam.data.geometry import normalize_transform
 from cdsam.data.manifest import FOREGROUND, IGNORE
@@ -61,6 +62,13 @@ def pixel_placeholder(batch: int, size: int, device: torch.device) -> torch.Tens
     return torch.zeros((), device=device).expand(batch, 3, size, size)
 
 
+def image_groups(split: PreparedSplit) -> list[np.ndarray]:
+    """Per image row, its sample rows in row order."""
+    order = np.argsort(split.image_row, kind="stable")
+    ends = np.cumsum(np.bincount(split.image_row, minlength=len(split.image_keys)))
+    return np.split(order, ends[:-1])
+
+
 class PackedLoader:
     """Batches of a :class:`PreparedSplit`, on ``device``, in the order of ``sampler`` (a
     seeded per-epoch permutation, as the DataLoader path uses) or of ``indices``.
@@ -74,19 +82,33 @@ class PackedLoader:
     to whole batches (`cdsam.data.batch_augment`); spatial prompts are then drawn from the
     augmented masks. ``templates``: how many prompt templates the prepared data has; above
     one, each batch carries the ``template`` each sample shows (`cdsam.data.templates`).
+
+    ``by_image``: image-major batches. ``sampler`` / ``indices`` then order image rows, and a
+    batch is ``batch_size`` images with all their samples (``prompts_per_image`` caps them: a
+    subset seeded per (seed, epoch, image)), or with ``sample_budget`` as many whole images as
+    fit that many samples (at least one: evaluation bounds its batches by samples). ``image``
+    and ``image_key`` are then one per image, and ``image_of`` (S int64) names each sample's
+    image in the batch; augmentation warps each image once, its masks with it.
     """
 
     def __init__(self, split: PreparedSplit, batch_size: int, device: torch.device,
                  sampler: DistributedSampler | None = None,
                  indices: Sequence[int] | None = None, spatial: SpatialPolicy | None = None,
                  seed: int = 0, prefetch: bool = False,
-                 augment: AugmentConfig | None = None, templates: int = 1) -> None:
+                 augment: AugmentConfig | None = None, templates: int = 1,
+                 by_image: bool = False, prompts_per_image: int | None = None,
+                 sample_budget: int | None = None) -> None:
         self.split = split
         self.templates = templates
         self.batch_size = batch_size
         self.device = device
         self.sampler = sampler
-        self.indices = list(range(len(split))) if indices is None else list(indices)
+        self.by_image = by_image
+        self.prompts_per_image = prompts_per_image
+        self.sample_budget = sample_budget
+        self.groups = image_groups(split) if by_image else []
+        units = len(self.groups) if by_image else len(split)
+        self.indices = list(range(units)) if indices is None else list(indices)
         self.spatial = spatial if spatial is not None and spatial.enabled else None
         self.seed = seed
         self.prefetch = prefetch
@@ -102,34 +124,77 @@ class PackedLoader:
         return list(self.sampler) if self.sampler is not None else self.indices
 
     def __len__(self) -> int:
+        if self.by_image and self.sample_budget is not None:
+            return len(self._chunks(self._order(), 0))
         n = len(self.sampler) if self.sampler is not None else len(self.indices)
         return math.ceil(n / self.batch_size)
 
-    def host_batch(self, idx: list[int], epoch: int) -> dict[str, Any]:
+    def image_samples(self, image: int, epoch: int) -> np.ndarray:
+        """Image row ``image``'s sample rows this epoch: all of them, or a seeded subset of
+        ``prompts_per_image`` (in row order) when it has more."""
+        rows = self.groups[image]
+        cap = self.prompts_per_image
+        if cap is None or len(rows) <= cap:
+            return rows
+        rng = np.random.default_rng(image_seed(self.seed, epoch, image))
+        return np.sort(rng.choice(rows, cap, replace=False))
+
+    def _chunks(self, order: list[int], epoch: int
+                ) -> list[tuple[list[int], list[int] | None]]:
+        """(sample rows, image rows or None) of each batch, in order."""
+        if not self.by_image:
+            return [(order[i:i + self.batch_size], None)
+                    for i in range(0, len(order), self.batch_size)]
+        if self.sample_budget is None:
+            groups = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        else:
+            groups, size = [], 0
+            cap = self.prompts_per_image
+            for image in order:
+                n = len(self.groups[image]) if cap is None else min(cap, len(self.groups[image]))
+                if groups and size + n <= self.sample_budget:
+                    groups[-1].append(image)
+                    size += n
+                else:
+                    groups.append([image])
+                    size = n
+        return [([int(i) for g in imgs for i in self.image_samples(g, epoch)], imgs)
+                for imgs in groups]
+
+    def host_batch(self, idx: list[int], epoch: int, images: list[int] | None = None
+                   ) -> dict[str, Any]:
         """The CPU side of one batch: uint8 rows by indexing, spatial prompts (or, with
-        augmentation, the per-sample warp and colour draws), labels."""
+        augmentation, the per-sample warp and colour draws), labels. ``images``: an
+        image-major batch's image rows (``idx`` their samples, image by image)."""
         s = self.split
         index = torch.tensor(idx, dtype=torch.int64)
-        rows = s.image_row[idx]
+        sample_rows = s.image_row[idx]
+        rows = sample_rows if images is None else np.asarray(images, dtype=np.int64)
         c = s.crop
         masks = host_buffer((len(idx), c, c), self.pin)
         s.masks(idx, out=masks.numpy())
         out: dict[str, Any] = {
-            "mask_u8": masks, "index": index, "image_row": torch.from_numpy(rows),
+            "mask_u8": masks, "index": index, "image_row": torch.from_numpy(sample_rows),
             "prompt": [s.prompts[i] for i in idx], "id": [s.ids[i] for i in idx],
             "image_key": [s.cache_keys[r] for r in rows.tolist()],
         }
+        if images is not None:
+            counts = [len(self.image_samples(i, epoch)) for i in images]
+            out["image_of"] = torch.from_numpy(np.repeat(np.arange(len(images)), counts))
         if self.pixels:
-            images = host_buffer((len(idx), 3, c, c), self.pin)
-            s.image_rows(rows, out=images.numpy())
-            out["image_u8"] = images
+            buf = host_buffer((len(rows), 3, c, c), self.pin)
+            s.image_rows(rows, out=buf.numpy())
+            out["image_u8"] = buf
         if self.templates > 1:
             out["template"] = [template_draw(self.seed, epoch, i, self.templates) for i in idx]
         slots = prompt_arrays(len(idx))
         seeds = [sample_seed(self.seed, epoch, i) for i in idx] \
             if self.augment is not None or self.spatial is not None else []
         if self.augment is not None:
-            theta, colour = draw_augment(self.augment, seeds)
+            # One warp per image: drawn per sample, or per image row in an image-major batch.
+            warp_seeds = seeds if images is None else \
+                [image_seed(self.seed, epoch, r) for r in images]
+            theta, colour = draw_augment(self.augment, warp_seeds)
             out["theta"], out["colour"] = torch.from_numpy(theta), torch.from_numpy(colour)
             out["seeds"] = seeds  # the prompts are drawn after the warp (to_device)
         elif self.spatial is not None:
@@ -142,7 +207,7 @@ class PackedLoader:
                 draw_prompts(stats, j, m[j], self.spatial, seeds[j], slots, j)
         out.update({k: torch.from_numpy(v) for k, v in slots.items()})
         if self.pin:
-            for k in (*_SLOTS, "theta", "colour"):
+            for k in (*_SLOTS, "theta", "colour", "image_of"):
                 if k in out:
                     out[k] = out[k].pin_memory()
         return out
@@ -153,12 +218,13 @@ class PackedLoader:
         seeds = host.pop("seeds", None)
         m = host.pop("mask_u8").to(dev, non_blocking=True).unsqueeze(1)
         u8 = host.pop("image_u8", None)
+        image_of = host["image_of"].to(dev, non_blocking=True) if "image_of" in host else None
         if u8 is None:
-            image = pixel_placeholder(m.shape[0], m.shape[-1], dev)
+            image = pixel_placeholder(len(host["image_key"]), m.shape[-1], dev)
         elif "theta" in host:
             image, m = augment_batch(u8.to(dev, non_blocking=True), m,
                                      host.pop("theta").to(dev, non_blocking=True),
-                                     host.pop("colour").to(dev, non_blocking=True))
+                                     host.pop("colour").to(dev, non_blocking=True), image_of)
             if self.spatial is not None:
                 # Clicks and boxes must come from the mask as augmented: read it back (uint8,
                 # small) and draw on the host under the same per-sample seeds.
@@ -172,22 +238,25 @@ class PackedLoader:
         # Which rows carry a click or box, from the host arrays: the model splits the batch
         # by it without reading anything back from the device.
         rows = prompted_rows(host["point_labels"].numpy(), host["has_box"].numpy())
+        if image_of is not None:
+            host = {**host, "image_of": image_of}
         return {**host, "image": image, "mask": (m == FOREGROUND).float(),
                 "valid": (m != IGNORE).float(), "spatial_rows": rows,
                 **{k: host[k].to(dev, non_blocking=True) for k in _SLOTS}}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self.sampler.epoch if self.sampler is not None else 0
-        order = self._order()
-        chunks = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        chunks = self._chunks(self._order(), epoch)
         if not self.prefetch:
-            for idx in chunks:
-                yield self.to_device(self.host_batch(idx, epoch))
+            for idx, images in chunks:
+                yield self.to_device(self.host_batch(idx, epoch, images))
             return
         with ThreadPoolExecutor(1, thread_name_prefix="cdsam-batches") as pool:
-            pending = pool.submit(self.host_batch, chunks[0], epoch) if chunks else None
+            pending = pool.submit(self.host_batch, chunks[0][0], epoch, chunks[0][1]) \
+                if chunks else None
             for k in range(len(chunks)):
                 host = pending.result()
                 if k + 1 < len(chunks):
-                    pending = pool.submit(self.host_batch, chunks[k + 1], epoch)
+                    idx, images = chunks[k + 1]
+                    pending = pool.submit(self.host_batch, idx, epoch, images)
                 yield self.to_device(host)

@@ -64,7 +64,7 @@ def evaluate_stages(params: Params, checkpoints: dict[str, Path], data: Path, ou
     precision = precision_for(device)
     name = scored_split(data)
     split = open_scored_split(PreparedSplit.open(data, name, params.data), name, ev,
-                              params.seed, device)
+                              params.seed, device, by_image=params.data.batch_by == "image")
     metrics: dict[str, Any] = {"split": name}
     stage_rows, prompt_rows = [], []
     log.info("scoring %d %s samples (%d negatives)%s", len(split.rows), name,

@@ -75,11 +75,15 @@ def overlay_rows(samples: pd.DataFrame, n: int) -> list[int]:
 
 
 def open_scored_split(rows: PreparedSplit, name: str, ev: EvaluateConfig, seed: int,
-                      device: torch.device) -> ScoredSplit:
-    spatial = {mode: PackedLoader(rows, ev.batch_size, device, spatial=policy, seed=seed)
+                      device: torch.device, by_image: bool = False) -> ScoredSplit:
+    """``by_image`` (``data.batch_by: image``): batches of whole images, at most
+    ``evaluate.batch_size`` samples each, every prompt of an image decoded from one encoding
+    (the samples come in the same order: prepare writes them image by image)."""
+    kw = {"by_image": True, "sample_budget": ev.batch_size} if by_image else {}
+    spatial = {mode: PackedLoader(rows, ev.batch_size, device, spatial=policy, seed=seed, **kw)
                for mode, policy in (("click", CLICK), ("box", BOX))} \
         if ev.spatial_prompts else {}
-    return ScoredSplit(name, rows, PackedLoader(rows, ev.batch_size, device), spatial,
+    return ScoredSplit(name, rows, PackedLoader(rows, ev.batch_size, device, **kw), spatial,
                        overlay_rows(rows.df, ev.num_overlays), pair_rows(rows.df))
 
 

@@ -41,6 +41,7 @@ def forward_batch(net: nn.Module, model: CDSAM, batch: dict[str, Any], objective
                   precision: Precision, cache: PrefixCache | None = None) -> BatchResult:
     """``batch`` through ``net`` (``model`` itself, or a DDP wrapper of it) and ``objective``.
 
+    An image-major batch (``image_of`` in it, `cdsam.data.packed`) runs DINO once per image.
     The cache's prefix is looked up without gradients: it is the frozen part of DINO. While the
     text tower trains, the objective's vocabulary is encoded once per step, with gradients, and
     serves both the samples' prompts and the CLIP alignment term (outside ``net``: its
@@ -58,8 +59,11 @@ def forward_batch(net: nn.Module, model: CDSAM, batch: dict[str, Any], objective
                 prefix = cache.lookup(batch["image_key"], images,
                                       lambda x: model.dino_prefix(x, start))
         text, vocab = objective.step_text(model, batch["prompt"], batch.get("template"))
+        image_of = batch.get("image_of")
+        extra = {} if image_of is None else {"image_of": image_of.to(device, non_blocking=True)}
         out = net(images, batch["prompt"], prefix=prefix, start_block=start, text=text,
-                  **batch_prompts(batch, device))
-        loss, parts = objective(out, images, target, valid, batch["prompt"], vocab)
+                  **batch_prompts(batch, device), **extra)
+        loss, parts = objective(out, images, target, valid, batch["prompt"], vocab,
+                                extra.get("image_of"))
     # Parts stay on the device: reading them back would make the host wait every step.
     return BatchResult(out, loss, {k: v.detach() for k, v in parts.items()}, target, valid)

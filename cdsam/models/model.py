@@ -88,8 +88,12 @@ class CDSAM(nn.Module):
                points: tuple[torch.Tensor, torch.Tensor] | None = None,
                boxes: torch.Tensor | None = None,
                box_valid: torch.Tensor | None = None,
-               rows: np.ndarray | None = None) -> CDSAMOutput:
+               rows: np.ndarray | None = None,
+               image_of: torch.Tensor | None = None) -> CDSAMOutput:
         """Patch tokens BxNxC + text features BxD (+ optional point/box prompts) → masks.
+
+        ``image_of``: S int64, ``tokens`` then hold one row per image and the S prompts each
+        decode against their image's row (the mask embedding is computed once per image).
 
         Rows whose point and box slots are all empty are decoded from the text tokens alone,
         exactly as in a batch without spatial prompts: a text-only sample gets the same mask
@@ -99,6 +103,8 @@ class CDSAM(nn.Module):
         never waits for the device. Without it they are read back from the slots (a wait).
         """
         embeddings = self.token_to_mask(tokens, grid)
+        if image_of is not None:
+            embeddings, tokens = embeddings[image_of], tokens[image_of]
         prompt_tokens = self.text_to_prompt(text)
         if rows is None and (points is not None or boxes is not None):
             rows = spatial_rows(points, boxes, box_valid, tokens.shape[0],
@@ -176,16 +182,21 @@ class CDSAM(nn.Module):
                 points: tuple[torch.Tensor, torch.Tensor] | None = None,
                 boxes: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
                 start_block: int = 0, box_valid: torch.Tensor | None = None,
-                rows: np.ndarray | None = None, text: torch.Tensor | None = None
-                ) -> CDSAMOutput:
+                rows: np.ndarray | None = None, text: torch.Tensor | None = None,
+                image_of: torch.Tensor | None = None) -> CDSAMOutput:
         """``prefix``: DINO tokens after blocks ``0 … start_block-1`` for these images (the
         feature cache's output); DINO then runs only from ``start_block``. ``points``: (BxNx2
         pixel xy, BxN labels 1/0/-1), ``boxes``: Bx4 xyxy in input pixels, ``box_valid``: B
         bool (default: every row has its box); ``rows``: see `decode`. ``text``: the prompts'
         BxD text features when the caller has them (a step tuning the text tower encodes its
-        vocabulary once, `cdsam.models.forward`); else the text tower encodes ``prompts``."""
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        vocabulary once, `cdsam.models.forward`); else the text tower encodes ``prompts``.
+        ``image_of``: S int64 on the device, one per prompt: an image-major batch, DINO runs
+        once per image and prompt s decodes against image ``image_of[s]`` (the prompt and
+        spatial arguments are then per prompt, ``images`` / ``prefix`` per image)."""
+        rows_expected = images.shape[0] if image_of is None else image_of.shape[0]
+        if len(prompts) != rows_expected:
+            raise ValueError(f"{rows_expected} {'images' if image_of is None else 'samples'} "
+                             f"but {len(prompts)} prompts")
         grid = dino_grid(self.dino, images)
         if prefix is None:
             tokens = self.encode_image(images)
@@ -193,8 +204,8 @@ class CDSAM(nn.Module):
             tokens = self.dino_tail(prefix, start_block, grid)
         if text is None:
             text = self.clip_text(prompts)
-        return self.decode(tokens, grid, text.to(tokens.dtype), tuple(images.shape[-2:]), points, boxes,
-                           box_valid, rows)
+        return self.decode(tokens, grid, text.to(tokens.dtype), tuple(images.shape[-2:]), points,
+                           boxes, box_valid, rows, image_of)
 
 
 def spatial_rows(points: tuple[torch.Tensor, torch.Tensor] | None, boxes: torch.Tensor | None,

@@ -91,10 +91,11 @@ class Objective:
 
     def __call__(self, out: CDSAMOutput, images: torch.Tensor, target: torch.Tensor,
                  valid: torch.Tensor, prompts: list[str],
-                 vocab_feats: torch.Tensor | None = None
+                 vocab_feats: torch.Tensor | None = None, image_of: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``vocab_feats``: this step's VxD features of the vocabulary, with gradients, when the
-        text tower trains; else the ones kept."""
+        text tower trains; else the ones kept. ``image_of``: an image-major batch's sample →
+        image (``images`` one per image; the teacher then encodes each image once)."""
         lc = self.cfg
         logits = out.masks.float()
         parts = {"dice": dice_loss(logits, target, valid), "bce": bce_loss(logits, target, valid)}
@@ -110,6 +111,8 @@ class Objective:
         if self.teacher is not None and lc.ssl_weight > 0:
             with torch.no_grad():
                 teacher_tokens, _ = dino_patch_tokens(self.teacher, images)
+                if image_of is not None:
+                    teacher_tokens = teacher_tokens[image_of]
             parts["ssl"] = feature_distill_loss(out.tokens.float(), teacher_tokens.float())
             loss = loss + lc.ssl_weight * parts["ssl"]
         return loss, parts

@@ -90,22 +90,32 @@ def build_loaders(data: StageData, params: Params, stage: int, batch_size: int,
     """Train and val loaders; ``needs_pixels(split)`` says whether a split's batches must carry
     images (not when the feature cache holds every image's DINO prefix)."""
     p = params
+    by_image = p.data.batch_by == "image"
+    if by_image and not packed:
+        raise ValueError("data.batch_by: image needs packed batches")
     # The same sampler for one process or many: a per-epoch seeded permutation, rank r
-    # taking every world_size-th index, so a resumed epoch replays the same order.
-    sampler = DistributedSampler(data.train_set, num_replicas=dist.world_size, rank=dist.rank,
+    # taking every world_size-th index, so a resumed epoch replays the same order. Image-major
+    # batches permute (and shard) image rows.
+    units = range(len(data.splits["train"].image_keys)) if by_image else data.train_set
+    sampler = DistributedSampler(units, num_replicas=dist.world_size, rank=dist.rank,
                                  shuffle=True, seed=p.seed * 1000 + stage, drop_last=False)
     val_bs = max(batch_size, 32)
     # Val rows split over the ranks (their figures are then summed), except when sharded:
     # every forward is collective there, and ranks with unequal batch counts would hang.
     val_rank, val_world = (0, 1) if dist.sharded else (dist.rank, dist.world_size)
-    val_rows_idx = list(range(val_rank, len(data.val_set), val_world))
+    val_units = len(data.splits["val"].image_keys) if by_image else len(data.val_set)
+    val_rows_idx = list(range(val_rank, val_units, val_world))
     if packed:
         on_gpu = device.type == "cuda"
         train = PackedLoader(data.splits["train"], batch_size, device, sampler=sampler,
                              spatial=data.train_set.spatial, seed=p.seed, prefetch=on_gpu,
-                             augment=p.data.augment, templates=data.templates)
+                             augment=p.data.augment, templates=data.templates,
+                             by_image=by_image, prompts_per_image=p.data.prompts_per_image)
+        # Image-major validation scores every prompt of an image from one encoding, in
+        # batches of whole images holding at most val_bs samples.
         val = PackedLoader(data.splits["val"], val_bs, device, prefetch=on_gpu,
-                           indices=val_rows_idx)
+                           indices=val_rows_idx, by_image=by_image,
+                           sample_budget=val_bs if by_image else None)
         for loader in (train, val):
             loader.pixels = needs_pixels(loader.split)
         return StageLoaders(train, train, val)

@@ -269,6 +269,13 @@ class StageTrainer:
                  self.optim_cfg.grad_accum_steps, self.dist.world_size,
                  f", {self.dist.parallel}" if self.dist.enabled else "",
                  f"{self.trainable_params:,}", f"{self.total_params:,}")
+        if self.params.data.batch_by == "image":
+            split = self.packs["train"]
+            cap = self.params.data.prompts_per_image
+            log.info("image-major batches (data.batch_by: image): %d images a batch, each with "
+                     "%s of its prompts (%.1f an image on average), DINO once per image",
+                     self.optim_cfg.batch_size, "all" if cap is None else f"at most {cap}",
+                     len(split) / max(len(split.image_keys), 1))
         if self.train_set.spatial is not None:
             log.info("spatial prompts next to the text: a click on %.0f %% of samples, a box on "
                      "%.0f %% (train.point_prompts / train.box_prompts)",
@@ -338,7 +345,8 @@ class StageTrainer:
         one, else on CUDA measured on the split's own first batches, with the cache in place."""
         if self.optim_cfg.batch_size != AUTO:
             return self.optim_cfg
-        n = len(self.train_set)
+        by_image = self.params.data.batch_by == "image"
+        n = len(self.packs["train"].image_keys) if by_image and self.packs else len(self.train_set)
         saved = self.store.saved_batch()
         if saved is not None:
             # Measuring again could pick another batch (less free memory now) and change the
@@ -353,9 +361,11 @@ class StageTrainer:
             if not self.packs:
                 raise UserError("optim.batch_size: auto is measured on the packed data path")
             pack = self.packs["train"]
+            # Image-major: ``size`` images with their prompts (as many as a step draws).
             loader = PackedLoader(pack, size, self.device, indices=[i % n for i in range(size)],
                                   spatial=self.train_set.spatial, seed=self.params.seed,
-                                  augment=self.params.data.augment)
+                                  augment=self.params.data.augment, by_image=by_image,
+                                  prompts_per_image=self.params.data.prompts_per_image)
             loader.pixels = self._needs_pixels(pack)
             return next(iter(loader))
 
@@ -469,7 +479,7 @@ class StageTrainer:
                 last_read = time.monotonic()
                 bar.set_postfix(loss=f"{float(step_losses[-1]):.4f}")
             step_losses.append(loss)
-            sizes.append(batch["image"].shape[0])
+            sizes.append(len(batch["prompt"]))  # samples (an image-major batch has more)
             for k in batch.get("template", ()):
                 self.template_draws[k] += 1
         losses = torch.stack(step_losses).float().cpu().tolist() if step_losses else []
