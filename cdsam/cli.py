@@ -88,7 +88,12 @@ def plan_params(params_path: str, preset: str | None):
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from cdsam.training.memory_plan import parse_bytes, plan_report, plan_table
+    from cdsam.training.memory_plan import (
+        parse_bytes,
+        plan_report,
+        plan_table,
+        prompts_per_image,
+    )
 
     try:
         memory = parse_bytes(args.gpu_memory)
@@ -98,7 +103,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
         raise UserError(f"--gpus: must be >= 1, got {args.gpus}")
     params = plan_params(args.params, args.preset)
     check_model(params.model, params.data.crop, params.lora.dino)
-    report = plan_report(params, memory, args.gpus, amp=not args.fp32)
+    per_image = prompts_per_image(params, args.prompts_per_image, Path(args.data))
+    report = plan_report(params, memory, args.gpus, amp=not args.fp32,
+                         prompts_per_image=per_image)
     print(json.dumps(report, indent=2) if args.json else plan_table(report))
 
 
@@ -239,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpus", type=int, default=1, help="GPUs the run uses (torchrun ranks)")
     s.add_argument("--fp32", action="store_true", help="plan without AMP (fp32 activations "
                                                        "and frozen weights), as on the CPU")
+    s.add_argument("--prompts-per-image", type=float, default=None,
+                   help="data.batch_by: image: prompts a batch image brings (default: "
+                        "data.prompts_per_image, or the mean of --data's train split)")
+    s.add_argument("--data", default="data/prepared",
+                   help="prepared data to count prompts an image from (data.batch_by: image)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_plan)
 

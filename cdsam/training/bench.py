@@ -175,7 +175,7 @@ def _time_steps(trainer: StageTrainer, staged: list[dict[str, Any]], steps: int)
     for i in range(steps):
         batch = staged[i % len(staged)]
         trainer.train_step(batch)
-        m += batch["image"].shape[0]
+        m += len(batch["prompt"])  # samples (an image-major batch holds fewer images)
     _sync(dev)
     return m / (time.perf_counter() - t0)
 
@@ -191,14 +191,14 @@ def split_step_time(trainer: StageTrainer, trace: Path | None = None,
     t0 = time.perf_counter()
     n = 0
     for batch in _batches(trainer):
-        n += batch["image"].shape[0]
+        n += len(batch["prompt"])
     _sync(dev)
     loader_s = time.perf_counter() - t0
     staged = list(islice(_batches(trainer), STAGED_BATCHES))
     trainer.train_mode()
     with FlopCounterMode(display=False) as flops:
         trainer.train_step(staged[0])  # also the warm-up step
-    flop_per_image = flops.get_total_flops() / staged[0]["image"].shape[0]
+    flop_per_image = flops.get_total_flops() / len(staged[0]["prompt"])  # per sample
     timed = steps or STEP_PASSES * len(staged)
     out: dict[str, Any] = {"loader_images_s": n / loader_s,
                            "step_images_s": _time_steps(trainer, staged, timed),
@@ -267,6 +267,10 @@ def run_stage(params: Params, stage: int, cached: bool, root: Path, parent: Path
         "setup_s": setup_s, "epoch_s": epoch_s, "steps_per_epoch": per_epoch,
         "epochs": trainer.epochs, "compiled": compiled,
         "images_s": len(trainer.train_set) / epoch_s, **split,
+        # Distinct images an epoch trains on, per second (samples/s above counts prompts).
+        "distinct_images_s": len(trainer.packs["train"].image_keys) / epoch_s
+        if trainer.packs else None,
+        "batch_by": p.data.batch_by,
         "packed": bool(trainer.packs), "batch_size": trainer.optim_cfg.batch_size,
         "train_samples": len(trainer.train_set),
         "losses": [x for e in trainer.step_losses for x in e],
@@ -323,19 +327,67 @@ def _parent_dir(root: Path, stage: int) -> Path | None:
     return None if parent is None else root / f"stage{parent}"
 
 
+def with_batch_by(params: Params, batch_by: str, batch_size: int) -> Params:
+    data = dataclasses.replace(params.data, batch_by=batch_by)
+    optim = dataclasses.replace(params.optim, batch_size=batch_size)
+    return dataclasses.replace(params, data=data, optim=optim)
+
+
+def compare_batch_by(params: Params, root: Path, show: bool, steps: int | None
+                     ) -> dict[str, dict[str, Any]]:
+    """Stages 2-4 sample-major and image-major on one prepared set, each stage from the same
+    parent (the sample-major run's checkpoint). Image-major batches hold B / P images (P the
+    mean prompts an image), so both steps decode about the same number of samples and the
+    difference is DINO run once per image instead of once per prompt."""
+    if params.optim.batch_size == "auto":
+        raise ConfigError(["--batch-by-compare: give --batch-size a number (both modes must "
+                           "decode about the same samples a step)"])
+    b = int(params.optim.batch_size)
+    from cdsam.data.prepared import PreparedSplit
+
+    split = PreparedSplit.open(root / "data", "train", params.data)
+    per_image = len(split) / max(len(split.image_keys), 1)
+    images_b = max(1, round(b / per_image))
+    results: dict[str, dict[str, Any]] = {}
+    if show:
+        print("  stage1 ...", file=sys.stderr, flush=True)
+    results["stage1"] = run_stage(with_batch_by(params, "sample", b), 1, True, root, None,
+                                  save=True, steps=steps, out_name="stage1")
+    for stage in (2, 3, 4):
+        parent = root / f"stage{stage - 1}"
+        for mode, size in (("sample", b), ("image", images_b)):
+            if show:
+                print(f"  stage{stage} {mode}-major ...", file=sys.stderr, flush=True)
+            name = f"stage{stage}" if mode == "sample" else f"stage{stage}-image"
+            row = run_stage(with_batch_by(params, mode, size), stage, True, root, parent,
+                            save=mode == "sample", steps=steps, out_name=name)
+            row["prompts_per_image"] = per_image
+            results[f"stage{stage}_{mode}"] = row
+    return results
+
+
 def run(params_path: str, images: int, epochs: int, preset: str, show: bool = True,
         all_stages: bool = False, compile_model: bool = False,
         batch_size: int | str | None = None,
         peak_tflops: float | None = None, per_sample: bool = False,
         profile_dir: Path | None = None, steps: int | None = None,
-        cast_frozen: bool = False, stage4_memory: bool = False) -> dict[str, Any]:
+        cast_frozen: bool = False, stage4_memory: bool = False,
+        batch_by_compare: bool = False, negatives_per_image: int | None = None
+        ) -> dict[str, Any]:
     params = bench_params(load_params(params_path), images, epochs, preset, compile_model,
                           batch_size)
+    if negatives_per_image is not None:
+        params = dataclasses.replace(params, prepare=dataclasses.replace(
+            params.prepare, negatives="absent", negatives_per_image=negatives_per_image))
     t_start = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="cdsam-bench-") as tmp:
         root = Path(tmp)
         prepare(params.prepare, params.seed, root / "data", show_progress=False, data=params.data)
+        if batch_by_compare:
+            results = compare_batch_by(params, root, show, steps)
+            return batch_by_summary(params, preset, images, epochs, results,
+                                    time.perf_counter() - t_start)
         for stage in (1, 2):
             parent = _parent_dir(root, stage)
             for cached in (False, True):
@@ -415,6 +467,49 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
         if out["peak_tflops"]:
             row["mfu"] = row["tflop_s"] / out["peak_tflops"]
     return out
+
+
+def batch_by_summary(params: Params, preset: str, images: int, epochs: int,
+                     results: dict[str, dict[str, Any]], total_s: float) -> dict[str, Any]:
+    d = params.model.dino
+    out: dict[str, Any] = {
+        "mode": "batch_by_compare", "preset": preset,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "dino": f"{d.name} img {d.img_size} patch {d.patch_size} dim {d.embed_dim} depth "
+                f"{d.depth}", "last_k_blocks": params.lora.dino.last_k_blocks,
+        "images": images, "epochs": epochs, "batch_size": params.optim.batch_size,
+        "negatives_per_image": params.prepare.negatives_per_image,
+        "prompts_per_image": results["stage2_image"]["prompts_per_image"],
+        "total_s": total_s,
+    }
+    for key, r in results.items():
+        out[key] = {k: v for k, v in r.items() if k not in ("losses", "text_calls_after_first",
+                                                            "trainable_by_component")}
+    for stage in (2, 3, 4):
+        out[f"stage{stage}_speedup"] = \
+            out[f"stage{stage}_image"]["images_s"] / out[f"stage{stage}_sample"]["images_s"]
+    return out
+
+
+def batch_by_table(r: dict[str, Any]) -> str:
+    lines = [f"cdsam.training.bench --batch-by-compare  preset={r['preset']}  "
+             f"device={r['device']}  DINO {r['dino']}, K={r['last_k_blocks']}, {r['images']} "
+             f"images, {r['prompts_per_image']:.2f} prompts an image (negatives_per_image "
+             f"{r['negatives_per_image']}), {r['epochs']} epochs (the first not timed)",
+             f"{'run':<16}{'batch':>16}{'samples/s':>11}{'images/s':>10}{'step peak MB':>14}"
+             f"{'vs sample':>11}"]
+    for stage in (2, 3, 4):
+        base = r[f"stage{stage}_sample"]["images_s"]
+        for mode in ("sample", "image"):
+            s = r[f"stage{stage}_{mode}"]
+            batch = f"{s['batch_size']} {'samples' if mode == 'sample' else 'images'}"
+            name = f"stage{stage} {mode}"
+            lines.append(f"{name:<16}{batch:>16}"
+                         f"{s['images_s']:>11.1f}{s['distinct_images_s']:>10.1f}"
+                         f"{s['step_peak_mb']:>14.0f}{s['images_s'] / base:>10.2f}x")
+    lines.append(f"(image-major batches hold batch / prompts-an-image images, so both decode "
+                 f"about the same samples a step; total {r['total_s']:.0f} s)")
+    return "\n".join(lines)
 
 
 RUNS = ("stage1_uncached", "stage1_cached", "stage2_uncached", "stage2_cached", "stage3",
@@ -527,6 +622,12 @@ def main(argv: list[str] | None = None) -> None:
                          "and on and with only the last lora.dino.last_k_blocks blocks "
                          "trainable, each in its own process: peak memory, img/s, and whether "
                          "checkpointing left the weights bit-identical")
+    ap.add_argument("--batch-by-compare", action="store_true",
+                    help="instead of the runs above: stages 2-4 sample-major and image-major "
+                         "(data.batch_by) side by side: samples/s, images/s, peak memory")
+    ap.add_argument("--negatives-per-image", type=int, default=None,
+                    help="prepare.negatives_per_image for the synthetic set (more prompts an "
+                         "image: 7 gives ~10 on the default's 12 classes)")
     ap.add_argument("--batch-size", type=batch_size_arg, default=None,
                     help="optim.batch_size for every stage, a number or auto (default: "
                          "params.yaml's)")
@@ -551,8 +652,10 @@ def main(argv: list[str] | None = None) -> None:
                  batch_size=args.batch_size, peak_tflops=args.peak_tflops,
                  per_sample=args.per_sample_loader, profile_dir=args.profile,
                  steps=args.steps, cast_frozen=args.cast_frozen,
-                 stage4_memory=args.stage4_memory)
-    print(json.dumps(result, indent=2) if args.json else table(result))
+                 stage4_memory=args.stage4_memory, batch_by_compare=args.batch_by_compare,
+                 negatives_per_image=args.negatives_per_image)
+    text = batch_by_table if args.batch_by_compare else table
+    print(json.dumps(result, indent=2) if args.json else text(result))
 
 
 if __name__ == "__main__":

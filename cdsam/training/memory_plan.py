@@ -18,7 +18,10 @@ replayed on it as ``cdsam summary`` does, so the parameter counts are exact. Byt
   (parameters left out), at two batch sizes: per image is the slope, and what does not grow
   with the batch (autocast's bf16 copies of the weights that train) is a fixed term. With
   ``train.activation_checkpointing`` a trained block keeps only its input, and one block's
-  activations come back while it is recomputed.
+  activations come back while it is recomputed. Image-major batches (``data.batch_by:
+  image``) count images and samples apart: a third probe decodes more prompts against the
+  same images, which gives the decoder's bytes per sample; DINO's are the rest, per image, so
+  one image of the batch costs DINO once and the decoder P times (P prompts an image).
 
 FSDP2 figures follow what ``CDSAM_PARALLEL=fsdp`` builds (`cdsam.training.sharding`): every
 DINO block, the SAM decoder, the token projection and the root sharded over the GPUs, so a rank
@@ -34,12 +37,15 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from cdsam.config.schema import AUTO, Params
 from cdsam.config.stages import StagePlan, curriculum_to, stages
+from cdsam.data.prepared import read_index
+from cdsam.errors import UserError
 from cdsam.models.dino import dino_width, set_activation_checkpointing
 from cdsam.models.model import CDSAM, build_model
 from cdsam.training.batch_size import AUTO_MEMORY_SHARE, adamw_state_bytes, ddp_bucket_bytes
@@ -68,7 +74,11 @@ class StageMemory:
     fsdp_replicated: int  # bytes whole on every FSDP rank: the CLIP text tower, a teacher
     feature_cache: int
     largest_block: int  # one DINO block's parameters in the compute dtype (FSDP gathers)
-    activations: dict[str, int] = field(default_factory=dict)  # per image: plain, checkpointed
+    # Per (image, prompt) row: plain, checkpointed (DINO's part + the decoder's).
+    activations: dict[str, int] = field(default_factory=dict)
+    decoder_per_sample: int = 0  # the part of a row's that the decoder saves, per prompt
+    # data.batch_by: image: the prompts a batch image brings (None: sample-major batches).
+    prompts_per_image: float | None = None
     # Saved for the backward pass whatever the batch (autocast's copies of trained weights).
     saved_fixed: dict[str, int] = field(default_factory=dict)
     checkpointing: bool = False
@@ -76,8 +86,14 @@ class StageMemory:
     start_block: int = 0  # the first DINO block a step runs (the cache holds the ones before)
 
     def activations_per_image(self, checkpointing: bool | None = None) -> int:
+        """Bytes per unit of ``optim.batch_size``: a row, or an image-major batch's image (its
+        DINO pass once, its prompts' decodes P times)."""
         on = self.checkpointing if checkpointing is None else checkpointing
-        return self.activations["checkpointed" if on else "plain"]
+        row = self.activations["checkpointed" if on else "plain"]
+        if self.prompts_per_image is None:
+            return row
+        dino = max(0, row - self.decoder_per_sample)
+        return dino + math.ceil(self.prompts_per_image * self.decoder_per_sample)
 
     def fixed(self, mode: str, gpus: int, checkpointing: bool | None = None) -> int:
         """Bytes a rank holds before any activation that grows with the batch."""
@@ -122,9 +138,10 @@ def _bytes_as_held(params: list[torch.nn.Parameter], modules: list[torch.nn.Modu
 
 
 def _saved_activations(model: CDSAM, start: int, amp: bool, crop: int
-                       ) -> tuple[dict[str, int], dict[str, int]]:
+                       ) -> tuple[dict[str, int], dict[str, int], int]:
     """Bytes autograd saves for the backward pass through ``model`` (turned into fake tensors
-    in place), without and with activation checkpointing: (per image, whatever the batch).
+    in place), without and with activation checkpointing: (per image, whatever the batch,
+    the decoder's per prompt decoded against an image already encoded).
 
     Per image is the slope between two batch sizes; what does not grow with the batch (under
     AMP, autocast's bf16 copies of the weights that train, saved once per use) is the
@@ -140,33 +157,40 @@ def _saved_activations(model: CDSAM, start: int, amp: bool, crop: int
             for p in held_parameters(held_parts(fake, None), AMP_DTYPE):
                 p.data = p.data.to(AMP_DTYPE)
         params = {p.untyped_storage()._cdata for p in fake.parameters()}
+
+        def saved_by(n: int, prompts_each: int) -> int:
+            images = torch.empty(n, 3, crop, crop)
+            prompts = [f"prompt {i}" for i in range(n * prompts_each)]
+            image_of = None if prompts_each == 1 else \
+                torch.arange(n).repeat_interleave(prompts_each)
+            seen: dict[int, int] = {}
+
+            def pack(t: torch.Tensor) -> torch.Tensor:
+                storage = t.untyped_storage()
+                if storage._cdata not in params:
+                    seen[storage._cdata] = storage.nbytes()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                    torch.autocast("cpu", AMP_DTYPE, enabled=amp):
+                prefix = None
+                if start:
+                    with torch.no_grad():
+                        prefix = fake.dino_prefix(images, start)
+                result = fake(images, prompts, prefix=prefix, start_block=start,
+                              image_of=image_of)
+                del result
+            return sum(seen.values())
+
         for name, on in (("plain", False), ("checkpointed", True)):
             set_activation_checkpointing(fake.dino, on)
-            saved = []
-            for n in PROBE_IMAGES:
-                images = torch.empty(n, 3, crop, crop)
-                prompts = [f"prompt {i}" for i in range(n)]
-                seen: dict[int, int] = {}
-
-                def pack(t: torch.Tensor, seen: dict[int, int] = seen) -> torch.Tensor:
-                    storage = t.untyped_storage()
-                    if storage._cdata not in params:
-                        seen[storage._cdata] = storage.nbytes()
-                    return t
-
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                        torch.autocast("cpu", AMP_DTYPE, enabled=amp):
-                    prefix = None
-                    if start:
-                        with torch.no_grad():
-                            prefix = fake.dino_prefix(images, start)
-                    result = fake(images, prompts, prefix=prefix, start_block=start)
-                    del result
-                saved.append(sum(seen.values()))
-            (a, na), (b, nb) = zip(saved, PROBE_IMAGES, strict=True)
+            (a, na), (b, nb) = ((saved_by(n, 1), n) for n in PROBE_IMAGES)
             per_image[name] = max(0, (b - a) // (nb - na))
             fixed[name] = max(0, a - na * per_image[name])
-    return per_image, fixed
+        # The same images, twice the prompts each: what one more prompt of an image costs.
+        n = PROBE_IMAGES[0]
+        per_sample = max(0, (saved_by(n, 2) - saved_by(n, 1)) // n)
+    return per_image, fixed, per_sample
 
 
 def _stage_model(params: Params, chain: list[StagePlan]) -> CDSAM:
@@ -178,8 +202,11 @@ def _stage_model(params: Params, chain: list[StagePlan]) -> CDSAM:
     return model
 
 
-def plan_memory(params: Params, stage: int, amp: bool = True) -> StageMemory:
-    """Stage ``stage``'s memory as params say (``amp``: CUDA's bf16 autocast; else fp32)."""
+def plan_memory(params: Params, stage: int, amp: bool = True,
+                prompts_per_image: float | None = None) -> StageMemory:
+    """Stage ``stage``'s memory as params say (``amp``: CUDA's bf16 autocast; else fp32).
+    ``prompts_per_image``: under ``data.batch_by: image``, the prompts a batch image brings
+    (`prompts_per_image` finds them)."""
     chain = curriculum_to(params, stage)
     model = _stage_model(params, chain)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -204,7 +231,8 @@ def plan_memory(params: Params, stage: int, amp: bool = True) -> StageMemory:
         cache = min(params.train.feature_cache_mb * 2**20, per_image * images)
     block = max(sum(p.numel() for p in b.parameters()) for b in model.dino.blocks)
     ddp_buckets, adam = ddp_bucket_bytes(model, 2), adamw_state_bytes(model)
-    activations, saved_fixed = _saved_activations(model, start, amp, params.data.crop)
+    activations, saved_fixed, per_sample = _saved_activations(model, start, amp,
+                                                              params.data.crop)
     ran = model.depth - start
     if dino_trains and ran:
         # While a checkpointed block is recomputed its activations are held again.
@@ -221,9 +249,35 @@ def plan_memory(params: Params, stage: int, amp: bool = True) -> StageMemory:
         frozen_weights=frozen_bytes, fsdp_sharded_frozen=4 * (frozen - clip),
         fsdp_replicated=4 * (clip + teacher), feature_cache=cache,
         largest_block=_held_bytes(block, amp), activations=activations,
-        saved_fixed=saved_fixed,
+        saved_fixed=saved_fixed, decoder_per_sample=per_sample,
+        prompts_per_image=prompts_per_image if params.data.batch_by == "image" else None,
         checkpointing=params.train.activation_checkpointing,
         batch=chain[-1].optim.batch_size, start_block=start)
+
+
+def prompts_per_image(params: Params, given: float | None, prepared: Path | None
+                      ) -> float | None:
+    """The prompts an image-major batch's image brings: ``given`` (``--prompts-per-image``),
+    else ``data.prompts_per_image``'s cap, else the mean over the prepared train split; None
+    for sample-major batches."""
+    if params.data.batch_by != "image":
+        return None
+    if given is not None:
+        if given < 1:
+            raise UserError(f"--prompts-per-image: must be >= 1, got {given}")
+        return given
+    cap = params.data.prompts_per_image
+    mean = None
+    if prepared is not None and (prepared / "index.json").is_file():
+        train = read_index(prepared)["splits"].get("train", {})
+        if train.get("images"):
+            mean = train["samples"] / train["images"]
+    if mean is not None:
+        return min(mean, cap) if cap is not None else mean
+    if cap is not None:
+        return float(cap)
+    raise UserError("--prompts-per-image: needed under data.batch_by: image (no prepared data "
+                    "to count them from and data.prompts_per_image is null)")
 
 
 def _train_images(params: Params) -> int:
@@ -271,13 +325,16 @@ def _partial(params: Params, stage: int) -> tuple[int, StageMemory] | None:
     return k, plan_memory(dataclasses.replace(params, **{f"stage{stage}": over}), stage)
 
 
-def plan_report(params: Params, gpu_memory: int, gpus: int, amp: bool = True
-                ) -> dict[str, Any]:
-    """``cdsam plan --json``: every stage's parts, per-rank bytes, largest batch, fit, advice."""
+def plan_report(params: Params, gpu_memory: int, gpus: int, amp: bool = True,
+                prompts_per_image: float | None = None) -> dict[str, Any]:
+    """``cdsam plan --json``: every stage's parts, per-rank bytes, largest batch, fit, advice.
+    Under ``data.batch_by: image`` a batch counts images, each bringing ``prompts_per_image``
+    prompts."""
     out: dict[str, Any] = {"gpu_memory": gpu_memory, "gpus": gpus, "amp": amp,
-                           "usable_share": AUTO_MEMORY_SHARE, "stages": {}}
+                           "usable_share": AUTO_MEMORY_SHARE, "batch_by": params.data.batch_by,
+                           "prompts_per_image": prompts_per_image, "stages": {}}
     for stage in stages():
-        mem = plan_memory(params, stage, amp)
+        mem = plan_memory(params, stage, amp, prompts_per_image)
         batch = mem.planned_batch
         out["stages"][f"stage{stage}"] = {
             "batch": mem.batch, "activation_checkpointing": mem.checkpointing,
@@ -288,6 +345,10 @@ def plan_report(params: Params, gpu_memory: int, gpus: int, amp: bool = True
                       "saved_whatever_batch": mem.saved_fixed[
                           "checkpointed" if mem.checkpointing else "plain"]},
             "activations_per_image": mem.activations,
+            "decoder_per_sample": mem.decoder_per_sample,
+            "activations_per_batch_unit": {
+                "plain": mem.activations_per_image(False),
+                "checkpointed": mem.activations_per_image(True)},
             "bytes_per_rank": {m: mem.per_rank(m, gpus, batch) for m in MODES},
             "max_batch": {m: mem.max_batch(m, gpus, gpu_memory) for m in MODES},
             "fits": {m: mem.max_batch(m, gpus, gpu_memory) >= batch for m in MODES},
@@ -299,8 +360,12 @@ def plan_report(params: Params, gpu_memory: int, gpus: int, amp: bool = True
 def plan_table(report: dict[str, Any]) -> str:
     """The report as the lines ``cdsam plan`` prints."""
     gib = 2**30
+    unit = "" if report.get("batch_by") != "image" else \
+        (f", image-major batches: a batch counts images, {report['prompts_per_image']:.1f} "
+         f"prompts each (act/img: DINO once + the decoder per prompt)")
     lines = [f"{report['gpus']} GPU(s) of {report['gpu_memory'] / gib:.0f} GiB, "
-             f"{report['usable_share']:.0%} usable, {'bf16 AMP' if report['amp'] else 'fp32'}",
+             f"{report['usable_share']:.0%} usable, {'bf16 AMP' if report['amp'] else 'fp32'}"
+             + unit,
              f"{'stage':<7}{'trainable':>13}{'fixed DDP':>11}{'act/img':>9}{'ckpt/img':>9}"
              f"{'DDP/rank':>10}{'FSDP/rank':>10}{'max b DDP':>10}{'FSDP':>6}"]
     for name, s in report["stages"].items():
@@ -308,7 +373,7 @@ def plan_table(report: dict[str, Any]) -> str:
         fixed = sum(b[k] for k in ("weights", "gradients", "optimizer", "feature_cache",
                                    "saved_whatever_batch")) + (
             b["ddp_buckets"] if report["gpus"] > 1 else 0)
-        act = s["activations_per_image"]
+        act = s["activations_per_batch_unit"]
         lines.append(f"{name:<7}{s['trainable_params']:>13,}{fixed / gib:>10.2f}G"
                      f"{act['plain'] / gib:>8.3f}G{act['checkpointed'] / gib:>8.3f}G"
                      f"{s['bytes_per_rank']['ddp'] / gib:>9.2f}G"
