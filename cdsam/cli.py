@@ -103,9 +103,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
         raise UserError(f"--gpus: must be >= 1, got {args.gpus}")
     params = plan_params(args.params, args.preset)
     check_model(params.model, params.data.crop, params.lora.dino)
-    per_image = prompts_per_image(params, args.prompts_per_image, Path(args.data))
+    per_image, source = prompts_per_image(params, args.prompts_per_image, Path(args.data))
     report = plan_report(params, memory, args.gpus, amp=not args.fp32,
-                         prompts_per_image=per_image)
+                         prompts_per_image=per_image, prompts_from=source)
     print(json.dumps(report, indent=2) if args.json else plan_table(report))
 
 

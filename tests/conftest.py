@@ -29,9 +29,15 @@ TINY = {
 
 
 def tiny_params(**overrides) -> Params:
+    """TINY with ``overrides`` (whole sections). Batches are (image, prompt) rows, 16 a batch,
+    unless a test sets ``data.batch_by`` / ``optim.batch_size``: the loop tests compare steps,
+    losses and ranks row for row (image-major batches have tests of their own,
+    tests/test_image_major.py, and the pipeline tests run the shipped default)."""
     data = {k: dict(v) for k, v in TINY.items()}
     for key, value in overrides.items():
         data[key] = value
+    data["data"] = {"batch_by": "sample", **data.get("data", {})}
+    data["optim"] = {"batch_size": 16, **(data.get("optim") or {})}
     return parse_params(data)
 
 

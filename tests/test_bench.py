@@ -78,3 +78,25 @@ def test_batch_size_arg_reads_as_the_params_key_does():
     for bad in ("0", "-4", "big"):
         with pytest.raises(argparse.ArgumentTypeError, match="optim.batch_size"):
             bench.batch_size_arg(bad)
+
+
+@pytest.mark.slow
+def test_bench_compares_sample_and_image_major_stages(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({**TINY, "device": "cpu",
+                                      "prepare": {"synthetic": {"image_size": 32}}}))
+    r = bench.run(str(params), images=16, epochs=2, preset="default", show=False,
+                  batch_size=8, batch_by_compare=True, negatives_per_image=3)
+    assert r["mode"] == "batch_by_compare" and r["prompts_per_image"] > 3
+    images_b = max(1, round(8 / r["prompts_per_image"]))
+    for stage in (2, 3, 4):
+        sample, image = r[f"stage{stage}_sample"], r[f"stage{stage}_image"]
+        assert (sample["batch_by"], sample["batch_size"]) == ("sample", 8)
+        assert (image["batch_by"], image["batch_size"]) == ("image", images_b)
+        # Every sample trained either way: samples/s over images/s is the mean prompts.
+        for row in (sample, image):
+            ratio = row["images_s"] / row["distinct_images_s"]
+            assert ratio == pytest.approx(r["prompts_per_image"])
+        assert r[f"stage{stage}_speedup"] == image["images_s"] / sample["images_s"]
+    text = bench.batch_by_table(r)
+    assert "stage4 image" in text and f"{images_b} images" in text

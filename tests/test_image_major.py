@@ -82,7 +82,7 @@ def test_prompts_per_image_draws_a_seeded_subset_per_epoch(multi_dir):
     for e, chosen in picks.items():
         assert all(len(c) == 2 for c in chosen)
         assert chosen == [tuple(loader.image_samples(i, e)) for i in big]  # seeded
-        assert all(set(c) <= set(loader.groups[i].tolist()) for c, i in zip(chosen, big))
+        assert all(set(c) <= set(loader.groups[i].tolist()) for c, i in zip(chosen, big, strict=True))
     assert len({tuple(v) for v in picks.values()}) > 1  # another subset another epoch
     small = [i for i, g in enumerate(loader.groups) if len(g) <= 2]
     for i in small:
@@ -197,3 +197,20 @@ def test_ranks_split_the_images(multi_dir):
 def test_bad_batch_keys_name_themselves(key, value, words):
     with pytest.raises(UserError, match=words):
         parse_params({"data": {key: value}})
+
+
+def test_ddp_image_major_ranks_agree(multi_dir, tmp_path):
+    """Two gloo ranks, each on its half of the images: DDP keeps their weights equal."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from tests.test_train import _ddp_worker, _free_port
+
+    over = {"data": {"resize": 32, "crop": 32, "batch_by": "image"}}
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(multi_dir), str(tmp_path), 1,
+                                          None, over), nprocs=2, join=True, start_method="spawn")
+    r0 = load_file(str(tmp_path / "rank0.safetensors"))
+    r1 = load_file(str(tmp_path / "rank1.safetensors"))
+    assert r0.keys() == r1.keys() and r0
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k

@@ -151,3 +151,35 @@ def test_gpu_memory_sizes():
     for bad in ("80x", "-1GB", ""):
         with pytest.raises(ValueError):
             parse_bytes(bad)
+
+
+def test_image_major_batches_count_images_and_prompts_apart(tmp_path):
+    """A batch image brings DINO once and the decoder once per prompt: per image the row's
+    bytes plus (P - 1) decoder shares, and P = 1 is the row itself."""
+    rows = parse_params(_data(data={"resize": 32, "crop": 32, "batch_by": "sample"}))
+    images = parse_params(_data(data={"resize": 32, "crop": 32, "batch_by": "image"}))
+    for stage in (1, 4):
+        row = plan_memory(rows, stage, amp=False)
+        one = plan_memory(images, stage, amp=False, prompts_per_image=1.0)
+        four = plan_memory(images, stage, amp=False, prompts_per_image=4.0)
+        assert row.prompts_per_image is None and four.prompts_per_image == 4.0
+        dec = four.decoder_per_sample
+        assert 0 < dec < row.activations_per_image()
+        assert one.activations_per_image() == row.activations_per_image()
+        assert four.activations_per_image() == row.activations_per_image() + 3 * dec
+    # P: given, else the prepared train mean (capped), else the cap, else 1 (said so).
+    from cdsam.errors import UserError
+    from cdsam.training.memory_plan import prompts_per_image
+
+    assert prompts_per_image(rows, None, None) == (None, "")
+    capped = parse_params(_data(data={"resize": 32, "crop": 32, "batch_by": "image",
+                                      "prompts_per_image": 3}))
+    assert prompts_per_image(capped, None, tmp_path)[0] == 3.0
+    assert prompts_per_image(capped, 2.5, tmp_path)[0] == 2.5
+    assert "assumed" in prompts_per_image(images, None, tmp_path)[1]
+    (tmp_path / "index.json").write_text(json.dumps(
+        {"splits": {"train": {"images": 10, "samples": 41}}}))
+    assert prompts_per_image(images, None, tmp_path)[0] == 4.1
+    assert prompts_per_image(capped, None, tmp_path)[0] == 3.0
+    with pytest.raises(UserError, match="--prompts-per-image"):
+        prompts_per_image(images, 0.5, tmp_path)

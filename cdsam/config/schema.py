@@ -108,10 +108,12 @@ LR_SCALINGS = ("linear", "sqrt", "none")
 
 @dataclass
 class OptimConfig:
-    # An integer, or auto: the largest power of two that fits the device (cdsam.training.batch_size;
-    # 16 on the CPU), the LRs below then scaled from an effective batch (batch x accumulation x
-    # world size) of 16 by `lr_scaling`.
-    batch_size: int | str = 16
+    # Images a batch under data.batch_by: image (each with its prompts: ~16 samples on the
+    # default's 4.1 an image), rows under sample. An integer, or auto: the largest power of two
+    # that fits the device (cdsam.training.batch_size; ~16 samples on the CPU), the LRs below
+    # then scaled from an effective batch (samples x accumulation x world size) of 16 by
+    # `lr_scaling`.
+    batch_size: int | str = 4
     lr: float = 1e-3  # base group: heads (and DINO in stage 4)
     lora_lr: float = 1e-3  # LoRA group, weight decay 0
     clip_lr: float = 1e-4  # CLIP text group (a stage with clip: lora | full), weight decay 0
@@ -182,7 +184,7 @@ class DataConfig:
     # sample: a batch is optim.batch_size (image, prompt) rows, each encoding its image;
     # image: optim.batch_size images, each with its prompts, DINO once per image
     # (cdsam.data.packed). Validation and evaluation follow it.
-    batch_by: str = "sample"
+    batch_by: str = "image"
     # image batches: at most this many prompts of an image a step, a seeded subset drawn per
     # (seed, epoch, image) when it has more; null: every prompt.
     prompts_per_image: int | None = None

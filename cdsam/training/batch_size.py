@@ -72,11 +72,13 @@ def choose_batch(memory: StepMemory, budget: float, cap: int) -> int:
     return batch
 
 
-def scale_lrs(optim: OptimConfig, batch: int, world_size: int = 1) -> OptimConfig:
+def scale_lrs(optim: OptimConfig, batch: int, world_size: int = 1,
+              per_unit: float = 1.0) -> OptimConfig:
     """``optim`` at a per-rank ``batch``, its LRs (written for an effective batch of
-    `REFERENCE_BATCH`) scaled by its rule from the batch one optimizer step sees: ``batch`` x
+    `REFERENCE_BATCH` samples) scaled by its rule from the samples one optimizer step sees:
+    ``batch`` x ``per_unit`` (an image-major batch's prompts an image; 1 for rows) x
     ``grad_accum_steps`` x ``world_size``."""
-    ratio = batch * optim.grad_accum_steps * world_size / REFERENCE_BATCH
+    ratio = batch * per_unit * optim.grad_accum_steps * world_size / REFERENCE_BATCH
     factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[optim.lr_scaling]
     return dataclasses.replace(optim, batch_size=batch, lr=optim.lr * factor,
                                lora_lr=optim.lora_lr * factor, clip_lr=optim.clip_lr * factor)
@@ -140,18 +142,22 @@ def probe_step_memory(step: Callable[[dict[str, Any]], torch.Tensor],
 
 def resolve_auto_batch(optim: OptimConfig, device: torch.device, train_samples: int,
                        probe: Callable[[], StepMemory], model: torch.nn.Module,
-                       agree: Callable[[int], int] = lambda b: b, world_size: int = 1
-                       ) -> OptimConfig:
+                       agree: Callable[[int], int] = lambda b: b, world_size: int = 1,
+                       per_unit: float = 1.0) -> OptimConfig:
     """``optim`` with ``batch_size: auto`` replaced by a number (unchanged when it is one).
 
     ``probe`` measures the step on CUDA; ``agree`` makes the ranks of a DDP run settle on one
-    batch (the smallest)."""
+    batch (the smallest). ``per_unit``: samples a batch unit brings (image-major batches
+    count images, each with its prompts; ``train_samples`` then counts images too)."""
     if optim.batch_size != AUTO:
         return optim
     cap = max(1, min(optim.auto_batch_max, train_samples))
     if device.type != "cuda":
-        batch = min(REFERENCE_BATCH, 2 ** int(math.log2(cap)))
-        why = f"{device.type}: the cores are busy at {REFERENCE_BATCH}"
+        if per_unit == 1.0:
+            batch = min(REFERENCE_BATCH, 2 ** int(math.log2(cap)))
+        else:  # about REFERENCE_BATCH samples
+            batch = min(cap, max(1, round(REFERENCE_BATCH / per_unit)))
+        why = f"{device.type}: the cores are busy at {REFERENCE_BATCH} samples"
     else:
         memory = probe()
         free, total = torch.cuda.mem_get_info(device)
@@ -161,12 +167,13 @@ def resolve_auto_batch(optim: OptimConfig, device: torch.device, train_samples: 
                f"MB per sample; {free / 2**30:.1f} of {total / 2**30:.1f} GiB free, "
                f"{AUTO_MEMORY_SHARE:.0%} of it usable, cap {cap}")
     batch = agree(batch)
-    scaled = scale_lrs(optim, batch, world_size)
+    scaled = scale_lrs(optim, batch, world_size, per_unit)
     steps = math.ceil(train_samples / batch)
-    log.info("optim.batch_size auto -> %d (%s); %d steps an epoch; lr %.3g, lora_lr %.3g (%s "
-             "scaling of the effective batch %d from %d, optim.lr_scaling)", batch, why, steps,
+    log.info("optim.batch_size auto -> %d%s (%s); %d steps an epoch; lr %.3g, lora_lr %.3g (%s "
+             "scaling of the effective batch %.0f samples from %d, optim.lr_scaling)", batch,
+             "" if per_unit == 1.0 else f" images ({per_unit:.1f} prompts each)", why, steps,
              scaled.lr, scaled.lora_lr, optim.lr_scaling,
-             batch * optim.grad_accum_steps * world_size, REFERENCE_BATCH)
+             batch * per_unit * optim.grad_accum_steps * world_size, REFERENCE_BATCH)
     if steps < FEW_STEPS:
         log.warning("optim.batch_size auto -> %d leaves %d steps an epoch (%d samples): lower "
                     "optim.auto_batch_max for more, smaller steps", batch, steps, train_samples)

@@ -59,6 +59,7 @@ from cdsam.data.prepare import prepare
 from cdsam.entry import offline_defaults
 from cdsam.errors import ConfigError
 from cdsam.runtime import peak_memory_mb
+from cdsam.training.batch_size import REFERENCE_BATCH
 from cdsam.training.compiling import is_compiled, uncompile_parts
 from cdsam.training.profiling import profile_steps, profile_table, syncs_per_step
 from cdsam.training.trainer import EpochHooks, StagePaths, StageTrainer, TrainerOptions
@@ -333,16 +334,17 @@ def with_batch_by(params: Params, batch_by: str, batch_size: int) -> Params:
     return dataclasses.replace(params, data=data, optim=optim)
 
 
-def compare_batch_by(params: Params, root: Path, show: bool, steps: int | None
-                     ) -> dict[str, dict[str, Any]]:
-    """Stages 2-4 sample-major and image-major on one prepared set, each stage from the same
-    parent (the sample-major run's checkpoint). Image-major batches hold B / P images (P the
-    mean prompts an image), so both steps decode about the same number of samples and the
-    difference is DINO run once per image instead of once per prompt."""
-    if params.optim.batch_size == "auto":
+def compare_batch_by(params: Params, root: Path, show: bool, steps: int | None,
+                     rows: int | str | None = None) -> dict[str, dict[str, Any]]:
+    """Stages 2-4 sample-major at ``rows`` (default `REFERENCE_BATCH`) and image-major on one
+    prepared set, each stage from the same parent (the sample-major run's checkpoint).
+    Image-major batches hold rows / P images (P the mean prompts an image), so both steps
+    decode about the same number of samples and the difference is DINO run once per image
+    instead of once per prompt."""
+    if rows == "auto":
         raise ConfigError(["--batch-by-compare: give --batch-size a number (both modes must "
                            "decode about the same samples a step)"])
-    b = int(params.optim.batch_size)
+    b = REFERENCE_BATCH if rows is None else int(rows)
     from cdsam.data.prepared import PreparedSplit
 
     split = PreparedSplit.open(root / "data", "train", params.data)
@@ -385,7 +387,7 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
         root = Path(tmp)
         prepare(params.prepare, params.seed, root / "data", show_progress=False, data=params.data)
         if batch_by_compare:
-            results = compare_batch_by(params, root, show, steps)
+            results = compare_batch_by(params, root, show, steps, batch_size)
             return batch_by_summary(params, preset, images, epochs, results,
                                     time.perf_counter() - t_start)
         for stage in (1, 2):
@@ -477,7 +479,8 @@ def batch_by_summary(params: Params, preset: str, images: int, epochs: int,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "dino": f"{d.name} img {d.img_size} patch {d.patch_size} dim {d.embed_dim} depth "
                 f"{d.depth}", "last_k_blocks": params.lora.dino.last_k_blocks,
-        "images": images, "epochs": epochs, "batch_size": params.optim.batch_size,
+        "images": images, "epochs": epochs,
+        "batch_size": results["stage2_sample"]["batch_size"],
         "negatives_per_image": params.prepare.negatives_per_image,
         "prompts_per_image": results["stage2_image"]["prompts_per_image"],
         "total_s": total_s,

@@ -256,28 +256,26 @@ def plan_memory(params: Params, stage: int, amp: bool = True,
 
 
 def prompts_per_image(params: Params, given: float | None, prepared: Path | None
-                      ) -> float | None:
-    """The prompts an image-major batch's image brings: ``given`` (``--prompts-per-image``),
-    else ``data.prompts_per_image``'s cap, else the mean over the prepared train split; None
-    for sample-major batches."""
+                      ) -> tuple[float | None, str]:
+    """(the prompts an image-major batch's image brings, where that number comes from):
+    ``given`` (``--prompts-per-image``), else the mean over the prepared train split (capped by
+    ``data.prompts_per_image``), else that cap, else 1 (a lower bound, said so); None for
+    sample-major batches."""
     if params.data.batch_by != "image":
-        return None
+        return None, ""
     if given is not None:
         if given < 1:
             raise UserError(f"--prompts-per-image: must be >= 1, got {given}")
-        return given
+        return given, "--prompts-per-image"
     cap = params.data.prompts_per_image
-    mean = None
     if prepared is not None and (prepared / "index.json").is_file():
         train = read_index(prepared)["splits"].get("train", {})
         if train.get("images"):
             mean = train["samples"] / train["images"]
-    if mean is not None:
-        return min(mean, cap) if cap is not None else mean
+            return (min(mean, cap) if cap is not None else mean), f"the mean of {prepared}"
     if cap is not None:
-        return float(cap)
-    raise UserError("--prompts-per-image: needed under data.batch_by: image (no prepared data "
-                    "to count them from and data.prompts_per_image is null)")
+        return float(cap), "data.prompts_per_image"
+    return 1.0, "assumed: no prepared data; a lower bound, --prompts-per-image sets it"
 
 
 def _train_images(params: Params) -> int:
@@ -326,13 +324,15 @@ def _partial(params: Params, stage: int) -> tuple[int, StageMemory] | None:
 
 
 def plan_report(params: Params, gpu_memory: int, gpus: int, amp: bool = True,
-                prompts_per_image: float | None = None) -> dict[str, Any]:
+                prompts_per_image: float | None = None, prompts_from: str = ""
+                ) -> dict[str, Any]:
     """``cdsam plan --json``: every stage's parts, per-rank bytes, largest batch, fit, advice.
     Under ``data.batch_by: image`` a batch counts images, each bringing ``prompts_per_image``
     prompts."""
     out: dict[str, Any] = {"gpu_memory": gpu_memory, "gpus": gpus, "amp": amp,
                            "usable_share": AUTO_MEMORY_SHARE, "batch_by": params.data.batch_by,
-                           "prompts_per_image": prompts_per_image, "stages": {}}
+                           "prompts_per_image": prompts_per_image,
+                           "prompts_from": prompts_from, "stages": {}}
     for stage in stages():
         mem = plan_memory(params, stage, amp, prompts_per_image)
         batch = mem.planned_batch
@@ -362,7 +362,8 @@ def plan_table(report: dict[str, Any]) -> str:
     gib = 2**30
     unit = "" if report.get("batch_by") != "image" else \
         (f", image-major batches: a batch counts images, {report['prompts_per_image']:.1f} "
-         f"prompts each (act/img: DINO once + the decoder per prompt)")
+         f"prompts each ({report.get('prompts_from') or 'given'}; act/img: DINO once + the "
+         f"decoder per prompt)")
     lines = [f"{report['gpus']} GPU(s) of {report['gpu_memory'] / gib:.0f} GiB, "
              f"{report['usable_share']:.0%} usable, {'bf16 AMP' if report['amp'] else 'fp32'}"
              + unit,

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
@@ -64,7 +65,13 @@ from cdsam.runtime import (
     seed_everything,
 )
 from cdsam.training import sharding
-from cdsam.training.batch_size import StepMemory, probe_step_memory, resolve_auto_batch, scale_lrs
+from cdsam.training.batch_size import (
+    REFERENCE_BATCH,
+    StepMemory,
+    probe_step_memory,
+    resolve_auto_batch,
+    scale_lrs,
+)
 from cdsam.training.compiling import compile_or_fall_back, is_compiled
 from cdsam.training.curriculum import apply_plan, component_counts
 from cdsam.training.feature_cache import build_feature_cache
@@ -77,6 +84,8 @@ from cdsam.training.stage_model import load_stage_model
 
 log = logging.getLogger("cdsam.train")
 
+# Image-major batches (which count images) of fewer samples than this get a warning.
+FEW_SAMPLES = 8
 BAR_READ_S = 1.0  # the progress bar's loss is read back from the device at most this often
 
 
@@ -270,12 +279,25 @@ class StageTrainer:
                  f", {self.dist.parallel}" if self.dist.enabled else "",
                  f"{self.trainable_params:,}", f"{self.total_params:,}")
         if self.params.data.batch_by == "image":
-            split = self.packs["train"]
             cap = self.params.data.prompts_per_image
+            n_images = len(self.packs["train"].image_keys)
+            per_rank = len(self.train_sampler)
+            per_image = self.prompts_per_image
             log.info("image-major batches (data.batch_by: image): %d images a batch, each with "
-                     "%s of its prompts (%.1f an image on average), DINO once per image",
+                     "%s of its prompts (%.1f an image on average: ~%.0f samples a step), DINO "
+                     "once per image; an epoch trains each of the %d images once%s",
                      self.optim_cfg.batch_size, "all" if cap is None else f"at most {cap}",
-                     len(split) / max(len(split.image_keys), 1))
+                     per_image, self.optim_cfg.batch_size * per_image, n_images,
+                     "" if self.dist.world_size == 1 else
+                     f", {per_rank} on each of {self.dist.world_size} ranks"
+                     + (f" ({per_rank * self.dist.world_size - n_images} repeated to even "
+                        f"them)" if per_rank * self.dist.world_size > n_images else ""))
+            if self.optim_cfg.batch_size * per_image < FEW_SAMPLES:
+                log.warning("optim.batch_size: %d images of %.1f prompts is ~%.0f samples a "
+                            "step; under data.batch_by: image the batch counts images: raise "
+                            "it to about %d", self.optim_cfg.batch_size, per_image,
+                            self.optim_cfg.batch_size * per_image,
+                            math.ceil(REFERENCE_BATCH / per_image))
         if self.train_set.spatial is not None:
             log.info("spatial prompts next to the text: a click on %.0f %% of samples, a box on "
                      "%.0f %% (train.point_prompts / train.box_prompts)",
@@ -345,13 +367,14 @@ class StageTrainer:
         one, else on CUDA measured on the split's own first batches, with the cache in place."""
         if self.optim_cfg.batch_size != AUTO:
             return self.optim_cfg
-        by_image = self.params.data.batch_by == "image"
-        n = len(self.packs["train"].image_keys) if by_image and self.packs else len(self.train_set)
+        by_image = self.params.data.batch_by == "image" and bool(self.packs)
+        n = len(self.packs["train"].image_keys) if by_image else len(self.train_set)
+        per_unit = self.prompts_per_image if by_image else 1.0
         saved = self.store.saved_batch()
         if saved is not None:
             # Measuring again could pick another batch (less free memory now) and change the
             # run; the state's own batch is what it resumes bit-exactly with.
-            optim = scale_lrs(self.optim_cfg, saved, self.dist.world_size)
+            optim = scale_lrs(self.optim_cfg, saved, self.dist.world_size, per_unit)
             log.info("optim.batch_size auto -> %d, the batch of the resume state in %s (not "
                      "measured again; remove that folder to measure anew); lr %.3g, lora_lr %.3g",
                      saved, self.store.dir, optim.lr, optim.lora_lr)
@@ -377,7 +400,16 @@ class StageTrainer:
         return self.options.resolve_batch(
             self.optim_cfg, self.device, math.ceil(n / self.dist.world_size), probe, self.model,
             agree=lambda b: distributed.all_reduce_min(b, self.device),
-            world_size=self.dist.world_size)
+            world_size=self.dist.world_size, per_unit=per_unit)
+
+    @property
+    def prompts_per_image(self) -> float:
+        """The samples an image-major batch's image brings on average (its prompts, at most
+        ``data.prompts_per_image``)."""
+        split = self.packs["train"]
+        cap = self.params.data.prompts_per_image
+        counts = np.bincount(split.image_row, minlength=len(split.image_keys))
+        return float(np.minimum(counts, cap if cap is not None else counts.max()).mean())
 
     @property
     def compiled(self) -> bool:
