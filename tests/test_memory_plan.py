@@ -168,6 +168,7 @@ def test_image_major_batches_count_images_and_prompts_apart(tmp_path):
         assert one.activations_per_image() == row.activations_per_image()
         assert four.activations_per_image() == row.activations_per_image() + 3 * dec
     # P: given, else the prepared train mean (capped), else the cap, else 1 (said so).
+    from cdsam.data.shards import FORMAT
     from cdsam.errors import UserError
     from cdsam.training.memory_plan import prompts_per_image
 
@@ -178,7 +179,7 @@ def test_image_major_batches_count_images_and_prompts_apart(tmp_path):
     assert prompts_per_image(capped, 2.5, tmp_path)[0] == 2.5
     assert "assumed" in prompts_per_image(images, None, tmp_path)[1]
     (tmp_path / "index.json").write_text(json.dumps(
-        {"splits": {"train": {"images": 10, "samples": 41}}}))
+        {"format": FORMAT, "splits": {"train": {"images": 10, "samples": 41}}}))
     assert prompts_per_image(images, None, tmp_path)[0] == 4.1
     assert prompts_per_image(capped, None, tmp_path)[0] == 3.0
     with pytest.raises(UserError, match="--prompts-per-image"):
