@@ -5,6 +5,9 @@ bit-exactly."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -94,6 +97,10 @@ def test_image_major_step_equals_sample_major_on_the_same_samples(multi_dir, tmp
     every gradient agree with the (image, prompt) rows that encode each image per prompt."""
     t = _trainer(_params(train={"feature_cache": False}), multi_dir, tmp_path)
     t.setup()
+    # The SSL term too: a frozen stage-start copy of DINO, then DINO trains.
+    teacher = copy.deepcopy(t.model.dino).eval().requires_grad_(False)
+    t.objective = dataclasses.replace(
+        t.objective, cfg=dataclasses.replace(t.objective.cfg, ssl_weight=0.5), teacher=teacher)
     t.model.dino.requires_grad_(True)
     t.train_mode()
     split = t.packs["train"]
@@ -113,6 +120,7 @@ def test_image_major_step_equals_sample_major_on_the_same_samples(multi_dir, tmp
         t.model.zero_grad(set_to_none=True)  # DINO is not in the optimizer
         step = forward_batch(t.net, t.model, batch, t.objective, t.precision, None)
         step.loss.backward()
+        assert "ssl" in step.parts
         grads = {n: p.grad.clone() for n, p in t.model.named_parameters()
                  if p.requires_grad and p.grad is not None}
         results[name] = (step.out.masks.detach(), step.loss.detach(), grads)

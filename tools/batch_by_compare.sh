@@ -43,11 +43,13 @@ for set in $SETS; do
       sed -i '/^  augment:/,/^  [a-z_]*:.*$/ s|^    enable: false|    enable: true|' params.yaml
     fi
     case $mode in
-      sample) batch=16 ;;
-      image) batch=16; sed -i 's|^  batch_by: sample |  batch_by: image  |' params.yaml ;;
-      image4) batch=4; sed -i 's|^  batch_by: sample |  batch_by: image  |' params.yaml ;;
+      sample) batch=16; by=sample ;;
+      image) batch=16; by=image ;;
+      image4) batch=4; by=image ;;
     esac
-    sed -i "s|^  batch_size: 16 |  batch_size: $batch |" params.yaml
+    sed -i "s|^  batch_by: [a-z]* |  batch_by: $by |; s|^  batch_size: [0-9a-z]* |  batch_size: $batch |" \
+        params.yaml
+    grep -q "^  batch_by: $by " params.yaml && grep -q "^  batch_size: $batch " params.yaml
     python stages/prepare.py --no-progress > log.txt 2>&1
     start=$(date +%s.%N)
     for n in 1 2 3 4; do python stages/train.py --stage "$n" --no-progress >> log.txt 2>&1; done

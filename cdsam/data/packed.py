@@ -7,6 +7,10 @@ ignore maps are derived on the device too, and augmentation (when on) runs there
 batches (`cdsam.data.batch_augment`). Nothing is decoded at a stage's start: ``prepare`` wrote
 the fitted arrays once.
 
+Image-major batches (``data.batch_by: image``) take whole images with all their samples:
+each image's pixels once, its samples' masks and prompts after it, and ``image_of`` saying
+which image each sample is on, so the model runs DINO once per image.
+
 Without augmentation the samples are exactly those `ManifestDataset` yields (same arrays, same
 normalisation, same spatial prompts under the same seeds): tests compare the two paths value
 for value.

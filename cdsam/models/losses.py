@@ -46,6 +46,9 @@ def clip_align_loss(projected: torch.Tensor, grid: tuple[int, int], target: torc
     return (per_sample * keep).sum() / keep.sum().clamp_min(1.0)
 
 
-def feature_distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """1 − cosine similarity between current and stage-start DINO tokens (BxNxC)."""
-    return (1 - F.cosine_similarity(student, teacher.detach(), dim=-1)).mean()
+def feature_distill_loss(student: torch.Tensor, teacher: torch.Tensor, reduce: bool = True
+                         ) -> torch.Tensor:
+    """1 − cosine similarity between current and stage-start DINO tokens (BxNxC): the mean,
+    or without ``reduce`` the BxN values."""
+    per_token = 1 - F.cosine_similarity(student, teacher.detach(), dim=-1)
+    return per_token.mean() if reduce else per_token

@@ -34,8 +34,13 @@ class CDSAMOutput:
     masks: torch.Tensor  # Bx1xHxW logits at the input image size
     low_res_masks: torch.Tensor  # Bx1x4hx4w logits from the SAM decoder
     iou: torch.Tensor  # Bx1 predicted mask IoU
-    tokens: torch.Tensor  # BxNxC DINO patch tokens
+    tokens: torch.Tensor  # BxNxC DINO patch tokens (IxNxC, one per image, with image_of)
     grid: tuple[int, int]
+    image_of: torch.Tensor | None = None  # B int64: each mask's row of ``tokens`` (image-major)
+
+    def sample_rows(self, per_image: torch.Tensor) -> torch.Tensor:
+        """A tensor with one row per ``tokens`` row → one row per mask."""
+        return per_image if self.image_of is None else per_image[self.image_of]
 
 
 class CDSAM(nn.Module):
@@ -93,7 +98,8 @@ class CDSAM(nn.Module):
         """Patch tokens BxNxC + text features BxD (+ optional point/box prompts) → masks.
 
         ``image_of``: S int64, ``tokens`` then hold one row per image and the S prompts each
-        decode against their image's row (the mask embedding is computed once per image).
+        decode against their image's row (the mask embedding is computed once per image; the
+        output keeps the tokens per image, with ``image_of``).
 
         Rows whose point and box slots are all empty are decoded from the text tokens alone,
         exactly as in a batch without spatial prompts: a text-only sample gets the same mask
@@ -104,7 +110,7 @@ class CDSAM(nn.Module):
         """
         embeddings = self.token_to_mask(tokens, grid)
         if image_of is not None:
-            embeddings, tokens = embeddings[image_of], tokens[image_of]
+            embeddings = embeddings[image_of]
         prompt_tokens = self.text_to_prompt(text)
         if rows is None and (points is not None or boxes is not None):
             rows = spatial_rows(points, boxes, box_valid, tokens.shape[0],
@@ -117,7 +123,8 @@ class CDSAM(nn.Module):
             low, iou = self._decode_mixed(embeddings, prompt_tokens, dense, image_size, active,
                                           points, boxes, box_valid)
         masks = F.interpolate(low, size=image_size, mode="bilinear", align_corners=False)
-        return CDSAMOutput(masks=masks, low_res_masks=low, iou=iou, tokens=tokens, grid=grid)
+        return CDSAMOutput(masks=masks, low_res_masks=low, iou=iou, tokens=tokens, grid=grid,
+                           image_of=image_of)
 
     def _dense_prompts(self, embeddings: torch.Tensor, image_size: tuple[int, int],
                        active: np.ndarray | None,

@@ -91,18 +91,19 @@ class Objective:
 
     def __call__(self, out: CDSAMOutput, images: torch.Tensor, target: torch.Tensor,
                  valid: torch.Tensor, prompts: list[str],
-                 vocab_feats: torch.Tensor | None = None, image_of: torch.Tensor | None = None
+                 vocab_feats: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``vocab_feats``: this step's VxD features of the vocabulary, with gradients, when the
-        text tower trains; else the ones kept. ``image_of``: an image-major batch's sample →
-        image (``images`` one per image; the teacher then encodes each image once)."""
+        text tower trains; else the ones kept. An image-major batch (``out.image_of``) has
+        ``images`` and ``out.tokens`` one per image: the teacher encodes each image once."""
         lc = self.cfg
         logits = out.masks.float()
         parts = {"dice": dice_loss(logits, target, valid), "bce": bce_loss(logits, target, valid)}
         loss = lc.dice_weight * parts["dice"] + lc.bce_weight * parts["bce"]
         if lc.clip_align_weight > 0:
             labels = self.rows(prompts, logits.device)
-            projected = self.token_proj(out.tokens)
+            # Projected once per image; each sample pools its image's row with its own mask.
+            projected = out.sample_rows(self.token_proj(out.tokens))
             feats = self.vocab_feats if vocab_feats is None else vocab_feats
             parts["clip_align"] = clip_align_loss(
                 projected.float(), out.grid, target, valid, feats, labels,
@@ -111,8 +112,8 @@ class Objective:
         if self.teacher is not None and lc.ssl_weight > 0:
             with torch.no_grad():
                 teacher_tokens, _ = dino_patch_tokens(self.teacher, images)
-                if image_of is not None:
-                    teacher_tokens = teacher_tokens[image_of]
-            parts["ssl"] = feature_distill_loss(out.tokens.float(), teacher_tokens.float())
+            # Per image, then weighted by its samples (as rows that each encode their image).
+            parts["ssl"] = out.sample_rows(feature_distill_loss(
+                out.tokens.float(), teacher_tokens.float(), reduce=False)).mean()
             loss = loss + lc.ssl_weight * parts["ssl"]
         return loss, parts

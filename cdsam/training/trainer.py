@@ -281,7 +281,7 @@ class StageTrainer:
         if self.params.data.batch_by == "image":
             cap = self.params.data.prompts_per_image
             n_images = len(self.packs["train"].image_keys)
-            per_rank = len(self.train_sampler)
+            per_rank = len(self.train_loader.sampler)  # images (the loader counts batches)
             per_image = self.prompts_per_image
             log.info("image-major batches (data.batch_by: image): %d images a batch, each with "
                      "%s of its prompts (%.1f an image on average: ~%.0f samples a step), DINO "
