@@ -19,7 +19,9 @@ from tests.conftest import TINY
 @pytest.mark.slow
 def test_bench_splits_loader_step_and_flops_for_both_loaders(tmp_path, monkeypatch):
     params = tmp_path / "params.yaml"
+    # Rows either way (the per-sample loader yields rows): the same batches, the same FLOPs.
     params.write_text(yaml.safe_dump({**TINY, "device": "cpu",
+                                      "data": {**TINY["data"], "batch_by": "sample"},
                                       "prepare": {"synthetic": {"image_size": 32}}}))
     monkeypatch.setattr(bench, "STAGED_BATCHES", 2)
     runs = {}

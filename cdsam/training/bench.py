@@ -378,6 +378,9 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
         ) -> dict[str, Any]:
     params = bench_params(load_params(params_path), images, epochs, preset, compile_model,
                           batch_size)
+    if per_sample:  # the per-sample DataLoader yields (image, prompt) rows
+        params = dataclasses.replace(params, data=dataclasses.replace(params.data,
+                                                                      batch_by="sample"))
     if negatives_per_image is not None:
         params = dataclasses.replace(params, prepare=dataclasses.replace(
             params.prepare, negatives="absent", negatives_per_image=negatives_per_image))
