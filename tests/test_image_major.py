@@ -222,3 +222,22 @@ def test_ddp_image_major_ranks_agree(multi_dir, tmp_path):
     assert r0.keys() == r1.keys() and r0
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
+
+
+def test_decode_finds_prompted_rows_per_sample():
+    """Clicks without the host's row mask: the rows are the samples', not the images'."""
+    from cdsam.models.model import build_model
+
+    model = build_model(tiny_params().model, seed=0).eval()
+    images = torch.randn(2, 3, 32, 32)
+    image_of = torch.tensor([0, 0, 1, 1])
+    prompts = ["a red circle", "a blue square", "a red circle", "a green triangle"]
+    points = (torch.tensor([[[5.0, 5.0]], [[0.0, 0.0]], [[20.0, 9.0]], [[0.0, 0.0]]]),
+              torch.tensor([[1], [-1], [1], [-1]]))
+    with torch.no_grad():
+        told = model(images, prompts, points=points, image_of=image_of,
+                     rows=np.array([True, False, True, False]))
+        found = model(images, prompts, points=points, image_of=image_of)
+        rows = model(images[image_of], prompts, points=points)
+    assert torch.equal(told.masks, found.masks)
+    torch.testing.assert_close(found.masks, rows.masks, rtol=1e-4, atol=1e-5)

@@ -113,7 +113,7 @@ class CDSAM(nn.Module):
             embeddings = embeddings[image_of]
         prompt_tokens = self.text_to_prompt(text)
         if rows is None and (points is not None or boxes is not None):
-            rows = spatial_rows(points, boxes, box_valid, tokens.shape[0],
+            rows = spatial_rows(points, boxes, box_valid, embeddings.shape[0],
                                 torch.device("cpu")).numpy()
         active = rows if rows is not None and rows.any() else None
         dense = self._dense_prompts(embeddings, image_size, active, points, boxes, box_valid)
