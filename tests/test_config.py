@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from cdsam.config.parse import load_params, parse_params
-from cdsam.config.schema import Params
+from cdsam.config.schema import OptimConfig, Params
 from cdsam.config.stage_view import check_inputs_tracked, declared_keys, restrict
 from cdsam.config.stages import stage_keys, stage_rule, stages
 from cdsam.errors import ConfigError, UserError
@@ -62,7 +62,8 @@ def test_types_are_checked_and_1e_strings_accepted():
     with pytest.raises(ConfigError, match="optim.lr_scaling: must be one of linear, sqrt, none"):
         parse_params({"optim": {"lr_scaling": "cubic"}})
     p = parse_params({"stage4": {"batch_size": "auto"}})
-    assert p.optim_for(4).batch_size == "auto" and p.optim_for(3).batch_size == 16
+    assert p.optim_for(4).batch_size == "auto"
+    assert p.optim_for(3).batch_size == OptimConfig().batch_size  # the shipped default
 
 
 def test_crop_larger_than_resize():
