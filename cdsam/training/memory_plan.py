@@ -360,7 +360,7 @@ def plan_report(params: Params, gpu_memory: int, gpus: int, amp: bool = True,
 def plan_table(report: dict[str, Any]) -> str:
     """The report as the lines ``cdsam plan`` prints."""
     gib = 2**30
-    unit = "" if report.get("batch_by") != "image" else \
+    unit = "" if report.get("prompts_per_image") is None else \
         (f", image-major batches: a batch counts images, {report['prompts_per_image']:.1f} "
          f"prompts each ({report.get('prompts_from') or 'given'}; act/img: DINO once + the "
          f"decoder per prompt)")
