@@ -144,10 +144,10 @@ class PackedLoader:
         return np.sort(rng.choice(rows, cap, replace=False))
 
     def _chunks(self, order: list[int], epoch: int
-                ) -> list[tuple[list[int], list[int] | None]]:
-        """(sample rows, image rows or None) of each batch, in order."""
+                ) -> list[tuple[list[int], list[int] | None, list[int] | None]]:
+        """(sample rows, image rows or None, samples per image or None) of each batch."""
         if not self.by_image:
-            return [(order[i:i + self.batch_size], None)
+            return [(order[i:i + self.batch_size], None, None)
                     for i in range(0, len(order), self.batch_size)]
         if self.sample_budget is None:
             groups = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
@@ -162,14 +162,18 @@ class PackedLoader:
                 else:
                     groups.append([image])
                     size = n
-        return [([int(i) for g in imgs for i in self.image_samples(g, epoch)], imgs)
-                for imgs in groups]
+        chunks = []
+        for imgs in groups:
+            picked = [self.image_samples(g, epoch) for g in imgs]  # drawn once per image
+            chunks.append(([int(i) for rows in picked for i in rows], imgs,
+                           [len(rows) for rows in picked]))
+        return chunks
 
-    def host_batch(self, idx: list[int], epoch: int, images: list[int] | None = None
-                   ) -> dict[str, Any]:
+    def host_batch(self, idx: list[int], epoch: int, images: list[int] | None = None,
+                   counts: list[int] | None = None) -> dict[str, Any]:
         """The CPU side of one batch: uint8 rows by indexing, spatial prompts (or, with
         augmentation, the per-sample warp and colour draws), labels. ``images``: an
-        image-major batch's image rows (``idx`` their samples, image by image)."""
+        image-major batch's image rows, ``counts`` their samples (``idx``, image by image)."""
         s = self.split
         index = torch.tensor(idx, dtype=torch.int64)
         sample_rows = s.image_row[idx]
@@ -183,7 +187,6 @@ class PackedLoader:
             "image_key": [s.cache_keys[r] for r in rows.tolist()],
         }
         if images is not None:
-            counts = [len(self.image_samples(i, epoch)) for i in images]
             out["image_of"] = torch.from_numpy(np.repeat(np.arange(len(images)), counts))
         if self.pixels:
             buf = host_buffer((len(rows), 3, c, c), self.pin)
@@ -252,15 +255,15 @@ class PackedLoader:
         epoch = self.sampler.epoch if self.sampler is not None else 0
         chunks = self._chunks(self._order(), epoch)
         if not self.prefetch:
-            for idx, images in chunks:
-                yield self.to_device(self.host_batch(idx, epoch, images))
+            for chunk in chunks:
+                yield self.to_device(self.host_batch(chunk[0], epoch, *chunk[1:]))
             return
         with ThreadPoolExecutor(1, thread_name_prefix="cdsam-batches") as pool:
-            pending = pool.submit(self.host_batch, chunks[0][0], epoch, chunks[0][1]) \
+            pending = pool.submit(self.host_batch, chunks[0][0], epoch, *chunks[0][1:]) \
                 if chunks else None
             for k in range(len(chunks)):
                 host = pending.result()
                 if k + 1 < len(chunks):
-                    idx, images = chunks[k + 1]
-                    pending = pool.submit(self.host_batch, idx, epoch, images)
+                    idx, images, counts = chunks[k + 1]
+                    pending = pool.submit(self.host_batch, idx, epoch, images, counts)
                 yield self.to_device(host)
