@@ -328,6 +328,14 @@ def _parent_dir(root: Path, stage: int) -> Path | None:
     return None if parent is None else root / f"stage{parent}"
 
 
+def run_header(params: Params) -> dict[str, Any]:
+    """The device and the DINO a result was measured with."""
+    d = params.model.dino
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "dino": f"{d.name} img {d.img_size} patch {d.patch_size} dim {d.embed_dim} depth "
+                    f"{d.depth}", "last_k_blocks": params.lora.dino.last_k_blocks}
+
+
 def with_batch_by(params: Params, batch_by: str, batch_size: int) -> Params:
     data = dataclasses.replace(params.data, batch_by=batch_by)
     optim = dataclasses.replace(params.optim, batch_size=batch_size)
@@ -440,13 +448,9 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
              for a, b in zip(results[f"stage{s}_cached"]["losses"],
                              results[f"stage{s}_uncached"]["losses"], strict=True)]
     calls = [c for r in results.values() for c in r["text_calls_after_first"]]
-    d = params.model.dino
     out: dict[str, Any] = {
         "preset": preset, "loader": "per-sample" if per_sample else "packed",
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "dino": f"{d.name} img {d.img_size} patch {d.patch_size} dim {d.embed_dim} depth "
-                f"{d.depth}", "last_k_blocks": params.lora.dino.last_k_blocks,
-        "images": images, "train_samples": results["stage1_cached"]["train_samples"],
+        **run_header(params), "images": images, "train_samples": results["stage1_cached"]["train_samples"],
         "epochs": epochs, "batch_size": params.optim.batch_size, "steps": steps,
         "compile": params.train.compile,
         "peak_tflops": peak_tflops or known_peak_tflops(),
@@ -476,13 +480,8 @@ def run(params_path: str, images: int, epochs: int, preset: str, show: bool = Tr
 
 def batch_by_summary(params: Params, preset: str, images: int, epochs: int,
                      results: dict[str, dict[str, Any]], total_s: float) -> dict[str, Any]:
-    d = params.model.dino
     out: dict[str, Any] = {
-        "mode": "batch_by_compare", "preset": preset,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "dino": f"{d.name} img {d.img_size} patch {d.patch_size} dim {d.embed_dim} depth "
-                f"{d.depth}", "last_k_blocks": params.lora.dino.last_k_blocks,
-        "images": images, "epochs": epochs,
+        "mode": "batch_by_compare", "preset": preset, **run_header(params), "images": images, "epochs": epochs,
         "batch_size": results["stage2_sample"]["batch_size"],
         "negatives_per_image": params.prepare.negatives_per_image,
         "prompts_per_image": results["stage2_image"]["prompts_per_image"],
