@@ -133,7 +133,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
                           save_probs=args.save_probs, overlay=not args.no_overlay,
                           on_bad_file=args.on_bad_file, show_progress=not args.no_progress,
                           tile=args.tile, overlap=args.overlap, points=points, box=box)
-    predictor = load_model(args.checkpoint, resolve_device(args.device))
+    if args.presence_threshold is not None and not 0 <= args.presence_threshold < 1:
+        raise UserError(f"--presence-threshold: {args.presence_threshold} must be in [0, 1)")
+    predictor = load_model(args.checkpoint, resolve_device(args.device),
+                           args.presence_threshold)
     # A class: its name in every training template, the mean of their features.
     prompts += [predictor.class_prompt(name) for name in args.classes or []]
     unknown = [p for p in prompts if p not in predictor.known_prompts]
@@ -282,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(one image at a time)")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--threshold", type=float, default=0.5)
+    s.add_argument("--presence-threshold", type=float, default=None,
+                   help="a text prompt whose presence probability is below this gets an empty "
+                        "mask (default: the threshold the checkpoint chose on val; 0: never "
+                        "gate). Checkpoints with the instance heads only")
     s.add_argument("--batch-size", type=int, default=8, help="images per model call")
     s.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda:N")
     s.add_argument("--semantic", action="store_true",

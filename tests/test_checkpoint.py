@@ -187,3 +187,32 @@ def test_loading_leaves_the_global_rng_alone(tmp_path, params):
     torch.manual_seed(123)
     load_checkpoint(path)
     torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+
+
+def test_a_checkpoint_from_before_the_instance_heads_loads_without_them(tmp_path, params):
+    """meta.json written before ``model.heads.instances`` existed: the model is rebuilt without
+    the presence and centre heads, from the same base, and decodes exactly as saved."""
+    import json
+
+    old = dataclasses.replace(params.model, heads=dataclasses.replace(params.model.heads,
+                                                                      instances=False))
+    model = build_model(old, seed=0)
+    apply_stage(model, 1, params.lora.sam, params.lora.dino)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_()
+    path = tmp_path / "old"
+    save_checkpoint(path, model, CheckpointMeta(stage=1, model=to_dict(old), prompts=["x"]),
+                    base=Base.of(build_model(old, seed=0), 0))
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["model"]["heads"]["instances"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    loaded, _ = load_checkpoint(path)
+    assert not loaded.has_instance_heads and loaded.presence_head is None
+    model.eval()
+    loaded.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = model(x, ["a red circle"] * 2), loaded(x, ["a red circle"] * 2)
+    torch.testing.assert_close(b.masks, a.masks, rtol=0, atol=0)
+    assert b.presence is None and b.centres is None

@@ -135,6 +135,14 @@ def test_repro_runs_all_stages_and_writes_outputs(pipeline_repo):
     assert {"miou", "dice", "class_iou", "sampled_class_iou", "fp_rate", "neg_area", "negatives",
             "pairs", "pairs_miou", "pairs_overlap"} <= set(ev["stage4"])
     assert ev["stage4"]["negatives"] > 0
+    # The instance heads' figures, the components baseline beside them, presence gating.
+    for stage in ("stage1", "stage2", "stage3", "stage4"):
+        assert {"ap", "ap50", "ap75", "count_mae", "pmf1", "il_mcc", "cgf1", "presence_auroc",
+                "fp_rate_ungated"} <= set(ev[stage])
+        assert {"ap", "ap50", "count_mae"} <= set(ev[stage]["components"])
+        assert ev[stage]["fp_rate"] <= ev[stage]["fp_rate_ungated"]
+    meta = json.loads((repo / "models/stage4/meta.json").read_text())
+    assert 0 < meta["extra"]["presence_threshold"] < 1
     s2 = json.loads((repo / "metrics/stage2/metrics.json").read_text())
     assert s2["world_size"] == 1 and s2["feature_cache_images"] > 0
     assert not (repo / ".cdsam/resume/stage2").exists()  # removed once outputs exist

@@ -298,3 +298,23 @@ def test_a_prompt_named_like_an_images_own_file_is_refused(prompt):
     with pytest.raises(UserError, match="reword it"):
         read_prompts(["a cell", prompt], None)
     assert read_prompts(["an overlay"], None) == ["an overlay"]
+
+
+def test_presence_gates_text_masks_not_clicked_ones(ckpt):
+    """A prompt whose presence is below the threshold gets an empty mask; with a click the
+    user says the object is there, so nothing is gated; no threshold, no gating."""
+    img = _image()
+    free = load_model(ckpt, presence_threshold=0.0)
+    ref = free.predict(img, PROMPTS, return_logits=True, threshold=0.3)
+    assert ref.presence.shape == (2,) and ((ref.presence > 0) & (ref.presence < 1)).all()
+    cut = float(ref.presence.mean())  # between the two prompts' presence, or above both
+    gated = load_model(ckpt, presence_threshold=cut).predict(img, PROMPTS, return_logits=True,
+                                                             threshold=0.3)
+    below = ref.presence < cut
+    assert below.any() and not below.all()
+    assert not gated.masks[below].any()
+    np.testing.assert_array_equal(gated.masks[~below], ref.masks[~below])
+    assert np.allclose(gated.presence, ref.presence)
+    clicked = load_model(ckpt, presence_threshold=0.999).predict(img, PROMPTS, points=[(10, 12)])
+    clicked_free = free.predict(img, PROMPTS, points=[(10, 12)])
+    np.testing.assert_array_equal(clicked.masks, clicked_free.masks)

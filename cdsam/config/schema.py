@@ -20,6 +20,7 @@ NEGATIVES = ("none", "absent")
 MASK_FORMATS = ("binary", "indexed", "per_class", "instances")
 FITS = ("crop", "pad")
 BATCH_BY = ("sample", "image")  # data.batch_by
+INSTANCES_FROM = ("objects", "components")  # prepare.instances_from
 SELECT = ("best", "last")
 
 
@@ -59,6 +60,10 @@ class SamConfig:
 @dataclass
 class HeadsConfig:
     num_text_tokens: int = 4  # sparse prompt tokens made from one CLIP text feature
+    # A presence head (is the prompt's object in the image) and a centre head (a heatmap
+    # peaking at each object's centre, whose peaks become point prompts: one mask per object).
+    # Checkpoints written before these heads load without them.
+    instances: bool = True
 
 
 @dataclass
@@ -136,6 +141,13 @@ class LossConfig:
     clip_align_weight: float = 0.1  # mask-pooled image tokens vs. prompt text features
     clip_temperature: float = 0.07
     ssl_weight: float = 0.0  # cosine distillation to the frozen stage-start DINO
+    # model.heads.instances: BCE of the presence head (is the prompt's object in the image,
+    # positives vs. prepare's negatives), BCE of the centre heatmap against one built from
+    # the objects (data with objects only), and MSE of SAM's IoU prediction against the
+    # IoU its mask reaches (the instance score uses it).
+    presence_weight: float = 1.0
+    centre_weight: float = 1.0
+    iou_weight: float = 1.0
 
 
 @dataclass
@@ -213,8 +225,9 @@ class TrainConfig:
 class SyntheticConfig:
     num_images: int = 600
     image_size: int = 64
-    min_objects: int = 2
+    min_objects: int = 2  # classes (distinct colour + shape) a scene holds
     max_objects: int = 4
+    max_per_class: int = 3  # objects of each class: 1 … this many, so counting means something
 
 
 @dataclass
@@ -239,6 +252,10 @@ class PrepareConfig:
     # binary (one prompt) | indexed (0 bg, k = classes[k-1]) | per_class | instances (object ids)
     mask_format: str = "binary"
     instance_classes: str | None = None  # instances: CSV image,instance,class
+    # The objects each positive sample is made of: as the source marks them (COCO, labelme,
+    # CVAT, YOLO, instance-id masks), or each connected piece of a class mask (sources with
+    # semantic masks only; cdsam.data.sources.objects).
+    instances_from: str = "objects"  # objects | components
     prompt: str | None = None
     # voc source
     root: str | None = None
@@ -258,6 +275,22 @@ class PrepareConfig:
 
 
 @dataclass
+class InstanceConfig:
+    """Instance decoding (cdsam.inference.instances): centre-heatmap peaks → one point prompt
+    each through SAM's decoder → mask NMS."""
+
+    seed_threshold: float = 0.2  # a heatmap peak below this is no seed
+    min_distance: int = 2  # peaks at least this many low-res mask cells apart
+    max_seeds: int = 200  # strongest seeds decoded per (image, prompt)
+    nms_iou: float = 0.5  # a mask overlapping a better-scored one more than this is dropped
+    min_area: int = 4  # pixels at the input size; smaller masks (and components) are dropped
+    # An instance is returned (counted, matched for pmF1) when its prompt passes the presence
+    # threshold and its seed strength x predicted IoU reaches this; null: the value the
+    # checkpoint chose on val (best cgF1; 0.25 where it chose none).
+    min_quality: float | None = None
+
+
+@dataclass
 class EvaluateConfig:
     batch_size: int = 64
     threshold: float = 0.5
@@ -268,6 +301,7 @@ class EvaluateConfig:
     # text_drift_general's phrases; null: the shipped list of common object words in "a photo
     # of a {}" (cdsam.evaluation.text_drift), which the training stages' val/ figure uses too.
     drift_prompts: list[str] | None = None
+    instances: InstanceConfig = field(default_factory=InstanceConfig)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from cdsam.config.schema import (
     BATCH_BY,
     CLIP_MODES,
     FITS,
+    INSTANCES_FROM,
     LR_SCALINGS,
     MASK_FORMATS,
     NEGATIVES,
@@ -105,7 +106,8 @@ def validate(p: Params, errors: list[str]) -> None:
     if d.depth is not None and k > d.depth:
         errors.append(f"lora.dino.last_k_blocks: {k} is larger than model.dino.depth ({d.depth})")
     _validate_optim(p.optim, "optim", errors)
-    for loss_key in ("dice_weight", "bce_weight", "clip_align_weight", "ssl_weight"):
+    for loss_key in ("dice_weight", "bce_weight", "clip_align_weight", "ssl_weight",
+                     "presence_weight", "centre_weight", "iou_weight"):
         v = getattr(p.loss, loss_key)
         _check(v >= 0, f"loss.{loss_key}", v, "must be >= 0", errors)
     _check(p.loss.clip_temperature > 0, "loss.clip_temperature", p.loss.clip_temperature,
@@ -188,7 +190,11 @@ def validate(p: Params, errors: list[str]) -> None:
         _check(len(pr.classes) >= 1 and len(set(pr.classes)) == len(pr.classes),
                "prepare.classes", pr.classes, "must be a non-empty list of distinct names",
                errors)
+    _check(pr.instances_from in INSTANCES_FROM, "prepare.instances_from", pr.instances_from,
+           f"must be one of {', '.join(INSTANCES_FROM)}", errors)
     sy = pr.synthetic
+    _check(1 <= sy.max_per_class <= 4, "prepare.synthetic.max_per_class", sy.max_per_class,
+           "must be in [1, 4]", errors)
     _check(sy.num_images >= 2, "prepare.synthetic.num_images", sy.num_images, "must be >= 2",
            errors)
     _check(sy.image_size >= 32, "prepare.synthetic.image_size", sy.image_size, "must be >= 32",
@@ -209,6 +215,17 @@ def validate(p: Params, errors: list[str]) -> None:
     _check(ev.batch_size >= 1, "evaluate.batch_size", ev.batch_size, "must be >= 1", errors)
     _check(0 < ev.threshold < 1, "evaluate.threshold", ev.threshold, "must be in (0, 1)", errors)
     _check(ev.num_overlays >= 0, "evaluate.num_overlays", ev.num_overlays, "must be >= 0", errors)
+    ic = ev.instances
+    _check(0 <= ic.seed_threshold < 1, "evaluate.instances.seed_threshold", ic.seed_threshold,
+           "must be in [0, 1)", errors)
+    if ic.min_quality is not None:
+        _check(0 <= ic.min_quality < 1, "evaluate.instances.min_quality", ic.min_quality,
+               "must be in [0, 1) or null (the checkpoint's)", errors)
+    _check(0 < ic.nms_iou <= 1, "evaluate.instances.nms_iou", ic.nms_iou, "must be in (0, 1]",
+           errors)
+    for key in ("min_distance", "max_seeds", "min_area"):
+        v = getattr(ic, key)
+        _check(v >= 1, f"evaluate.instances.{key}", v, "must be >= 1", errors)
     if ev.drift_prompts is not None:
         _check(len(ev.drift_prompts) >= 1 and all(isinstance(t, str) and t.strip()
                                                   for t in ev.drift_prompts),

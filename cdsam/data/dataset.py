@@ -22,7 +22,12 @@ from cdsam.data.augment import augment_pair, build_augment, sample_seed
 from cdsam.data.geometry import normalize_transform
 from cdsam.data.manifest import FOREGROUND, IGNORE
 from cdsam.data.prepared import PreparedSplit
-from cdsam.data.spatial import SpatialPolicy, empty_prompts, sample_prompts
+from cdsam.data.spatial import (
+    SpatialPolicy,
+    empty_prompts,
+    focus_clicked_objects,
+    sample_prompts,
+)
 from cdsam.data.templates import template_draw
 
 
@@ -80,6 +85,18 @@ class ManifestDataset(Dataset):
         m = mask_t.as_subclass(torch.Tensor)
         spatial = empty_prompts() if self.spatial is None else \
             sample_prompts(m[0], self.spatial, sample_seed(self.seed, epoch, idx))
+        # Objects as the packed loader gives them (there under augmentation too; here the
+        # object map is not warped, so only without it): the centre target, and a click on
+        # one object targets that object.
+        objects = self.data.object_ids([idx]) \
+            if self.augment is None and self.data.objects is not None else None
+        if self.spatial is not None and objects is not None:
+            masks = m.numpy().copy()
+            slots = {k: v.numpy()[None].copy() for k, v in spatial.items()}
+            if focus_clicked_objects(masks, objects, slots, [sample_seed(self.seed, epoch, idx)],
+                                     self.spatial):
+                m = torch.from_numpy(masks)
+                spatial = {k: torch.from_numpy(np.asarray(v[0])) for k, v in slots.items()}
         return {
             "image": self.normalize(img_t).as_subclass(torch.Tensor),
             "mask": (m == FOREGROUND).float(),
@@ -91,6 +108,7 @@ class ManifestDataset(Dataset):
             **spatial,
             **({"template": template_draw(self.seed, epoch, idx, self.templates)}
                if self.templates > 1 else {}),
+            **({"objects": torch.from_numpy(objects)} if objects is not None else {}),
         }
 
 
@@ -106,6 +124,8 @@ def collate(batch: list[dict]) -> dict[str, Any]:
         **{k: torch.stack([b[k] for b in batch])
            for k in ("points", "point_labels", "box", "has_box")},
         **({"template": [b["template"] for b in batch]} if "template" in batch[0] else {}),
+        **({"objects": torch.stack([b["objects"] for b in batch])}
+           if "objects" in batch[0] else {}),
     }
 
 

@@ -38,6 +38,7 @@ from cdsam.data.spatial import (
     MaskStats,
     SpatialPolicy,
     draw_prompts,
+    focus_clicked_objects,
     prompt_arrays,
     prompted_rows,
 )
@@ -101,8 +102,10 @@ class PackedLoader:
                  seed: int = 0, prefetch: bool = False,
                  augment: AugmentConfig | None = None, templates: int = 1,
                  by_image: bool = False, prompts_per_image: int | None = None,
-                 sample_budget: int | None = None) -> None:
+                 sample_budget: int | None = None, object_clicks: bool = True) -> None:
         self.split = split
+        self.objects = split.objects is not None
+        self.object_clicks = object_clicks and self.objects
         self.templates = templates
         self.batch_size = batch_size
         self.device = device
@@ -186,6 +189,10 @@ class PackedLoader:
             "prompt": [s.prompts[i] for i in idx], "id": [s.ids[i] for i in idx],
             "image_key": [s.cache_keys[r] for r in rows.tolist()],
         }
+        if self.objects:
+            ids = host_buffer((len(idx), c, c), self.pin)
+            s.object_ids(idx, out=ids.numpy())
+            out["objects_u8"] = ids
         if images is not None:
             out["image_of"] = torch.from_numpy(np.repeat(np.arange(len(images)), counts))
         if self.pixels:
@@ -212,6 +219,8 @@ class PackedLoader:
             stats = MaskStats.of(m)
             for j in range(len(idx)):
                 draw_prompts(stats, j, m[j], self.spatial, seeds[j], slots, j)
+            if self.object_clicks:
+                focus_clicked_objects(m, out["objects_u8"].numpy(), slots, seeds, self.spatial)
         out.update({k: torch.from_numpy(v) for k, v in slots.items()})
         if self.pin:
             for k in (*_SLOTS, "theta", "colour", "image_of"):
@@ -224,14 +233,22 @@ class PackedLoader:
         dev = self.device
         seeds = host.pop("seeds", None)
         m = host.pop("mask_u8").to(dev, non_blocking=True).unsqueeze(1)
+        objects = host.pop("objects_u8", None)
+        if objects is not None:
+            objects = objects.to(dev, non_blocking=True).unsqueeze(1)
         u8 = host.pop("image_u8", None)
         image_of = host["image_of"].to(dev, non_blocking=True) if "image_of" in host else None
         if u8 is None:
             image = pixel_placeholder(len(host["image_key"]), m.shape[-1], dev)
         elif "theta" in host:
-            image, m = augment_batch(u8.to(dev, non_blocking=True), m,
-                                     host.pop("theta").to(dev, non_blocking=True),
-                                     host.pop("colour").to(dev, non_blocking=True), image_of)
+            both = m if objects is None else torch.cat([m, objects], dim=1)
+            image, both = augment_batch(u8.to(dev, non_blocking=True), both,
+                                        host.pop("theta").to(dev, non_blocking=True),
+                                        host.pop("colour").to(dev, non_blocking=True), image_of)
+            m = both[:, :1]
+            if objects is not None:
+                # Uncovered pixels came back as ignore (255): no object there.
+                objects = torch.where(both[:, 1:] == IGNORE, 0, both[:, 1:])
             if self.spatial is not None:
                 # Clicks and boxes must come from the mask as augmented: read it back (uint8,
                 # small) and draw on the host under the same per-sample seeds.
@@ -240,6 +257,10 @@ class PackedLoader:
                 slots = {k: host[k].numpy() for k in _SLOTS}  # views: filled in place
                 for j, seed in enumerate(seeds):
                     draw_prompts(stats, j, warped[j], self.spatial, seed, slots, j)
+                if self.object_clicks:
+                    focus_clicked_objects(warped, objects[:, 0].cpu().numpy(), slots, seeds,
+                                          self.spatial)
+                    m = torch.from_numpy(warped).to(dev).unsqueeze(1)
         else:
             image = normalize_batch(u8.to(dev, non_blocking=True))
         # Which rows carry a click or box, from the host arrays: the model splits the batch
@@ -247,6 +268,8 @@ class PackedLoader:
         rows = prompted_rows(host["point_labels"].numpy(), host["has_box"].numpy())
         if image_of is not None:
             host = {**host, "image_of": image_of}
+        if objects is not None:
+            host = {**host, "objects": objects}
         return {**host, "image": image, "mask": (m == FOREGROUND).float(),
                 "valid": (m != IGNORE).float(), "spatial_rows": rows,
                 **{k: host[k].to(dev, non_blocking=True) for k in _SLOTS}}

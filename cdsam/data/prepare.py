@@ -22,6 +22,7 @@ from cdsam.data.geometry import fit_transform
 from cdsam.data.manifest import BadFiles, Problem
 from cdsam.data.shards import Encoded, ShardWriter, encode_image
 from cdsam.data.sources.listing import source_tasks
+from cdsam.data.sources.objects import component_instances
 from cdsam.data.tasks import Task, pool_map, resolve_workers
 from cdsam.data.templates import PromptEnsembles, templates_of
 from cdsam.errors import DataError
@@ -45,13 +46,16 @@ def _fit(fit: str, resize: int, crop: int) -> Any:
     return fit_transform(fit, resize, crop)
 
 
-def _prepare_one(task: Task, policy: str, fit: tuple[str, int, int]) -> Done:
+def _prepare_one(task: Task, policy: str, fit: tuple[str, int, int],
+                 instances_from: str = "objects") -> Done:
     # An error policy raises in the worker, and the pool raises it again in prepare; a skip
     # policy collects, and prepare logs what was skipped in task order.
     bad = BadFiles("error" if policy == "error" else "collect")
     item = task.run(bad)
     if item is None:
         return Done(None, None, bad.problems)
+    if instances_from == "components":
+        item.instances = component_instances(item.samples)
     stats = item_stats(item)
     encoded = encode_image(_fit(*fit), task.stem, item.image, item.samples,
                            item.instances) if item.samples else None
@@ -87,7 +91,8 @@ def prepare(cfg: PrepareConfig, seed: int, out: str | Path, show_progress: bool 
     report.listed(bad)
     workers = resolve_workers(cfg.workers)
     work = functools.partial(_prepare_one, policy=cfg.on_bad_file,
-                             fit=(data.fit, data.resize, data.crop))
+                             fit=(data.fit, data.resize, data.crop),
+                             instances_from=cfg.instances_from)
     with io.atomic_dir(out) as tmp:
         writer = ShardWriter(tmp, data, cfg.shard_images)
         results = pool_map(work, tasks, workers, len(tasks))

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from cdsam.config.schema import DataConfig
+from cdsam.data.manifest import FOREGROUND
 from cdsam.data.shards import (
     FORMAT,
     IMAGES,
@@ -271,6 +272,42 @@ class PreparedSplit:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @functools.cached_property
+    def objects(self) -> list[np.ndarray] | None:
+        """Per sample, its objects' (label_row, lut) pairs as a Kx2 int64 array (K = 0 for a
+        negative), from ``instances.csv``; None when the prepared data has no objects."""
+        inst = read_instances(self.root, self.split)
+        if inst.empty:
+            return None
+        by_key: dict[tuple[int, str], list[tuple[int, int]]] = {}
+        for r, p, g, t in zip(inst["image_row"].tolist(), inst["prompt"].tolist(),
+                              inst["label_row"].tolist(), inst["lut"].tolist(), strict=True):
+            by_key.setdefault((int(r), p), []).append((int(g), int(t)))
+        empty = np.zeros((0, 2), np.int64)
+        return [np.asarray(by_key[(int(r), p)], np.int64) if (int(r), p) in by_key else empty
+                for r, p in zip(self.image_row.tolist(), self.prompts, strict=True)]
+
+    def object_ids(self, idx: Sequence[int] | np.ndarray, out: np.ndarray | None = None
+                   ) -> np.ndarray:
+        """BxCxC uint8 object-id maps of samples ``idx``: 0 where no object of the sample's
+        prompt is, k where its k-th object is (1-based; a later object wins where two
+        overlap; objects beyond 254 share id 254). Zero everywhere without objects."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if out is None:
+            out = np.zeros((len(idx), self.crop, self.crop), np.uint8)
+        else:
+            out[:] = 0
+        objects = self.objects
+        if objects is None:
+            return out
+        for j, i in enumerate(idx.tolist()):
+            pairs = objects[i]
+            if len(pairs):
+                masks = self.decode(pairs[:, 0], pairs[:, 1])
+                for k, m in enumerate(masks, start=1):
+                    out[j][m == FOREGROUND] = min(k, 254)
+        return out
 
     @property
     def on_disk(self) -> bool:

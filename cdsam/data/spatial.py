@@ -12,12 +12,13 @@ object has no meaning.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from cdsam.data.manifest import BACKGROUND, FOREGROUND
+from cdsam.data.manifest import BACKGROUND, FOREGROUND, IGNORE
 
 POINT_SLOTS = 2  # [positive click, negative click]
 _STREAM = 0x5A  # separates this generator's seed from the augmentation's
@@ -120,6 +121,26 @@ def draw_prompts(stats: MaskStats, k: int, mask: np.ndarray, policy: SpatialPoli
         y0, y1 = sorted(box[1::2])
         out["box"][j] = [x0, y0, x1, y1]
         out["has_box"][j] = True
+
+
+def focus_clicked_objects(masks: np.ndarray, objects: np.ndarray, slots: dict[str, np.ndarray],
+                          seeds: Sequence[int], policy: SpatialPolicy) -> list[int]:
+    """Samples whose drawn prompts hold a positive click on one of their objects: the target
+    becomes that object alone (``masks`` rewritten in place, ignore pixels kept) and the
+    prompts are drawn again from it under the same seed (the click then lands inside the
+    object; a box, if drawn, frames it; a negative click may land on a sibling object, which
+    is what "not that one" means). Returns the rows changed."""
+    changed = []
+    for j in np.flatnonzero(slots["point_labels"][:, 0] == 1).tolist():
+        x, y = (int(v) for v in slots["points"][j, 0])
+        k = int(objects[j, y, x])
+        if k == 0:
+            continue
+        fg = objects[j] == k
+        masks[j] = np.where(fg, FOREGROUND, np.where(masks[j] == IGNORE, IGNORE, BACKGROUND))
+        draw_prompts(MaskStats.of(masks[j][None]), 0, masks[j], policy, seeds[j], slots, j)
+        changed.append(j)
+    return changed
 
 
 def sample_prompts(mask: torch.Tensor, policy: SpatialPolicy, seed: int,

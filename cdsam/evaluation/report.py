@@ -18,6 +18,7 @@ import pandas as pd
 from cdsam import io
 from cdsam.config.schema import Params
 from cdsam.data.prepared import PreparedSplit, read_index
+from cdsam.evaluation.instance_score import COMPONENTS
 from cdsam.evaluation.stage_score import StageScore, open_scored_split, score_checkpoint
 from cdsam.runtime import configure_determinism, precision_for, resolve_device
 
@@ -32,9 +33,15 @@ def scored_split(data: Path) -> str:
 def stage_row(name: str, score: StageScore) -> dict[str, Any]:
     """The stage's row of ``stages.csv``."""
     res, m = score.result, score.metrics
-    return {"stage": name, "miou": res.miou, "class_iou": score.classes.class_iou,
-            "sampled_class_iou": res.sampled_class_iou, "fp_rate": res.fp_rate,
-            **{k: v for k, v in m.items() if k.startswith("miou_")}}
+    row = {"stage": name, "miou": res.miou, "class_iou": score.classes.class_iou,
+           "sampled_class_iou": res.sampled_class_iou, "fp_rate": m["fp_rate"],
+           **{k: v for k, v in m.items() if k.startswith("miou_")}}
+    for key in ("fp_rate_ungated", "presence_auroc", "ap", "ap50", "count_mae", "cgf1"):
+        if m.get(key) is not None:
+            row[key] = m[key]
+    if COMPONENTS in m:
+        row.update({f"{COMPONENTS}_{k}": v for k, v in m[COMPONENTS].items()})
+    return row
 
 
 def describe(name: str, split: str, score: StageScore) -> str:
@@ -46,12 +53,25 @@ def describe(name: str, split: str, score: StageScore) -> str:
     pairs_text = (f"; prompt pairs in one image ({m['pairs']}): own-object IoU "
                   f"{m['pairs_miou']:.3f}, IoU between the two masks {m['pairs_overlap']:.3f}"
                   f"{split_text}") if m["pairs"] else ""
-    spatial_text = "".join(f"; miou with text + {mode} {m[f'miou_{mode}']:.4f}"
-                           for mode in score.spatial)
+    spatial_text = "".join(f"; miou with text + {mode.replace('_', ' on the ')} "
+                           f"{m[f'miou_{mode}']:.4f}" for mode in score.spatial)
+    gate_text = ""
+    if "fp_rate_ungated" in m:
+        area = m["presence_auroc"]
+        gate_text = f", ungated {m['fp_rate_ungated']:.3f}, presence AUROC " + \
+            ("n/a (no negatives)" if area is None else f"{area:.3f}")
+    inst_text = ""
+    if score.instances:
+        c = m[COMPONENTS]
+        inst_text = (f"; instances: AP {m['ap']:.3f} AP50 {m['ap50']:.3f} AP75 {m['ap75']:.3f} "
+                     f"count error {m['count_mae']:.2f} pmF1 {m['pmf1']:.3f} IL_MCC "
+                     f"{m['il_mcc']:.3f} cgF1 {m['cgf1']:.3f} (components: AP {c['ap']:.3f} "
+                     f"AP50 {c['ap50']:.3f} count error {c['count_mae']:.2f})")
     return (f"{name} on {split}: miou={res.miou:.4f} ({res.positives} positives) "
             f"class_iou={classes.class_iou:.4f} ({len(classes.vocab)} classes x "
             f"{classes.images} images; over the sampled rows {res.sampled_class_iou:.4f}) "
-            f"fp_rate={res.fp_rate:.3f} ({res.negatives} negatives){pairs_text}{spatial_text}")
+            f"fp_rate={m['fp_rate']:.3f}{gate_text} ({res.negatives} negatives){pairs_text}"
+            f"{spatial_text}{inst_text}")
 
 
 def evaluate_stages(params: Params, checkpoints: dict[str, Path], data: Path, out: Path,

@@ -10,10 +10,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from cdsam.evaluation.metrics import SplitScores, pixel_counts, summarize
+from cdsam.evaluation.presence import auroc, best_threshold
 from cdsam.models.forward import PrefixCache, forward_batch
 from cdsam.models.model import CDSAM
 from cdsam.models.objective import Objective
@@ -33,11 +35,17 @@ class EvalResult:
     scores: SplitScores = field(default_factory=SplitScores)  # per-sample counts (local rank)
     ids: list[str] = field(default_factory=list)
     ious: list[float] = field(default_factory=list)  # per sample, in loader order
+    # With the instance heads: per sample the presence probability (loader order), and the
+    # figures of cdsam.evaluation.presence at the best-MCC threshold (no AUROC without
+    # negatives).
+    presence: list[float] = field(default_factory=list)
+    presence_figures: dict[str, float] = field(default_factory=dict)
 
     @property
     def figures(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in ("loss", "miou", "dice", "sampled_class_iou",
-                                              "fp_rate", "neg_area", "positives", "negatives")}
+        return {**{k: getattr(self, k) for k in ("loss", "miou", "dice", "sampled_class_iou",
+                                                 "fp_rate", "neg_area", "positives",
+                                                 "negatives")}, **self.presence_figures}
 
 
 @torch.no_grad()
@@ -67,6 +75,8 @@ def evaluate_model(model: CDSAM, loader: Iterable[dict[str, Any]], objective: Ob
                                        start=len(res.ids)):
                 on_mask(row, mask)
         res.ids += batch["id"]
+        if step.out.presence is not None:
+            res.presence += torch.sigmoid(step.out.presence.float()).cpu().tolist()
     sums = [total_loss] + res.scores.sums(objective.vocab)
     if reduce:
         from cdsam import distributed  # only under torchrun; the evaluate stage never is
@@ -77,5 +87,15 @@ def evaluate_model(model: CDSAM, loader: Iterable[dict[str, Any]], objective: Ob
         if key != "loss":
             setattr(res, key, figures[key])
     res.loss = sums[0] / max(figures["samples"], 1)
-    res.ious = res.scores.frame()["iou"].tolist()
+    frame = res.scores.frame()
+    res.ious = frame["iou"].tolist()
+    if res.presence:
+        # Under DDP with a sharded val split this rank's rows only (the threshold is chosen
+        # from them).
+        present = frame["positive"].to_numpy()
+        threshold, best = best_threshold(np.asarray(res.presence), present)
+        res.presence_figures = {"presence_threshold": threshold, "il_mcc": best}
+        area = auroc(np.asarray(res.presence), present)
+        if not np.isnan(area):  # both kinds of rows present
+            res.presence_figures["presence_auroc"] = area
     return res

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
@@ -22,8 +23,14 @@ from cdsam.data.prepared import PreparedSplit
 from cdsam.data.spatial import BOX, CLICK
 from cdsam.data.templates import PromptEnsembles
 from cdsam.evaluation.class_grid import ClassGrid, score_class_grid
+from cdsam.evaluation.instance_score import (
+    DEFAULT_MIN_QUALITY,
+    instance_panel,
+    score_instances,
+)
 from cdsam.evaluation.metrics import per_prompt
 from cdsam.evaluation.pairs import PairOverlaps, pair_rows, prompt_pairs
+from cdsam.evaluation.presence import auroc
 from cdsam.evaluation.scoring import EvalResult, evaluate_model
 from cdsam.evaluation.text_drift import (
     KINDS,
@@ -80,9 +87,14 @@ def open_scored_split(rows: PreparedSplit, name: str, ev: EvaluateConfig, seed: 
     ``evaluate.batch_size`` samples each, every prompt of an image decoded from one encoding
     (the samples come in the same order: prepare writes them image by image)."""
     kw = {"by_image": True, "sample_budget": ev.batch_size} if by_image else {}
-    spatial = {mode: PackedLoader(rows, ev.batch_size, device, spatial=policy, seed=seed, **kw)
-               for mode, policy in (("click", CLICK), ("box", BOX))} \
-        if ev.spatial_prompts else {}
+    # miou_click keeps the class mask as the click's target (as before objects were trained);
+    # miou_click_object, where the split has objects, scores the object under the click.
+    modes = [("click", CLICK, False), ("box", BOX, False)]
+    if rows.objects is not None:
+        modes.append(("click_object", CLICK, True))
+    spatial = {mode: PackedLoader(rows, ev.batch_size, device, spatial=policy, seed=seed,
+                                  object_clicks=objects, **kw)
+               for mode, policy, objects in modes} if ev.spatial_prompts else {}
     return ScoredSplit(name, rows, PackedLoader(rows, ev.batch_size, device, **kw), spatial,
                        overlay_rows(rows.df, ev.num_overlays), pair_rows(rows.df))
 
@@ -95,6 +107,7 @@ class StageScore:
     per_prompt: pd.DataFrame  # per-prompt figures with the class grid's per-class IoU
     overlay: Image.Image | None = None
     spatial: list[str] = field(default_factory=list)  # the click / box modes scored
+    instances: bool = False  # the instance figures are in ``metrics``
 
 
 @torch.no_grad()
@@ -163,7 +176,11 @@ def score_checkpoint(path: Path, split: ScoredSplit, params: Params, precision: 
     res = evaluate_model(model, split.loader, objective, precision, ev.threshold,
                          show_progress=True, on_mask=overlaps.add)
     classes = class_grid(model, params, split.rows, precision, ensembles)
-    metrics = {**res.figures, "class_iou": classes.class_iou,
+    # The val-optimal threshold and MCC of this split are not figures to report: the
+    # checkpoint's own threshold is (presence_figures).
+    semantic = {k: v for k, v in res.figures.items()
+                if k not in ("presence_threshold", "il_mcc", "presence_auroc")}
+    metrics = {**semantic, "class_iou": classes.class_iou,
                **prompt_pairs(overlaps, res.ious, split.samples["prompt"].tolist()),
                **checkpoint_drift(model, meta, ev.drift_prompts or general_prompts())}
     if ensembles is not None:
@@ -177,4 +194,54 @@ def score_checkpoint(path: Path, split: ScoredSplit, params: Params, precision: 
     by_prompt = per_prompt(res.scores).merge(classes.per_class(), on="prompt", how="left")
     overlay = overlay_panel(model, split, precision, ev.threshold, objective) \
         if split.overlay_rows else None
-    return StageScore(metrics, res, classes, by_prompt, overlay, list(split.spatial))
+    scored = False
+    if not model.has_instance_heads:
+        log.info("%s: no instance heads (a checkpoint from before them): no presence or "
+                 "instance figures, fp_rate ungated", path)
+    else:
+        threshold = float(meta.extra.get("presence_threshold", 0.5))
+        quality = ev.instances.min_quality
+        if quality is None:
+            quality = float(meta.extra.get("instance_min_quality", DEFAULT_MIN_QUALITY))
+        metrics.update(presence_figures(res, threshold))
+        if split.rows.objects is None:
+            log.info("%s: the split has no objects (instances.csv): presence figures only", path)
+        else:
+            metrics["instance_min_quality"] = quality
+            inst = score_instances(model, split.loader, split.rows, objective, precision, ev,
+                                   threshold, quality, show=split.overlay_rows)
+            metrics.update(inst.figures)
+            metrics["decoder_rows_per_pair"] = inst.decoder_rows / max(inst.pairs, 1)
+            scored = True
+            if overlay is not None:
+                panels = [instance_panel(*inst.shown[i], threshold, quality,
+                                         split.samples["prompt"].iloc[i])
+                          for i in split.overlay_rows if i in inst.shown]
+                overlay = stack(overlay, grid(panels, columns=len(panels) or 1))
+    return StageScore(metrics, res, classes, by_prompt, overlay, list(split.spatial), scored)
+
+
+def presence_figures(res: EvalResult, threshold: float) -> dict[str, float]:
+    """What gating by the presence head does on the split: ``fp_rate`` as a user gets it (a
+    negative counts when its mask is non-empty *and* its presence passes ``threshold``), the
+    ungated rate beside it, the AUROC, and the threshold used."""
+    frame = res.scores.frame()
+    presence = np.asarray(res.presence)
+    neg = ~frame["positive"].to_numpy()
+    fired = frame["pred"].to_numpy() > 0
+    gated = fired & (presence >= threshold)
+    area = auroc(presence, ~neg)
+    return {"fp_rate": float(gated[neg].mean()) if neg.any() else 0.0,
+            "fp_rate_ungated": res.fp_rate,
+            # null without negatives (one class, no absent-object prompts): nothing to rank
+            "presence_auroc": None if np.isnan(area) else area,
+            "presence_threshold": threshold}
+
+
+def stack(top: Image.Image, bottom: Image.Image) -> Image.Image:
+    """Two pictures, one above the other."""
+    out = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height),
+                    (255, 255, 255))
+    out.paste(top, (0, 0))
+    out.paste(bottom, (0, top.height))
+    return out

@@ -34,6 +34,10 @@ class Prediction:
     prompts: list[str]
     masks: np.ndarray  # P x H x W bool, the image's own size
     logits: np.ndarray | None = None  # P x H x W float32, when asked for
+    # P: the probability that each prompt's object is in the image (checkpoints with the
+    # instance heads); a text-only prompt below the predictor's presence_threshold gets an
+    # empty mask.
+    presence: np.ndarray | None = None
 
     @property
     def probs(self) -> np.ndarray:
@@ -71,8 +75,12 @@ class Predictor:
 
     def __init__(self, model: CDSAM, resize: int, crop: int, prompts: list[str],
                  device: torch.device | str = "cpu", fit: str = "crop",
-                 ensembles: PromptEnsembles | None = None) -> None:
+                 ensembles: PromptEnsembles | None = None,
+                 presence_threshold: float | None = None) -> None:
         self.model = model.eval().to(device)
+        # Text-only masks of prompts whose presence is below this are emptied ("not in this
+        # image"); None: no gating. A click or box says the object is there: never gated.
+        self.presence_threshold = presence_threshold if model.has_instance_heads else None
         self.device = torch.device(device)
         self.resize, self.crop, self.fit = resize, crop, fit
         self.known_prompts = prompts  # the training vocabulary (others work, less reliably)
@@ -141,7 +149,18 @@ class Predictor:
         DINO runs once per image and the CLIP text tower once per distinct prompt (its
         features are cached); only the SAM decoder runs per (image, prompt) pair, in chunks of
         ``batch_size`` pairs. ``points`` / ``boxes`` (need ``geos``) join every prompt.
+        Text-only rows are gated by ``presence_threshold`` (:meth:`frame_outputs`).
         """
+        return self.frame_outputs(inputs, prompts, geos, points, boxes, batch_size)[0]
+
+    @torch.no_grad()
+    def frame_outputs(self, inputs: Sequence[torch.Tensor], prompts: Sequence[str],
+                      geos: Sequence[Geometry] | None = None,
+                      points: Sequence[tuple[float, float]] | None = None,
+                      boxes: tuple[float, float, float, float] | None = None,
+                      batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(:meth:`frame_logits`'s logits, BxP presence probabilities or None without the
+        heads). A gated row's logits are -1e4 everywhere (probability 0)."""
         x = torch.stack(list(inputs)).to(self.device)
         tokens = self.model.encode_image(x)
         p = self.model.patch_size
@@ -149,6 +168,7 @@ class Predictor:
         text = self.text_features(prompts).to(tokens.dtype)
         n_img, n_txt = len(inputs), len(prompts)
         out = torch.empty(n_img * n_txt, *x.shape[-2:])
+        presence = torch.empty(n_img * n_txt) if self.model.has_instance_heads else None
         for start in range(0, n_img * n_txt, batch_size):
             rows = torch.arange(start, min(start + batch_size, n_img * n_txt))
             img, txt = rows // n_txt, rows % n_txt
@@ -160,7 +180,13 @@ class Predictor:
             res = self.model.decode(tokens[img.to(tokens.device)], grid,
                                     text[txt.to(text.device)], tuple(x.shape[-2:]), **spatial)
             out[start:start + len(rows)] = res.masks[:, 0].float().cpu()
-        return out.view(n_img, n_txt, *x.shape[-2:])
+            if presence is not None:
+                presence[start:start + len(rows)] = torch.sigmoid(res.presence.float()).cpu()
+        if presence is not None and self.presence_threshold is not None and \
+                not (points or boxes is not None):
+            out[presence < self.presence_threshold] = -1e4
+        return (out.view(n_img, n_txt, *x.shape[-2:]),
+                None if presence is None else presence.view(n_img, n_txt))
 
     def image_logits(self, images: Sequence[Image.Image], prompts: Sequence[str],
                      batch_size: int = 8) -> list[torch.Tensor]:
@@ -203,9 +229,12 @@ class Predictor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise UserError("predict: give at least one prompt")
-        logits = self.one_image_logits(image, prompts, points, boxes, batch_size)
+        x, geo, _ = self.prepare(image)
+        frame, presence = self.frame_outputs([x], prompts, [geo], points, boxes, batch_size)
+        logits = geo.to_original(frame[0])
         masks = (torch.sigmoid(logits) > threshold).numpy()
-        return Prediction(prompts, masks, logits.numpy() if return_logits else None)
+        return Prediction(prompts, masks, logits.numpy() if return_logits else None,
+                          None if presence is None else presence[0].numpy())
 
 
 def input_geometry(model: CDSAM, meta: CheckpointMeta) -> tuple[int, int, str]:
@@ -219,12 +248,18 @@ def input_geometry(model: CDSAM, meta: CheckpointMeta) -> tuple[int, int, str]:
     return int(resize), int(crop), data.get("fit", "crop")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
-    """A checkpoint directory (a training stage's, or a merged export) → :class:`Predictor`."""
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               presence_threshold: float | None = None) -> Predictor:
+    """A checkpoint directory (a training stage's, or a merged export) → :class:`Predictor`,
+    gating by ``presence_threshold`` (default: the one the checkpoint chose on val; 0 turns
+    gating off)."""
     model, meta = load_checkpoint(Path(path), device)
     resize, crop, fit = input_geometry(model, meta)
+    if presence_threshold is None:
+        presence_threshold = meta.extra.get("presence_threshold")
     return Predictor(model, resize, crop, list(meta.prompts), device, fit=fit,
-                     ensembles=ensembles_of(meta, Path(path)))
+                     ensembles=ensembles_of(meta, Path(path)),
+                     presence_threshold=presence_threshold or None)
 
 
 def ensembles_of(meta: CheckpointMeta, where: Path) -> PromptEnsembles | None:

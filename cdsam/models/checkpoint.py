@@ -144,6 +144,10 @@ def model_config_of(meta: CheckpointMeta, where: str) -> ModelConfig:
         # Written before clicks and boxes were drawn as a map: its mask-input encoder never
         # trained, so it decodes as it was trained.
         model = {**model, "sam": {**sam, "prompt_map": False}}
+    heads = model.get("heads") if isinstance(model, dict) else None
+    if isinstance(heads, dict) and "instances" not in heads:
+        # Written before the presence and centre heads: built without them.
+        model = {**model, "heads": {**heads, "instances": False}}
     cfg = parse_section(ModelConfig, model, "model", errors)
     if errors:
         raise CheckpointError(f"{where}: bad model config in meta.json ({errors[0]})")

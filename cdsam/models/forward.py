@@ -63,6 +63,9 @@ def forward_batch(net: nn.Module, model: CDSAM, batch: dict[str, Any], objective
         extra = {} if image_of is None else {"image_of": image_of.to(device, non_blocking=True)}
         out = net(images, batch["prompt"], prefix=prefix, start_block=start, text=text,
                   **batch_prompts(batch, device), **extra)
-        loss, parts = objective(out, images, target, valid, batch["prompt"], vocab)
+        objects = batch.get("objects")
+        if objects is not None:
+            objects = objects.to(device, non_blocking=True)
+        loss, parts = objective(out, images, target, valid, batch["prompt"], vocab, objects)
     # Parts stay on the device: reading them back would make the host wait every step.
     return BatchResult(out, loss, {k: v.detach() for k, v in parts.items()}, target, valid)

@@ -22,11 +22,19 @@ from cdsam.models.dino import (
     dino_width,
 )
 from cdsam.models.heads import TextToPrompt, TokenProjection, TokenToMaskEmbedding
+from cdsam.models.instance_heads import CentreHead, PresenceHead
 from cdsam.models.prompt_map import draw_prompt_map, map_size
 from cdsam.models.sam import SamDecoder, build_sam_decoder
 
-# Top-level children by component, as `cdsam summary` and the curriculum name them.
-HEAD_MODULES = ("token_proj", "token_to_mask", "text_to_prompt")
+# Top-level children by component, as `cdsam summary` and the curriculum name them (the
+# instance heads only where the model has them: `instance_heads`).
+HEAD_MODULES = ("token_proj", "token_to_mask", "text_to_prompt", "presence_head",
+                "centre_head")
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """The names in `HEAD_MODULES` this model has."""
+    return [n for n in HEAD_MODULES if getattr(model, n, None) is not None]
 
 
 @dataclass
@@ -37,6 +45,8 @@ class CDSAMOutput:
     tokens: torch.Tensor  # BxNxC DINO patch tokens (IxNxC, one per image, with image_of)
     grid: tuple[int, int]
     image_of: torch.Tensor | None = None  # B int64: each mask's row of ``tokens`` (image-major)
+    presence: torch.Tensor | None = None  # B logits: the prompt's object is in the image
+    centres: torch.Tensor | None = None  # Bx1x4hx4w centre-heatmap logits
 
     def sample_rows(self, per_image: torch.Tensor) -> torch.Tensor:
         """A tensor with one row per ``tokens`` row → one row per mask."""
@@ -53,7 +63,8 @@ class CDSAM(nn.Module):
 
     def __init__(self, dino: nn.Module, clip_text: ClipTextEncoder, token_proj: TokenProjection,
                  token_to_mask: TokenToMaskEmbedding, text_to_prompt: TextToPrompt,
-                 sam: SamDecoder) -> None:
+                 sam: SamDecoder, presence_head: PresenceHead | None = None,
+                 centre_head: CentreHead | None = None) -> None:
         super().__init__()
         self.dino = dino
         self.clip_text = clip_text
@@ -61,6 +72,13 @@ class CDSAM(nn.Module):
         self.token_to_mask = token_to_mask
         self.text_to_prompt = text_to_prompt
         self.sam = sam
+        self.presence_head = presence_head
+        self.centre_head = centre_head
+
+    @property
+    def has_instance_heads(self) -> bool:
+        """Built with ``model.heads.instances`` (checkpoints from before it are not)."""
+        return self.presence_head is not None and self.centre_head is not None
 
     @property
     def patch_size(self) -> int:
@@ -123,8 +141,20 @@ class CDSAM(nn.Module):
             low, iou = self._decode_mixed(embeddings, prompt_tokens, dense, image_size, active,
                                           points, boxes, box_valid)
         masks = F.interpolate(low, size=image_size, mode="bilinear", align_corners=False)
+        presence = centres = None
+        if self.has_instance_heads:
+            # The mask it would return, as weights on the cells (no gradient: the presence
+            # term must not reshape the masks), and the tokens in CLIP space.
+            weights = F.adaptive_avg_pool2d(torch.sigmoid(low.detach().float()),
+                                            embeddings.shape[-2:])
+            clip_tokens = self.token_proj(tokens)
+            if image_of is not None:
+                clip_tokens = clip_tokens[image_of]
+            presence = self.presence_head(embeddings, text, weights, clip_tokens)
+            # Text alone: where the objects are does not depend on a click or box.
+            centres = self.centre_head(embeddings, text)
         return CDSAMOutput(masks=masks, low_res_masks=low, iou=iou, tokens=tokens, grid=grid,
-                           image_of=image_of)
+                           image_of=image_of, presence=presence, centres=centres)
 
     def _dense_prompts(self, embeddings: torch.Tensor, image_size: tuple[int, int],
                        active: np.ndarray | None,
@@ -246,11 +276,18 @@ def build_model(cfg: ModelConfig, load_weights: bool = True, seed: int | None = 
     img = dino.patch_embed.img_size
     grid = (img[0] // dino_patch_size(dino), img[1] // dino_patch_size(dino))
     sam = build_sam_decoder(cfg.sam, grid, tuple(img), load_weights)
+    token_proj = TokenProjection(width, clip_text.width)
+    token_to_mask = TokenToMaskEmbedding(width)
+    text_to_prompt = TextToPrompt(clip_text.width, cfg.heads.num_text_tokens)
+    # Built last: every other part draws the same random init with or without them.
+    instances = cfg.heads.instances
     return CDSAM(
         dino=dino,
         clip_text=clip_text,
-        token_proj=TokenProjection(width, clip_text.width),
-        token_to_mask=TokenToMaskEmbedding(width),
-        text_to_prompt=TextToPrompt(clip_text.width, cfg.heads.num_text_tokens),
+        token_proj=token_proj,
+        token_to_mask=token_to_mask,
+        text_to_prompt=text_to_prompt,
         sam=sam,
+        presence_head=PresenceHead(clip_text.width) if instances else None,
+        centre_head=CentreHead(clip_text.width) if instances else None,
     )

@@ -3,7 +3,9 @@
 ``loss.dice_weight`` · Dice + ``loss.bce_weight`` · BCE on the upsampled logits, plus
 ``loss.clip_align_weight`` · CLIP alignment (mask-pooled image tokens vs. the prompt's text
 feature, contrastive over the prompt vocabulary) and ``loss.ssl_weight`` · distillation to the
-stage-start DINO (when a teacher is given). Validation calls the same object, so the train and
+stage-start DINO (when a teacher is given), and with the instance heads
+``loss.presence_weight`` · presence BCE + ``loss.iou_weight`` · IoU-prediction MSE +
+``loss.centre_weight`` · centre-heatmap BCE (:func:`instance_terms`). Validation calls the same object, so the train and
 val curves in ``dvc plots`` measure the same thing.
 """
 
@@ -12,14 +14,48 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cdsam.config.schema import LossConfig
+from cdsam.data.centres import centre_heatmap
 from cdsam.data.templates import PromptEnsembles
 from cdsam.models.clip_text import mean_features
 from cdsam.models.dino import dino_patch_tokens
 from cdsam.models.losses import bce_loss, clip_align_loss, dice_loss, feature_distill_loss
 from cdsam.models.model import CDSAM, CDSAMOutput
+
+
+def instance_terms(out: CDSAMOutput, logits: torch.Tensor, target: torch.Tensor,
+                   valid: torch.Tensor, objects: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The instance heads' terms: presence BCE (the target has foreground or not), MSE of
+    SAM's IoU prediction against the IoU its mask reaches (positives), and the centre
+    heatmap's BCE (`cdsam.data.centres`) on positives with objects and on negatives. A term
+    with no sample is zero but keeps its head in the graph (DDP expects every trainable
+    parameter in every step)."""
+    truth = target * valid
+    present = (truth.flatten(1).amax(dim=1) > 0).float()
+    presence = F.binary_cross_entropy_with_logits(out.presence.float(), present)
+    with torch.no_grad():
+        pred = (logits > 0).float() * valid
+        inter = (pred * truth).flatten(1).sum(1)
+        union = (pred + truth - pred * truth).flatten(1).sum(1)
+        reached = inter / union.clamp(min=1)
+    err = (out.iou[:, 0].float() - reached) ** 2
+    iou = (err * present).sum() / present.sum().clamp(min=1)
+    centres = out.centres.float()
+    if objects is None:
+        centre = centres.sum() * 0.0
+    else:
+        size = tuple(centres.shape[-2:])
+        heat = centre_heatmap(objects, size)
+        seen = F.interpolate(valid, size=size, mode="area")
+        # Positives without any object (a class the source gave no objects) are left out.
+        rows = (1 - present) + present * (objects.flatten(1).amax(dim=1) > 0).float()
+        pix = F.binary_cross_entropy_with_logits(centres, heat, reduction="none") * seen
+        per = pix.flatten(1).sum(1) / seen.flatten(1).sum(1).clamp(min=1)
+        centre = (per * rows).sum() / rows.sum().clamp(min=1)
+    return {"presence": presence, "iou": iou, "centre": centre}
 
 
 @dataclass
@@ -91,15 +127,23 @@ class Objective:
 
     def __call__(self, out: CDSAMOutput, images: torch.Tensor, target: torch.Tensor,
                  valid: torch.Tensor, prompts: list[str],
-                 vocab_feats: torch.Tensor | None = None
+                 vocab_feats: torch.Tensor | None = None,
+                 objects: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``vocab_feats``: this step's VxD features of the vocabulary, with gradients, when the
         text tower trains; else the ones kept. An image-major batch (``out.image_of``) has
-        ``images`` and ``out.tokens`` one per image: the teacher encodes each image once."""
+        ``images`` and ``out.tokens`` one per image: the teacher encodes each image once.
+        ``objects``: the batch's Sx1xHxW object ids, where the data has objects (the centre
+        term's target)."""
         lc = self.cfg
         logits = out.masks.float()
         parts = {"dice": dice_loss(logits, target, valid), "bce": bce_loss(logits, target, valid)}
         loss = lc.dice_weight * parts["dice"] + lc.bce_weight * parts["bce"]
+        if out.presence is not None:
+            terms = instance_terms(out, logits, target, valid, objects)
+            parts.update(terms)
+            loss = loss + lc.presence_weight * terms["presence"] + \
+                lc.iou_weight * terms["iou"] + lc.centre_weight * terms["centre"]
         if lc.clip_align_weight > 0:
             labels = self.rows(prompts, logits.device)
             # Projected once per image; each sample pools its image's row with its own mask.

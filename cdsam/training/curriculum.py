@@ -25,7 +25,8 @@ prompts of one scene overlapped 0.93, every absent-object prompt got a mask); tr
 text steers them from stage 1 on (docs/default.md, "Stage 1 learns the text").
 With ``model.sam.prompt_map`` SAM's mask-input encoder (`SAM_PROMPT_MAP`, ~4.7 k parameters)
 counts as a head too: it reads the drawn click/box map (`cdsam.models.prompt_map`), which it
-was not made for, so it trains in every stage and mode.
+was not made for, so it trains in every stage and mode. With the instance heads
+(``model.heads.instances``) SAM's IoU head (`SAM_IOU_HEAD`) does too: it scores each object.
 
 The LoRA targets are module-name substrings (``lora.sam.targets``, ``lora.dino.targets``) and
 fit every supported family: in SAM 1 and SAM 2 / 2.1 decoders ``q/k/v/out_proj`` and the MLPs
@@ -52,7 +53,7 @@ from cdsam.models.lora import (
     lora_parameters,
     merge_lora,
 )
-from cdsam.models.model import CDSAM, HEAD_MODULES
+from cdsam.models.model import CDSAM, head_modules
 
 # SAM decodes one mask (token 0); the other hypernetwork MLPs never see a gradient, so they
 # get no adapters (they would only add dead trainable parameters and upset DDP). Nor does SAM 2's
@@ -61,17 +62,22 @@ _SAM_UNUSED = re.compile(r"output_hypernetworks_mlps\.[1-9]|pred_obj_score_head"
 # Token 0's MLP is trained in full (see the module doc), so it needs no adapter either.
 SAM_MASK_HEAD = "mask_decoder.output_hypernetworks_mlps.0"
 SAM_PROMPT_MAP = "prompt_encoder.mask_downscaling"
+# SAM's IoU prediction scores each instance (`cdsam.inference.instances`): a head with them.
+SAM_IOU_HEAD = "mask_decoder.iou_prediction_head"
 
 
 def sam_heads(model: CDSAM) -> list[str]:
-    """The SAM modules trained in full in every stage (names under ``model.sam``)."""
-    return [SAM_MASK_HEAD] + ([SAM_PROMPT_MAP] if model.sam.prompt_map else [])
+    """The SAM modules trained in full in every stage (names under ``model.sam``); the IoU
+    head only with the instance heads, whose instance score reads it."""
+    return [SAM_MASK_HEAD] + ([SAM_PROMPT_MAP] if model.sam.prompt_map else []) + \
+        ([SAM_IOU_HEAD] if model.has_instance_heads else [])
 
 
 def sam_lora_targets(model: CDSAM, cfg: SamLoraConfig) -> list[str]:
     names = find_targets(model.sam.mask_decoder, cfg.targets, prefix="sam.mask_decoder.")
     return [n for n in names
-            if not _SAM_UNUSED.search(n) and not n.startswith(f"sam.{SAM_MASK_HEAD}.")]
+            if not _SAM_UNUSED.search(n) and not n.startswith(f"sam.{SAM_MASK_HEAD}.")
+            and not n.startswith(f"sam.{SAM_IOU_HEAD}.")]
 
 
 def dino_lora_targets(model: CDSAM, cfg: DinoLoraConfig) -> list[str]:
@@ -204,14 +210,15 @@ def apply_stage(model: CDSAM, stage: int, sam_lora: SamLoraConfig,
     elif has_lora(model.dino):
         raise ValueError(f"stage {stage} expects a DINO without LoRA")
 
-    for name in HEAD_MODULES:
+    for name in head_modules(model):
         getattr(model, name).requires_grad_(True)
     for name in sam_heads(model):
         model.sam.get_submodule(name).requires_grad_(True)
     apply_clip_mode(model, clip_mode, clip_lora or ClipLoraConfig())
     # Parameters of adapter-free unused SAM outputs stay frozen whatever the mode says.
     for name, p in model.sam.named_parameters():
-        if _SAM_UNUSED.search(name) or name.startswith("mask_decoder.iou_prediction_head"):
+        if _SAM_UNUSED.search(name) or (name.startswith(SAM_IOU_HEAD)
+                                         and not model.has_instance_heads):
             p.requires_grad_(False)
 
 
@@ -258,7 +265,7 @@ def component_counts(model: CDSAM) -> dict[str, dict[str, int]]:
         return id(p) in lora_ids
 
     sam_head = [p for n in sam_heads(model) for p in model.sam.get_submodule(n).parameters()]
-    heads = [p for n in HEAD_MODULES for p in getattr(model, n).parameters()] + sam_head
+    heads = [p for n in head_modules(model) for p in getattr(model, n).parameters()] + sam_head
     head_ids = {id(p) for p in sam_head}
     return {
         "dino": count(model.dino.parameters(), not_lora),

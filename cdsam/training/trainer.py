@@ -39,11 +39,12 @@ from tqdm import tqdm
 import cdsam
 from cdsam import distributed
 from cdsam.config.parse import to_dict
-from cdsam.config.schema import AUTO, OptimConfig, Params
+from cdsam.config.schema import AUTO, InstanceConfig, OptimConfig, Params
 from cdsam.config.stages import StagePlan, drop_speed_values, plan_stage
 from cdsam.data.packed import PackedLoader
 from cdsam.data.prepared import PreparedSplit, prepared_digest
 from cdsam.errors import UserError
+from cdsam.evaluation.instance_score import choose_thresholds
 from cdsam.evaluation.scoring import EvalResult, evaluate_model
 from cdsam.evaluation.text_drift import (
     TextDrift,
@@ -148,6 +149,7 @@ class StageTrainer:
         self.sam_mode = self.plan.sam_mode
         self.select = self.plan.select
         self.selected_epoch = 0
+        self.instance_min_quality: float | None = None  # chosen on val (instance heads)
         self.history: list[dict[str, float]] = []
         self.step_losses: list[list[float]] = []  # per epoch, per step (the benchmark reads it)
         self.epoch_times: list[float] = []
@@ -302,6 +304,21 @@ class StageTrainer:
             log.info("spatial prompts next to the text: a click on %.0f %% of samples, a box on "
                      "%.0f %% (train.point_prompts / train.box_prompts)",
                      100 * p.train.point_prompts, 100 * p.train.box_prompts)
+        if self.model.has_instance_heads:
+            self._log_instances()
+
+    def _log_instances(self) -> None:
+        """One line on what the instance heads train on."""
+        objects = self.packs["train"].objects if self.packs else None
+        if objects is None:
+            log.info("instance heads: the prepared data has no objects (instances.csv), so the "
+                     "centre term is off and clicks train on the class mask; presence and IoU "
+                     "train (prepare.instances_from: components makes objects of mask pieces)")
+            return
+        counts = [len(o) for o in objects if len(o)]
+        log.info("instance heads: %d objects, %.1f a positive prompt (up to %d); a click "
+                 "trains on the object under it, the centre heatmap on all of them",
+                 sum(counts), sum(counts) / max(len(counts), 1), max(counts, default=0))
 
     @property
     def tunes_text(self) -> bool:
@@ -538,8 +555,9 @@ class StageTrainer:
             return
         live.log_metric("train/loss", row["train_loss"])
         for key in ("loss", "miou", "dice", "sampled_class_iou", "fp_rate", "text_drift",
-                    "text_drift_general"):
-            live.log_metric(f"val/{key}", row[key])
+                    "text_drift_general", "presence_auroc", "il_mcc"):
+            if key in row:
+                live.log_metric(f"val/{key}", row[key])
         live.log_metric("lr", row["lr"])
         live.next_step()
 
@@ -607,10 +625,13 @@ class StageTrainer:
             self.history.append(row)
             progress.history = self.history
             progress.epoch = epoch + 1
+            pf = val.presence_figures
+            presence = "".join(f" {k}={pf[k]:.3f}" for k in ("presence_auroc", "il_mcc")
+                               if k in pf)
             log.info("epoch %d/%d train_loss=%.4f val_loss=%.4f miou=%.4f dice=%.4f "
-                     "sampled_class_iou=%.4f fp_rate=%.3f%s%s", epoch + 1, self.epochs,
+                     "sampled_class_iou=%.4f fp_rate=%.3f%s%s%s", epoch + 1, self.epochs,
                      tr["loss"], val.loss, val.miou, val.dice, val.sampled_class_iou, val.fp_rate,
-                     self._drift_note(drift, within),
+                     presence, self._drift_note(drift, within),
                      " (best so far)" if progress.best_epoch == epoch + 1 else "")
             self._log_epoch(live, row)
             full = None
@@ -643,6 +664,7 @@ class StageTrainer:
                  self.selected_epoch, self.epochs, f"stage{self.stage}", self.select,
                  self.history[self.selected_epoch - 1]["miou"])
         chosen = self.history[self.selected_epoch - 1]
+        self._choose_instance_quality(chosen)
         return {
             **{k: chosen[k]
                for k in ("loss", "miou", "dice", "sampled_class_iou", "fp_rate", "text_drift",
@@ -653,6 +675,22 @@ class StageTrainer:
             "throughput_img_s": progress.train_images / max(progress.train_time, 1e-9),
             "peak_mem_mb": peak_memory_mb(self.device),
         }
+
+    def _choose_instance_quality(self, chosen: dict[str, float]) -> None:
+        """The kept model's ``min_quality`` (best val cgF1 at the kept epoch's presence
+        threshold), decoded with `InstanceConfig`'s defaults: the training stages do not read
+        ``evaluate.instances``."""
+        self.instance_min_quality = None
+        val = self.packs.get("val") if self.packs else None
+        if not self.model.has_instance_heads or val is None or val.objects is None or \
+                "presence_threshold" not in chosen:
+            return
+        quality, cgf1 = choose_thresholds(
+            self.model, self.val_loader, val, self.objective, self.precision, InstanceConfig(),
+            0.5, max(self.optim_cfg.batch_size, 32), chosen["presence_threshold"], self.cache)
+        self.instance_min_quality = quality
+        log.info("stage%d instances on val: presence threshold %.3f, min_quality %.2f "
+                 "(cgF1 %.3f)", self.stage, chosen["presence_threshold"], quality, cgf1)
 
     # ---- save
     def save(self, state: dict[str, torch.Tensor] | None = None) -> None:
@@ -668,6 +706,12 @@ class StageTrainer:
             "world_size": self.dist.world_size,
             "select": self.select, "selected_epoch": self.selected_epoch,
         }
+        chosen = self.history[self.selected_epoch - 1] if self.history else {}
+        if "presence_threshold" in chosen:
+            # Chosen on val at the kept epoch: what prediction gates by.
+            extra["presence_threshold"] = chosen["presence_threshold"]
+        if self.instance_min_quality is not None:
+            extra["instance_min_quality"] = self.instance_min_quality
         meta = CheckpointMeta(stage=self.stage, model=self.model_cfg, prompts=self.vocab,
                               parent=parent, extra=extra)
         if state is not None:

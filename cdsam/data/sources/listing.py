@@ -16,6 +16,7 @@ from cdsam.data.sources.cvat import cvat_tasks
 from cdsam.data.sources.folders import folder_tasks
 from cdsam.data.sources.labelme import labelme_tasks
 from cdsam.data.sources.negatives import absent_samples
+from cdsam.data.sources.objects import class_unions
 from cdsam.data.sources.synthetic import COMBOS, make_scene, prompt_for
 from cdsam.data.sources.voc import voc_tasks
 from cdsam.data.sources.yolo import yolo_inputs, yolo_tasks
@@ -27,12 +28,13 @@ from cdsam.errors import DataError
 def load_scene(cfg: PrepareConfig, seed: int, index: int, named: dict[str, str], *,
                bad: BadFiles) -> Item:
     """Synthetic scene ``index`` with its prompts named as ``prepare`` asks."""
-    image, samples = make_scene(seed, index, cfg.synthetic)
-    for sample in samples:
-        sample.prompt = named[sample.prompt]
+    image, objects = make_scene(seed, index, cfg.synthetic)
+    for obj in objects:
+        obj.prompt = named[obj.prompt]
+    samples = class_unions(objects)
     samples += absent_samples(cfg, seed, samples[0].stem, list(named.values()),
                               [s.prompt for s in samples], (image.height, image.width))
-    return Item(image, samples)
+    return Item(image, samples, objects)
 
 
 def _synthetic(cfg: PrepareConfig, seed: int) -> list[Task]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import numpy as np
+from scipy import ndimage
 
 from cdsam.config.schema import PrepareConfig
 from cdsam.data.manifest import BACKGROUND, FOREGROUND, IGNORE, Sample
@@ -51,3 +52,37 @@ def encode_binary(fg: np.ndarray, ignore: np.ndarray | None = None) -> np.ndarra
     if ignore is not None:
         enc[ignore & ~fg] = IGNORE
     return enc
+
+
+def class_unions(objects: list[Sample]) -> list[Sample]:
+    """Objects (one sample each, objects of a class sharing a prompt) → one sample per prompt,
+    the union of its objects' foreground, in prompt order."""
+    union: dict[str, Sample] = {}
+    for obj in objects:
+        if obj.prompt in union:
+            u = union[obj.prompt]
+            u.mask = np.where(obj.mask == FOREGROUND, FOREGROUND, u.mask).astype(np.uint8)
+        else:
+            union[obj.prompt] = Sample(obj.stem, obj.prompt, obj.mask.copy())
+    return [union[p] for p in sorted(union)]
+
+
+# 8-connectivity: pixels touching at a corner are one piece (as skimage.measure.label's
+# default for 2-D, connectivity=2).
+_EIGHT = np.ones((3, 3), bool)
+
+
+def component_instances(samples: list[Sample]) -> list[Sample]:
+    """Each connected piece of each positive sample's foreground as an object
+    (``prepare.instances_from: components``): the sample's ignore pixels are kept in every
+    piece's mask, so the piece is encoded as the sample is."""
+    pieces = []
+    for s in samples:
+        fg = s.mask == FOREGROUND
+        if not fg.any():
+            continue
+        labels, n = ndimage.label(fg, structure=_EIGHT)
+        for k in range(1, n + 1):
+            m = np.where(labels == k, FOREGROUND, np.where(s.mask == IGNORE, IGNORE, BACKGROUND))
+            pieces.append(Sample(s.stem, s.prompt, m.astype(np.uint8)))
+    return pieces

@@ -2,8 +2,10 @@
 
 Each image holds several objects with distinct (colour, shape) pairs laid out so that colour
 alone and shape alone are both ambiguous (see `_pick_combos`): the prompt ("a red circle"),
-both words of it, is the only way to tell which mask is wanted. Later objects occlude earlier
-ones; masks are the visible parts. Seeded per image, so image i is the same whatever
+both words of it, is the only way to tell which mask is wanted. Each class appears 1 …
+``max_per_class`` times, so a prompt has objects to count and separate (touching copies of a
+class are where connected components fail). Later objects occlude earlier ones; masks are the
+visible parts. Seeded per image, so image i is the same whatever
 ``num_images`` is.
 """
 
@@ -94,23 +96,29 @@ def _pick_combos(rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
 
 
 def make_scene(seed: int, index: int, cfg: SyntheticConfig) -> tuple[Image.Image, list[Sample]]:
-    """One scene: the RGB image and one :class:`Sample` per object (visible-part mask)."""
+    """One scene: the RGB image and one :class:`Sample` per object (its visible part); objects
+    of one class share the prompt."""
     rng = np.random.default_rng([seed, index])
     size = cfg.image_size
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     image = _background(rng, size)
     placed: list[tuple[tuple[str, str], np.ndarray]] = []
-    for colour, shape in _pick_combos(rng, n):
-        for _ in range(50):  # retry placements that would hide an earlier object too much
-            mask = _shape_mask(rng, shape, size)
-            if all((m & ~mask).sum() >= 0.5 * m.sum() for _, m in placed):
-                break
-        else:
-            continue  # rare in a crowded scene: this object is left out
-        placed = [(c, m & ~mask) for c, m in placed] + [((colour, shape), mask)]
-        rgb = np.array(COLOURS[colour], np.float32) + rng.uniform(-25, 25, size=3)
-        shade = rng.uniform(0.85, 1.1)
-        image[mask] = rgb * shade
+    combos = _pick_combos(rng, n)
+    copies = rng.integers(1, cfg.max_per_class + 1, size=len(combos))
+    # Copies are painted class after class in the combos' order, so the first copy of each
+    # class is placed as a one-object scene would place it.
+    for (colour, shape), k in zip(combos, copies, strict=True):
+        for _ in range(int(k)):
+            for _ in range(50):  # retry placements that would hide an earlier object too much
+                mask = _shape_mask(rng, shape, size)
+                if all((m & ~mask).sum() >= 0.5 * m.sum() for _, m in placed):
+                    break
+            else:
+                continue  # rare in a crowded scene: this object is left out
+            placed = [(c, m & ~mask) for c, m in placed] + [((colour, shape), mask)]
+            rgb = np.array(COLOURS[colour], np.float32) + rng.uniform(-25, 25, size=3)
+            shade = rng.uniform(0.85, 1.1)
+            image[mask] = rgb * shade
     image += rng.normal(0, 8, size=image.shape)
     pil = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), mode="RGB")
     samples = []

@@ -1,0 +1,150 @@
+"""Instance decoding (cdsam.inference.instances), its targets (cdsam.data.centres), the
+point-prompted object target (cdsam.data.packed.focus_clicked_objects), components
+(prepare.instances_from) and the synthetic scenes' objects."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cdsam.config.schema import InstanceConfig, PrepareConfig, SyntheticConfig
+from cdsam.data.centres import centre_heatmap
+from cdsam.data.manifest import BadFiles, Sample
+from cdsam.data.sources.listing import load_scene
+from cdsam.data.sources.objects import component_instances
+from cdsam.data.sources.synthetic import make_scene
+from cdsam.data.spatial import SpatialPolicy, focus_clicked_objects, prompt_arrays
+from cdsam.inference.instances import (
+    Instances,
+    find_seeds,
+    mask_components,
+    mask_nms,
+    seed_points,
+)
+
+
+def _blob(size: int, cy: float, cx: float, sigma: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size]
+    return np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma ** 2))
+
+
+def test_seeds_are_the_heatmap_peaks_strongest_first():
+    heat = np.maximum(0.9 * _blob(32, 8, 10, 2), 0.6 * _blob(32, 20, 22, 2))
+    heat = np.maximum(heat, 0.1 * _blob(32, 28, 4, 1))  # below seed_threshold
+    peaks, strength = find_seeds(heat, InstanceConfig(seed_threshold=0.2, min_distance=2))
+    assert peaks.tolist() == [[8, 10], [20, 22]]
+    assert np.allclose(strength, [0.9, 0.6])
+    # Cell centres at 4x the heatmap's size: cell (8, 10) → pixel (x 41.5, y 33.5).
+    assert seed_points(peaks, (32, 32), (128, 128)).tolist() == [[41.5, 33.5], [89.5, 81.5]]
+
+
+def test_two_close_peaks_within_min_distance_are_one_seed():
+    heat = np.maximum(_blob(32, 10, 10, 1.5), 0.95 * _blob(32, 10, 12, 1.5))
+    near, _ = find_seeds(heat, InstanceConfig(min_distance=3))
+    far, _ = find_seeds(np.maximum(_blob(32, 10, 10, 1.5), 0.95 * _blob(32, 10, 16, 1.5)),
+                        InstanceConfig(min_distance=3))
+    assert len(near) == 1 and len(far) == 2
+
+
+def test_mask_nms_keeps_the_better_of_overlapping_masks():
+    m = np.zeros((3, 10, 10), bool)
+    m[0, 0:5, 0:5] = True
+    m[1, 0:5, 0:4] = True  # IoU 0.8 with mask 0
+    m[2, 6:9, 6:9] = True
+    assert sorted(mask_nms(m, np.array([0.5, 0.9, 0.3]), iou=0.5).tolist()) == [1, 2]
+    assert sorted(mask_nms(m, np.array([0.5, 0.9, 0.3]), iou=0.9).tolist()) == [0, 1, 2]
+
+
+def test_presence_gates_every_instance():
+    masks = np.ones((2, 4, 4), bool)
+    found = Instances(masks, np.array([0.4, 0.1]), np.array([0.5, 0.125]), presence=0.8)
+    assert found.kept(0.5, 0.25).tolist() == [True, False]
+    assert found.kept(0.9, 0.25).tolist() == [False, False]  # "not here": nothing returned
+
+
+def test_components_split_a_mask_into_its_pieces():
+    prob = np.zeros((12, 12))
+    prob[1:4, 1:4] = 0.9
+    prob[6:10, 6:10] = 0.7
+    prob[11, 0] = 0.8  # one pixel: below min_area
+    found = mask_components(prob, 0.5, presence=0.5, min_area=2)
+    assert len(found) == 2
+    assert sorted(found.masks.sum(axis=(1, 2)).tolist()) == [9, 16]
+    assert sorted(found.scores.round(3).tolist()) == [0.35, 0.45]
+
+
+def test_centre_heatmap_peaks_at_each_objects_centre():
+    ids = torch.zeros(1, 1, 16, 16, dtype=torch.uint8)
+    ids[0, 0, 2:7, 2:7] = 1
+    ids[0, 0, 2:7, 7:12] = 2  # touching: one connected piece, two objects
+    heat = centre_heatmap(ids, (16, 16))[0, 0]
+    assert heat[4, 4] == 1 and heat[4, 9] == 1
+    assert heat[4, 6] < 1 and heat[4, 7] < 1  # a trough where they touch
+    assert heat[ids[0, 0] == 0].abs().max() == 0
+    peaks, _ = find_seeds(heat.numpy(), InstanceConfig(min_distance=1))
+    assert sorted(peaks.tolist()) == [[4, 4], [4, 9]]
+    assert centre_heatmap(ids, (8, 8)).shape == (1, 1, 8, 8)
+
+
+def test_a_click_on_one_object_targets_that_object_alone():
+    mask = np.zeros((1, 12, 12), np.uint8)
+    objects = np.zeros((1, 12, 12), np.uint8)
+    mask[0, 1:5, 1:5] = 1
+    objects[0, 1:5, 1:5] = 1
+    mask[0, 6:11, 6:11] = 1
+    objects[0, 6:11, 6:11] = 2
+    mask[0, 0, 11] = 255  # ignore stays ignore
+    policy = SpatialPolicy(point=1.0, negative=0.0)
+    slots = prompt_arrays(1)
+    slots["points"][0, 0] = [8, 8]  # (x, y) on object 2
+    slots["point_labels"][0, 0] = 1
+    changed = focus_clicked_objects(mask, objects, slots, [7], policy)
+    assert changed == [0]
+    assert (mask[0] == 1).sum() == 25 and mask[0, 8, 8] == 1 and mask[0, 2, 2] == 0
+    assert mask[0, 0, 11] == 255
+    x, y = slots["points"][0, 0].astype(int)
+    assert slots["point_labels"][0, 0] == 1 and objects[0, y, x] == 2  # redrawn inside it
+
+
+def test_a_click_off_every_object_keeps_the_class_target():
+    mask = np.zeros((1, 8, 8), np.uint8)
+    mask[0, 2:6, 2:6] = 1
+    objects = np.zeros((1, 8, 8), np.uint8)  # a class without objects
+    slots = prompt_arrays(1)
+    slots["points"][0, 0] = [3, 3]
+    slots["point_labels"][0, 0] = 1
+    assert focus_clicked_objects(mask, objects, slots, [0], SpatialPolicy(point=1.0)) == []
+    assert (mask[0] == 1).sum() == 16
+
+
+def test_components_make_objects_of_mask_pieces():
+    m = np.zeros((10, 10), np.uint8)
+    m[1:3, 1:3] = 1
+    m[3, 3] = 1  # touches (2, 2) at a corner: the same piece (8-connected)
+    m[6:9, 6:9] = 1
+    m[0, 9] = 255
+    pieces = component_instances([Sample("s", "a cell", m), Sample("s", "absent",
+                                                                   np.zeros((10, 10), np.uint8))])
+    assert [int((p.mask == 1).sum()) for p in pieces] == [5, 9]
+    assert all(p.prompt == "a cell" and p.mask[0, 9] == 255 for p in pieces)
+
+
+def test_synthetic_scenes_hold_several_objects_of_a_class():
+    cfg = PrepareConfig(synthetic=SyntheticConfig(num_images=40))
+    named = {}
+    counts = []
+    for i in range(40):
+        _, objects = make_scene(0, i, cfg.synthetic)
+        named.update({o.prompt: o.prompt for o in objects})
+    for i in range(40):
+        item = load_scene(cfg, 0, i, named, bad=BadFiles("error"))
+        for s in item.samples:
+            mine = [o for o in item.instances if o.prompt == s.prompt]
+            union = np.zeros_like(s.mask, bool)
+            for o in mine:
+                union |= o.mask == 1
+            assert (union == (s.mask == 1)).all()  # a class's sample is its objects' union
+            if (s.mask == 1).any():
+                counts.append(len(mine))
+    assert 1 <= min(counts) and max(counts) <= cfg.synthetic.max_per_class
+    assert len(set(counts)) == cfg.synthetic.max_per_class  # 1, 2 and 3 all occur

@@ -1,0 +1,56 @@
+#!/bin/bash
+# The instance heads against the components baseline on the shared real sets: the pipeline's
+# stage scripts in a scratch copy of this checkout, the evaluate stage's test figures per stage
+# (docs/real-data.md, "Instances"). Sets: nuclei (DSB 2018 subset, instance-id masks, "a
+# nucleus") and em (ISBI 2012 slices, prepare.instances_from: components, "a cell"), both
+# copied into the scratch folder only, at data.crop CROP (default 256) with data.augment on,
+# EPOCHS epochs a stage (default 40) and BATCH images a step (default 4).
+#
+#   bash tools/instances_real.sh [SCRATCH] [SETS...]   # env CROP=256 EPOCHS=40 BATCH=4
+set -euo pipefail
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+REAL=${CDSAM_REAL_DATA:-$SRC/../shared/real-data}
+SCRATCH=${1:-/tmp/cdsam-instances}
+shift || true
+SETS=${*:-nuclei em}
+CROP=${CROP:-256}
+EPOCHS=${EPOCHS:-40}
+BATCH=${BATCH:-4}
+echo "| set | stage | mIoU | AP | AP50 | count error | pmF1 | components AP | components AP50 | components count error |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
+for set in $SETS; do
+  D=$SCRATCH/$set
+  rm -rf "$D" && mkdir -p "$D"
+  (cd "$SRC" && tar cf - --exclude=./.git --exclude=./.venv --exclude=./data/prepared \
+      --exclude=./models --exclude=./metrics --exclude=./.dvc/cache --exclude=./.cdsam .) \
+    | (cd "$D" && tar xf -)
+  cd "$D"
+  case $set in
+    nuclei) mkdir -p data/raw/nuclei && cp -r "$REAL/dsb2018-nuclei-subset/." data/raw/nuclei/
+            sed -i 's|^  source: synthetic |  source: folders |; s|^  images: null |  images: data/raw/nuclei/images |; s|^  masks: null |  masks: data/raw/nuclei/masks |; s|^  prompt: null |  prompt: "a nucleus" |; s|^  mask_format: binary |  mask_format: instances |' \
+                params.yaml ;;
+    em) mkdir -p data/raw/em && cp -r "$REAL/isbi2012-em/." data/raw/em/
+        sed -i 's|^  source: synthetic |  source: folders |; s|^  images: null |  images: data/raw/em/images |; s|^  masks: null |  masks: data/raw/em/masks |; s|^  prompt: null |  prompt: "a cell" |; s|^  instances_from: objects |  instances_from: components |' \
+            params.yaml ;;
+    *) echo "unknown set $set (nuclei | em)" >&2; exit 2 ;;
+  esac
+  sed -i '/^  augment:/,/^  [a-z_]*:.*$/ s|^    enable: false|    enable: true|' params.yaml
+  sed -i "s|^  resize: 64 |  resize: $CROP |; s|^  crop: 64 |  crop: $CROP |; s|^    img_size: 64$|    img_size: $CROP|" params.yaml
+  # One prompt an image and ~18 training images: BATCH images a step gives an epoch a few
+  # steps (16 would be one or two).
+  sed -i "s|^  batch_size: [0-9a-z]* |  batch_size: $BATCH |" params.yaml
+  sed -i "s|^  epochs: [0-9]*$|  epochs: $EPOCHS|" params.yaml
+  grep -q "^  crop: $CROP " params.yaml && grep -q "^    img_size: $CROP$" params.yaml
+  python stages/prepare.py --no-progress > log.txt 2>&1
+  for n in 1 2 3 4; do python stages/train.py --stage "$n" --no-progress >> log.txt 2>&1; done
+  python stages/evaluate.py >> log.txt 2>&1
+  python - "$set" <<'PY'
+import json, sys
+m = json.load(open("metrics/evaluate.json"))
+for s in ("stage1", "stage2", "stage3", "stage4"):
+    e, c = m[s], m[s]["components"]
+    print(f"| {sys.argv[1]} | {s[-1]} | {e['miou']:.3f} | {e['ap']:.3f} | {e['ap50']:.3f} | "
+          f"{e['count_mae']:.1f} | {e['pmf1']:.3f} | {c['ap']:.3f} | {c['ap50']:.3f} | "
+          f"{c['count_mae']:.1f} |")
+PY
+done
