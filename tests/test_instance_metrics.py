@@ -92,3 +92,18 @@ def test_presence_auroc_mcc_and_threshold_by_hand():
     assert t == pytest.approx(0.7) and best == pytest.approx(4 / 6)
     # Without negatives there is no cut to learn: never gate.
     assert best_threshold(scores, np.ones(5, bool)) == (0.0, 0.0)
+
+
+def test_min_quality_is_chosen_by_cgf1_and_by_pmf1_without_negatives():
+    from cdsam.evaluation.instance_metrics import choose_min_quality
+
+    a, junk = _square(0, 0), _square(10, 10)
+    # A true object at quality 0.6 with a junk one at 0.2; a negative with junk at 0.3. Only
+    # 0.3 < min_quality <= 0.6 returns the object alone and nothing on the negative.
+    pairs = [(np.stack([a]), _found([a, junk], [0.6, 0.2])),
+             (np.zeros((0, 16, 16), bool), _found([junk], [0.3]))]
+    q, score = choose_min_quality(pairs, presence_threshold=0.5)
+    assert q == pytest.approx(0.35) and score == pytest.approx(1.0)
+    # Without the negative the IL_MCC is 0 for any choice: pmF1 decides (0.2 < q <= 0.6).
+    q, score = choose_min_quality(pairs[:1], presence_threshold=0.5)
+    assert q == pytest.approx(0.25) and score == pytest.approx(1.0)

@@ -5,6 +5,7 @@ point-prompted object target (cdsam.data.packed.focus_clicked_objects), componen
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from cdsam.config.schema import InstanceConfig, PrepareConfig, SyntheticConfig
@@ -148,3 +149,33 @@ def test_synthetic_scenes_hold_several_objects_of_a_class():
                 counts.append(len(mine))
     assert 1 <= min(counts) and max(counts) <= cfg.synthetic.max_per_class
     assert len(set(counts)) == cfg.synthetic.max_per_class  # 1, 2 and 3 all occur
+
+
+def test_instance_terms_read_presence_from_the_target_and_skip_what_has_no_objects():
+    import torch.nn.functional as F
+
+    from cdsam.models.model import CDSAMOutput
+    from cdsam.models.objective import instance_terms
+
+    target = torch.zeros(3, 1, 8, 8)
+    target[0, 0, 2:5, 2:5] = 1  # a positive with one object
+    target[1, 0, 1:3, 1:3] = 1  # a positive whose class has no objects
+    valid = torch.ones_like(target)
+    logits = torch.where(target > 0, 5.0, -5.0)  # masks that hit their targets exactly
+    objects = torch.zeros(3, 1, 8, 8, dtype=torch.uint8)
+    objects[0, 0, 2:5, 2:5] = 1
+    centres = torch.zeros(3, 1, 4, 4, requires_grad=True)
+    out = CDSAMOutput(masks=logits, low_res_masks=logits, iou=torch.tensor([[1.0], [0.5], [0.3]]),
+                      tokens=torch.zeros(3, 1, 1), grid=(1, 1),
+                      presence=torch.tensor([2.0, 1.0, -3.0]), centres=centres)
+    terms = instance_terms(out, logits, target, valid, objects)
+    want = F.binary_cross_entropy_with_logits(torch.tensor([2.0, 1.0, -3.0]),
+                                              torch.tensor([1.0, 1.0, 0.0]))
+    assert terms["presence"] == pytest.approx(want.item())
+    assert terms["iou"] == pytest.approx((0 + 0.25) / 2)  # positives: reached IoU 1 each
+    # Rows 0 (objects) and 2 (negative: no centre anywhere) count; row 1 is left out.
+    heat = centre_heatmap(objects, (4, 4))
+    per = [F.binary_cross_entropy_with_logits(centres[r], heat[r]).item() for r in (0, 2)]
+    assert terms["centre"].item() == pytest.approx(sum(per) / 2)
+    none = instance_terms(out, logits, target, valid, None)["centre"]
+    assert none.item() == 0 and none.requires_grad  # in the graph, for DDP

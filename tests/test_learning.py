@@ -85,8 +85,10 @@ def stage_1_default_policy(tmp_path_factory) -> dict[str, float]:
     trainer.save()
     m = evaluate_stages(p, {"stage1": paths.out}, data, tmp / "eval",
                         tmp / "evaluate.json")["stage1"]
-    print({k: round(m[k], 3) for k in ("miou", "miou_click", "miou_box", "class_iou",
-                                       "fp_rate", "pairs_overlap")})
+    print({k: round(m[k], 3) for k in ("miou", "miou_click", "miou_click_object", "miou_box",
+                                       "class_iou", "fp_rate", "fp_rate_ungated", "pairs_overlap",
+                                       "ap50", "presence_auroc")},
+          {k: round(v, 3) for k, v in m["components"].items()})
     return m
 
 
@@ -107,5 +109,18 @@ def test_a_click_or_a_box_next_to_the_text_lifts_the_mask(stage_1_default_policy
     sparse tokens only, 0.329 / 0.544 / 0.638 with the drawn map (`cdsam.models.prompt_map`,
     click radius 2 tokens; 0.301 / 0.429 / 0.624 at 0.75)."""
     m = stage_1_default_policy
-    assert m["miou_click"] > m["miou"] + 0.06
+    # A click now trains on the object under it: it lifts that object's mask above what the
+    # text gives the class (scored against the class union it selects one object: lower).
+    assert m["miou_click_object"] > m["miou"] + 0.06
     assert m["miou_box"] > m["miou"] + 0.15
+
+
+@pytest.mark.slow
+def test_stage_1_objects_beat_the_components_of_its_mask(stage_1_default_policy):
+    """The instance heads' objects against the connected pieces of the same checkpoint's
+    mask (the default's scenes hold 1-3 objects a class, often touching), and the presence
+    gate removes absent-object masks the mask alone returns (measured when written, default
+    stage 1: AP50 0.301 vs 0.113, fp_rate 0.333 vs 0.542 ungated)."""
+    m = stage_1_default_policy
+    assert m["ap50"] > m["components"]["ap50"]
+    assert m["fp_rate"] < m["fp_rate_ungated"]

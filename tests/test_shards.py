@@ -116,7 +116,8 @@ def test_files_and_pixels_grow_with_images_not_prompts(tmp_path):
     assert every["negative_samples"] > 5 * one["negative_samples"]
     scenes = len(list((tmp_path / "one" / "images").iterdir()))  # the test scenes, as PNG
     assert scenes == one["test_negatives"] > 0  # one absent-object negative per image
-    assert every["files"] == one["files"] == 3 * 3 + 3 + scenes  # shards, tables, scenes
+    # shards, the tables (samples, images, instances, index), the test scenes
+    assert every["files"] == one["files"] == 3 * 3 + 4 + scenes
     for split in ("train", "val", "test"):
         for kind in ("images", "labels"):
             name = f"{split}-{kind}-00000.u8"

@@ -278,11 +278,12 @@ def test_stage_keeps_the_selected_epoch(data_dir, tmp_path, select, expected):
 
 def test_val_loss_uses_the_training_weights(data_dir, tmp_path):
     """Train and val losses come from one objective: with the Dice weight at 0 and the CLIP
-    term off, the val loss is BCE alone (it once ignored both weights)."""
+    and instance terms off, the val loss is BCE alone (it once ignored both weights)."""
     from cdsam.evaluation.scoring import evaluate_model
     from cdsam.models.losses import bce_loss
 
-    params = _params(loss={"dice_weight": 0.0, "bce_weight": 2.0, "clip_align_weight": 0.0})
+    params = _params(loss={"dice_weight": 0.0, "bce_weight": 2.0, "clip_align_weight": 0.0,
+                           "presence_weight": 0.0, "centre_weight": 0.0, "iou_weight": 0.0})
     t = _trainer(params, 1, data_dir, tmp_path)
     t.setup()
     res = evaluate_model(t.model, t.val_loader, t.objective, t.precision)

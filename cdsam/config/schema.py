@@ -281,7 +281,7 @@ class InstanceConfig:
 
     seed_threshold: float = 0.2  # a heatmap peak below this is no seed
     min_distance: int = 2  # peaks at least this many low-res mask cells apart
-    max_seeds: int = 200  # strongest seeds decoded per (image, prompt)
+    max_seeds: int = 500  # strongest seeds decoded per (image, prompt); DSB images hold up to 272
     nms_iou: float = 0.5  # a mask overlapping a better-scored one more than this is dropped
     min_area: int = 4  # pixels at the input size; smaller masks (and components) are dropped
     # An instance is returned (counted, matched for pmF1) when its prompt passes the presence

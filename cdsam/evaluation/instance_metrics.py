@@ -138,9 +138,11 @@ QUALITY_GRID = np.round(np.arange(0.0, 0.95, 0.05), 2)  # min_quality candidates
 
 def choose_min_quality(pairs: list[tuple[np.ndarray, Instances]], presence_threshold: float,
                        grid: np.ndarray = QUALITY_GRID) -> tuple[float, float]:
-    """(min_quality, its cgF1): over ``pairs`` (truth KxHxW, found), the candidate whose
-    returned objects score the best cgF1 (the lowest such). Chosen on val by every training
-    stage with the instance heads, as the presence threshold is."""
+    """(min_quality, its score): over ``pairs`` (truth KxHxW, found), the candidate whose
+    returned objects score the best cgF1 (the lowest such); pmF1 where every pair has objects
+    (no negatives: IL_MCC is 0 whatever is returned). Chosen on val by every training stage
+    with the instance heads, as the presence threshold is."""
+    one_sided = len({len(truth) > 0 for truth, _ in pairs}) < 2
     ious = []
     for truth, found in pairs:
         dt, gt = encode(found.masks), encode(truth)
@@ -166,7 +168,7 @@ def choose_min_quality(pairs: list[tuple[np.ndarray, Instances]], presence_thres
                 fn[t] += len(truth) - m
         denom = 2 * tp + fp + fn
         pmf1 = float(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0).mean())
-        score = pmf1 * mcc(np.asarray(returned), np.asarray(present))
+        score = pmf1 if one_sided else pmf1 * mcc(np.asarray(returned), np.asarray(present))
         if score > best:
             best, best_q = score, q
     return best_q, best

@@ -197,7 +197,7 @@ def _stage_model(params: Params, chain: list[StagePlan]) -> CDSAM:
     model = build_model(params.model, seed=params.seed, meta=True)
     for plan in chain:
         apply_plan(model, plan)
-    if params.loss.clip_align_weight == 0:
+    if params.loss.clip_align_weight == 0 and not model.has_instance_heads:
         model.token_proj.requires_grad_(False)
     return model
 

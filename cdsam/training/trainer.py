@@ -211,9 +211,10 @@ class StageTrainer:
                             f"sharded, and its gradients would not be averaged); use DDP")
         apply_plan(model, self.plan)
         set_activation_checkpointing(model.dino, p.train.activation_checkpointing)
-        if p.loss.clip_align_weight == 0:
-            # Only the CLIP alignment loss reaches token_proj; without it the head would be a
-            # trainable parameter with no gradient (and DDP would stop on it).
+        if p.loss.clip_align_weight == 0 and not model.has_instance_heads:
+            # Only the CLIP alignment loss (and the presence head, which reads its tokens)
+            # reaches token_proj; without either the head would be a trainable parameter with
+            # no gradient (and DDP would stop on it).
             model.token_proj.requires_grad_(False)
         self.precision = opts.precision or precision_for(self.device)
         teacher = None
@@ -690,7 +691,8 @@ class StageTrainer:
             0.5, max(self.optim_cfg.batch_size, 32), chosen["presence_threshold"], self.cache)
         self.instance_min_quality = quality
         log.info("stage%d instances on val: presence threshold %.3f, min_quality %.2f "
-                 "(cgF1 %.3f)", self.stage, chosen["presence_threshold"], quality, cgf1)
+                 "(cgF1, or pmF1 without negatives: %.3f)", self.stage,
+                 chosen["presence_threshold"], quality, cgf1)
 
     # ---- save
     def save(self, state: dict[str, torch.Tensor] | None = None) -> None:
