@@ -107,3 +107,20 @@ def test_min_quality_is_chosen_by_cgf1_and_by_pmf1_without_negatives():
     # Without the negative the IL_MCC is 0 for any choice: pmF1 decides (0.2 < q <= 0.6).
     q, score = choose_min_quality(pairs[:1], presence_threshold=0.5)
     assert q == pytest.approx(0.25) and score == pytest.approx(1.0)
+
+
+def test_ap_with_more_objects_than_coco_s_100_detections():
+    """COCOeval.summarize reads its overall AP at maxDets 100 whatever params.maxDets says
+    (-1 beyond it): the figures come from the accumulated precision at the raised maxDets."""
+    s = InstanceScores(0.5, 0.25)
+    masks = []
+    for k in range(120):  # 2x2 objects on a 64x64 image, 2 pixels apart
+        m = np.zeros((64, 64), bool)
+        y, x = divmod(k, 16)
+        m[4 * y:4 * y + 2, 4 * x:4 * x + 2] = True
+        masks.append(m)
+    truth = np.stack(masks)
+    s.add(1, "a nucleus", truth, Instances(truth, np.linspace(0.9, 0.5, 120),
+                                          np.linspace(0.9, 0.5, 120), 1.0))
+    ap = s.average_precision()
+    assert ap["ap"] == pytest.approx(1.0) and ap["ap50"] == pytest.approx(1.0)

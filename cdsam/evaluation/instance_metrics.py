@@ -119,9 +119,16 @@ class InstanceScores:
             ev.params.maxDets = [1, 10, max(100, self.largest + 1)]
             ev.evaluate()
             ev.accumulate()
-            ev.summarize()
-        return {"ap": max(float(ev.stats[0]), 0.0), "ap50": max(float(ev.stats[1]), 0.0),
-                "ap75": max(float(ev.stats[2]), 0.0)}
+        # Read from the accumulated precision (IoU x recall x category x area x maxDets) at
+        # all areas and the largest maxDets: COCOeval.summarize reads its overall AP at a fixed
+        # maxDets of 100, so with more objects an image it reports -1.
+        precision = ev.eval["precision"][:, :, :, 0, -1]
+
+        def mean(p: np.ndarray) -> float:
+            p = p[p > -1]
+            return float(p.mean()) if p.size else 0.0
+
+        return {"ap": mean(precision), "ap50": mean(precision[0]), "ap75": mean(precision[5])}
 
     def figures(self) -> dict[str, float]:
         denom = 2 * self.tp + self.fp + self.fn
