@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from cdsam.presets import DEFAULT_PARAMS
-from cdsam.training.curriculum import SAM_MASK_HEAD, SAM_PROMPT_MAP
+from cdsam.training.curriculum import SAM_IOU_HEAD, SAM_MASK_HEAD, SAM_PROMPT_MAP
 from tests.hub_files import write_open_clip_repo, write_sam2_checkpoint
 from tests.test_pipeline import BIN, _env, _merge, _project, _run
 
@@ -95,7 +95,8 @@ def _link(src: Path, weights: Path) -> None:
 
 def _frozen_equal_files(model, dino_file: Path, files: dict[str, Path], resampled: bool) -> None:
     """The stage-1 model's frozen DINO, CLIP text tower and SAM decoder are the files' tensors
-    (all but SAM's mask head and mask-input encoder, which stage 1 trains)."""
+    (all but SAM's mask head, mask-input encoder and, with the instance heads, IoU head, which
+    stage 1 trains)."""
     from cdsam.models.delta_base import canonical_names
 
     names = canonical_names(model)
@@ -120,7 +121,7 @@ def _frozen_equal_files(model, dino_file: Path, files: dict[str, Path], resample
     assert trained_head  # SAM's mask head trains in full from stage 1 on (cdsam.training.curriculum)
     for k, v in sam.items():
         frozen = k.startswith(("mask_decoder.", "prompt_encoder.")) and \
-            not k.startswith(f"{SAM_PROMPT_MAP}.")
+            not k.startswith((f"{SAM_PROMPT_MAP}.", f"{SAM_IOU_HEAD}."))
         if frozen and k not in trained_head:
             torch.testing.assert_close(state[f"sam.{k}"], v, rtol=0, atol=0)
     assert any(not torch.equal(state[f"sam.{k}"], sam[k]) for k in trained_head)
