@@ -15,29 +15,13 @@ REAL=${CDSAM_REAL_DATA:-$SRC/../shared/real-data}
 SCRATCH=${1:-/tmp/cdsam-batch-by}
 shift || true
 SETS=${*:-syn voc em nuclei}
+# shellcheck source=tools/scratch_set.sh
+. "$SRC/tools/scratch_set.sh"
 echo "| set | mode | batch | samples/s stage 4 | test mIoU stage 1 / 2 / 3 / 4 | class IoU stage 4 | wall s |"
 echo "|---|---|---|---|---|---|---|"
 for set in $SETS; do
   for mode in sample image image4; do
-    D=$SCRATCH/$set-$mode
-    rm -rf "$D" && mkdir -p "$D"
-    (cd "$SRC" && tar cf - --exclude=./.git --exclude=./.venv --exclude=./data/prepared \
-        --exclude=./models --exclude=./metrics --exclude=./.dvc/cache --exclude=./.cdsam .) \
-      | (cd "$D" && tar xf -)
-    cd "$D"
-    case $set in
-      syn) ;;
-      voc) mkdir -p data/raw/voc && cp -r "$REAL/voc-samples/." data/raw/voc/
-           sed -i 's|^  source: synthetic |  source: voc |; s|^  root: null |  root: data/raw/voc |' \
-               params.yaml ;;
-      em) mkdir -p data/raw/em && cp -r "$REAL/isbi2012-em/." data/raw/em/
-          sed -i 's|^  source: synthetic |  source: folders |; s|^  images: null |  images: data/raw/em/images |; s|^  masks: null |  masks: data/raw/em/masks |; s|^  prompt: null |  prompt: "a cell" |' \
-              params.yaml ;;
-      nuclei) mkdir -p data/raw/nuclei && cp -r "$REAL/dsb2018-nuclei-subset/." data/raw/nuclei/
-              sed -i 's|^  source: synthetic |  source: folders |; s|^  images: null |  images: data/raw/nuclei/images |; s|^  masks: null |  masks: data/raw/nuclei/masks |; s|^  prompt: null |  prompt: "a nucleus" |; s|^  mask_format: binary |  mask_format: instances |' \
-                  params.yaml ;;
-      *) echo "unknown set $set (syn | voc | em | nuclei)" >&2; exit 2 ;;
-    esac
+    scratch_set "$SRC" "$REAL" "$SCRATCH/$set-$mode" "$set"
     if [ "$set" != syn ]; then
       # docs/real-data.md's settings for the shared sets: augmentation on.
       sed -i '/^  augment:/,/^  [a-z_]*:.*$/ s|^    enable: false|    enable: true|' params.yaml

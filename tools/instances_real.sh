@@ -16,24 +16,16 @@ SETS=${*:-nuclei em}
 CROP=${CROP:-256}
 EPOCHS=${EPOCHS:-40}
 BATCH=${BATCH:-4}
+# shellcheck source=tools/scratch_set.sh
+. "$SRC/tools/scratch_set.sh"
 echo "| set | stage | mIoU | AP | AP50 | count error | pmF1 | components AP | components AP50 | components count error |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
 for set in $SETS; do
-  D=$SCRATCH/$set
-  rm -rf "$D" && mkdir -p "$D"
-  (cd "$SRC" && tar cf - --exclude=./.git --exclude=./.venv --exclude=./data/prepared \
-      --exclude=./models --exclude=./metrics --exclude=./.dvc/cache --exclude=./.cdsam .) \
-    | (cd "$D" && tar xf -)
-  cd "$D"
-  case $set in
-    nuclei) mkdir -p data/raw/nuclei && cp -r "$REAL/dsb2018-nuclei-subset/." data/raw/nuclei/
-            sed -i 's|^  source: synthetic |  source: folders |; s|^  images: null |  images: data/raw/nuclei/images |; s|^  masks: null |  masks: data/raw/nuclei/masks |; s|^  prompt: null |  prompt: "a nucleus" |; s|^  mask_format: binary |  mask_format: instances |' \
-                params.yaml ;;
-    em) mkdir -p data/raw/em && cp -r "$REAL/isbi2012-em/." data/raw/em/
-        sed -i 's|^  source: synthetic |  source: folders |; s|^  images: null |  images: data/raw/em/images |; s|^  masks: null |  masks: data/raw/em/masks |; s|^  prompt: null |  prompt: "a cell" |; s|^  instances_from: objects |  instances_from: components |' \
-            params.yaml ;;
-    *) echo "unknown set $set (nuclei | em)" >&2; exit 2 ;;
-  esac
+  case $set in nuclei | em) ;; *) echo "unknown set $set (nuclei | em)" >&2; exit 2 ;; esac
+  scratch_set "$SRC" "$REAL" "$SCRATCH/$set" "$set"
+  if [ "$set" = em ]; then  # the EM slices' cells are the pieces of the cell mask
+    sed -i 's|^  instances_from: objects |  instances_from: components |' params.yaml
+  fi
   sed -i '/^  augment:/,/^  [a-z_]*:.*$/ s|^    enable: false|    enable: true|' params.yaml
   sed -i "s|^  resize: 64 |  resize: $CROP |; s|^  crop: 64 |  crop: $CROP |; s|^    img_size: 64$|    img_size: $CROP|" params.yaml
   # One prompt an image and ~18 training images: BATCH images a step gives an epoch a few
