@@ -42,15 +42,17 @@ def test_all_problems_listed_at_once():
         "optim": {"lr": -1, "batch_size": 0},
         "stage2": {"epochs": 0},
         "data": {"fit": "crop", "resize": 64, "crop": 60},
+        "evaluate": {"instances": {"decode": "blobs", "seed_prominence": 0}},
     }
     with pytest.raises(ConfigError) as exc:
         parse_params(bad)
     text = "\n".join(exc.value.problems)
     for key in ("lora.dino.last_k_blocks", "lora.dino.rank", "lora.dino.dropout",
                 "lora.sam.alpha", "optim.lr", "optim.batch_size", "stage2.epochs",
-                "model.sam.type", "data.crop"):
+                "model.sam.type", "data.crop", "evaluate.instances.decode",
+                "evaluate.instances.seed_prominence"):
         assert key in text, key
-    assert len(exc.value.problems) >= 9
+    assert len(exc.value.problems) >= 11
 
 
 def test_types_are_checked_and_1e_strings_accepted():

@@ -124,3 +124,15 @@ def test_ap_with_more_objects_than_coco_s_100_detections():
                                           np.linspace(0.9, 0.5, 120), 1.0))
     ap = s.average_precision()
     assert ap["ap"] == pytest.approx(1.0) and ap["ap50"] == pytest.approx(1.0)
+
+
+def test_a_checkpoints_min_quality_is_read_per_decode_path():
+    from cdsam.evaluation.instance_score import DEFAULT_MIN_QUALITY, stored_min_quality
+
+    both = {"instance_min_quality": {"prompts": 0.3, "watershed": 0.55}}
+    assert stored_min_quality(both, "prompts") == 0.3
+    assert stored_min_quality(both, "watershed") == 0.55
+    # One number: chosen for the prompts path (before there were two); none: the default.
+    assert stored_min_quality({"instance_min_quality": 0.1}, "prompts") == 0.1
+    assert stored_min_quality({"instance_min_quality": 0.1}, "watershed") == DEFAULT_MIN_QUALITY
+    assert stored_min_quality({}, "prompts") == DEFAULT_MIN_QUALITY

@@ -21,6 +21,7 @@ from cdsam.inference.instances import (
     mask_components,
     mask_nms,
     seed_points,
+    watershed_instances,
 )
 
 
@@ -32,19 +33,51 @@ def _blob(size: int, cy: float, cx: float, sigma: float) -> np.ndarray:
 def test_seeds_are_the_heatmap_peaks_strongest_first():
     heat = np.maximum(0.9 * _blob(32, 8, 10, 2), 0.6 * _blob(32, 20, 22, 2))
     heat = np.maximum(heat, 0.1 * _blob(32, 28, 4, 1))  # below seed_threshold
-    peaks, strength = find_seeds(heat, InstanceConfig(seed_threshold=0.2, min_distance=2))
+    everywhere = np.ones_like(heat, bool)
+    peaks, strength = find_seeds(heat, everywhere, InstanceConfig(seed_threshold=0.2))
     assert peaks.tolist() == [[8, 10], [20, 22]]
     assert np.allclose(strength, [0.9, 0.6])
     # Cell centres at 4x the heatmap's size: cell (8, 10) → pixel (x 41.5, y 33.5).
     assert seed_points(peaks, (32, 32), (128, 128)).tolist() == [[41.5, 33.5], [89.5, 81.5]]
+    # Off the semantic mask, a peak is no seed.
+    off = np.ones_like(heat, bool)
+    off[15:25, 15:25] = False
+    assert find_seeds(heat, off, InstanceConfig(seed_threshold=0.2))[0].tolist() == [[8, 10]]
 
 
-def test_two_close_peaks_within_min_distance_are_one_seed():
-    heat = np.maximum(_blob(32, 10, 10, 1.5), 0.95 * _blob(32, 10, 12, 1.5))
-    near, _ = find_seeds(heat, InstanceConfig(min_distance=3))
-    far, _ = find_seeds(np.maximum(_blob(32, 10, 10, 1.5), 0.95 * _blob(32, 10, 16, 1.5)),
-                        InstanceConfig(min_distance=3))
-    assert len(near) == 1 and len(far) == 2
+def test_a_peak_is_a_seed_when_it_rises_above_its_saddle_by_the_prominence():
+    # Two peaks 6 cells apart: the lower (0.95) dips to 0.32 before the higher, so both are
+    # seeds at prominence 0.1 and one at 0.7; 2 cells apart it dips to 0.88 only: one seed.
+    everywhere = np.ones((32, 32), bool)
+    two = np.maximum(_blob(32, 10, 10, 2), 0.95 * _blob(32, 10, 16, 2))
+    assert len(find_seeds(two, everywhere, InstanceConfig(seed_prominence=0.1))[0]) == 2
+    assert len(find_seeds(two, everywhere, InstanceConfig(seed_prominence=0.7))[0]) == 1
+    ridge = np.maximum(_blob(32, 10, 10, 2), 0.95 * _blob(32, 10, 12, 2))
+    assert len(find_seeds(ridge, everywhere, InstanceConfig(seed_prominence=0.1))[0]) == 1
+    # A plateau (an object's flat top) is one seed.
+    flat = np.zeros((32, 32))
+    flat[4:9, 4:9] = 0.8
+    assert len(find_seeds(flat, everywhere, InstanceConfig())[0]) == 1
+
+
+def test_watershed_splits_touching_objects_and_keeps_unseeded_pieces():
+    prob = np.zeros((32, 32))
+    prob[4:12, 2:18] = 0.9  # two touching objects: one piece of the mask
+    prob[20:26, 20:26] = 0.7  # an object the heatmap missed
+    heat = np.maximum(_blob(32, 8, 6, 2), _blob(32, 8, 14, 2))
+    found = watershed_instances(heat, prob, 0.5, presence=0.8, cfg=InstanceConfig())
+    areas = sorted(found.masks.sum(axis=(1, 2)).tolist())
+    # Split at the trough (column 10, between the peaks at 6 and 14: it joins one side), the
+    # third whole.
+    assert areas == [36, 56, 72]
+    assert found.masks.sum(axis=0).max() == 1  # a partition of the mask
+    assert (found.masks.any(axis=0) == (prob > 0.5)).all()
+    assert sorted(found.quality.round(3).tolist()) == [0.7, 0.9, 0.9]
+    assert found.decoder_rows == 0
+    # Score = presence x mean probability x the heatmap's peak inside the object.
+    unseeded = found.masks[:, 22, 22].argmax()
+    assert found.scores[unseeded] == pytest.approx(0.8 * 0.7 * heat[20:26, 20:26].max())
+    assert len(watershed_instances(heat, np.zeros((32, 32)), 0.5, 0.8, InstanceConfig())) == 0
 
 
 def test_mask_nms_keeps_the_better_of_overlapping_masks():
@@ -82,7 +115,7 @@ def test_centre_heatmap_peaks_at_each_objects_centre():
     assert heat[4, 4] == 1 and heat[4, 9] == 1
     assert heat[4, 6] < 1 and heat[4, 7] < 1  # a trough where they touch
     assert heat[ids[0, 0] == 0].abs().max() == 0
-    peaks, _ = find_seeds(heat.numpy(), InstanceConfig(min_distance=1))
+    peaks, _ = find_seeds(heat.numpy(), ids[0, 0].numpy() > 0, InstanceConfig())
     assert sorted(peaks.tolist()) == [[4, 4], [4, 9]]
     assert centre_heatmap(ids, (8, 8)).shape == (1, 1, 8, 8)
 

@@ -143,6 +143,7 @@ def test_repro_runs_all_stages_and_writes_outputs(pipeline_repo):
         assert ev[stage]["fp_rate"] <= ev[stage]["fp_rate_ungated"]
     meta = json.loads((repo / "models/stage4/meta.json").read_text())
     assert 0 < meta["extra"]["presence_threshold"] < 1
+    assert set(meta["extra"]["instance_min_quality"]) == {"prompts", "watershed"}
     s2 = json.loads((repo / "metrics/stage2/metrics.json").read_text())
     assert s2["world_size"] == 1 and s2["feature_cache_images"] > 0
     assert not (repo / ".cdsam/resume/stage2").exists()  # removed once outputs exist

@@ -1,7 +1,8 @@
 #!/bin/bash
 # The instance heads against the components baseline on the shared real sets: the pipeline's
 # stage scripts in a scratch copy of this checkout, the evaluate stage's test figures per stage
-# (docs/real-data.md, "Instances"). Sets: nuclei (DSB 2018 subset, instance-id masks, "a
+# for both evaluate.instances.decode paths, prompts and watershed (docs/real-data.md,
+# "Instances"). Sets: nuclei (DSB 2018 subset, instance-id masks, "a
 # nucleus") and em (ISBI 2012 slices, prepare.instances_from: components, "a cell"), both
 # copied into the scratch folder only, at data.crop CROP (default 256) with data.augment on,
 # EPOCHS epochs a stage (default 40) and BATCH images a step (default 4).
@@ -18,8 +19,8 @@ EPOCHS=${EPOCHS:-40}
 BATCH=${BATCH:-4}
 # shellcheck source=tools/scratch_set.sh
 . "$SRC/tools/scratch_set.sh"
-echo "| set | stage | mIoU | AP | AP50 | count error | pmF1 | components AP | components AP50 | components count error |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+echo "| set | decode | stage | mIoU | AP | AP50 | count error | pmF1 | components AP | components AP50 | components count error |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for set in $SETS; do
   case $set in nuclei | em) ;; *) echo "unknown set $set (nuclei | em)" >&2; exit 2 ;; esac
   scratch_set "$SRC" "$REAL" "$SCRATCH/$set" "$set"
@@ -36,13 +37,19 @@ for set in $SETS; do
   python stages/prepare.py --no-progress > log.txt 2>&1
   for n in 1 2 3 4; do python stages/train.py --stage "$n" --no-progress >> log.txt 2>&1; done
   python stages/evaluate.py >> log.txt 2>&1
+  sed -i 's|^    decode: prompts |    decode: watershed |' params.yaml
+  grep -q "^    decode: watershed " params.yaml
+  python stages/evaluate.py --metrics metrics/evaluate_watershed.json \
+    --out metrics/eval_watershed >> log.txt 2>&1
   python - "$set" <<'PY'
 import json, sys
-m = json.load(open("metrics/evaluate.json"))
-for s in ("stage1", "stage2", "stage3", "stage4"):
-    e, c = m[s], m[s]["components"]
-    print(f"| {sys.argv[1]} | {s[-1]} | {e['miou']:.3f} | {e['ap']:.3f} | {e['ap50']:.3f} | "
-          f"{e['count_mae']:.1f} | {e['pmf1']:.3f} | {c['ap']:.3f} | {c['ap50']:.3f} | "
-          f"{c['count_mae']:.1f} |")
+for decode, path in (("prompts", "metrics/evaluate.json"),
+                     ("watershed", "metrics/evaluate_watershed.json")):
+    m = json.load(open(path))
+    for s in ("stage1", "stage2", "stage3", "stage4"):
+        e, c = m[s], m[s]["components"]
+        print(f"| {sys.argv[1]} | {decode} | {s[-1]} | {e['miou']:.3f} | {e['ap']:.3f} | "
+              f"{e['ap50']:.3f} | {e['count_mae']:.1f} | {e['pmf1']:.3f} | {c['ap']:.3f} | "
+              f"{c['ap50']:.3f} | {c['count_mae']:.1f} |")
 PY
 done

@@ -21,6 +21,7 @@ MASK_FORMATS = ("binary", "indexed", "per_class", "instances")
 FITS = ("crop", "pad")
 BATCH_BY = ("sample", "image")  # data.batch_by
 INSTANCES_FROM = ("objects", "components")  # prepare.instances_from
+DECODE_MODES = ("prompts", "watershed")  # evaluate.instances.decode
 SELECT = ("best", "last")
 
 
@@ -276,17 +277,20 @@ class PrepareConfig:
 
 @dataclass
 class InstanceConfig:
-    """Instance decoding (cdsam.inference.instances): centre-heatmap peaks → one point prompt
-    each through SAM's decoder → mask NMS."""
+    """Instance decoding (cdsam.inference.instances): centre-heatmap seeds on the semantic mask
+    → one point prompt each through SAM's decoder → mask NMS, or a watershed of the mask."""
 
+    decode: str = "prompts"  # prompts | watershed
     seed_threshold: float = 0.2  # a heatmap peak below this is no seed
-    min_distance: int = 2  # peaks at least this many low-res mask cells apart
+    # A peak is a seed when it stands this far above the saddle to any higher peak (h-maxima):
+    # two peaks of one object rarely dip this deep between them, two objects do.
+    seed_prominence: float = 0.1
     max_seeds: int = 500  # strongest seeds decoded per (image, prompt); DSB images hold up to 272
-    nms_iou: float = 0.5  # a mask overlapping a better-scored one more than this is dropped
+    nms_iou: float = 0.5  # prompts: a mask overlapping a better-scored one more than this is dropped
     min_area: int = 4  # pixels at the input size; smaller masks (and components) are dropped
     # An instance is returned (counted, matched for pmF1) when its prompt passes the presence
-    # threshold and its seed strength x predicted IoU reaches this; null: the value the
-    # checkpoint chose on val (best cgF1; 0.25 where it chose none).
+    # threshold and its quality reaches this; null: the value the checkpoint chose on val for
+    # the decode path (best cgF1; 0.25 where it chose none).
     min_quality: float | None = None
 
 

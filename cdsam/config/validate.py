@@ -8,6 +8,7 @@ from cdsam.config.schema import (
     AUTO,
     BATCH_BY,
     CLIP_MODES,
+    DECODE_MODES,
     FITS,
     INSTANCES_FROM,
     LR_SCALINGS,
@@ -216,6 +217,10 @@ def validate(p: Params, errors: list[str]) -> None:
     _check(0 < ev.threshold < 1, "evaluate.threshold", ev.threshold, "must be in (0, 1)", errors)
     _check(ev.num_overlays >= 0, "evaluate.num_overlays", ev.num_overlays, "must be >= 0", errors)
     ic = ev.instances
+    _check(ic.decode in DECODE_MODES, "evaluate.instances.decode", ic.decode,
+           f"must be one of {', '.join(DECODE_MODES)}", errors)
+    _check(0 < ic.seed_prominence < 1, "evaluate.instances.seed_prominence", ic.seed_prominence,
+           "must be in (0, 1)", errors)
     _check(0 <= ic.seed_threshold < 1, "evaluate.instances.seed_threshold", ic.seed_threshold,
            "must be in [0, 1)", errors)
     if ic.min_quality is not None:
@@ -223,7 +228,7 @@ def validate(p: Params, errors: list[str]) -> None:
                "must be in [0, 1) or null (the checkpoint's)", errors)
     _check(0 < ic.nms_iou <= 1, "evaluate.instances.nms_iou", ic.nms_iou, "must be in (0, 1]",
            errors)
-    for key in ("min_distance", "max_seeds", "min_area"):
+    for key in ("max_seeds", "min_area"):
         v = getattr(ic, key)
         _check(v >= 1, f"evaluate.instances.{key}", v, "must be >= 1", errors)
     if ev.drift_prompts is not None:

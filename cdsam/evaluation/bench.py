@@ -1,13 +1,14 @@
 """What instance decoding costs in evaluation, measured in one run: a checkpoint's text-only
 pass over a prepared split (one semantic mask per (image, prompt)) against the same pass
-followed by the seed decoding and NMS of `cdsam.inference.instances` (one decoder row per
-seed), each timed over the whole split after one untimed warm-up batch.
+followed by each decode path of `cdsam.inference.instances` (``prompts``: one decoder row per
+seed, then NMS; ``watershed``: none), each timed over the whole split after one untimed
+warm-up pass.
 
     python -m cdsam.evaluation.bench [--checkpoint models/stage4] [--data data/prepared]
                                      [--split test] [--repeats 3]
 
-It prints the device, the split's images and (image, prompt) pairs, the seeds (decoder rows)
-per pair and per image, seconds per image for both passes and their ratio (docs/benchmarks.md,
+It prints the device, the split's images and (image, prompt) pairs, the decoder rows per pair
+and per image, seconds per image for each pass and its ratio to the semantic pass (docs/benchmarks.md,
 "Instance decoding").
 """
 
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cdsam.config.schema import EvaluateConfig
+from cdsam.config.schema import DECODE_MODES, EvaluateConfig
 from cdsam.data.packed import PackedLoader
 from cdsam.data.prepared import PreparedSplit
 from cdsam.inference.instances import decode_instances
@@ -30,9 +32,9 @@ from cdsam.runtime import configure_determinism, precision_for, resolve_device
 
 @torch.no_grad()
 def time_split(checkpoint: Path, data: Path, split: str, repeats: int = 3,
-               device: str = "auto") -> dict[str, float]:
-    """Seconds per image of the text-only pass and of the pass with instance decoding (the
-    best of ``repeats`` passes each), and the seeds decoded."""
+               device: str = "auto") -> dict[str, dict[str, float]]:
+    """Per pass (``semantic`` and each decode path): seconds per image (the best of
+    ``repeats`` passes) and decoder rows per image; with the split's images and pairs."""
     dev = resolve_device(device)
     configure_determinism(dev)
     precision = precision_for(dev)
@@ -44,12 +46,10 @@ def time_split(checkpoint: Path, data: Path, split: str, repeats: int = 3,
     ev = EvaluateConfig()
     loader = PackedLoader(rows, ev.batch_size, dev, by_image=True, sample_budget=ev.batch_size)
     batches = list(loader)
-    images = len(rows.image_keys)
-    seeds = 0
+    images, pairs = len(rows.image_keys), len(rows)
 
-    def run(instances: bool) -> float:
-        nonlocal seeds
-        seeds = 0
+    def run(decode: str | None) -> tuple[float, int]:
+        extra = 0
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
@@ -59,24 +59,24 @@ def time_split(checkpoint: Path, data: Path, split: str, repeats: int = 3,
                 out = model(batch["image"], batch["prompt"], text=text,
                             image_of=batch["image_of"])
                 masks = (out.masks > 0).cpu()
-                if instances:
+                if decode is not None:
                     found = decode_instances(model, out, text.to(out.tokens.dtype),
-                                             tuple(masks.shape[-2:]), ev.instances,
-                                             budget=ev.batch_size)
-                    seeds += sum(f.seeds for f in found)
+                                             tuple(masks.shape[-2:]),
+                                             replace(ev.instances, decode=decode),
+                                             ev.threshold, budget=ev.batch_size)
+                    extra += sum(f.decoder_rows for f in found)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, extra
 
-    run(True)  # warm-up: first calls allocate and pick kernels
-    semantic = min(run(False) for _ in range(repeats))
-    with_instances = min(run(True) for _ in range(repeats))
-    pairs = len(rows)
-    return {"images": images, "pairs": pairs, "seeds_per_pair": seeds / max(pairs, 1),
-            "decoder_rows_per_image": (pairs + seeds) / max(images, 1),
-            "semantic_s_per_image": semantic / images,
-            "instances_s_per_image": with_instances / images,
-            "ratio": with_instances / semantic}
+    result: dict[str, dict[str, float]] = {"split": {"images": images, "pairs": pairs}}
+    for decode in (None, *DECODE_MODES):
+        run(decode)  # warm-up: first calls allocate and pick kernels
+        timed = [run(decode) for _ in range(repeats)]
+        seconds, extra = min(t for t, _ in timed), timed[0][1]
+        result[decode or "semantic"] = {"s_per_image": seconds / images,
+                                        "decoder_rows_per_image": (pairs + extra) / images}
+    return result
 
 
 def main() -> None:
@@ -90,17 +90,18 @@ def main() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
     r = time_split(Path(args.checkpoint), Path(args.data), args.split, args.repeats, args.device)
+    images, pairs = r["split"]["images"], r["split"]["pairs"]
     print(f"device {resolve_device(args.device)}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {args.checkpoint} on {args.split}: "
-          f"{r['images']} images, {r['pairs']} (image, prompt) pairs")
-    print("| pass | decoder rows per image | s per image |")
-    print("|---|---|---|")
-    print(f"| text prompts (semantic masks) | {r['pairs'] / r['images']:.1f} | "
-          f"{r['semantic_s_per_image']:.4f} |")
-    print(f"| + instance decoding ({r['seeds_per_pair']:.2f} seeds a pair) | "
-          f"{r['decoder_rows_per_image']:.1f} | {r['instances_s_per_image']:.4f} |")
-    print(f"instances cost {r['ratio']:.2f}x the semantic pass")
-
+          f"{images} images, {pairs} (image, prompt) pairs")
+    print("| pass | decoder rows per image | s per image | x the semantic pass |")
+    print("|---|---|---|---|")
+    base = r["semantic"]["s_per_image"]
+    for name in ("semantic", *DECODE_MODES):
+        what = "text prompts (semantic masks)" if name == "semantic" else f"+ instances, {name}"
+        row = r[name]
+        print(f"| {what} | {row['decoder_rows_per_image']:.1f} | {row['s_per_image']:.4f} | "
+              f"{row['s_per_image'] / base:.2f} |")
 
 if __name__ == "__main__":
     main()

@@ -40,11 +40,19 @@ def encode(masks: np.ndarray) -> list[dict]:
     return mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
 
 
-def matches(pred: list[dict], truth: list[dict], threshold: float) -> int:
-    """One-to-one matches with IoU >= ``threshold`` (the most there can be)."""
+def pair_ious(pred: list[dict], truth: list[dict]) -> np.ndarray:
+    """PxT mask IoU of RLEs ``pred`` against ``truth`` (all ``iscrowd 0``)."""
     if not pred or not truth:
+        return np.zeros((len(pred), len(truth)))
+    return np.asarray(mask_utils.iou(pred, truth, [0] * len(truth))).reshape(len(pred),
+                                                                             len(truth))
+
+
+def matches(ious: np.ndarray, threshold: float) -> int:
+    """One-to-one matches with IoU >= ``threshold`` (the most there can be) in a PxT IoU
+    matrix."""
+    if not ious.size:
         return 0
-    ious = np.asarray(mask_utils.iou(pred, truth, [0] * len(truth)))
     hit = (ious >= threshold).astype(np.float64)
     r, c = linear_sum_assignment(-hit)
     return int(hit[r, c].sum())
@@ -90,8 +98,9 @@ class InstanceScores:
         self.returned.append(bool(kept_rles))
         self.present.append(len(truth) > 0)
         if len(truth):
+            ious = pair_ious(kept_rles, gt_rles)
             for t, threshold in enumerate(IOU_THRESHOLDS):
-                tp = matches(kept_rles, gt_rles, threshold)
+                tp = matches(ious, threshold)
                 self.tp[t] += tp
                 self.fp[t] += len(kept_rles) - tp
                 self.fn[t] += len(truth) - tp
@@ -150,11 +159,7 @@ def choose_min_quality(pairs: list[tuple[np.ndarray, Instances]], presence_thres
     (no negatives: IL_MCC is 0 whatever is returned). Chosen on val by every training stage
     with the instance heads, as the presence threshold is."""
     one_sided = len({len(truth) > 0 for truth, _ in pairs}) < 2
-    ious = []
-    for truth, found in pairs:
-        dt, gt = encode(found.masks), encode(truth)
-        ious.append(np.asarray(mask_utils.iou(dt, gt, [0] * len(gt))).reshape(len(dt), len(gt))
-                    if dt and gt else np.zeros((len(found), len(truth))))
+    ious = [pair_ious(encode(found.masks), encode(truth)) for truth, found in pairs]
     best, best_q = -2.0, float(grid[0])
     for q in grid.tolist():
         tp = np.zeros(len(IOU_THRESHOLDS))
@@ -168,8 +173,7 @@ def choose_min_quality(pairs: list[tuple[np.ndarray, Instances]], presence_thres
             if not len(truth):
                 continue
             for t, threshold in enumerate(IOU_THRESHOLDS):
-                hit = (sub >= threshold).astype(np.float64)
-                m = int(hit[linear_sum_assignment(-hit)].sum()) if hit.size else 0
+                m = matches(sub, threshold)
                 tp[t] += m
                 fp[t] += len(sub) - m
                 fn[t] += len(truth) - m

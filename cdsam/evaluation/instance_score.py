@@ -18,7 +18,7 @@ from cdsam.data.manifest import FOREGROUND
 from cdsam.data.prepared import PreparedSplit
 from cdsam.evaluation.instance_metrics import InstanceScores, choose_min_quality
 from cdsam.inference.instances import Instances, decode_instances, mask_components
-from cdsam.inference.overlay import PALETTE, denormalize, outline, tint
+from cdsam.inference.overlay import PALETTE, captioned, denormalize, outline, tint
 from cdsam.models.forward import PrefixCache
 from cdsam.models.model import CDSAM
 from cdsam.models.objective import Objective
@@ -26,6 +26,17 @@ from cdsam.runtime import Precision
 
 COMPONENTS = "components"  # evaluate.json key of the baseline's figures
 DEFAULT_MIN_QUALITY = 0.25  # a checkpoint that chose none (its val split had no objects)
+
+
+def stored_min_quality(extra: dict[str, Any], decode: str) -> float:
+    """The ``min_quality`` a checkpoint chose on val for the ``decode`` path (meta.json's
+    ``instance_min_quality``: one value a path; a single number was the prompts path's)."""
+    chosen = extra.get("instance_min_quality")
+    if isinstance(chosen, dict):
+        chosen = chosen.get(decode)
+    elif decode != "prompts":
+        chosen = None
+    return DEFAULT_MIN_QUALITY if chosen is None else float(chosen)
 
 
 @dataclass
@@ -82,7 +93,7 @@ def instance_pairs(model: CDSAM, loader: Iterable[dict[str, Any]], split: Prepar
             out = model(images, batch["prompt"], prefix=prefix, start_block=start, text=text,
                         **extra)
             found = decode_instances(model, out, text.to(out.tokens.dtype),
-                                     tuple(images.shape[-2:]), cfg, budget=budget)
+                                     tuple(images.shape[-2:]), cfg, threshold, budget=budget)
         probs = torch.sigmoid(out.masks[:, 0].float()).cpu().numpy()
         ignore = (batch["valid"][:, 0] == 0).cpu().numpy()
         for j, i in enumerate(batch["index"].tolist()):
@@ -108,7 +119,7 @@ def score_instances(model: CDSAM, loader: Iterable[dict[str, Any]], split: Prepa
     for pair, rgb in instance_pairs(model, loader, split, objective, precision, ev.instances,
                                     ev.threshold, ev.batch_size, show=show):
         image, prompt = int(split.image_row[pair.row]) + 1, split.prompts[pair.row]
-        result.decoder_rows += pair.found.seeds
+        result.decoder_rows += pair.found.decoder_rows
         result.pairs += 1
         heads.add(image, prompt, pair.truth, pair.found, pair.ignore)
         comps.add(image, prompt, pair.truth, pair.components, pair.ignore)
@@ -123,20 +134,12 @@ def score_instances(model: CDSAM, loader: Iterable[dict[str, Any]], split: Prepa
 def instance_panel(rgb: np.ndarray, found: Instances, presence_threshold: float,
                    min_quality: float, caption: str, scale: int = 3) -> Image.Image:
     """The returned objects, one colour each with a white outline, and their count."""
-    from PIL import ImageDraw
-
     img = rgb
     kept = found.kept(presence_threshold, min_quality)
     for n, m in enumerate(found.masks[kept]):
         img = tint(img, m, PALETTE[n % len(PALETTE)], alpha=0.6)
         img[outline(m)] = (255, 255, 255)
-    h, w = img.shape[:2]
-    pil = Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST)
-    panel = Image.new("RGB", (pil.width, pil.height + 14), (255, 255, 255))
-    panel.paste(pil, (0, 0))
-    text = f"{caption[:28]}: {int(kept.sum())} (p {found.presence:.2f})"
-    ImageDraw.Draw(panel).text((2, pil.height + 1), text, fill=(0, 0, 0))
-    return panel
+    return captioned(img, f"{caption[:28]}: {int(kept.sum())} (p {found.presence:.2f})", scale)
 
 
 def choose_thresholds(model: CDSAM, loader: Iterable[dict[str, Any]], split: PreparedSplit,

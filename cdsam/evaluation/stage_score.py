@@ -24,9 +24,9 @@ from cdsam.data.spatial import BOX, CLICK
 from cdsam.data.templates import PromptEnsembles
 from cdsam.evaluation.class_grid import ClassGrid, score_class_grid
 from cdsam.evaluation.instance_score import (
-    DEFAULT_MIN_QUALITY,
     instance_panel,
     score_instances,
+    stored_min_quality,
 )
 from cdsam.evaluation.metrics import per_prompt
 from cdsam.evaluation.pairs import PairOverlaps, pair_rows, prompt_pairs
@@ -202,7 +202,7 @@ def score_checkpoint(path: Path, split: ScoredSplit, params: Params, precision: 
         threshold = float(meta.extra.get("presence_threshold", 0.5))
         quality = ev.instances.min_quality
         if quality is None:
-            quality = float(meta.extra.get("instance_min_quality", DEFAULT_MIN_QUALITY))
+            quality = stored_min_quality(meta.extra, ev.instances.decode)
         metrics.update(presence_figures(res, threshold))
         if split.rows.objects is None:
             log.info("%s: the split has no objects (instances.csv): presence figures only", path)

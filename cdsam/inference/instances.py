@@ -1,25 +1,36 @@
-"""One mask per object from a text prompt: centre-heatmap peaks → point prompts through SAM's
-decoder → mask NMS (``evaluate.instances`` holds the knobs).
+"""One mask per object from a text prompt: seeds from the centre heatmap, then either point
+prompts through SAM's decoder or a watershed of the semantic mask (``evaluate.instances``
+holds the knobs; ``decode`` picks the path).
 
-The centre head (`cdsam.models.instance_heads`) gives per (image, prompt) a heatmap at the
-decoder's mask resolution; its local maxima (scikit-image's ``peak_local_max``) above
-``seed_threshold`` are the seeds. Each seed is a positive click next to the prompt's text,
-decoded against the image's one encoding, all seeds of a batch in batched decoder calls: SAM's
-decoder merges every sparse token given together into one mask, so each seed is its own
-decoder row (as micro-sam's automatic instance segmentation feeds its seeds). Training taught
-the decoder that text + a click inside one object means that object
+The centre head (`cdsam.models.instance_heads`) gives per (image, prompt) a heatmap at 4x the
+token grid. A *seed* is a regional maximum of it that stands at least ``seed_prominence``
+above the saddle to any higher ground (scikit-image's ``h_maxima``: no distance in pixels, so
+one knob serves small and large objects), reaches ``seed_threshold`` and lies on the
+prompt's semantic mask.
+
+``prompts``: each seed is a positive click next to the prompt's text, decoded against the
+image's one encoding, all seeds of a batch in batched decoder calls: SAM's decoder merges
+every sparse token given together into one mask, so each seed is its own decoder row (as
+micro-sam's automatic prompt generation feeds its seeds). Training taught the decoder that
+text + a click inside one object means that object
 (`cdsam.data.spatial.focus_clicked_objects`). Masks smaller than ``min_area`` are dropped, the
-rest go through greedy mask NMS (``nms_iou``), best quality first.
+rest go through greedy mask NMS (``nms_iou``), best quality first. Quality = the seed's
+strength (the heatmap at the peak) x SAM's predicted IoU.
 
-Scores: an object's *quality* is its seed's strength (the heatmap at the peak) × SAM's
-predicted IoU; its *score* is the prompt's presence probability × quality (SAM 3 multiplies
-query and presence scores alike). An object is *kept* (returned, counted) when the presence
-passes the checkpoint's ``presence_threshold`` and its quality reaches ``min_quality``;
-average precision ranks every decoded object by score.
+``watershed``: the semantic mask is split by a watershed of the (upsampled) heatmap from the
+seeds (scikit-image's ``watershed``, as micro-sam's instance decoder splits its foreground);
+a piece of the mask no seed reaches is an object of its own. No decoder rows beyond the
+semantic pass. Quality = the object's mean mask probability (as the components baseline);
+its score also multiplies the heatmap's peak inside it, so AP ranks split objects by it.
+
+An object's *score* is the prompt's presence probability x quality (SAM 3 multiplies query
+and presence scores alike; watershed x the peak as said). An object is *kept* (returned,
+counted) when the presence passes the checkpoint's ``presence_threshold`` and its quality
+reaches ``min_quality``; average precision ranks every decoded object by score.
 
 :func:`mask_components` is the baseline the figures are read against: each connected piece
 (8-connected, SciPy's ``ndimage.label``) of the thresholded semantic mask as an object, scored
-presence × its mean probability.
+presence x its mean probability.
 """
 
 from __future__ import annotations
@@ -28,10 +39,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
-from skimage.feature import peak_local_max
+from skimage.morphology import h_maxima
+from skimage.segmentation import watershed
 
-from cdsam.config.schema import InstanceConfig
+from cdsam.config.schema import DECODE_MODES, InstanceConfig
 from cdsam.data.spatial import POINT_SLOTS
 from cdsam.models.model import CDSAM, CDSAMOutput
 
@@ -43,10 +56,10 @@ class Instances:
     """The objects found for one (image, prompt)."""
 
     masks: np.ndarray  # KxHxW bool, at the input size
-    scores: np.ndarray  # K: presence x quality
-    quality: np.ndarray  # K: seed strength x predicted IoU (components: mean probability)
+    scores: np.ndarray  # K: what AP ranks by (presence x quality; watershed also x the peak)
+    quality: np.ndarray  # K: what min_quality cuts (see the module's doc, per decode path)
     presence: float  # the prompt's presence probability
-    seeds: int = 0  # seeds decoded for it (one decoder row each)
+    decoder_rows: int = 0  # decoder rows spent beyond the semantic pass (prompts: one a seed)
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -62,12 +75,21 @@ class Instances:
         return cls(np.zeros((0, *size), bool), np.zeros(0), np.zeros(0), presence)
 
 
-def find_seeds(heat: np.ndarray, cfg: InstanceConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(Kx2 int row, col of the peaks, strongest first; K heat values) of an hxw heatmap."""
-    peaks = peak_local_max(heat, min_distance=cfg.min_distance, threshold_abs=cfg.seed_threshold,
-                           exclude_border=False, num_peaks=cfg.max_seeds)
-    peaks = np.asarray(peaks, np.int64).reshape(-1, 2)
-    return peaks, heat[peaks[:, 0], peaks[:, 1]].astype(np.float64)
+def find_seeds(heat: np.ndarray, foreground: np.ndarray, cfg: InstanceConfig
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(Kx2 int row, col of the seeds, strongest first; K heat values) of an hxw heatmap:
+    its maxima of prominence ``seed_prominence`` at or above ``seed_threshold`` on
+    ``foreground`` (hxw bool), one seed (the highest cell) per maximal plateau."""
+    tops = h_maxima(heat, cfg.seed_prominence).astype(bool) & foreground & \
+        (heat >= cfg.seed_threshold)
+    regions, n = ndimage.label(tops, structure=_EIGHT)
+    if n == 0:
+        return np.zeros((0, 2), np.int64), np.zeros(0)
+    peaks = np.asarray(ndimage.maximum_position(heat, regions, np.arange(1, n + 1)),
+                       np.int64).reshape(-1, 2)
+    strength = heat[peaks[:, 0], peaks[:, 1]].astype(np.float64)
+    order = np.argsort(-strength, kind="stable")[:cfg.max_seeds]
+    return peaks[order], strength[order]
 
 
 def seed_points(peaks: np.ndarray, heat_size: tuple[int, int],
@@ -95,17 +117,39 @@ def mask_nms(masks: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
 
 @torch.no_grad()
 def decode_instances(model: CDSAM, out: CDSAMOutput, text: torch.Tensor,
-                     image_size: tuple[int, int], cfg: InstanceConfig,
+                     image_size: tuple[int, int], cfg: InstanceConfig, threshold: float,
                      budget: int = 64) -> list[Instances]:
     """The objects of each row of ``out`` (a text-only pass of ``model`` with the instance
-    heads; ``text``: its rows' text features), decoding at most ``budget`` seeds a call."""
-    rows = out.presence.shape[0]
+    heads; ``text``: its rows' text features; ``threshold``: the semantic mask's) by
+    ``cfg.decode``, decoding at most ``budget`` seeds a decoder call."""
     presence = torch.sigmoid(out.presence.float()).cpu().numpy()
-    heat = torch.sigmoid(out.centres[:, 0].float()).cpu().numpy()
+    prob = torch.sigmoid(out.masks[:, :1].float())
+    centres = torch.sigmoid(out.centres[:, :1].float())
+    if cfg.decode not in DECODE_MODES:
+        raise ValueError(f"decode: {cfg.decode!r} is not one of {DECODE_MODES}")
+    if cfg.decode == "watershed":
+        heat = F.interpolate(centres, size=prob.shape[-2:], mode="bilinear",
+                             align_corners=False)
+        return [watershed_instances(h, p, threshold, float(pr), cfg) for h, p, pr in
+                zip(heat[:, 0].cpu().numpy(), prob[:, 0].cpu().numpy(), presence, strict=True)]
+    # A heatmap cell is on the mask when any pixel it covers is.
+    fg = (F.adaptive_max_pool2d(prob, centres.shape[-2:]) > threshold)[:, 0].cpu().numpy()
+    heat = centres[:, 0].cpu().numpy()
+    return prompted_instances(model, out, text, image_size, cfg, heat, fg, presence, budget)
+
+
+def prompted_instances(model: CDSAM, out: CDSAMOutput, text: torch.Tensor,
+                       image_size: tuple[int, int], cfg: InstanceConfig, heat: np.ndarray,
+                       foreground: np.ndarray, presence: np.ndarray, budget: int
+                       ) -> list[Instances]:
+    """``decode: prompts``: each seed of each row's heatmap (Rxhxw) a click through SAM's
+    decoder → min_area → mask NMS."""
+    rows = len(presence)
     image_of = out.image_of if out.image_of is not None else \
         torch.arange(rows, device=out.tokens.device)
-    seeds = [find_seeds(heat[s], cfg) for s in range(rows)]
-    row_of = np.concatenate([np.full(len(p), s, np.int64) for s, (p, _) in enumerate(seeds)])
+    seeds = [find_seeds(heat[s], foreground[s], cfg) for s in range(rows)]
+    row_of = np.concatenate([np.full(len(p), s, np.int64) for s, (p, _) in enumerate(seeds)]) \
+        if rows else np.zeros(0, np.int64)
     points = np.concatenate([seed_points(p, heat.shape[-2:], image_size) for p, _ in seeds]) \
         if rows else np.zeros((0, 2), np.float32)
     strength = np.concatenate([v for _, v in seeds]) if rows else np.zeros(0)
@@ -136,8 +180,31 @@ def decode_instances(model: CDSAM, out: CDSAMOutput, text: torch.Tensor,
         m, q = m[big], q[big]
         keep = mask_nms(m, q, cfg.nms_iou) if len(q) else np.zeros(0, np.int64)
         found.append(Instances(m[keep], float(presence[s]) * q[keep], q[keep],
-                               float(presence[s]), seeds=len(mine)))
+                               float(presence[s]), decoder_rows=len(mine)))
     return found
+
+
+def watershed_instances(heat: np.ndarray, prob: np.ndarray, threshold: float, presence: float,
+                        cfg: InstanceConfig) -> Instances:
+    """``decode: watershed``: ``prob > threshold`` (HxW) split by a watershed of ``heat``
+    (HxW, the heatmap at the input size) from its seeds; a piece no seed reaches is one
+    object."""
+    fg = prob > threshold
+    peaks, _ = find_seeds(heat, fg, cfg)
+    markers = np.zeros(fg.shape, np.int32)
+    markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1)
+    labels = watershed(-heat, markers, mask=fg, connectivity=2)
+    rest, n = ndimage.label(fg & (labels == 0), structure=_EIGHT)
+    labels = np.where(rest > 0, rest + len(peaks), labels)
+    ids = np.arange(1, len(peaks) + n + 1)
+    if not len(ids):
+        return Instances.empty(prob.shape, presence)
+    area = ndimage.sum_labels(np.ones_like(prob), labels, ids)
+    ids = ids[area >= cfg.min_area]
+    mean = np.asarray(ndimage.mean(prob, labels, ids), np.float64).reshape(-1)
+    peak = np.asarray(ndimage.maximum(heat, labels, ids), np.float64).reshape(-1)
+    masks = labels[None] == ids[:, None, None]
+    return Instances(masks, presence * mean * peak, mean, presence)
 
 
 def mask_components(prob: np.ndarray, threshold: float, presence: float,

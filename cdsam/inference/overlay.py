@@ -44,11 +44,16 @@ def sample_panel(rgb: np.ndarray, pred: np.ndarray, truth: np.ndarray | None, ca
     img = tint(rgb, pred, (230, 25, 75))
     if truth is not None:
         img[outline(truth)] = (255, 255, 255)
+    return captioned(img, caption[:40], scale)
+
+
+def captioned(img: np.ndarray, text: str, scale: int = 3) -> Image.Image:
+    """HxWx3 uint8 upscaled ``scale`` times (nearest) with ``text`` on a white strip below."""
     h, w = img.shape[:2]
     pil = Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST)
     panel = Image.new("RGB", (pil.width, pil.height + 14), (255, 255, 255))
     panel.paste(pil, (0, 0))
-    ImageDraw.Draw(panel).text((2, pil.height + 1), caption[:40], fill=(0, 0, 0))
+    ImageDraw.Draw(panel).text((2, pil.height + 1), text, fill=(0, 0, 0))
     return panel
 
 

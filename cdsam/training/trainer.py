@@ -39,7 +39,7 @@ from tqdm import tqdm
 import cdsam
 from cdsam import distributed
 from cdsam.config.parse import to_dict
-from cdsam.config.schema import AUTO, InstanceConfig, OptimConfig, Params
+from cdsam.config.schema import AUTO, DECODE_MODES, InstanceConfig, OptimConfig, Params
 from cdsam.config.stages import StagePlan, drop_speed_values, plan_stage
 from cdsam.data.packed import PackedLoader
 from cdsam.data.prepared import PreparedSplit, prepared_digest
@@ -149,7 +149,7 @@ class StageTrainer:
         self.sam_mode = self.plan.sam_mode
         self.select = self.plan.select
         self.selected_epoch = 0
-        self.instance_min_quality: float | None = None  # chosen on val (instance heads)
+        self.instance_min_quality: dict[str, float] | None = None  # per decode path, on val
         self.history: list[dict[str, float]] = []
         self.step_losses: list[list[float]] = []  # per epoch, per step (the benchmark reads it)
         self.epoch_times: list[float] = []
@@ -678,21 +678,25 @@ class StageTrainer:
         }
 
     def _choose_instance_quality(self, chosen: dict[str, float]) -> None:
-        """The kept model's ``min_quality`` (best val cgF1 at the kept epoch's presence
-        threshold), decoded with `InstanceConfig`'s defaults: the training stages do not read
-        ``evaluate.instances``."""
+        """The kept model's ``min_quality`` for each decode path (best val cgF1 at the kept
+        epoch's presence threshold), decoded with `InstanceConfig`'s defaults and a semantic
+        threshold of 0.5: the training stages do not read ``evaluate``."""
         self.instance_min_quality = None
         val = self.packs.get("val") if self.packs else None
         if not self.model.has_instance_heads or val is None or val.objects is None or \
                 "presence_threshold" not in chosen:
             return
-        quality, cgf1 = choose_thresholds(
-            self.model, self.val_loader, val, self.objective, self.precision, InstanceConfig(),
-            0.5, max(self.optim_cfg.batch_size, 32), chosen["presence_threshold"], self.cache)
-        self.instance_min_quality = quality
-        log.info("stage%d instances on val: presence threshold %.3f, min_quality %.2f "
-                 "(cgF1, or pmF1 without negatives: %.3f)", self.stage,
-                 chosen["presence_threshold"], quality, cgf1)
+        self.instance_min_quality, said = {}, []
+        for decode in DECODE_MODES:
+            quality, cgf1 = choose_thresholds(
+                self.model, self.val_loader, val, self.objective, self.precision,
+                InstanceConfig(decode=decode), 0.5, max(self.optim_cfg.batch_size, 32),
+                chosen["presence_threshold"], self.cache)
+            self.instance_min_quality[decode] = quality
+            said.append(f"{decode} {quality:.2f} ({cgf1:.3f})")
+        log.info("stage%d instances on val: presence threshold %.3f; min_quality (cgF1, or pmF1 "
+                 "without negatives) %s", self.stage, chosen["presence_threshold"],
+                 ", ".join(said))
 
     # ---- save
     def save(self, state: dict[str, torch.Tensor] | None = None) -> None:
