@@ -132,13 +132,18 @@ def cmd_predict(args: argparse.Namespace) -> None:
                           batch_size=args.batch_size, semantic=args.semantic,
                           save_probs=args.save_probs, overlay=not args.no_overlay,
                           on_bad_file=args.on_bad_file, show_progress=not args.no_progress,
-                          tile=args.tile, overlap=args.overlap, points=points, box=box)
+                          tile=args.tile, overlap=args.overlap, points=points, box=box,
+                          instances=args.instances, formats=args.formats or [])
     if args.presence_threshold is not None and not 0 <= args.presence_threshold < 1:
         raise UserError(f"--presence-threshold: {args.presence_threshold} must be in [0, 1)")
+    if args.min_quality is not None and not 0 <= args.min_quality < 1:
+        raise UserError(f"--min-quality: {args.min_quality} must be in [0, 1)")
     predictor = load_model(args.checkpoint, resolve_device(args.device),
-                           args.presence_threshold)
+                           args.presence_threshold, args.decode, args.min_quality)
     # A class: its name in every training template, the mean of their features.
-    prompts += [predictor.class_prompt(name) for name in args.classes or []]
+    classes = {predictor.class_prompt(name): name for name in args.classes or []}
+    prompts += list(classes)
+    opts.labels = classes  # annotation files label a class's objects by its name
     unknown = [p for p in prompts if p not in predictor.known_prompts]
     if unknown and predictor.known_prompts:
         log.warning("prompts not in the training vocabulary (may work less well): %s", unknown)
@@ -289,6 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a text prompt whose presence probability is below this gets an empty "
                         "mask (default: the threshold the checkpoint chose on val; 0: never "
                         "gate). Checkpoints with the instance heads only")
+    s.add_argument("--instances", action="store_true",
+                   help="also each prompt's objects: <stem>__instances.png (16-bit ids), "
+                        "instances.csv and coco_results.json (checkpoints with the instance "
+                        "heads; docs/inference.md)")
+    s.add_argument("--format", dest="formats", action="append", choices=("coco", "labelme",
+                                                                         "cvat"),
+                   help="with --instances: annotation files the tool opens (coco.json, "
+                        "labelme/<stem>.json, cvat.xml), for correcting and training on; "
+                        "repeatable")
+    s.add_argument("--decode", choices=("prompts", "watershed"), default="prompts",
+                   help="with --instances: each seed a click through SAM's decoder (prompts) "
+                        "or the seeds splitting the mask (watershed: dense small objects)")
+    s.add_argument("--min-quality", type=float, default=None,
+                   help="with --instances: an object's quality needed to be returned "
+                        "(default: the checkpoint's choice on val for --decode)")
     s.add_argument("--batch-size", type=int, default=8, help="images per model call")
     s.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda:N")
     s.add_argument("--semantic", action="store_true",

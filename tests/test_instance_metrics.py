@@ -127,7 +127,7 @@ def test_ap_with_more_objects_than_coco_s_100_detections():
 
 
 def test_a_checkpoints_min_quality_is_read_per_decode_path():
-    from cdsam.evaluation.instance_score import DEFAULT_MIN_QUALITY, stored_min_quality
+    from cdsam.inference.instances import DEFAULT_MIN_QUALITY, stored_min_quality
 
     both = {"instance_min_quality": {"prompts": 0.3, "watershed": 0.55}}
     assert stored_min_quality(both, "prompts") == 0.3

@@ -17,7 +17,11 @@ from cdsam.config.schema import EvaluateConfig, InstanceConfig
 from cdsam.data.manifest import FOREGROUND
 from cdsam.data.prepared import PreparedSplit
 from cdsam.evaluation.instance_metrics import InstanceScores, choose_min_quality
-from cdsam.inference.instances import Instances, decode_instances, mask_components
+from cdsam.inference.instances import (
+    Instances,
+    decode_instances,
+    mask_components,
+)
 from cdsam.inference.overlay import PALETTE, captioned, denormalize, outline, tint
 from cdsam.models.forward import PrefixCache
 from cdsam.models.model import CDSAM
@@ -25,20 +29,6 @@ from cdsam.models.objective import Objective
 from cdsam.runtime import Precision
 
 COMPONENTS = "components"  # evaluate.json key of the baseline's figures
-DEFAULT_MIN_QUALITY = 0.25  # a checkpoint that chose none (its val split had no objects)
-
-
-def stored_min_quality(extra: dict[str, Any], decode: str) -> float:
-    """The ``min_quality`` a checkpoint chose on val for the ``decode`` path (meta.json's
-    ``instance_min_quality``: one value a path; a single number was the prompts path's)."""
-    chosen = extra.get("instance_min_quality")
-    if isinstance(chosen, dict):
-        chosen = chosen.get(decode)
-    elif decode != "prompts":
-        chosen = None
-    return DEFAULT_MIN_QUALITY if chosen is None else float(chosen)
-
-
 @dataclass
 class InstanceResult:
     figures: dict[str, Any]  # the heads' figures, the baseline's under COMPONENTS

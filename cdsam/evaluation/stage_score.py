@@ -26,7 +26,6 @@ from cdsam.evaluation.class_grid import ClassGrid, score_class_grid
 from cdsam.evaluation.instance_score import (
     instance_panel,
     score_instances,
-    stored_min_quality,
 )
 from cdsam.evaluation.metrics import per_prompt
 from cdsam.evaluation.pairs import PairOverlaps, pair_rows, prompt_pairs
@@ -39,6 +38,7 @@ from cdsam.evaluation.text_drift import (
     rebuild_base_tower,
     tower_is_base,
 )
+from cdsam.inference.instances import stored_min_quality
 from cdsam.inference.overlay import denormalize, grid, sample_panel
 from cdsam.inference.predictor import Predictor, ensembles_of
 from cdsam.models.checkpoint import CheckpointMeta, load_checkpoint

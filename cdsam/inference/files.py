@@ -6,7 +6,8 @@ once per prompt for the whole run, the SAM decoder per (image, prompt). Images l
 through overlapping tiles (`cdsam.inference.tiling`). Per image it writes one
 mask PNG per prompt (0/255, the image's size), the overlay, and optionally the semantic label
 map and the probabilities; ``summary.csv`` has one row per (image, prompt) and ``summary.json``
-the run (images/s, skipped files, text-encoder calls).
+the run (images/s, skipped files, text-encoder calls). With ``instances`` each prompt's objects
+as well (`cdsam.inference.instance_files`: id PNGs, COCO results, labelme / CVAT / COCO files).
 """
 
 from __future__ import annotations
@@ -30,8 +31,16 @@ from tqdm import tqdm
 from cdsam import io
 from cdsam.data.manifest import slug
 from cdsam.errors import DataError, UserError
+from cdsam.inference.instance_files import InstanceWriter
 from cdsam.inference.overlay import PALETTE
-from cdsam.inference.predictor import Predictor, legend_overlay, semantic_labels, to_pil
+from cdsam.inference.predictor import (
+    Predictor,
+    PromptObjects,
+    legend_overlay,
+    objects_at,
+    semantic_labels,
+    to_pil,
+)
 from cdsam.inference.tiling import predict_tiled, windows
 
 log = logging.getLogger("cdsam.inference.predictor")
@@ -56,6 +65,9 @@ class PredictOptions:
     # one image at a time (`read_spatial`).
     points: list[tuple[float, float]] | None = None
     box: tuple[float, float, float, float] | None = None
+    instances: bool = False  # also each prompt's objects (checkpoints with the instance heads)
+    formats: list[str] = field(default_factory=list)  # annotation files: coco | labelme | cvat
+    labels: dict[str, str] = field(default_factory=dict)  # prompt -> label in those files
     skipped: list[dict[str, str]] = field(default_factory=list)
 
 
@@ -237,6 +249,19 @@ def _batch_logits(predictor: Predictor, batch: list[tuple[int, Image.Image]],
                                         opts.batch_size)
 
 
+def _batch_instances(predictor: Predictor, batch: list[tuple[int, Image.Image]],
+                     prompts: list[str], opts: PredictOptions
+                     ) -> Iterator[tuple[int, Image.Image, torch.Tensor, list[PromptObjects]]]:
+    """(index, image, PxHxW logits, each prompt's objects at the image's size)."""
+    prepared = [predictor.prepare(pil) for _, pil in batch]
+    frames, _, found = predictor.frame_instances([x for x, _, _ in prepared], prompts,
+                                                 opts.threshold, opts.batch_size * len(prompts))
+    for (i, pil), (_, geo, _), frame, objects in zip(batch, prepared, frames, found,
+                                                     strict=True):
+        yield i, pil, geo.to_original(frame), [objects_at(geo, f, p) for f, p in
+                                               zip(objects, prompts, strict=True)]
+
+
 def _write_image_outputs(stem: str, pil: Image.Image, probs: np.ndarray, prompts: list[str],
                          opts: PredictOptions) -> list[np.ndarray]:
     out, masks = opts.out, probs > opts.threshold
@@ -276,31 +301,50 @@ def predict_files(predictor: Predictor, images: Sequence[Path], prompts: list[st
         raise UserError(f"--batch-size: {opts.batch_size} must be >= 1")
     if opts.tile:
         windows(opts.tile, opts.tile, opts.tile, opts.overlap)  # checks tile / overlap
+    writer = None
+    if opts.formats and not opts.instances:
+        raise UserError("--format: annotation files list objects; add --instances")
+    if opts.instances:
+        if opts.tile:
+            raise UserError("--instances: not with --tile (objects cut by tile borders are "
+                            "not joined yet)")
+        if opts.points or opts.box is not None:
+            raise UserError("--instances: objects are found from the text alone, not with "
+                            "--point or --box (a click already names one object)")
+        predictor.require_instances()
+        writer = InstanceWriter(opts.out, prompts, opts.formats, opts.labels)
     opts.out.mkdir(parents=True, exist_ok=True)
     stems = output_stems(images)
     rows: list[dict[str, Any]] = []
-    calls0 = predictor.model.clip_text.calls
+    calls0, seeds0 = predictor.model.clip_text.calls, predictor.seed_rows
     t0 = time.perf_counter()
     bar = tqdm(total=len(images), desc="predict", unit="image", disable=not opts.show_progress)
     for batch in _batches(_decoded(images, opts), opts.batch_size):
         for i, pil in batch:
             _check_inside(images[i], pil, opts)
-        for i, pil, logits in _batch_logits(predictor, batch, prompts, opts):
+        results = _batch_instances(predictor, batch, prompts, opts) if writer else \
+            ((i, pil, logits, None) for i, pil, logits in
+             _batch_logits(predictor, batch, prompts, opts))
+        for i, pil, logits, objects in results:
             # In place: one full-size float copy per image, not two; thresholded right here.
             probs = logits.sigmoid_().numpy()
             masks = _write_image_outputs(stems[i], pil, probs, prompts, opts)
-            for prompt, mask, p in zip(prompts, masks, probs, strict=True):
+            if writer is not None and objects is not None:
+                writer.add(images[i], stems[i], pil.size, objects)
+            for k, (prompt, mask, p) in enumerate(zip(prompts, masks, probs, strict=True)):
                 rows.append({"image": str(images[i]), "prompt": prompt,
                              "area_px": int(mask.sum()), "area_fraction": float(mask.mean()),
-                             "max_prob": float(p.max())})
-            del logits, probs, masks, p  # before the next image's full-size logits are made
+                             "max_prob": float(p.max()),
+                             **({"objects": len(objects[k])} if objects is not None else {})})
+            del logits, probs, masks, p, objects  # before the next image's full-size logits
         bar.update(len(batch))
     done = len(images) - len(opts.skipped)
     bar.update(len(opts.skipped))
     bar.close()
     elapsed = time.perf_counter() - t0
     with io.atomic_path(opts.out / "summary.csv") as tmp:
-        pd.DataFrame(rows, columns=["image", "prompt", "area_px", "area_fraction", "max_prob"]
+        pd.DataFrame(rows, columns=["image", "prompt", "area_px", "area_fraction", "max_prob",
+                                    *(["objects"] if writer else [])]
                      ).to_csv(tmp, index=False)
     summary = {
         "images": done, "prompts": prompts, "skipped": opts.skipped,
@@ -311,5 +355,13 @@ def predict_files(predictor: Predictor, images: Sequence[Path], prompts: list[st
         "overlap": opts.overlap if opts.tile else None,
         "points": opts.points, "box": opts.box,
     }
+    if writer is not None:
+        cfg = predictor.instance_cfg
+        # One decoder row per (image, prompt) for the mask, one per seed (decode: prompts).
+        rows_per_image = len(prompts) + (predictor.seed_rows - seeds0) / max(done, 1)
+        summary["instances"] = {**writer.close(), "decode": cfg.decode,
+                                "min_quality": predictor.min_quality,
+                                "presence_threshold": predictor.presence_threshold,
+                                "decoder_rows_per_image": round(rows_per_image, 2)}
     io.write_json(opts.out / "summary.json", summary)
     return summary

@@ -49,6 +49,7 @@ from cdsam.data.spatial import POINT_SLOTS
 from cdsam.models.model import CDSAM, CDSAMOutput
 
 _EIGHT = np.ones((3, 3), bool)
+DEFAULT_MIN_QUALITY = 0.25  # a checkpoint that chose none (its val split had no objects)
 
 
 @dataclass
@@ -70,9 +71,25 @@ class Instances:
             return np.zeros(len(self), bool)
         return self.quality >= min_quality
 
+    def select(self, keep: np.ndarray) -> Instances:
+        """The objects ``keep`` (K bool or indices) marks."""
+        return Instances(self.masks[keep], self.scores[keep], self.quality[keep],
+                         self.presence, self.decoder_rows)
+
     @classmethod
     def empty(cls, size: tuple[int, int], presence: float) -> Instances:
         return cls(np.zeros((0, *size), bool), np.zeros(0), np.zeros(0), presence)
+
+
+def stored_min_quality(extra: dict, decode: str) -> float:
+    """The ``min_quality`` a checkpoint chose on val for the ``decode`` path (meta.json's
+    ``instance_min_quality``: one value a path; a single number was the prompts path's)."""
+    chosen = extra.get("instance_min_quality")
+    if isinstance(chosen, dict):
+        chosen = chosen.get(decode)
+    elif decode != "prompts":
+        chosen = None
+    return DEFAULT_MIN_QUALITY if chosen is None else float(chosen)
 
 
 def find_seeds(heat: np.ndarray, foreground: np.ndarray, cfg: InstanceConfig

@@ -1,4 +1,5 @@
-"""Inference: ``cdsam.load_model(path).predict(image, prompts)`` → one mask per prompt.
+"""Inference: ``cdsam.load_model(path).predict(image, prompts)`` → one mask per prompt, and
+with ``instances=True`` one mask per object (`cdsam.inference.instances`).
 
 The image goes through the training geometry (``data.fit``, ``data.resize``, ``data.crop``,
 read from the checkpoint; see `cdsam.data.geometry`), and the logits come back to the image's
@@ -17,12 +18,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cdsam.config.schema import DECODE_MODES, InstanceConfig
 from cdsam.data.dataset import pil_to_tv_image
 from cdsam.data.geometry import Geometry, fit_transform, normalize_transform
 from cdsam.data.manifest import read_image, to_rgb, upright
 from cdsam.data.spatial import POINT_SLOTS
 from cdsam.data.templates import PromptEnsembles
 from cdsam.errors import DataError, UserError
+from cdsam.inference.instances import Instances, decode_instances, stored_min_quality
 from cdsam.models.checkpoint import CheckpointMeta, load_checkpoint
 from cdsam.models.model import CDSAM
 
@@ -38,12 +41,51 @@ class Prediction:
     # instance heads); a text-only prompt below the predictor's presence_threshold gets an
     # empty mask.
     presence: np.ndarray | None = None
+    # P: each prompt's objects, with ``predict(..., instances=True)``.
+    instances: list[PromptObjects] | None = None
 
     @property
     def probs(self) -> np.ndarray:
         if self.logits is None:
             raise ValueError("predict(..., return_logits=True) keeps the logits")
         return torch.sigmoid(torch.from_numpy(self.logits)).numpy()
+
+
+@dataclass
+class PromptObjects:
+    """The objects one prompt found in one image, as returned (presence passed, quality at or
+    above the predictor's ``min_quality``), best score first."""
+
+    prompt: str
+    masks: np.ndarray  # KxHxW bool, the image's size
+    scores: np.ndarray  # K: presence x quality (cdsam.inference.instances)
+    presence: float  # the prompt's presence probability
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @property
+    def boxes(self) -> np.ndarray:
+        """Kx4 float (x0, y0, x1, y1): each mask's bounding box in pixel edges (a one-pixel
+        object at (x, y) is (x, y, x + 1, y + 1))."""
+        out = np.zeros((len(self), 4))
+        for k, m in enumerate(self.masks):
+            ys, xs = np.nonzero(m)
+            out[k] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        return out
+
+
+def objects_at(geo: Geometry, found: Instances, prompt: str, chunk: int = 32) -> PromptObjects:
+    """Objects in the model's input frame → at the image's size (each mask through the same
+    geometry as the semantic logits: ±1 resized, > 0), best score first; an object the
+    resizing leaves without a pixel is dropped."""
+    order = np.argsort(-found.scores, kind="stable")
+    masks = np.zeros((len(order), *geo.size), bool)
+    for lo in range(0, len(order), chunk):
+        m = torch.from_numpy(found.masks[order[lo:lo + chunk]]).float() * 2 - 1
+        masks[lo:lo + chunk] = (geo.to_original(m) > 0).numpy()
+    some = masks.reshape(len(order), -1).any(axis=1) if len(order) else np.zeros(0, bool)
+    return PromptObjects(prompt, masks[some], found.scores[order][some], found.presence)
 
 
 def to_pil(image: ImageLike) -> Image.Image:
@@ -76,8 +118,16 @@ class Predictor:
     def __init__(self, model: CDSAM, resize: int, crop: int, prompts: list[str],
                  device: torch.device | str = "cpu", fit: str = "crop",
                  ensembles: PromptEnsembles | None = None,
-                 presence_threshold: float | None = None) -> None:
+                 presence_threshold: float | None = None,
+                 instances: InstanceConfig | None = None, min_quality: float = 0.25,
+                 name: str = "model") -> None:
         self.model = model.eval().to(device)
+        self.name = name  # what error messages call the checkpoint
+        # Object decoding (predict(..., instances=True)): the knobs and the quality an object
+        # needs to be returned (load_model: the checkpoint's choice for the decode path).
+        self.instance_cfg = instances or InstanceConfig()
+        self.min_quality = min_quality
+        self.seed_rows = 0  # decoder rows spent on seeds so far (cost figures)
         # Text-only masks of prompts whose presence is below this are emptied ("not in this
         # image"); None: no gating. A click or box says the object is there: never gated.
         self.presence_threshold = presence_threshold if model.has_instance_heads else None
@@ -188,6 +238,51 @@ class Predictor:
         return (out.view(n_img, n_txt, *x.shape[-2:]),
                 None if presence is None else presence.view(n_img, n_txt))
 
+    def require_instances(self) -> None:
+        """A UserError naming the checkpoint when it has no instance heads."""
+        if not self.model.has_instance_heads:
+            raise UserError(f"{self.name}: no instance heads (a checkpoint from before them, "
+                            f"or trained with model.heads.instances: false): it predicts one "
+                            f"mask per prompt, not objects; run without --instances")
+
+    @torch.no_grad()
+    def frame_instances(self, inputs: Sequence[torch.Tensor], prompts: Sequence[str],
+                        threshold: float = 0.5, batch_size: int = 16
+                        ) -> tuple[torch.Tensor, torch.Tensor, list[list[Instances]]]:
+        """B prepared inputs x P text prompts → (BxPxCxC logits gated as
+        :meth:`frame_outputs`, BxP presence, per image per prompt the objects returned, in
+        the input frame). DINO once per image; each (image, prompt) one decoder row plus one a
+        seed (``decode: prompts``), ``batch_size`` rows a call; ``threshold``: the semantic
+        mask's (seeds lie on it; watershed splits it)."""
+        self.require_instances()
+        x = torch.stack(list(inputs)).to(self.device)
+        tokens = self.model.encode_image(x)
+        p = self.model.patch_size
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        text = self.text_features(prompts).to(tokens.dtype)
+        n_img, n_txt = len(inputs), len(prompts)
+        logits = torch.empty(n_img * n_txt, *x.shape[-2:])
+        presence = torch.empty(n_img * n_txt)
+        found: list[Instances] = []
+        gate = self.presence_threshold or 0.0
+        for start in range(0, n_img * n_txt, batch_size):
+            rows = torch.arange(start, min(start + batch_size, n_img * n_txt))
+            img, txt = rows // n_txt, rows % n_txt
+            sel = text[txt.to(text.device)]
+            out = self.model.decode(tokens, grid, sel, tuple(x.shape[-2:]),
+                                    image_of=img.to(tokens.device))
+            logits[start:start + len(rows)] = out.masks[:, 0].float().cpu()
+            presence[start:start + len(rows)] = torch.sigmoid(out.presence.float()).cpu()
+            decoded = decode_instances(self.model, out, sel, tuple(x.shape[-2:]),
+                                       self.instance_cfg, threshold, budget=batch_size)
+            found += [f.select(f.kept(gate, self.min_quality)) for f in decoded]
+            self.seed_rows += sum(f.decoder_rows for f in decoded)
+        if self.presence_threshold is not None:
+            logits[presence < self.presence_threshold] = -1e4
+        per_image = [found[i * n_txt:(i + 1) * n_txt] for i in range(n_img)]
+        return (logits.view(n_img, n_txt, *x.shape[-2:]), presence.view(n_img, n_txt),
+                per_image)
+
     def image_logits(self, images: Sequence[Image.Image], prompts: Sequence[str],
                      batch_size: int = 8) -> list[torch.Tensor]:
         """Whole images (each through the training geometry, all in one model call) → one
@@ -220,16 +315,28 @@ class Predictor:
                 points: Sequence[tuple[float, float]] | None = None,
                 boxes: tuple[float, float, float, float] | None = None,
                 threshold: float = 0.5, return_logits: bool = False,
-                batch_size: int = 16) -> Prediction:
+                batch_size: int = 16, instances: bool = False) -> Prediction:
         """One boolean mask per prompt at the image's size.
 
         ``points``: foreground clicks (x, y) and ``boxes``: one (x0, y0, x1, y1) box, in the
-        image's pixel coordinates; both join every prompt's text tokens.
+        image's pixel coordinates; both join every prompt's text tokens. ``instances``: also
+        each text prompt's objects (``Prediction.instances``; checkpoints with the instance
+        heads).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise UserError("predict: give at least one prompt")
         x, geo, _ = self.prepare(image)
+        if instances:
+            if points or boxes is not None:
+                raise UserError("predict: instances are found from the text alone (a click or "
+                                "box already names one object)")
+            frame, presence, found = self.frame_instances([x], prompts, threshold, batch_size)
+            logits = geo.to_original(frame[0])
+            return Prediction(prompts, (torch.sigmoid(logits) > threshold).numpy(),
+                              logits.numpy() if return_logits else None, presence[0].numpy(),
+                              [objects_at(geo, f, p) for f, p in zip(found[0], prompts,
+                                                                      strict=True)])
         frame, presence = self.frame_outputs([x], prompts, [geo], points, boxes, batch_size)
         logits = geo.to_original(frame[0])
         masks = (torch.sigmoid(logits) > threshold).numpy()
@@ -249,17 +356,25 @@ def input_geometry(model: CDSAM, meta: CheckpointMeta) -> tuple[int, int, str]:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
-               presence_threshold: float | None = None) -> Predictor:
+               presence_threshold: float | None = None, decode: str = "prompts",
+               min_quality: float | None = None) -> Predictor:
     """A checkpoint directory (a training stage's, or a merged export) → :class:`Predictor`,
     gating by ``presence_threshold`` (default: the one the checkpoint chose on val; 0 turns
-    gating off)."""
+    gating off); objects decoded by ``decode`` (prompts | watershed) and returned at
+    ``min_quality`` (default: the checkpoint's for that path)."""
+    if decode not in DECODE_MODES:
+        raise UserError(f"decode: {decode!r} is not one of {', '.join(DECODE_MODES)}")
     model, meta = load_checkpoint(Path(path), device)
     resize, crop, fit = input_geometry(model, meta)
     if presence_threshold is None:
         presence_threshold = meta.extra.get("presence_threshold")
+    if min_quality is None:
+        min_quality = stored_min_quality(meta.extra, decode)
     return Predictor(model, resize, crop, list(meta.prompts), device, fit=fit,
                      ensembles=ensembles_of(meta, Path(path)),
-                     presence_threshold=presence_threshold or None)
+                     presence_threshold=presence_threshold or None,
+                     instances=InstanceConfig(decode=decode), min_quality=min_quality,
+                     name=str(path))
 
 
 def ensembles_of(meta: CheckpointMeta, where: Path) -> PromptEnsembles | None:
