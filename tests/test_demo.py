@@ -19,6 +19,7 @@ from cdsam import cli
 from cdsam.errors import UserError
 from cdsam.inference.demo import parse_prompts, segment
 from cdsam.inference.predictor import load_model
+from tests.test_instance_files import _checkpoint
 from tests.test_predict import _image, ckpt  # noqa: F401  (the module-scoped checkpoint)
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -42,6 +43,31 @@ def test_segment_writes_the_masks_predict_gives_and_says_what_is_missing(ckpt, t
         segment(predictor, image, " \n ", [], 0.5, tmp_path)
     with pytest.raises(UserError, match="upload or pick an image"):
         segment(predictor, None, "a red circle", [], 0.5, tmp_path)
+
+
+def test_segment_shows_each_object_and_writes_the_id_png_predict_writes(tmp_path):
+    objects_ckpt = _checkpoint(tmp_path / "ckpt", min_quality=0.0)
+    image = Image.fromarray(_image(40, 56))
+    predictor = load_model(objects_ckpt)
+    (_, layers), files, rows = segment(predictor, image, "a red circle\na blue square", [],
+                                       0.5, tmp_path / "demo", objects=True)
+    pred = predictor.predict(image, ["a red circle", "a blue square"], instances=True)
+    assert [r[3] for r in rows] == [len(o) for o in pred.instances]
+    assert len(layers) == sum(len(o) for o in pred.instances) > 0
+    assert layers[0][1].startswith("a red circle 1 (") or layers[0][1].startswith("a blue")
+    image.save(tmp_path / "x.png")
+    with pytest.raises(SystemExit):
+        cli.main(["predict", "--checkpoint", str(objects_ckpt), "--image", str(tmp_path / "x.png"),
+                  "--prompt", "a red circle", "--prompt", "a blue square", "--out",
+                  str(tmp_path / "cli"), "--instances", "--no-progress", "--no-overlay"])
+    assert files[-1].endswith("instances.png")
+    assert np.array_equal(np.asarray(Image.open(files[-1])),
+                          np.asarray(Image.open(tmp_path / "cli" / "x__instances.png")))
+    with pytest.raises(UserError, match="from the text alone"):
+        segment(predictor, image, "a red circle", [(3.0, 4.0)], 0.5, tmp_path, objects=True)
+    old = load_model(_checkpoint(tmp_path / "old", instances=False))
+    with pytest.raises(UserError, match="no instance heads"):
+        segment(old, image, "a red circle", [], 0.5, tmp_path, objects=True)
 
 
 def _free_port() -> int:
@@ -129,6 +155,50 @@ def test_demo_page_in_a_headless_browser_matches_cdsam_predict(ckpt, browser, tm
                     if a.get_attribute("href").endswith("mask__a-red-circle.png"))
         pred = load_model(ckpt).predict(path, prompts, points=[click])
         assert np.array_equal(_fetch(href), pred.masks[0])
+    finally:
+        demo.close()
+
+
+@pytest.mark.slow
+def test_demo_page_shows_objects_as_cdsam_predict_finds_them(browser, tmp_path):
+    pytest.importorskip("gradio")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from cdsam.inference.demo import serve
+
+    objects_ckpt = _checkpoint(tmp_path / "ckpt", min_quality=0.0)
+    path = tmp_path / "upload.png"
+    Image.fromarray(_image(40, 56)).save(path)
+    prompts = ["a red circle", "a blue square"]
+    demo, url = serve(objects_ckpt, port=_free_port(), device="cpu", block=False)
+    try:
+        wait = WebDriverWait(browser, 60)
+        browser.get(url)
+        wait.until(EC.presence_of_element_located(
+            (By.CSS_SELECTOR, "#cdsam-image input[type=file]"))).send_keys(str(path))
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#cdsam-image img")))
+        box = browser.find_element(By.CSS_SELECTOR, "#cdsam-prompts textarea")
+        box.clear()
+        box.send_keys("\n".join(prompts))
+        browser.find_element(By.CSS_SELECTOR, "#cdsam-objects input[type=checkbox]").click()
+        browser.find_element(By.ID, "cdsam-run").click()
+        status = wait.until(lambda d: re.search(r"(\d+) objects",
+                                                d.find_element(By.ID, "cdsam-status").text))
+        href = wait.until(lambda d: next((a.get_attribute("href") for a in d.find_elements(
+            By.CSS_SELECTOR, "#cdsam-files a[href]")
+            if a.get_attribute("href").endswith("instances.png")), False))
+        with urllib.request.urlopen(href, timeout=30) as response:
+            page_ids = np.asarray(Image.open(io.BytesIO(response.read())))
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["predict", "--checkpoint", str(objects_ckpt), "--input", str(path), "--prompt",
+                      prompts[0], "--prompt", prompts[1], "--out", str(tmp_path / "cli"),
+                      "--instances", "--no-overlay", "--no-progress", "--device", "cpu"])
+        assert exc.value.code == 0
+        cli_ids = np.asarray(Image.open(tmp_path / "cli" / "upload__instances.png"))
+        assert np.array_equal(page_ids, cli_ids)
+        assert int(status.group(1)) == int(cli_ids.max()) > 0
     finally:
         demo.close()
 

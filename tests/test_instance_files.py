@@ -30,7 +30,9 @@ PROMPTS = ["a red circle", "a blue square"]
 SIZE = 32  # the tiny model's input: prepare at this crop keeps every pixel
 
 
-def _checkpoint(path, instances: bool = True):
+def _checkpoint(path, instances: bool = True, min_quality: float | None = None):
+    """A tiny checkpoint whose centre head peaks steeply (objects to return); ``min_quality``:
+    what it stores as chosen on val (else none: the default applies)."""
     p = tiny_params()
     cfg = dataclasses.replace(p.model, heads=dataclasses.replace(p.model.heads,
                                                                  instances=instances))
@@ -39,8 +41,11 @@ def _checkpoint(path, instances: bool = True):
         with torch.no_grad():  # a centre head with steep peaks: objects to return
             model.centre_head.body[-1].weight.mul_(50.0)
             model.centre_head.body[-1].bias.add_(4.0)
+    extra = {"data": to_dict(p.data)}
+    if min_quality is not None:
+        extra["instance_min_quality"] = {"prompts": min_quality, "watershed": min_quality}
     save_checkpoint(path, model, CheckpointMeta(stage=1, model=to_dict(cfg), prompts=PROMPTS,
-                                                extra={"data": to_dict(p.data)}))
+                                                extra=extra))
     return path
 
 

@@ -5,7 +5,9 @@
 
 Upload or pick an image, type prompts (one per line), optionally click foreground points,
 and get the overlay, one mask per prompt (downloadable PNGs, the same files `cdsam predict`
-writes) and a per-prompt table. Bound to 127.0.0.1 unless ``--host`` says otherwise.
+writes) and a per-prompt table. With "objects" ticked (checkpoints with the instance heads)
+the overlay shows each object in its own layer and the downloads add the 16-bit id PNG
+`cdsam predict --instances` writes. Bound to 127.0.0.1 unless ``--host`` says otherwise.
 Needs the demo extra: ``pip install -e ".[demo]"``.
 """
 
@@ -22,6 +24,7 @@ from PIL import Image
 
 from cdsam.data.manifest import slug, to_rgb
 from cdsam.errors import UserError
+from cdsam.inference.instance_files import id_map
 from cdsam.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 MAX_PROMPTS = 16
 MAX_EXAMPLES = 12
+HEADERS = ["prompt", "area (px)", "max prob"]
 
 
 def parse_prompts(text: str) -> list[str]:
@@ -43,9 +47,11 @@ def parse_prompts(text: str) -> list[str]:
 
 def segment(predictor: Predictor, image: Image.Image | None, prompts_text: str,
             clicks: Sequence[tuple[float, float]], threshold: float, out_dir: Path,
+            objects: bool = False,
             ) -> tuple[tuple[Image.Image, list[tuple[np.ndarray, str]]], list[str],
                        list[list[Any]]]:
-    """One request: → (annotated image, mask PNG paths, rows of prompt / area / max prob)."""
+    """One request: → (annotated image, mask PNG paths, rows of prompt / area / max prob
+    [/ objects]). ``objects``: each prompt's objects as layers, and their id PNG."""
     if image is None:
         raise UserError("upload or pick an image first")
     prompts = parse_prompts(prompts_text)
@@ -53,9 +59,14 @@ def segment(predictor: Predictor, image: Image.Image | None, prompts_text: str,
         raise UserError("type at least one prompt (one per line)")
     if len(prompts) > MAX_PROMPTS:
         raise UserError(f"at most {MAX_PROMPTS} prompts at once, got {len(prompts)}")
+    if objects and clicks:
+        raise UserError("objects are found from the text alone: clear the clicks, or untick "
+                        "objects")
     image = to_rgb(image)
+    if objects:
+        predictor.require_instances()
     pred = predictor.predict(image, prompts, points=list(clicks) or None, threshold=threshold,
-                             return_logits=True)
+                             return_logits=True, instances=objects)
     out_dir.mkdir(parents=True, exist_ok=True)
     files, rows = [], []
     probs = pred.probs
@@ -64,7 +75,17 @@ def segment(predictor: Predictor, image: Image.Image | None, prompts_text: str,
         Image.fromarray(mask.astype(np.uint8) * 255).save(path)
         files.append(str(path))
         rows.append([prompt, int(mask.sum()), round(float(prob.max()), 4)])
-    layers = [(m.astype(np.float32), p) for p, m in zip(prompts, pred.masks, strict=True)]
+    if pred.instances is None:
+        layers = [(m.astype(np.float32), p) for p, m in zip(prompts, pred.masks, strict=True)]
+        return (image, layers), files, rows
+    path = out_dir / "instances.png"
+    Image.fromarray(id_map(pred.instances, image.size)).save(path)
+    files.append(str(path))
+    for row, found in zip(rows, pred.instances, strict=True):
+        row.append(len(found))
+    layers = [(m.astype(np.float32), f"{o.prompt} {k + 1} ({s:.2f})")
+              for o in pred.instances for k, (m, s) in enumerate(zip(o.masks, o.scores,
+                                                                      strict=True))]
     return (image, layers), files, rows
 
 
@@ -79,19 +100,21 @@ def build_demo(predictor: Predictor, examples: Sequence[str] = (), title: str = 
     """The Gradio page for one loaded checkpoint."""
     import gradio as gr
 
-    def run(image, prompts_text, clicks, threshold, request: gr.Request):
+    def run(image, prompts_text, clicks, threshold, objects, request: gr.Request):
         try:
             # One folder per browser session: downloads of two users never mix.
             out = Path(tempfile.gettempdir()) / "cdsam-demo" / (request.session_hash or "local")
             start = time.perf_counter()
             annotated, paths, rows = segment(predictor, image, prompts_text, clicks, threshold,
-                                             out)
+                                             out, objects)
         except UserError as exc:
             raise gr.Error(str(exc)) from None
-        status = (f"{len(rows)} mask{'s' * (len(rows) != 1)} · {len(clicks)} "
+        found = f" · {sum(r[3] for r in rows)} objects" if objects else ""
+        status = (f"{len(rows)} mask{'s' * (len(rows) != 1)}{found} · {len(clicks)} "
                   f"click{'s' * (len(clicks) != 1)} · {time.perf_counter() - start:.2f} s on "
                   f"{predictor.device}")
-        return annotated, paths, rows, status
+        table = gr.Dataframe(value=rows, headers=HEADERS + (["objects"] if objects else []))
+        return annotated, paths, table, status
 
     def add_click(clicks, evt: gr.SelectData):
         clicks = [*clicks, (float(evt.index[0]), float(evt.index[1]))]
@@ -116,6 +139,11 @@ def build_demo(predictor: Predictor, examples: Sequence[str] = (), title: str = 
                                      info=f"trained on {len(vocab)}: {', '.join(vocab[:6])}"
                                           f"{' …' if len(vocab) > 6 else ''}")
                 threshold = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="threshold")
+                heads = predictor.model.has_instance_heads
+                objects = gr.Checkbox(
+                    value=False, label="objects", elem_id="cdsam-objects", interactive=heads,
+                    info="each object in its own layer, and their id PNG" if heads else
+                    "this checkpoint has no instance heads (trained before them)")
                 click_text = gr.Markdown(describe([]))
                 with gr.Row():
                     go = gr.Button("Segment", variant="primary", elem_id="cdsam-run")
@@ -126,14 +154,16 @@ def build_demo(predictor: Predictor, examples: Sequence[str] = (), title: str = 
             with gr.Column():
                 status = gr.Markdown("", elem_id="cdsam-status")
                 overlay = gr.AnnotatedImage(label="masks", elem_id="cdsam-overlay")
-                table = gr.Dataframe(headers=["prompt", "area (px)", "max prob"],
-                                     label="per prompt", elem_id="cdsam-table")
-                files = gr.File(label="mask PNGs", file_count="multiple",
+                table = gr.Dataframe(headers=HEADERS, label="per prompt",
+                                     elem_id="cdsam-table")
+                files = gr.File(label="mask PNGs (and the objects' id PNG)",
+                                file_count="multiple",
                                 elem_id="cdsam-files")
         image.select(add_click, [clicks], [clicks, click_text])
         image.upload(lambda: ([], describe([])), None, [clicks, click_text])
         clear.click(lambda: ([], describe([])), None, [clicks, click_text])
-        go.click(run, [image, prompts, clicks, threshold], [overlay, files, table, status],
+        go.click(run, [image, prompts, clicks, threshold, objects],
+                 [overlay, files, table, status],
                  concurrency_limit=1)
     return demo
 

@@ -107,6 +107,24 @@ def cvat_rle(mask: np.ndarray) -> tuple[str, int, int, int, int]:
     return ",".join(str(int(r)) for r in runs), left, top, width, height
 
 
+def paint_order(scores: list[float]) -> np.ndarray:
+    """Worst score first: where objects overlap, the better one is painted last and keeps the
+    pixels (labelme, too, gives a pixel to the last shape covering it)."""
+    return np.argsort(np.asarray(scores, np.float64), kind="stable")
+
+
+def id_map(objects: list[PromptObjects], size: tuple[int, int]) -> np.ndarray:
+    """HxW uint16 object ids (``size``: width, height): the objects of all prompts numbered
+    from 1 in order, 0 background, painted by :func:`paint_order`."""
+    flat = [(m, float(s)) for o in objects for m, s in zip(o.masks, o.scores, strict=True)]
+    if len(flat) > np.iinfo(np.uint16).max:
+        raise UserError(f"{len(flat)} objects in one image: more than a 16-bit id PNG holds")
+    ids = np.zeros((size[1], size[0]), np.uint16)
+    for k in paint_order([s for _, s in flat]):
+        ids[flat[k][0]] = k + 1
+    return ids
+
+
 def _rle(mask: np.ndarray) -> dict[str, Any]:
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
@@ -146,14 +164,9 @@ class InstanceWriter:
         image = _Image(len(self.images) + 1, path, stem, size)
         flat = [(o.prompt, m, float(s)) for o in objects for m, s in zip(o.masks, o.scores,
                                                                         strict=True)]
-        # Worst first: where objects overlap, the better one is painted last and keeps the
-        # pixels (labelme, too, gives a pixel to the last shape covering it).
-        order = np.argsort([s for _, _, s in flat], kind="stable")
-        ids = np.zeros((size[1], size[0]), np.uint16)
-        for k in order:
-            ids[flat[k][1]] = k + 1
+        order = paint_order([s for _, _, s in flat])
         with io.atomic_path(self.out / f"{stem}__instances.png") as tmp:
-            Image.fromarray(ids).save(tmp, format="PNG")
+            Image.fromarray(id_map(objects, size)).save(tmp, format="PNG")
         shapes: list[dict[str, Any]] = []
         for k, (prompt, mask, score) in enumerate(flat, start=1):
             label = self.labels[self.category[prompt] - 1]
