@@ -167,7 +167,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.mode == "onnx":
         parity = info.get("parity", {})
         what = f"{len(info['output']['prompts'])} fixed prompts" if args.fixed_prompts else \
-            "text.onnx + model.onnx (any prompt)"
+            "text.onnx + model.onnx (any prompt)" + \
+            (" + seeds.onnx (objects)" if "instances" in info else "")
         checked = "" if args.fixed_prompts else \
             f" on {len(parity.get('prompts', []))} prompts it never saw"
         log.info("onnx export: %s, input %s, %.2f MiB -> %s; onnxruntime vs PyTorch%s: "

@@ -1,10 +1,14 @@
 """Masks from a `cdsam export --mode onnx` folder with numpy, Pillow, tokenizers, ftfy and
 onnxruntime only.
 
-    pip install onnxruntime numpy pillow tokenizers ftfy
+    pip install onnxruntime numpy pillow tokenizers ftfy [scikit-image]
     python onnx_predict.py EXPORT_DIR IMAGE [IMAGE ...] --prompt "a red circle" --out masks/
+                           [--instances]
 
-Writes ``<stem>__<prompt>.png`` (0/255) per image and prompt. Any text works with the default
+Writes ``<stem>__<prompt>.png`` (0/255) per image and prompt; with ``--instances`` (an export
+of a model with the instance heads; needs scikit-image too) also ``<stem>__instances.png``, the
+16-bit object ids ``cdsam predict --instances`` writes: centre-heatmap seeds on the mask, each
+decoded as a click by ``seeds.onnx``, NMS, the checkpoint's presence gate and quality cut. Any text works with the default
 export (``text.onnx`` encodes it, ``tokenizer.json`` tokenizes it); ``--class NAME`` puts a
 name in every prompt template the model trained with and uses the mean of their features.
 Without ``--prompt`` / ``--class``: the training vocabulary the sidecar lists. An export made
@@ -119,6 +123,90 @@ def text_features(export_dir: Path, spec: dict, prompts: list[str],
     return prompts + classes, np.concatenate(feats).astype(np.float32)
 
 
+def cell_foreground(prob: np.ndarray, cells: tuple[int, int]) -> np.ndarray:
+    """CxC probabilities → hxw bool: a cell is on the mask when any pixel of its bin is (bins
+    as PyTorch's adaptive max pooling cuts them: floor(i C / h) to ceil((i + 1) C / h))."""
+    out = np.zeros(cells, bool)
+    (ch, cw), (h, w) = prob.shape, cells
+    for i in range(h):
+        y0, y1 = (i * ch) // h, -((-(i + 1) * ch) // h)
+        for j in range(w):
+            x0, x1 = (j * cw) // w, -((-(j + 1) * cw) // w)
+            out[i, j] = prob[y0:y1, x0:x1].max() > 0.5
+    return out
+
+
+def find_seeds(heat: np.ndarray, fg: np.ndarray, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(Kx2 row, col, K strengths), strongest first: the heatmap's maxima rising
+    ``seed_prominence`` above their saddles (h-maxima), at or above ``seed_threshold``, on the
+    mask; one seed, the highest cell, per maximal plateau."""
+    from scipy import ndimage
+    from skimage.morphology import h_maxima
+
+    tops = h_maxima(heat, cfg["seed_prominence"]).astype(bool) & fg & \
+        (heat >= cfg["seed_threshold"])
+    regions, n = ndimage.label(tops, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return np.zeros((0, 2), np.int64), np.zeros(0)
+    peaks = np.asarray(ndimage.maximum_position(heat, regions, np.arange(1, n + 1)),
+                       np.int64).reshape(-1, 2)
+    strength = heat[peaks[:, 0], peaks[:, 1]].astype(np.float64)
+    order = np.argsort(-strength, kind="stable")[:cfg["max_seeds"]]
+    return peaks[order], strength[order]
+
+
+def nms(masks: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Greedy mask NMS, best first: indices of the masks kept."""
+    order = np.argsort(-scores, kind="stable")
+    flat = masks[order].reshape(len(order), -1).astype(np.float32)
+    inter = flat @ flat.T
+    area = flat.sum(axis=1)
+    ious = inter / np.maximum(area[:, None] + area[None, :] - inter, 1)
+    keep: list[int] = []
+    for i in range(len(order)):
+        if all(ious[i, j] <= iou for j in keep):
+            keep.append(i)
+    return order[keep]
+
+
+def prompt_objects(seeds, embeddings: np.ndarray, text: np.ndarray, logits: np.ndarray,
+                   presence: float, heat: np.ndarray, cfg: dict, budget: int = 64
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """One (image, prompt): (KxCxC bool masks in the input frame, K scores) of the objects
+    returned, best first."""
+    crop = logits.shape[-1]
+    fg = cell_foreground(1 / (1 + np.exp(-logits)), heat.shape)
+    peaks, strength = find_seeds(heat, fg, cfg)
+    scale = crop / heat.shape[0], crop / heat.shape[1]
+    points = np.stack([(peaks[:, 1] + 0.5) * scale[1] - 0.5,
+                       (peaks[:, 0] + 0.5) * scale[0] - 0.5], axis=1).astype(np.float32)
+    masks, iou = np.zeros((len(peaks), crop, crop), bool), np.zeros(len(peaks))
+    for lo in range(0, len(peaks), budget):
+        n = len(points[lo:lo + budget])
+        m, q = seeds.run(["masks", "iou"], {
+            "embeddings": embeddings[None], "text": np.repeat(text[None], n, axis=0),
+            "points": points[lo:lo + n], "image_of": np.zeros(n, np.int64)})
+        masks[lo:lo + n], iou[lo:lo + n] = m > 0, np.clip(q, 0, 1)
+    quality = strength * iou
+    big = masks.reshape(len(masks), -1).sum(axis=1) >= cfg["min_area"]
+    masks, quality = masks[big], quality[big]
+    keep = nms(masks, quality, cfg["nms_iou"]) if len(quality) else np.zeros(0, np.int64)
+    masks, quality = masks[keep], quality[keep]
+    returned = quality >= cfg["min_quality"]
+    if presence < (cfg["presence_threshold"] or 0.0):
+        returned[:] = False
+    order = np.argsort(-(presence * quality[returned]), kind="stable")
+    return masks[returned][order], (presence * quality[returned])[order]
+
+
+def id_png(objects: list[tuple[np.ndarray, float]], size: tuple[int, int]) -> np.ndarray:
+    """HxW uint16 ids, objects numbered in order from 1, painted worst score first."""
+    ids = np.zeros((size[1], size[0]), np.uint16)
+    for k in np.argsort(np.asarray([s for _, s in objects], np.float64), kind="stable"):
+        ids[objects[k][0]] = k + 1
+    return ids
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("export_dir", type=Path)
@@ -127,6 +215,8 @@ def main() -> None:
     ap.add_argument("--class", dest="classes", action="append", default=[], metavar="NAME",
                     help="a class name in every training template, their mean; repeat")
     ap.add_argument("--out", type=Path, default=Path("masks"))
+    ap.add_argument("--instances", action="store_true",
+                    help="also <stem>__instances.png: each object's id (16-bit)")
     args = ap.parse_args()
     sidecar = json.loads((args.export_dir / "cdsam-onnx.json").read_text())
     spec, prompts = sidecar["input"], sidecar["output"]["prompts"]
@@ -139,17 +229,39 @@ def main() -> None:
     elif args.prompt or args.classes:
         raise SystemExit(f"{args.export_dir}: exported with --fixed-prompts, it answers only "
                          f"{prompts}")
+    objects = sidecar.get("instances")
+    if args.instances and objects is None:
+        raise SystemExit(f"{args.export_dir}: no seeds.onnx (a model without the instance "
+                         f"heads, or exported with --fixed-prompts): no --instances")
     session = ort.InferenceSession(str(args.export_dir / "model.onnx"))
+    seeds = ort.InferenceSession(str(args.export_dir / objects["graph"])) \
+        if args.instances else None
+    outputs = ["logits", "presence", "centres", "embeddings"] if args.instances else ["logits"]
     args.out.mkdir(parents=True, exist_ok=True)
     for path in args.images:
         image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")  # as displayed
         x, window = fit(image, spec)
-        logits = session.run(["logits"], {"images": x[None], **feeds})[0][0]  # P x C x C
+        got = session.run(outputs, {"images": x[None], **feeds})
+        logits = got[0][0]  # P x C x C
         for prompt, frame in zip(prompts, logits, strict=True):
             mask = unfit(frame, window, spec, image.size) > 0
             name = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
             Image.fromarray(mask.astype(np.uint8) * 255).save(args.out / f"{path.stem}__{name}.png")
-        print(f"{path}: {len(prompts)} masks -> {args.out}")
+        said = f"{len(prompts)} masks"
+        if seeds is not None:
+            found = []
+            for k in range(len(prompts)):
+                masks, scores = prompt_objects(seeds, got[3][0], feeds["text"][k], logits[k],
+                                               float(got[1][0, k]), got[2][0, k], objects)
+                for m, score in zip(masks, scores, strict=True):
+                    full = unfit(np.where(m, 1.0, -1.0).astype(np.float32), window, spec,
+                                 image.size) > 0
+                    if full.any():
+                        found.append((full, float(score)))
+            Image.fromarray(id_png(found, image.size)).save(
+                args.out / f"{path.stem}__instances.png")
+            said += f", {len(found)} objects"
+        print(f"{path}: {said} -> {args.out}")
 
 
 if __name__ == "__main__":

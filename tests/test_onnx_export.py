@@ -212,3 +212,39 @@ def test_missing_base_weights_are_one_line_and_nothing_is_written(ckpt, tmp_path
     assert f"file not found: {gone}" in err[0]
     assert not out.exists()
     assert list(tmp_path.glob(".onnx*")) == []  # no half-written temporary folder either
+
+
+@pytest.mark.slow  # an export takes ~30 s
+def test_the_example_finds_the_objects_cdsam_predict_finds_without_torch(tmp_path):
+    from tests.test_instance_files import SIZE, _checkpoint
+
+    objects_ckpt = _checkpoint(tmp_path / "ckpt", min_quality=0.0)
+    sidecar = _export(objects_ckpt, tmp_path / "onnx")
+    assert sidecar["instances"]["graph"] == "seeds.onnx"
+    assert max(sidecar["parity"]["instances"].values()) < 1e-4
+    paths = []
+    rng = np.random.default_rng(3)
+    for i in range(3):  # at the input size: the example's Pillow fit is then exact
+        paths.append(tmp_path / f"im{i}.png")
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(paths[-1])
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    run = subprocess.run([sys.executable, "-c", code, str(EXAMPLE), str(tmp_path / "onnx"),
+                          *map(str, paths), "--instances", "--out", str(tmp_path / "m")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["predict", "--checkpoint", str(objects_ckpt), "--input", *map(str, paths),
+                  *[a for p in PROMPTS for a in ("--prompt", p)], "--out",
+                  str(tmp_path / "cli"), "--instances", "--no-progress", "--no-overlay"])
+    assert exc.value.code == 0
+    found = 0
+    for path in paths:
+        got = np.asarray(Image.open(tmp_path / "m" / f"{path.stem}__instances.png"))
+        want = np.asarray(Image.open(tmp_path / "cli" / f"{path.stem}__instances.png"))
+        assert got.max() == want.max()  # the same count, numbered alike
+        for k in range(1, int(want.max()) + 1):
+            a, b = got == k, want == k  # (both empty: object k lies under better ones)
+            assert not (a | b).any() or (a & b).sum() / (a | b).sum() >= 0.99
+        found += int(want.max())
+    assert found > 0
