@@ -138,6 +138,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise UserError(f"--presence-threshold: {args.presence_threshold} must be in [0, 1)")
     if args.min_quality is not None and not 0 <= args.min_quality < 1:
         raise UserError(f"--min-quality: {args.min_quality} must be in [0, 1)")
+    if args.formats and not args.instances:
+        raise UserError("--format: annotation files list objects; add --instances")
     predictor = load_model(args.checkpoint, resolve_device(args.device),
                            args.presence_threshold, args.decode, args.min_quality)
     # A class: its name in every training template, the mean of their features.

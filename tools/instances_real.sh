@@ -1,8 +1,9 @@
 #!/bin/bash
 # The instance heads against the components baseline on the shared real sets: the pipeline's
 # stage scripts in a scratch copy of this checkout, the evaluate stage's test figures per stage
-# for both evaluate.instances.decode paths, prompts and watershed (docs/real-data.md,
-# "Instances"). Sets: nuclei (DSB 2018 subset, instance-id masks, "a
+# for both evaluate.instances.decode paths, prompts and watershed (each at the min_quality
+# the stage chose on val), and watershed with evaluate.instances.min_quality 0
+# (docs/real-data.md, "Instances"). Sets: nuclei (DSB 2018 subset, instance-id masks, "a
 # nucleus") and em (ISBI 2012 slices, prepare.instances_from: components, "a cell"), both
 # copied into the scratch folder only, at data.crop CROP (default 256) with data.augment on,
 # EPOCHS epochs a stage (default 40) and BATCH images a step (default 4).
@@ -19,7 +20,7 @@ EPOCHS=${EPOCHS:-40}
 BATCH=${BATCH:-4}
 # shellcheck source=tools/scratch_set.sh
 . "$SRC/tools/scratch_set.sh"
-echo "| set | decode | stage | mIoU | AP | AP50 | count error | pmF1 | components AP | components AP50 | components count error |"
+echo "| set | decode, min_quality | stage | mIoU | AP | AP50 | count error | pmF1 | components AP | components AP50 | components count error |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for set in $SETS; do
   case $set in nuclei | em) ;; *) echo "unknown set $set (nuclei | em)" >&2; exit 2 ;; esac
@@ -41,10 +42,15 @@ for set in $SETS; do
   grep -q "^    decode: watershed " params.yaml
   python stages/evaluate.py --metrics metrics/evaluate_watershed.json \
     --out metrics/eval_watershed >> log.txt 2>&1
+  sed -i 's|^    min_quality: null |    min_quality: 0.0 |' params.yaml
+  grep -q "^    min_quality: 0.0 " params.yaml
+  python stages/evaluate.py --metrics metrics/evaluate_watershed_q0.json \
+    --out metrics/eval_watershed_q0 >> log.txt 2>&1
   python - "$set" <<'PY'
 import json, sys
-for decode, path in (("prompts", "metrics/evaluate.json"),
-                     ("watershed", "metrics/evaluate_watershed.json")):
+for decode, path in (("prompts, val's", "metrics/evaluate.json"),
+                     ("watershed, val's", "metrics/evaluate_watershed.json"),
+                     ("watershed, 0", "metrics/evaluate_watershed_q0.json")):
     m = json.load(open(path))
     for s in ("stage1", "stage2", "stage3", "stage4"):
         e, c = m[s], m[s]["components"]
