@@ -188,7 +188,7 @@ def prompt_objects(seeds, embeddings: np.ndarray, text: np.ndarray, logits: np.n
             "points": points[lo:lo + n], "image_of": np.zeros(n, np.int64)})
         masks[lo:lo + n], iou[lo:lo + n] = m > 0, np.clip(q, 0, 1)
     quality = strength * iou
-    big = masks.reshape(len(masks), -1).sum(axis=1) >= cfg["min_area"]
+    big = masks.reshape(len(masks), crop * crop).sum(axis=1) >= cfg["min_area"]
     masks, quality = masks[big], quality[big]
     keep = nms(masks, quality, cfg["nms_iou"]) if len(quality) else np.zeros(0, np.int64)
     masks, quality = masks[keep], quality[keep]

@@ -248,3 +248,22 @@ def test_the_example_finds_the_objects_cdsam_predict_finds_without_torch(tmp_pat
             assert not (a | b).any() or (a & b).sum() / (a | b).sum() >= 0.99
         found += int(want.max())
     assert found > 0
+
+
+def test_the_examples_seed_loop_returns_nothing_where_no_seed_stands_out():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("onnx_predict", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    cfg = {"seed_threshold": 0.2, "seed_prominence": 0.1, "max_seeds": 500, "nms_iou": 0.5,
+           "min_area": 4, "min_quality": 0.0, "presence_threshold": None}
+    logits = np.full((32, 32), 5.0, np.float32)  # the mask everywhere, a flat heatmap
+    masks, scores = example.prompt_objects(None, np.zeros((256, 4, 4), np.float32),
+                                           np.zeros(8, np.float32), logits, 0.9,
+                                           np.full((16, 16), 0.5), cfg)
+    assert masks.shape == (0, 32, 32) and scores.shape == (0,)
+    # Its bins are PyTorch's adaptive max pooling's: a 5x5 mask cut into 2x2 cells.
+    prob = np.zeros((5, 5))
+    prob[2, 2] = 0.9  # the middle pixel lies in all four bins
+    assert example.cell_foreground(prob, (2, 2)).all()
