@@ -17,11 +17,7 @@ from cdsam.config.schema import EvaluateConfig, InstanceConfig
 from cdsam.data.manifest import FOREGROUND
 from cdsam.data.prepared import PreparedSplit
 from cdsam.evaluation.instance_metrics import InstanceScores, choose_min_quality
-from cdsam.inference.instances import (
-    Instances,
-    decode_instances,
-    mask_components,
-)
+from cdsam.inference.instances import Instances, decode_instances, mask_components
 from cdsam.inference.overlay import PALETTE, captioned, denormalize, outline, tint
 from cdsam.models.forward import PrefixCache
 from cdsam.models.model import CDSAM
@@ -29,6 +25,8 @@ from cdsam.models.objective import Objective
 from cdsam.runtime import Precision
 
 COMPONENTS = "components"  # evaluate.json key of the baseline's figures
+
+
 @dataclass
 class InstanceResult:
     figures: dict[str, Any]  # the heads' figures, the baseline's under COMPONENTS

@@ -25,7 +25,12 @@ from cdsam.data.manifest import read_image, to_rgb, upright
 from cdsam.data.spatial import POINT_SLOTS
 from cdsam.data.templates import PromptEnsembles
 from cdsam.errors import DataError, UserError
-from cdsam.inference.instances import Instances, decode_instances, stored_min_quality
+from cdsam.inference.instances import (
+    DEFAULT_MIN_QUALITY,
+    Instances,
+    decode_instances,
+    stored_min_quality,
+)
 from cdsam.models.checkpoint import CheckpointMeta, load_checkpoint
 from cdsam.models.model import CDSAM
 
@@ -119,7 +124,8 @@ class Predictor:
                  device: torch.device | str = "cpu", fit: str = "crop",
                  ensembles: PromptEnsembles | None = None,
                  presence_threshold: float | None = None,
-                 instances: InstanceConfig | None = None, min_quality: float = 0.25,
+                 instances: InstanceConfig | None = None,
+                 min_quality: float = DEFAULT_MIN_QUALITY,
                  name: str = "model") -> None:
         self.model = model.eval().to(device)
         self.name = name  # what error messages call the checkpoint
