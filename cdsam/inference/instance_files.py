@@ -136,8 +136,9 @@ class _Image:
     path: Path
     stem: str
     size: tuple[int, int]  # (width, height)
-    # (label, mask, score, COCO bbox x y w h)
-    objects: list[tuple[str, np.ndarray, float, list[float]]] = field(default_factory=list)
+    # (label, mask, its COCO RLE, score, COCO bbox x y w h)
+    objects: list[tuple[str, np.ndarray, dict[str, Any], float, list[float]]] = \
+        field(default_factory=list)
 
 
 class InstanceWriter:
@@ -155,7 +156,6 @@ class InstanceWriter:
         self.images: list[_Image] = []
         self.rows: list[dict[str, Any]] = []
         self.results: list[dict[str, Any]] = []
-        self.cvat = "cvat" in self.formats
 
     def add(self, path: Path, stem: str, size: tuple[int, int],
             objects: list[PromptObjects]) -> int:
@@ -170,16 +170,17 @@ class InstanceWriter:
         shapes: list[dict[str, Any]] = []
         for k, (prompt, mask, score) in enumerate(flat, start=1):
             label = self.labels[self.category[prompt] - 1]
-            x0, y0, w, h = mask_utils.toBbox(mask_utils.encode(
-                np.asfortranarray(mask.astype(np.uint8)))).tolist()
+            rle = _rle(mask)
+            x0, y0, w, h = mask_utils.toBbox(
+                {**rle, "counts": rle["counts"].encode("ascii")}).tolist()
             self.rows.append({"image": str(path), "id": k, "prompt": prompt, "label": label,
                               "score": score, "x0": x0, "y0": y0, "x1": x0 + w, "y1": y0 + h,
                               "area_px": int(mask.sum())})
             self.results.append({"image_id": image.id, "category_id": self.category[prompt],
-                                 "segmentation": _rle(mask), "bbox": [x0, y0, w, h],
+                                 "segmentation": rle, "bbox": [x0, y0, w, h],
                                  "score": score})
-            if "coco" in self.formats or self.cvat:
-                image.objects.append((label, mask, score, [x0, y0, w, h]))
+            if "coco" in self.formats or "cvat" in self.formats:
+                image.objects.append((label, mask, rle, score, [x0, y0, w, h]))
         if "labelme" in self.formats:
             for k in order:
                 prompt, mask, score = flat[k]
@@ -213,7 +214,7 @@ class InstanceWriter:
         names = {i.id: i.path.resolve().relative_to(root).as_posix() for i in self.images}
         if "coco" in self.formats:
             io.write_json(self.out / "coco.json", self._coco(names))
-        if self.cvat:
+        if "cvat" in self.formats:
             with io.atomic_path(self.out / "cvat.xml") as tmp:
                 ET.ElementTree(self._cvat(names)).write(tmp, encoding="utf-8",
                                                         xml_declaration=True)
@@ -222,10 +223,10 @@ class InstanceWriter:
     def _coco(self, names: dict[int, str]) -> dict[str, Any]:
         anns = []
         for image in self.images:
-            for label, mask, score, bbox in image.objects:
+            for label, mask, rle, score, bbox in image.objects:
                 anns.append({"id": len(anns) + 1, "image_id": image.id,
                              "category_id": self.labels.index(label) + 1,
-                             "segmentation": _rle(mask), "area": int(mask.sum()), "bbox": bbox,
+                             "segmentation": rle, "area": int(mask.sum()), "bbox": bbox,
                              "iscrowd": 0, "score": score})
         return {"images": [{"id": i.id, "file_name": names[i.id], "width": i.size[0],
                             "height": i.size[1]} for i in self.images],
@@ -244,7 +245,7 @@ class InstanceWriter:
         for image in self.images:
             el = ET.SubElement(root, "image", id=str(image.id - 1), name=names[image.id],
                                width=str(image.size[0]), height=str(image.size[1]))
-            for label, mask, _, _ in image.objects:
+            for label, mask, _, _, _ in image.objects:
                 rle, left, top, width, height = cvat_rle(mask)
                 ET.SubElement(el, "mask", label=label, source="auto", occluded="0", rle=rle,
                               left=str(left), top=str(top), width=str(width),
