@@ -209,6 +209,16 @@ class Predictor:
         """
         return self.frame_outputs(inputs, prompts, geos, points, boxes, batch_size)[0]
 
+    def _encoded(self, inputs: Sequence[torch.Tensor], prompts: Sequence[str]
+                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], torch.Tensor]:
+        """(Bx3xCxC inputs on the device, their DINO tokens, token grid, PxD text features):
+        DINO once per image, the text tower once per prompt."""
+        x = torch.stack(list(inputs)).to(self.device)
+        tokens = self.model.encode_image(x)
+        p = self.model.patch_size
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        return x, tokens, grid, self.text_features(prompts).to(tokens.dtype)
+
     @torch.no_grad()
     def frame_outputs(self, inputs: Sequence[torch.Tensor], prompts: Sequence[str],
                       geos: Sequence[Geometry] | None = None,
@@ -217,11 +227,7 @@ class Predictor:
                       batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(:meth:`frame_logits`'s logits, BxP presence probabilities or None without the
         heads). A gated row's logits are -1e4 everywhere (probability 0)."""
-        x = torch.stack(list(inputs)).to(self.device)
-        tokens = self.model.encode_image(x)
-        p = self.model.patch_size
-        grid = (x.shape[-2] // p, x.shape[-1] // p)
-        text = self.text_features(prompts).to(tokens.dtype)
+        x, tokens, grid, text = self._encoded(inputs, prompts)
         n_img, n_txt = len(inputs), len(prompts)
         out = torch.empty(n_img * n_txt, *x.shape[-2:])
         presence = torch.empty(n_img * n_txt) if self.model.has_instance_heads else None
@@ -261,11 +267,7 @@ class Predictor:
         seed (``decode: prompts``), ``batch_size`` rows a call; ``threshold``: the semantic
         mask's (seeds lie on it; watershed splits it)."""
         self.require_instances()
-        x = torch.stack(list(inputs)).to(self.device)
-        tokens = self.model.encode_image(x)
-        p = self.model.patch_size
-        grid = (x.shape[-2] // p, x.shape[-1] // p)
-        text = self.text_features(prompts).to(tokens.dtype)
+        x, tokens, grid, text = self._encoded(inputs, prompts)
         n_img, n_txt = len(inputs), len(prompts)
         logits = torch.empty(n_img * n_txt, *x.shape[-2:])
         presence = torch.empty(n_img * n_txt)
